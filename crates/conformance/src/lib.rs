@@ -1,1 +1,182 @@
-//! stub
+//! The conformance app: the fixed contract of `shared/conformance/APP.md`, which outside test
+//! suites (the official `phoenix` client, raw WebSocket and HTTP clients) hold firebrand to,
+//! side by side with a real Phoenix server implementing the same contract.
+//!
+//! [`app`] builds the axum app; the `conformance` binary serves it.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use firebrand::{
+    Broadcast, Channel, ChannelContext, CheckOrigin, ConnectError, ConnectInfo, Endpoint,
+    HandleResult, JoinContext, JoinError, Joined, Payload, Reply, Socket, StopReason,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Settings of the app (from the binary's flags and environment).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Close a WebSocket that sent nothing for this long (`IDLE_TIMEOUT_MS`, default 60 s).
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The app's router and its endpoint (for shutdown and stats).
+pub fn app(config: &Config) -> (Router, Endpoint) {
+    let endpoint = Endpoint::new();
+    let socket = endpoint
+        .socket(UserSocket)
+        .channel::<RoomChannel>("room:*")
+        .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
+        .idle_timeout(config.idle_timeout)
+        .max_channels(100)
+        .into_router();
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route("/api/broadcast", post(api_broadcast))
+        .with_state(endpoint.clone())
+        .nest("/socket", socket);
+    (router, endpoint)
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody {
+    topic: String,
+    event: String,
+    payload: serde_json::Map<String, Value>,
+}
+
+/// `POST /api/broadcast {"topic","event","payload"}`: Phoenix's `Endpoint.broadcast`.
+async fn api_broadcast(
+    State(endpoint): State<Endpoint>,
+    body: axum::body::Bytes,
+) -> (StatusCode, Json<Value>) {
+    match serde_json::from_slice::<BroadcastBody>(&body) {
+        Ok(b) => {
+            endpoint.broadcast(&b.topic, &b.event, Value::Object(b.payload));
+            (StatusCode::OK, Json(json!({"ok": true})))
+        }
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": e.to_string()})),
+        ),
+    }
+}
+
+/// Refuses `token=bad`; the assigns are the `user` param.
+struct UserSocket;
+
+impl Socket for UserSocket {
+    type Assigns = Option<String>;
+
+    async fn connect(&self, info: &ConnectInfo) -> Result<Self::Assigns, ConnectError> {
+        if info.param("token") == Some("bad") {
+            return Err(ConnectError::forbidden());
+        }
+        Ok(info.param("user").map(str::to_owned))
+    }
+
+    fn id(&self, user: &Self::Assigns) -> Option<String> {
+        user.as_ref().map(|u| format!("user_socket:{u}"))
+    }
+}
+
+/// `room:*`, as the contract's RoomChannel table says.
+struct RoomChannel;
+
+#[derive(Deserialize)]
+struct Sleep {
+    ms: u64,
+}
+
+impl Channel for RoomChannel {
+    type Assigns = Option<String>;
+    type Info = ();
+    const INTERCEPTS: &'static [&'static str] = &["shout"];
+
+    async fn join(
+        topic: &str,
+        _params: Payload,
+        _ctx: &JoinContext<'_, Self::Assigns>,
+    ) -> Result<Joined<Self>, JoinError> {
+        let name = topic.strip_prefix("room:").unwrap_or(topic);
+        match name {
+            "private" => Err(JoinError::reason("unauthorized")),
+            "join_crash" => panic!("join crashed on purpose"),
+            "slow_join" => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(Joined::new(RoomChannel))
+            }
+            "lobby" => Ok(Joined::new(RoomChannel)),
+            other => Ok(Joined::new(RoomChannel).reply(json!({ "joined": other }))),
+        }
+    }
+
+    async fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        ctx: &mut ChannelContext<Self>,
+    ) -> HandleResult {
+        match event {
+            "new_msg" => ctx.broadcast("new_msg", payload),
+            "new_msg_from" => ctx.broadcast_from("new_msg", payload),
+            "ping" => return Ok(Some(Reply::ok(payload))),
+            "sleep" => {
+                let Sleep { ms } = payload.decode()?;
+                tokio::time::sleep(Duration::from_millis(ms.min(5000))).await;
+                return Ok(Some(Reply::ok(json!({}))));
+            }
+            "error_reply" => return Err(Reply::error(json!({"reason": "requested"}))),
+            "push_me" => {
+                ctx.push("pushed", payload);
+                return Ok(Some(Reply::ok(json!({}))));
+            }
+            "async_reply" => {
+                if let Some(reply) = ctx.reply_later() {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        reply.send(Reply::ok(payload));
+                    });
+                }
+            }
+            "stop" => {
+                ctx.stop(StopReason::Shutdown);
+                return Ok(Some(Reply::ok(json!({}))));
+            }
+            "crash" => panic!("handle_in crashed on purpose"),
+            "shout" => ctx.broadcast("shout", payload),
+            "disconnect_me" => {
+                if let Some(user) = ctx.assigns() {
+                    ctx.endpoint().disconnect(&format!("user_socket:{user}"));
+                }
+            }
+            "binary_echo" => return Ok(Some(Reply::ok(payload))),
+            "binary_broadcast" => ctx.broadcast("binary_broadcast", payload),
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// `shout` goes to each subscriber with `"to"` set to that subscriber's user.
+    async fn handle_out(&mut self, broadcast: Broadcast, ctx: &mut ChannelContext<Self>) {
+        let mut body = match broadcast.payload().to_value() {
+            Some(Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        body.insert("to".into(), json!(ctx.assigns()));
+        ctx.push(broadcast.event(), Value::Object(body));
+    }
+}

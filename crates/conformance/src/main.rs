@@ -1,1 +1,70 @@
-fn main(){}
+//! `conformance --port PORT`: serves the conformance app on 127.0.0.1:PORT.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use firebrand_conformance::{Config, app};
+
+fn parse_port() -> anyhow::Result<u16> {
+    let mut port = 4000;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => {
+                let v = args.next().context("--port needs a value")?;
+                port = v.parse().with_context(|| format!("invalid port {v:?}"))?;
+            }
+            "-h" | "--help" => {
+                println!("usage: conformance [--port PORT]   (default 4000; env IDLE_TIMEOUT_MS)");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (usage: conformance [--port PORT])"),
+        }
+    }
+    Ok(port)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let port = parse_port()?;
+    let mut config = Config::default();
+    if let Ok(ms) = std::env::var("IDLE_TIMEOUT_MS") {
+        let ms: u64 = ms
+            .parse()
+            .with_context(|| format!("invalid IDLE_TIMEOUT_MS {ms:?}"))?;
+        config.idle_timeout = Duration::from_millis(ms);
+    }
+    let (router, endpoint) = app(&config);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
+    println!("listening on 127.0.0.1:{}", listener.local_addr()?.port());
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
+    let open = endpoint.shutdown(Duration::from_secs(10)).await;
+    if open > 0 {
+        tracing::warn!(open, "connections still open at the shutdown deadline");
+    }
+    Ok(())
+}

@@ -60,12 +60,24 @@ pub enum Outbound<'a> {
 impl<'a> Outbound<'a> {
     /// A broadcast frame: `[null, null, topic, event, payload]`.
     pub fn broadcast(topic: &'a str, event: &'a str, payload: &'a Payload) -> Self {
-        Outbound::Event { join_ref: None, r#ref: None, topic, event, payload }
+        Outbound::Event {
+            join_ref: None,
+            r#ref: None,
+            topic,
+            event,
+            payload,
+        }
     }
 
     /// A push to one client: `[join_ref, null, topic, event, payload]`.
     pub fn push(join_ref: &'a str, topic: &'a str, event: &'a str, payload: &'a Payload) -> Self {
-        Outbound::Event { join_ref: Some(join_ref), r#ref: None, topic, event, payload }
+        Outbound::Event {
+            join_ref: Some(join_ref),
+            r#ref: None,
+            topic,
+            event,
+            payload,
+        }
     }
 
     /// The frame's topic.

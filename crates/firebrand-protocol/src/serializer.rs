@@ -210,13 +210,7 @@ fn encode_v1(out: &Outbound<'_>, payload: &RawJson) -> String {
 
 // ---- V2 JSON -------------------------------------------------------------------------------
 
-struct V2In<'a>(
-    Option<String>,
-    Option<String>,
-    String,
-    String,
-    &'a RawValue,
-);
+struct V2In<'a>(Option<String>, Option<String>, String, String, &'a RawValue);
 
 impl<'de: 'a, 'a> serde::Deserialize<'de> for V2In<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -431,7 +425,9 @@ mod tests {
     #[test]
     fn v2_json_decodes_and_ignores_extra_elements() {
         let m = Serializer::V2
-            .decode_text(text(r#"["1","2","room:lobby","new_msg",{"body":"hi"},"extra"]"#))
+            .decode_text(text(
+                r#"["1","2","room:lobby","new_msg",{"body":"hi"},"extra"]"#,
+            ))
             .unwrap();
         assert_eq!(m.join_ref.as_deref(), Some("1"));
         assert_eq!(m.r#ref.as_deref(), Some("2"));
@@ -484,7 +480,10 @@ mod tests {
                 r#"{"topic":"room:lobby","event":"phx_join","payload":{},"ref":"1"}"#,
             ))
             .unwrap();
-        assert_eq!((m.topic.as_str(), m.event.as_str()), ("room:lobby", "phx_join"));
+        assert_eq!(
+            (m.topic.as_str(), m.event.as_str()),
+            ("room:lobby", "phx_join")
+        );
         assert_eq!(m.join_ref, None);
         let reply = Outbound::Reply {
             join_ref: Some("1"),
@@ -500,7 +499,11 @@ mod tests {
                     .into()
             )
         );
-        assert!(Serializer::V1.decode_text(text(r#"{"topic":"t","event":"e"}"#)).is_err());
+        assert!(
+            Serializer::V1
+                .decode_text(text(r#"{"topic":"t","event":"e"}"#))
+                .is_err()
+        );
         assert!(matches!(
             Serializer::V1.encode(&Outbound::broadcast("t", "e", &Payload::binary(vec![1]))),
             Err(EncodeError::BinaryOnV1)
@@ -544,10 +547,19 @@ mod tests {
     #[test]
     fn v2_binary_rejects_bad_frames() {
         let dec = |b: &[u8]| Serializer::V2.decode_binary(Bytes::copy_from_slice(b));
-        assert!(matches!(dec(b"\x07\x00\x00\x00\x00"), Err(FrameError::UnknownBinaryKind(7))));
+        assert!(matches!(
+            dec(b"\x07\x00\x00\x00\x00"),
+            Err(FrameError::UnknownBinaryKind(7))
+        ));
         assert!(matches!(dec(b"\x00\x01"), Err(FrameError::Truncated)));
-        assert!(matches!(dec(b"\x00\x09\x00\x00\x00ab"), Err(FrameError::Truncated)));
-        assert!(matches!(dec(b"\x00\x01\x00\x00\x00\xff"), Err(FrameError::NotUtf8(_))));
+        assert!(matches!(
+            dec(b"\x00\x09\x00\x00\x00ab"),
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            dec(b"\x00\x01\x00\x00\x00\xff"),
+            Err(FrameError::NotUtf8(_))
+        ));
         assert!(matches!(
             Serializer::V1.decode_binary(Bytes::from_static(b"\x00")),
             Err(FrameError::BinaryOnV1)

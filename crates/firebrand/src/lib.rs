@@ -1,1 +1,132 @@
-//! stub
+//! # firebrand: Phoenix Channels for Rust
+//!
+//! firebrand serves [Phoenix Channels](https://hexdocs.pm/phoenix/channels.html) from an axum
+//! app, wire-compatible with the official `phoenix` JavaScript client (and any Phoenix client):
+//! persistent WebSocket connections, topics joined as channels, replies, pushes and broadcasts.
+//!
+//! ## The pieces
+//!
+//! - A **socket** is one client connection. Your [`Socket`] authenticates it in
+//!   [`connect`](Socket::connect) (from query params, headers or the client's `authToken`)
+//!   and returns its assigns — typed state every channel of the connection can read.
+//! - A client **joins** topics like `room:lobby`. Each joined topic is a **channel**: a value of
+//!   a type implementing [`Channel`], running in its own task. [`join`](Channel::join) is the
+//!   bouncer; [`handle_in`](Channel::handle_in) answers client events;
+//!   [`handle_out`](Channel::handle_out) filters intercepted broadcasts per subscriber;
+//!   [`handle_info`](Channel::handle_info) receives messages; [`terminate`](Channel::terminate)
+//!   runs at the end.
+//! - The [`Endpoint`] is the handle to it all: broadcast to a topic from anywhere, disconnect a
+//!   user, read [`Stats`], shut down.
+//!
+//! ## A complete server
+//!
+//! ```no_run
+//! use firebrand::{
+//!     Channel, ChannelContext, ConnectError, ConnectInfo, Endpoint, HandleResult, JoinContext,
+//!     JoinError, Joined, Payload, Reply, Socket,
+//! };
+//! use serde::Deserialize;
+//!
+//! /// Accepts everyone; the assigns are the `user` connect param.
+//! struct UserSocket;
+//!
+//! impl Socket for UserSocket {
+//!     type Assigns = Option<String>;
+//!
+//!     async fn connect(&self, info: &ConnectInfo) -> Result<Self::Assigns, ConnectError> {
+//!         Ok(info.param("user").map(str::to_owned))
+//!     }
+//! }
+//!
+//! /// One chat room per topic `room:<name>`.
+//! struct Room;
+//!
+//! #[derive(Deserialize)]
+//! struct NewMsg {
+//!     body: String,
+//! }
+//!
+//! impl Channel for Room {
+//!     type Assigns = Option<String>;
+//!     type Info = ();
+//!
+//!     async fn join(topic: &str, _params: Payload, _ctx: &JoinContext<'_, Self::Assigns>) -> Result<Joined<Self>, JoinError> {
+//!         match topic {
+//!             "room:private" => Err(JoinError::reason("unauthorized")),
+//!             _ => Ok(Joined::new(Room)),
+//!         }
+//!     }
+//!
+//!     async fn handle_in(&mut self, event: &str, payload: Payload, ctx: &mut ChannelContext<Self>) -> HandleResult {
+//!         match event {
+//!             "new_msg" => {
+//!                 // A payload of the wrong shape becomes an error reply to the client.
+//!                 let msg: NewMsg = payload.decode()?;
+//!                 let user = ctx.assigns().clone();
+//!                 ctx.broadcast("new_msg", serde_json::json!({"body": msg.body, "user": user}));
+//!                 Ok(Some(Reply::ok(serde_json::json!({}))))
+//!             }
+//!             _ => Ok(None),
+//!         }
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() {
+//!     let endpoint = Endpoint::new();
+//!     let socket = endpoint.socket(UserSocket).channel::<Room>("room:*").into_router();
+//!     let app = axum::Router::new().nest("/socket", socket);
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await.unwrap();
+//!     axum::serve(listener, app).await.unwrap();
+//! }
+//! ```
+//!
+//! And in the browser, the official client:
+//!
+//! ```js
+//! import {Socket} from "phoenix"
+//! const socket = new Socket("/socket", {params: {user: "alice"}})
+//! socket.connect()
+//! const room = socket.channel("room:lobby")
+//! room.on("new_msg", msg => console.log(msg.user, msg.body))
+//! room.join().receive("ok", () => room.push("new_msg", {body: "hi"}))
+//! ```
+//!
+//! ## Semantics worth knowing
+//!
+//! - **Wire compatibility.** Frames, refs, `phx_reply`/`phx_close`/`phx_error`, duplicate
+//!   joins, stale `join_ref`s and heartbeats behave as in Phoenix 1.8. Serializers are picked by
+//!   the `vsn` param: V1 JSON, V2 JSON and V2 binary (binary payloads: [`Payload::Binary`]).
+//! - **Isolation.** A panic in a channel callback ends only that channel (`phx_error`, and the
+//!   official client rejoins). A slow callback delays only its own channel: joins run in the
+//!   channel's task, so unlike Phoenix a slow `join` does not block the connection's other
+//!   traffic.
+//! - **Broadcasts** are encoded once per serializer and the same bytes queued to every
+//!   subscriber; only [intercepted](Channel::INTERCEPTS) events pass through channel tasks.
+//! - **Bounded memory.** Each connection's outbound queue is bounded in bytes; a client that
+//!   cannot keep up is disconnected with code 1008 (see [`SocketBuilder::outbound_limit`]).
+//!   Each channel's mailbox is bounded in messages ([`SocketBuilder::mailbox_limit`]).
+//! - **Bad input** closes only the offending connection, with a close code naming the
+//!   problem: 1007 undecodable frame, 1009 frame too big, 1002 WebSocket protocol error.
+
+mod channel;
+mod conn;
+mod context;
+mod endpoint;
+mod origin;
+mod pubsub;
+mod queue;
+mod router;
+mod runner;
+mod socket;
+mod token;
+
+pub use channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};
+pub use context::{ChannelContext, ChannelSender, JoinContext, ReplyRef, SendError};
+pub use endpoint::{Endpoint, Stats};
+#[doc(inline)]
+pub use firebrand_protocol::{DecodeError, Payload, RawJson};
+pub use origin::CheckOrigin;
+pub use pubsub::Broadcast;
+pub use socket::{ConnectError, ConnectInfo, Socket, SocketBuilder};
+pub use token::{TokenError, TokenSigner};

@@ -1,0 +1,297 @@
+//! What a channel's callbacks can do: [`JoinContext`] while joining, [`ChannelContext`] after.
+
+use std::fmt;
+use std::sync::Arc;
+
+use firebrand_protocol::{Outbound, Payload, Serializer};
+
+use crate::channel::{Channel, Info, Reply, StopReason};
+use crate::endpoint::Endpoint;
+use crate::pubsub::{Broadcast, Inbox, SubId, Target, to_ws};
+use crate::queue::{Delivered, Mailbox, Outbox};
+
+/// What [`Channel::join`] knows about the joining client.
+pub struct JoinContext<'a, A> {
+    pub(crate) topic: &'a str,
+    pub(crate) join_ref: &'a str,
+    pub(crate) assigns: &'a A,
+    pub(crate) socket_id: Option<&'a str>,
+    pub(crate) endpoint: &'a Endpoint,
+}
+
+impl<A> JoinContext<'_, A> {
+    /// The topic being joined.
+    pub fn topic(&self) -> &str {
+        self.topic
+    }
+
+    /// The join ref of the channel being created.
+    pub fn join_ref(&self) -> &str {
+        self.join_ref
+    }
+
+    /// The socket's assigns.
+    pub fn assigns(&self) -> &A {
+        self.assigns
+    }
+
+    /// The socket's id, if [`Socket::id`](crate::Socket::id) gave one.
+    pub fn socket_id(&self) -> Option<&str> {
+        self.socket_id
+    }
+
+    /// The endpoint, to broadcast or inspect.
+    pub fn endpoint(&self) -> &Endpoint {
+        self.endpoint
+    }
+}
+
+/// A message for a channel task.
+pub(crate) enum ChannelMsg<M> {
+    In {
+        event: String,
+        payload: Payload,
+        r#ref: Option<String>,
+    },
+    Leave {
+        r#ref: Option<String>,
+    },
+    Out(Broadcast),
+    Info(Info<M>),
+    /// The connection has closed.
+    Closed,
+}
+
+impl<M: Send + 'static> Inbox for Mailbox<ChannelMsg<M>> {
+    fn intercepted(&self, broadcast: Broadcast) {
+        if let Delivered::Full(_) = self.push(ChannelMsg::Out(broadcast)) {
+            tracing::warn!("channel mailbox full: intercepted broadcast dropped");
+        }
+    }
+
+    fn info(&self, broadcast: Broadcast) {
+        if let Delivered::Full(_) = self.push(ChannelMsg::Info(Info::Broadcast(broadcast))) {
+            tracing::warn!("channel mailbox full: broadcast for handle_info dropped");
+        }
+    }
+}
+
+/// Where a channel's frames go: its connection's outbox, encoded with its serializer.
+#[derive(Clone)]
+pub(crate) struct Wire {
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) serializer: Serializer,
+}
+
+impl Wire {
+    /// Encodes and queues one frame; a frame this serializer cannot carry is logged and dropped.
+    pub(crate) fn send(&self, out: &Outbound<'_>) {
+        match self.serializer.encode(out) {
+            Ok(frame) => {
+                self.outbox.push(to_ws(frame));
+            }
+            Err(e) => tracing::warn!(topic = out.topic(), event = out.event(), error = %e,
+                "frame not sent"),
+        }
+    }
+
+    pub(crate) fn reply(
+        &self,
+        join_ref: Option<&str>,
+        r#ref: Option<&str>,
+        topic: &str,
+        reply: &Reply,
+    ) {
+        self.send(&Outbound::Reply {
+            join_ref,
+            r#ref,
+            topic,
+            status: reply.status(),
+            payload: reply.payload(),
+        });
+    }
+}
+
+/// What a joined channel's callbacks can do: push, reply, broadcast, subscribe, stop.
+pub struct ChannelContext<C: Channel> {
+    pub(crate) topic: Arc<str>,
+    pub(crate) join_ref: Arc<str>,
+    pub(crate) assigns: Arc<C::Assigns>,
+    pub(crate) wire: Wire,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) mailbox: Arc<Mailbox<ChannelMsg<C::Info>>>,
+    pub(crate) sub_id: Option<SubId>,
+    pub(crate) extra: Vec<(String, SubId)>,
+    pub(crate) current_ref: Option<String>,
+    pub(crate) stop: Option<StopReason>,
+}
+
+impl<C: Channel> ChannelContext<C> {
+    /// The channel's topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The channel's join ref.
+    pub fn join_ref(&self) -> &str {
+        &self.join_ref
+    }
+
+    /// The socket's assigns.
+    pub fn assigns(&self) -> &C::Assigns {
+        &self.assigns
+    }
+
+    /// The endpoint, to broadcast on other topics.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Pushes `event` to this client only: `[join_ref, null, topic, event, payload]`.
+    pub fn push(&self, event: &str, payload: impl Into<Payload>) {
+        let payload = payload.into();
+        self.wire.send(&Outbound::push(
+            &self.join_ref,
+            &self.topic,
+            event,
+            &payload,
+        ));
+    }
+
+    /// Broadcasts `event` to every subscriber of this channel's topic, this client included.
+    pub fn broadcast(&self, event: &str, payload: impl Into<Payload>) {
+        self.endpoint
+            .publish(Broadcast::new(&*self.topic, event, payload.into()), None);
+    }
+
+    /// Broadcasts `event` to every subscriber of this channel's topic except this one.
+    pub fn broadcast_from(&self, event: &str, payload: impl Into<Payload>) {
+        self.endpoint.publish(
+            Broadcast::new(&*self.topic, event, payload.into()),
+            self.sub_id,
+        );
+    }
+
+    /// A handle to reply later to the push being handled (Phoenix's `socket_ref`).
+    ///
+    /// Returns `None` outside [`Channel::handle_in`] or when the push carried no ref.
+    pub fn reply_later(&self) -> Option<ReplyRef> {
+        let r#ref = self.current_ref.clone()?;
+        Some(ReplyRef {
+            wire: self.wire.clone(),
+            topic: self.topic.clone(),
+            join_ref: self.join_ref.clone(),
+            r#ref,
+        })
+    }
+
+    /// Subscribes this channel to another topic: its broadcasts arrive in
+    /// [`Channel::handle_info`] as [`Info::Broadcast`]. Subscribing twice to one topic does
+    /// nothing. Subscriptions end with the channel.
+    pub fn subscribe(&mut self, topic: &str) {
+        if self.extra.iter().any(|(t, _)| t == topic) {
+            return;
+        }
+        let inbox: Arc<dyn Inbox> = self.mailbox.clone();
+        let id = self.endpoint.pubsub().subscribe(topic, Target::Info(inbox));
+        self.extra.push((topic.to_owned(), id));
+    }
+
+    /// Ends a subscription made with [`ChannelContext::subscribe`].
+    pub fn unsubscribe(&mut self, topic: &str) {
+        if let Some(i) = self.extra.iter().position(|(t, _)| t == topic) {
+            let (t, id) = self.extra.swap_remove(i);
+            self.endpoint.pubsub().unsubscribe(&t, id);
+        }
+    }
+
+    /// A cloneable handle that sends [`Info::Message`]s to this channel from anywhere.
+    pub fn sender(&self) -> ChannelSender<C::Info> {
+        ChannelSender {
+            mailbox: self.mailbox.clone(),
+        }
+    }
+
+    /// Stops the channel once the current callback returns (after its reply, if any).
+    /// [`StopReason::Normal`] and [`StopReason::Shutdown`] send `phx_close`;
+    /// [`StopReason::Error`] sends `phx_error`.
+    pub fn stop(&mut self, reason: StopReason) {
+        self.stop = Some(reason);
+    }
+}
+
+/// Replies to a client push after its `handle_in` has returned (Phoenix's `reply/2` with a
+/// `socket_ref`). Cloneable and `Send`: hand it to a task. Replying more than once is allowed.
+#[derive(Clone)]
+pub struct ReplyRef {
+    wire: Wire,
+    topic: Arc<str>,
+    join_ref: Arc<str>,
+    r#ref: String,
+}
+
+impl ReplyRef {
+    /// Sends the reply. Does nothing once the connection is gone.
+    pub fn send(&self, reply: Reply) {
+        self.wire
+            .reply(Some(&self.join_ref), Some(&self.r#ref), &self.topic, &reply);
+    }
+}
+
+impl fmt::Debug for ReplyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplyRef")
+            .field("topic", &self.topic)
+            .field("ref", &self.r#ref)
+            .finish()
+    }
+}
+
+/// Sends messages to one channel's [`Channel::handle_info`]. Cloneable.
+pub struct ChannelSender<M> {
+    mailbox: Arc<Mailbox<ChannelMsg<M>>>,
+}
+
+impl<M> Clone for ChannelSender<M> {
+    fn clone(&self) -> Self {
+        ChannelSender {
+            mailbox: self.mailbox.clone(),
+        }
+    }
+}
+
+/// Why [`ChannelSender::send`] handed a message back.
+#[derive(Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SendError<M> {
+    /// The channel has stopped.
+    Closed(M),
+    /// The channel's mailbox is full (it is not keeping up).
+    Full(M),
+}
+
+impl<M> fmt::Display for SendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Closed(_) => f.write_str("channel has stopped"),
+            SendError::Full(_) => f.write_str("channel mailbox is full"),
+        }
+    }
+}
+
+impl<M: fmt::Debug> std::error::Error for SendError<M> {}
+
+impl<M> ChannelSender<M> {
+    /// Queues `msg` for the channel. Never blocks.
+    pub fn send(&self, msg: M) -> Result<(), SendError<M>> {
+        let unwrap = |m: ChannelMsg<M>| match m {
+            ChannelMsg::Info(Info::Message(m)) => m,
+            _ => unreachable!("only Info::Message is sent here"),
+        };
+        match self.mailbox.push(ChannelMsg::Info(Info::Message(msg))) {
+            Delivered::Queued => Ok(()),
+            Delivered::Closed(m) => Err(SendError::Closed(unwrap(m))),
+            Delivered::Full(m) => Err(SendError::Full(unwrap(m))),
+        }
+    }
+}

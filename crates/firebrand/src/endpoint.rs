@@ -1,0 +1,194 @@
+//! The [`Endpoint`]: the cloneable handle to a node's sockets and PubSub.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use firebrand_protocol::Payload;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::pubsub::{Broadcast, PubSub, SubId};
+use crate::queue::{Close, Outbox};
+use crate::socket::{Socket, SocketBuilder};
+
+/// A node's sockets and PubSub. Cheap to clone: keep one in your app state and broadcast from
+/// anywhere (an HTTP handler, a background job).
+///
+/// ```
+/// use firebrand::{Endpoint, Payload};
+/// use serde_json::json;
+///
+/// let endpoint = Endpoint::new();
+/// endpoint.broadcast("room:lobby", "new_msg", json!({"body": "server says hi"}));
+/// endpoint.disconnect("user_socket:42"); // closes every connection of user 42 (code 1001)
+/// assert_eq!(endpoint.stats().broadcasts, 1);
+/// ```
+#[derive(Clone)]
+pub struct Endpoint {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pubsub: PubSub,
+    conns: Mutex<HashMap<u64, Arc<Outbox>>>,
+    next_conn: AtomicU64,
+    all_closed: Notify,
+    broadcasts: AtomicU64,
+    deliveries: AtomicU64,
+    slow_consumers: AtomicU64,
+    protocol_errors: AtomicU64,
+}
+
+/// Counters of an [`Endpoint`], from [`Endpoint::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Open connections.
+    pub connections: usize,
+    /// Topics with at least one subscriber on this node.
+    pub topics: usize,
+    /// Broadcasts published on this node.
+    pub broadcasts: u64,
+    /// Frames queued to connections by broadcasts (fastlane deliveries).
+    pub deliveries: u64,
+    /// Connections closed because they could not keep up (code 1008).
+    pub slow_consumers: u64,
+    /// Connections closed for sending undecodable frames (code 1007).
+    pub protocol_errors: u64,
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// A new endpoint with the in-process PubSub.
+    pub fn new() -> Self {
+        Endpoint {
+            inner: Arc::new(Inner {
+                pubsub: PubSub::new(),
+                conns: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(0),
+                all_closed: Notify::new(),
+                broadcasts: AtomicU64::new(0),
+                deliveries: AtomicU64::new(0),
+                slow_consumers: AtomicU64::new(0),
+                protocol_errors: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Starts building a socket served by `handler`: add channel routes, then mount its
+    /// router. See [`SocketBuilder`].
+    pub fn socket<S: Socket>(&self, handler: S) -> SocketBuilder<S> {
+        SocketBuilder::new(self.clone(), handler)
+    }
+
+    /// Broadcasts `event` with `payload` to every subscriber of `topic` (Phoenix's
+    /// `Endpoint.broadcast`). Never blocks: each subscriber's frame is queued.
+    pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
+        self.publish(Broadcast::new(topic, event, payload.into()), None);
+    }
+
+    /// Closes every connection whose [`Socket::id`] is `socket_id`, with code 1001: the
+    /// `"disconnect"` broadcast of Phoenix. Their channels terminate with
+    /// [`StopReason::Closed`](crate::StopReason::Closed) and get no `phx_close`.
+    pub fn disconnect(&self, socket_id: &str) {
+        self.broadcast(socket_id, "disconnect", Payload::empty());
+    }
+
+    /// The endpoint's counters.
+    pub fn stats(&self) -> Stats {
+        let i = &self.inner;
+        Stats {
+            connections: i.conns.lock().len(),
+            topics: i.pubsub.topic_count(),
+            broadcasts: i.broadcasts.load(Ordering::Relaxed),
+            deliveries: i.deliveries.load(Ordering::Relaxed),
+            slow_consumers: i.slow_consumers.load(Ordering::Relaxed),
+            protocol_errors: i.protocol_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes every connection with code 1012 (service restart; the official client
+    /// reconnects, to another node behind a load balancer) and waits until all have closed or
+    /// `deadline` has passed. Channels terminate with
+    /// [`StopReason::Closed`](crate::StopReason::Closed). Returns the number still open.
+    ///
+    /// Stop accepting connections first (e.g. axum's `with_graceful_shutdown`).
+    pub async fn shutdown(&self, deadline: Duration) -> usize {
+        let wait = async {
+            loop {
+                let notified = self.inner.all_closed.notified();
+                let conns: Vec<_> = self.inner.conns.lock().values().cloned().collect();
+                if conns.is_empty() {
+                    return;
+                }
+                for outbox in conns {
+                    outbox.close(Close::SHUTDOWN);
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        self.inner.conns.lock().len()
+    }
+
+    pub(crate) fn pubsub(&self) -> &PubSub {
+        &self.inner.pubsub
+    }
+
+    pub(crate) fn publish(&self, b: Broadcast, from: Option<SubId>) {
+        let delivered = self.inner.pubsub.dispatch(&b, from);
+        self.inner.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_slow_consumer(&self) {
+        self.inner.slow_consumers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_protocol_error(&self) {
+        self.inner.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Registers a live connection until the guard drops.
+    pub(crate) fn register(&self, outbox: Arc<Outbox>) -> Registered {
+        let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.inner.conns.lock().insert(id, outbox);
+        Registered {
+            endpoint: self.clone(),
+            id,
+        }
+    }
+}
+
+/// A connection's registration with its endpoint; dropping it unregisters.
+pub(crate) struct Registered {
+    endpoint: Endpoint,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut conns = self.endpoint.inner.conns.lock();
+        conns.remove(&self.id);
+        if conns.is_empty() {
+            self.endpoint.inner.all_closed.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Topic subscriptions and broadcast dispatch on this node.
+//!
+//! A broadcast is encoded at most once per serializer (V1, V2) and the same bytes are queued to
+//! every subscribed connection: the "fastlane". Only events a channel intercepts go through its
+//! task. Dispatch never blocks: each connection's [`Outbox`] is bounded and a full one closes
+//! its connection as a slow consumer.
+//!
+//! Subscriptions live in shards (a read-write lock each) keyed by topic, so dispatch to one topic
+//! and joins on others do not contend.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::ws::Message as WsMessage;
+use firebrand_protocol::{Encoded, Outbound, Payload, Serializer};
+use parking_lot::RwLock;
+
+use crate::queue::{Close, Outbox, Pushed};
+
+const SHARDS: usize = 32;
+
+/// A message broadcast to every subscriber of a topic.
+///
+/// Channels see one in [`Channel::handle_out`](crate::Channel::handle_out) (intercepted events)
+/// and in [`Channel::handle_info`](crate::Channel::handle_info) (topics subscribed with
+/// [`ChannelContext::subscribe`](crate::ChannelContext::subscribe)). Cloning is cheap.
+#[derive(Clone, Debug)]
+pub struct Broadcast(Arc<BroadcastInner>);
+
+#[derive(Debug)]
+struct BroadcastInner {
+    topic: Box<str>,
+    event: Box<str>,
+    payload: Payload,
+}
+
+impl Broadcast {
+    /// A broadcast of `event` with `payload` on `topic`.
+    pub fn new(topic: impl Into<Box<str>>, event: impl Into<Box<str>>, payload: Payload) -> Self {
+        Broadcast(Arc::new(BroadcastInner {
+            topic: topic.into(),
+            event: event.into(),
+            payload,
+        }))
+    }
+
+    /// The topic it was broadcast on.
+    pub fn topic(&self) -> &str {
+        &self.0.topic
+    }
+
+    /// The event name.
+    pub fn event(&self) -> &str {
+        &self.0.event
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Payload {
+        &self.0.payload
+    }
+}
+
+/// A channel task's end of a subscription: where intercepted and extra-topic broadcasts go.
+pub(crate) trait Inbox: Send + Sync {
+    /// An intercepted event of the channel's own topic, for `handle_out`.
+    fn intercepted(&self, broadcast: Broadcast);
+    /// A broadcast on a topic the channel subscribed to, for `handle_info`.
+    fn info(&self, broadcast: Broadcast);
+}
+
+/// Where a subscription delivers.
+pub(crate) enum Target {
+    /// A joined channel: frames go straight to the connection, intercepts to the channel task.
+    Fastlane {
+        outbox: Arc<Outbox>,
+        serializer: Serializer,
+        intercepts: &'static [&'static str],
+        inbox: Arc<dyn Inbox>,
+    },
+    /// An extra topic a channel subscribed to: everything goes to `handle_info`.
+    Info(Arc<dyn Inbox>),
+    /// A socket's id topic: the `"disconnect"` event closes the connection.
+    Socket(Arc<Outbox>),
+}
+
+struct Subscriber {
+    id: u64,
+    target: Target,
+}
+
+/// Identifies one subscription; `broadcast_from` skips it.
+pub(crate) type SubId = u64;
+
+/// One shard of the registry: topic → subscribers.
+type Shard = RwLock<HashMap<Box<str>, Vec<Subscriber>>>;
+
+/// The subscription registry of one node.
+pub(crate) struct PubSub {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    next_id: AtomicU64,
+}
+
+impl PubSub {
+    pub(crate) fn new() -> Self {
+        PubSub {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, topic: &str) -> &Shard {
+        &self.shards[self.hasher.hash_one(topic) as usize % SHARDS]
+    }
+
+    /// Subscribes `target` to `topic`; returns the id to unsubscribe with.
+    pub(crate) fn subscribe(&self, topic: &str, target: Target) -> SubId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shard(topic)
+            .write()
+            .entry(topic.into())
+            .or_default()
+            .push(Subscriber { id, target });
+        id
+    }
+
+    /// Removes one subscription. Removing an unknown one does nothing.
+    pub(crate) fn unsubscribe(&self, topic: &str, id: SubId) {
+        let mut shard = self.shard(topic).write();
+        if let Some(subs) = shard.get_mut(topic) {
+            if let Some(i) = subs.iter().position(|s| s.id == id) {
+                subs.swap_remove(i);
+            }
+            if subs.is_empty() {
+                shard.remove(topic);
+            }
+        }
+    }
+
+    /// Number of topics with at least one subscriber.
+    pub(crate) fn topic_count(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// Delivers `b` to every local subscriber of its topic except `from`.
+    /// Returns the number of frames queued to connections.
+    pub(crate) fn dispatch(&self, b: &Broadcast, from: Option<SubId>) -> u64 {
+        let mut cache = FrameCache::default();
+        let mut delivered = 0;
+        let shard = self.shard(b.topic()).read();
+        let Some(subs) = shard.get(b.topic()) else {
+            return delivered;
+        };
+        for sub in subs {
+            if Some(sub.id) == from {
+                continue;
+            }
+            match &sub.target {
+                Target::Fastlane {
+                    outbox,
+                    serializer,
+                    intercepts,
+                    inbox,
+                } => {
+                    if intercepts.contains(&b.event()) {
+                        inbox.intercepted(b.clone());
+                    } else if let Some(frame) = cache.get(*serializer, b) {
+                        if outbox.push(frame) == Pushed::Queued {
+                            delivered += 1;
+                        }
+                    }
+                }
+                Target::Info(inbox) => inbox.info(b.clone()),
+                Target::Socket(outbox) => {
+                    if b.event() == "disconnect" {
+                        outbox.close(Close::DISCONNECT);
+                    }
+                }
+            }
+        }
+        delivered
+    }
+}
+
+/// A broadcast's frame, encoded at most once per serializer.
+#[derive(Default)]
+struct FrameCache {
+    v1: Option<Option<WsMessage>>,
+    v2: Option<Option<WsMessage>>,
+}
+
+impl FrameCache {
+    fn get(&mut self, serializer: Serializer, b: &Broadcast) -> Option<WsMessage> {
+        let slot = match serializer {
+            Serializer::V1 => &mut self.v1,
+            Serializer::V2 => &mut self.v2,
+        };
+        slot.get_or_insert_with(|| {
+            let out = Outbound::broadcast(b.topic(), b.event(), b.payload());
+            match serializer.encode(&out) {
+                Ok(encoded) => Some(to_ws(encoded)),
+                Err(e) => {
+                    tracing::debug!(topic = b.topic(), event = b.event(), error = %e,
+                        "broadcast not delivered to {serializer:?} subscribers");
+                    None
+                }
+            }
+        })
+        .clone()
+    }
+}
+
+/// An encoded frame as a WebSocket message (no copy).
+pub(crate) fn to_ws(encoded: Encoded) -> WsMessage {
+    match encoded {
+        Encoded::Text(s) => WsMessage::Text(s.into()),
+        Encoded::Binary(b) => WsMessage::Binary(b.into()),
+    }
+}

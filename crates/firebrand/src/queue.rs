@@ -1,0 +1,338 @@
+//! The two queues a connection lives on.
+//!
+//! - [`Outbox`]: frames on their way to one client. Filled by the broadcaster, channel tasks
+//!   and the connection itself; drained by the connection task, which writes everything queued
+//!   in one batch (one flush). Bounded in bytes: a push that would pass the limit closes the
+//!   connection as a slow consumer instead of growing without end.
+//! - [`Mailbox`]: messages on their way to one channel task. Bounded in count.
+//!
+//! Both hold no allocation while empty (a `VecDeque` gives its buffer back when drained), so an
+//! idle connection costs only the structs themselves.
+
+use std::collections::VecDeque;
+
+use axum::extract::ws::Message as WsMessage;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// Queued capacity above this many slots is released once a queue drains.
+const KEEP_CAPACITY: usize = 16;
+
+/// Accounting overhead charged per queued frame on top of its bytes, so that a flood of tiny
+/// frames is bounded too.
+const FRAME_OVERHEAD: usize = 64;
+
+/// Why a connection is being closed by the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Close {
+    pub(crate) code: u16,
+    pub(crate) reason: &'static str,
+}
+
+impl Close {
+    pub(crate) const SLOW_CONSUMER: Close = Close {
+        code: 1008,
+        reason: "slow consumer",
+    };
+    pub(crate) const DISCONNECT: Close = Close {
+        code: 1001,
+        reason: "disconnect",
+    };
+    pub(crate) const SHUTDOWN: Close = Close {
+        code: 1012,
+        reason: "server restart",
+    };
+    pub(crate) const IDLE: Close = Close {
+        code: 1001,
+        reason: "idle timeout",
+    };
+    pub(crate) const TOO_BIG: Close = Close {
+        code: 1009,
+        reason: "message too big",
+    };
+}
+
+/// Events for the connection task that are not frames.
+#[derive(Debug)]
+pub(crate) enum ConnEvent {
+    /// The channel task `id` for `topic` has ended (any way: stop, leave, crash, refused join).
+    ChannelExited { topic: String, id: u64 },
+}
+
+/// What [`Outbox::push`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    Queued,
+    /// The connection is closing; the frame was dropped.
+    Closed,
+    /// The queue was full: the connection is now closing as a slow consumer.
+    Overflow,
+}
+
+#[derive(Default)]
+struct OutState {
+    frames: VecDeque<WsMessage>,
+    bytes: usize,
+    events: Vec<ConnEvent>,
+    close: Option<Close>,
+}
+
+/// The outbound queue of one connection. See the module docs.
+pub(crate) struct Outbox {
+    state: Mutex<OutState>,
+    notify: Notify,
+    /// Woken when a close is requested, for a writer blocked on a slow client.
+    closing: Notify,
+    limit: usize,
+}
+
+/// Everything taken from an [`Outbox`] in one go.
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub(crate) frames: VecDeque<WsMessage>,
+    pub(crate) events: Vec<ConnEvent>,
+    pub(crate) close: Option<Close>,
+}
+
+fn frame_len(m: &WsMessage) -> usize {
+    match m {
+        WsMessage::Text(t) => t.len(),
+        WsMessage::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
+
+impl Outbox {
+    /// An outbox that holds at most `limit` bytes of queued frames.
+    pub(crate) fn new(limit: usize) -> Self {
+        Outbox {
+            state: Mutex::new(OutState::default()),
+            notify: Notify::new(),
+            closing: Notify::new(),
+            limit,
+        }
+    }
+
+    /// Queues a frame. Never blocks; see [`Pushed`] for the outcomes.
+    pub(crate) fn push(&self, frame: WsMessage) -> Pushed {
+        let cost = frame_len(&frame) + FRAME_OVERHEAD;
+        let mut st = self.state.lock();
+        if st.close.is_some() {
+            return Pushed::Closed;
+        }
+        if st.bytes + cost > self.limit && !st.frames.is_empty() {
+            st.close = Some(Close::SLOW_CONSUMER);
+            st.frames = VecDeque::new();
+            st.bytes = 0;
+            drop(st);
+            self.notify.notify_one();
+            self.closing.notify_waiters();
+            return Pushed::Overflow;
+        }
+        let was_empty = st.frames.is_empty();
+        st.bytes += cost;
+        st.frames.push_back(frame);
+        drop(st);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Queues an event for the connection task. Events are never dropped while it runs.
+    pub(crate) fn event(&self, event: ConnEvent) {
+        self.state.lock().events.push(event);
+        self.notify.notify_one();
+    }
+
+    /// Asks the connection to close with `close` after the frames already queued.
+    /// The first request wins.
+    pub(crate) fn close(&self, close: Close) {
+        let mut st = self.state.lock();
+        if st.close.is_none() {
+            st.close = Some(close);
+        }
+        drop(st);
+        self.notify.notify_one();
+        self.closing.notify_waiters();
+    }
+
+    /// The requested close, if any.
+    pub(crate) fn close_requested(&self) -> Option<Close> {
+        self.state.lock().close.clone()
+    }
+
+    /// Waits until a close is requested and returns it. Cancel-safe.
+    pub(crate) async fn closing(&self) -> Close {
+        loop {
+            let notified = self.closing.notified();
+            if let Some(close) = self.close_requested() {
+                return close;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until something was queued since the last [`Outbox::take`]. Cancel-safe.
+    pub(crate) async fn ready(&self) {
+        self.notify.notified().await
+    }
+
+    /// Takes everything queued.
+    pub(crate) fn take(&self) -> Batch {
+        let mut st = self.state.lock();
+        st.bytes = 0;
+        let frames = std::mem::take(&mut st.frames);
+        Batch {
+            frames,
+            events: std::mem::take(&mut st.events),
+            close: st.close.clone(),
+        }
+    }
+}
+
+/// What [`Mailbox::push`] did with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Delivered<T> {
+    Queued,
+    /// The receiver is gone; the message is handed back.
+    Closed(T),
+    /// The mailbox holds its limit; the message is handed back.
+    Full(T),
+}
+
+struct MailState<T> {
+    items: VecDeque<T>,
+    closed: bool,
+}
+
+/// A bounded multi-producer, single-consumer queue of messages for one channel task.
+pub(crate) struct Mailbox<T> {
+    state: Mutex<MailState<T>>,
+    notify: Notify,
+    limit: usize,
+}
+
+impl<T> Mailbox<T> {
+    pub(crate) fn new(limit: usize) -> Self {
+        Mailbox {
+            state: Mutex::new(MailState {
+                items: VecDeque::new(),
+                closed: false,
+            }),
+            notify: Notify::new(),
+            limit,
+        }
+    }
+
+    /// Queues a message unless the mailbox is closed or full. Never blocks.
+    pub(crate) fn push(&self, item: T) -> Delivered<T> {
+        self.push_inner(item, false)
+    }
+
+    /// Queues a message even past the limit (control messages that must not be lost).
+    pub(crate) fn push_always(&self, item: T) -> Delivered<T> {
+        self.push_inner(item, true)
+    }
+
+    fn push_inner(&self, item: T, always: bool) -> Delivered<T> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Delivered::Closed(item);
+        }
+        if !always && st.items.len() >= self.limit {
+            return Delivered::Full(item);
+        }
+        st.items.push_back(item);
+        drop(st);
+        self.notify.notify_one();
+        Delivered::Queued
+    }
+
+    /// Takes the next message, waiting for one. Cancel-safe. Only one task may receive.
+    pub(crate) async fn recv(&self) -> T {
+        loop {
+            if let Some(item) = self.try_recv() {
+                return item;
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    pub(crate) fn try_recv(&self) -> Option<T> {
+        let mut st = self.state.lock();
+        let item = st.items.pop_front();
+        if st.items.is_empty() && st.items.capacity() > KEEP_CAPACITY {
+            st.items = VecDeque::new();
+        }
+        item
+    }
+
+    /// Refuses further messages and returns those still queued.
+    pub(crate) fn close(&self) -> VecDeque<T> {
+        let mut st = self.state.lock();
+        st.closed = true;
+        std::mem::take(&mut st.items)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(n: usize) -> WsMessage {
+        WsMessage::Text("x".repeat(n).into())
+    }
+
+    #[test]
+    fn outbox_overflow_closes_as_slow_consumer_and_frees_frames() {
+        let out = Outbox::new(1000);
+        assert_eq!(out.push(text(400)), Pushed::Queued);
+        assert_eq!(out.push(text(400)), Pushed::Overflow);
+        assert_eq!(out.push(text(1)), Pushed::Closed);
+        let batch = out.take();
+        assert!(batch.frames.is_empty());
+        assert_eq!(batch.close, Some(Close::SLOW_CONSUMER));
+    }
+
+    #[test]
+    fn outbox_accepts_one_frame_larger_than_the_limit_when_empty() {
+        let out = Outbox::new(100);
+        assert_eq!(out.push(text(500)), Pushed::Queued);
+        assert_eq!(out.take().frames.len(), 1);
+        assert_eq!(out.push(text(10)), Pushed::Queued);
+    }
+
+    #[test]
+    fn outbox_first_close_wins() {
+        let out = Outbox::new(100);
+        out.close(Close::DISCONNECT);
+        out.close(Close::SHUTDOWN);
+        assert_eq!(out.take().close, Some(Close::DISCONNECT));
+        assert_eq!(out.close_requested(), Some(Close::DISCONNECT));
+    }
+
+    #[tokio::test]
+    async fn mailbox_is_bounded_and_hands_back_after_close() {
+        let mb = Mailbox::new(2);
+        assert_eq!(mb.push(1), Delivered::Queued);
+        assert_eq!(mb.push(2), Delivered::Queued);
+        assert_eq!(mb.push(3), Delivered::Full(3));
+        assert_eq!(mb.push_always(4), Delivered::Queued);
+        assert_eq!(mb.recv().await, 1);
+        assert_eq!(mb.close(), VecDeque::from([2, 4]));
+        assert_eq!(mb.push(5), Delivered::Closed(5));
+    }
+
+    #[tokio::test]
+    async fn mailbox_wakes_a_waiting_receiver() {
+        let mb = std::sync::Arc::new(Mailbox::new(8));
+        let rx = tokio::spawn({
+            let mb = mb.clone();
+            async move { mb.recv().await }
+        });
+        tokio::task::yield_now().await;
+        mb.push(7);
+        assert_eq!(rx.await.unwrap(), 7);
+    }
+}

@@ -1,0 +1,313 @@
+//! The task that runs one channel: join, then one callback at a time from its mailbox.
+//!
+//! The connection task talks to it through [`ChannelHandle`] (type-erased, so one connection
+//! can hold channels of many types). Whatever way the task ends — stop, leave, refused join,
+//! panic, or abort on a duplicate join — dropping the [`Runner`] removes its subscriptions,
+//! answers pushes still queued with `unmatched topic`, and tells the connection.
+
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use firebrand_protocol::{Outbound, Payload};
+use futures_util::FutureExt;
+
+use crate::channel::{Channel, Reply, StopReason};
+use crate::context::{ChannelContext, ChannelMsg, JoinContext, Wire};
+use crate::endpoint::Endpoint;
+use crate::pubsub::{Inbox, Target};
+use crate::queue::{ConnEvent, Delivered, Mailbox};
+
+/// Everything a channel task needs to start.
+pub(crate) struct SpawnArgs<A> {
+    pub(crate) id: u64,
+    pub(crate) topic: Arc<str>,
+    /// The channel's join ref (the join's `join_ref`, or its `ref` when that is null).
+    pub(crate) join_ref: Arc<str>,
+    /// The join message's own refs, echoed in the join reply.
+    pub(crate) msg_join_ref: Option<String>,
+    pub(crate) msg_ref: Option<String>,
+    pub(crate) params: Payload,
+    pub(crate) assigns: Arc<A>,
+    pub(crate) socket_id: Option<Arc<str>>,
+    pub(crate) wire: Wire,
+    pub(crate) endpoint: Endpoint,
+    /// The join ref of a channel this join replaces: its `phx_close` follows our join reply.
+    pub(crate) replaces: Option<Arc<str>>,
+    pub(crate) mailbox_limit: usize,
+}
+
+/// Why the connection could not hand a client push to a channel.
+pub(crate) enum InRejected {
+    /// The channel has ended: the push gets `unmatched topic`.
+    Closed,
+    /// The channel's mailbox is full.
+    Full,
+}
+
+/// The connection's view of a channel task.
+pub(crate) trait ChannelInbox: Send + Sync {
+    fn handle_in(
+        &self,
+        event: String,
+        payload: Payload,
+        r#ref: Option<String>,
+    ) -> Result<(), InRejected>;
+    fn leave(&self, r#ref: Option<String>);
+    fn socket_closed(&self);
+}
+
+impl<M: Send + 'static> ChannelInbox for Mailbox<ChannelMsg<M>> {
+    fn handle_in(
+        &self,
+        event: String,
+        payload: Payload,
+        r#ref: Option<String>,
+    ) -> Result<(), InRejected> {
+        match self.push(ChannelMsg::In {
+            event,
+            payload,
+            r#ref,
+        }) {
+            Delivered::Queued => Ok(()),
+            Delivered::Closed(_) => Err(InRejected::Closed),
+            Delivered::Full(_) => Err(InRejected::Full),
+        }
+    }
+
+    fn leave(&self, r#ref: Option<String>) {
+        self.push_always(ChannelMsg::Leave { r#ref });
+    }
+
+    fn socket_closed(&self) {
+        self.push_always(ChannelMsg::Closed);
+    }
+}
+
+/// A running channel, as the connection holds it.
+pub(crate) struct ChannelHandle {
+    pub(crate) id: u64,
+    pub(crate) join_ref: Arc<str>,
+    pub(crate) inbox: Arc<dyn ChannelInbox>,
+    pub(crate) task: tokio::task::AbortHandle,
+}
+
+/// Starts channels of one type; the router holds these type-erased.
+pub(crate) trait ChannelFactory<A>: Send + Sync {
+    fn spawn(&self, args: SpawnArgs<A>) -> ChannelHandle;
+}
+
+pub(crate) struct Factory<C>(PhantomData<fn() -> C>);
+
+impl<C> Factory<C> {
+    pub(crate) fn new() -> Self {
+        Factory(PhantomData)
+    }
+}
+
+impl<C: Channel> ChannelFactory<C::Assigns> for Factory<C> {
+    fn spawn(&self, args: SpawnArgs<C::Assigns>) -> ChannelHandle {
+        let mailbox = Arc::new(Mailbox::new(args.mailbox_limit));
+        let (id, join_ref) = (args.id, args.join_ref.clone());
+        let inbox: Arc<dyn ChannelInbox> = mailbox.clone();
+        let task = tokio::spawn(run::<C>(args, mailbox));
+        ChannelHandle {
+            id,
+            join_ref,
+            inbox,
+            task: task.abort_handle(),
+        }
+    }
+}
+
+struct Runner<C: Channel> {
+    id: u64,
+    ctx: ChannelContext<C>,
+    channel: Option<C>,
+}
+
+struct JoinMsg {
+    params: Payload,
+    join_ref: Option<String>,
+    r#ref: Option<String>,
+    replaces: Option<Arc<str>>,
+    socket_id: Option<Arc<str>>,
+}
+
+async fn run<C: Channel>(args: SpawnArgs<C::Assigns>, mailbox: Arc<Mailbox<ChannelMsg<C::Info>>>) {
+    let join = JoinMsg {
+        params: args.params,
+        join_ref: args.msg_join_ref,
+        r#ref: args.msg_ref,
+        replaces: args.replaces,
+        socket_id: args.socket_id,
+    };
+    let mut runner = Runner::<C> {
+        id: args.id,
+        ctx: ChannelContext {
+            topic: args.topic,
+            join_ref: args.join_ref,
+            assigns: args.assigns,
+            wire: args.wire,
+            endpoint: args.endpoint,
+            mailbox,
+            sub_id: None,
+            extra: Vec::new(),
+            current_ref: None,
+            stop: None,
+        },
+        channel: None,
+    };
+    let (jr, r) = (join.join_ref.clone(), join.r#ref.clone());
+    let replaces = join.replaces.clone();
+    if AssertUnwindSafe(runner.run(join))
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        let ctx = &runner.ctx;
+        if runner.channel.is_some() {
+            tracing::error!(topic = &*ctx.topic, "channel crashed");
+            ctx.wire.send(&control(ctx, "phx_error", &crash_payload()));
+        } else {
+            tracing::error!(topic = &*ctx.topic, "join crashed");
+            let reply = Reply::error(serde_json::json!({"reason": "join crashed"}));
+            ctx.wire
+                .reply(jr.as_deref(), r.as_deref(), &ctx.topic, &reply);
+            close_replaced(ctx, replaces.as_deref());
+        }
+    }
+}
+
+fn crash_payload() -> Payload {
+    Payload::from(serde_json::json!({"reason": "channel_crash"}))
+}
+
+/// `phx_close` / `phx_error`: `[join_ref, join_ref, topic, event, payload]`.
+fn control<'a, C: Channel>(
+    ctx: &'a ChannelContext<C>,
+    event: &'a str,
+    payload: &'a Payload,
+) -> Outbound<'a> {
+    Outbound::Event {
+        join_ref: Some(&ctx.join_ref),
+        r#ref: Some(&ctx.join_ref),
+        topic: &ctx.topic,
+        event,
+        payload,
+    }
+}
+
+fn close_replaced<C: Channel>(ctx: &ChannelContext<C>, replaces: Option<&str>) {
+    if let Some(old) = replaces {
+        let empty = Payload::empty();
+        ctx.wire.send(&Outbound::Event {
+            join_ref: Some(old),
+            r#ref: Some(old),
+            topic: &ctx.topic,
+            event: "phx_close",
+            payload: &empty,
+        });
+    }
+}
+
+impl<C: Channel> Runner<C> {
+    async fn run(&mut self, join: JoinMsg) {
+        let ctx = &mut self.ctx;
+        let joined = {
+            let jc = JoinContext {
+                topic: &ctx.topic,
+                join_ref: &ctx.join_ref,
+                assigns: &*ctx.assigns,
+                socket_id: join.socket_id.as_deref(),
+                endpoint: &ctx.endpoint,
+            };
+            C::join(&ctx.topic, join.params, &jc).await
+        };
+        let (jr, r) = (join.join_ref.as_deref(), join.r#ref.as_deref());
+        let joined = match joined {
+            Ok(joined) => joined,
+            Err(refused) => {
+                ctx.wire
+                    .reply(jr, r, &ctx.topic, &Reply::error(refused.payload));
+                close_replaced(ctx, join.replaces.as_deref());
+                return;
+            }
+        };
+        // Subscribe before replying, so a broadcast sent after the client saw "ok" reaches it.
+        let inbox: Arc<dyn Inbox> = ctx.mailbox.clone();
+        let target = Target::Fastlane {
+            outbox: ctx.wire.outbox.clone(),
+            serializer: ctx.wire.serializer,
+            intercepts: C::INTERCEPTS,
+            inbox,
+        };
+        ctx.sub_id = Some(ctx.endpoint.pubsub().subscribe(&ctx.topic, target));
+        ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(joined.reply));
+        close_replaced(ctx, join.replaces.as_deref());
+        let channel = self.channel.insert(joined.channel);
+
+        channel.after_join(ctx).await;
+        while ctx.stop.is_none() {
+            match ctx.mailbox.recv().await {
+                ChannelMsg::In {
+                    event,
+                    payload,
+                    r#ref,
+                } => {
+                    ctx.current_ref = r#ref;
+                    let result = channel.handle_in(&event, payload, ctx).await;
+                    let r#ref = ctx.current_ref.take();
+                    if let Ok(Some(reply)) | Err(reply) = result {
+                        ctx.wire
+                            .reply(Some(&ctx.join_ref), r#ref.as_deref(), &ctx.topic, &reply);
+                    }
+                }
+                ChannelMsg::Leave { r#ref } => {
+                    let ok = Reply::ok(Payload::empty());
+                    ctx.wire
+                        .reply(Some(&ctx.join_ref), r#ref.as_deref(), &ctx.topic, &ok);
+                    ctx.stop = Some(StopReason::Left);
+                }
+                ChannelMsg::Out(broadcast) => channel.handle_out(broadcast, ctx).await,
+                ChannelMsg::Info(info) => channel.handle_info(info, ctx).await,
+                ChannelMsg::Closed => {
+                    channel.terminate(&StopReason::Closed, ctx).await;
+                    return;
+                }
+            }
+        }
+        let reason = ctx.stop.take().unwrap_or(StopReason::Normal);
+        if let StopReason::Error(e) = &reason {
+            tracing::warn!(topic = &*ctx.topic, reason = %e, "channel stopped with an error");
+            channel.terminate(&reason, ctx).await;
+            ctx.wire.send(&control(ctx, "phx_error", &crash_payload()));
+        } else {
+            ctx.wire.send(&control(ctx, "phx_close", &Payload::empty()));
+            channel.terminate(&reason, ctx).await;
+        }
+    }
+}
+
+impl<C: Channel> Drop for Runner<C> {
+    fn drop(&mut self) {
+        let ctx = &mut self.ctx;
+        let pubsub = ctx.endpoint.pubsub();
+        if let Some(id) = ctx.sub_id.take() {
+            pubsub.unsubscribe(&ctx.topic, id);
+        }
+        for (topic, id) in ctx.extra.drain(..) {
+            pubsub.unsubscribe(&topic, id);
+        }
+        let unmatched = Reply::error(serde_json::json!({"reason": "unmatched topic"}));
+        for msg in ctx.mailbox.close() {
+            if let ChannelMsg::In { r#ref: Some(r), .. } = msg {
+                ctx.wire.reply(None, Some(&r), &ctx.topic, &unmatched);
+            }
+        }
+        ctx.wire.outbox.event(ConnEvent::ChannelExited {
+            topic: ctx.topic.to_string(),
+            id: self.id,
+        });
+    }
+}

@@ -1,0 +1,402 @@
+//! Sockets: the [`Socket`] trait (connect and authenticate), its configuration, and the HTTP
+//! upgrade that turns a request into a connection.
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo as AxumConnectInfo, FromRequestParts, Request};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use base64::Engine;
+use firebrand_protocol::Serializer;
+
+use crate::channel::Channel;
+use crate::endpoint::Endpoint;
+use crate::origin::CheckOrigin;
+use crate::router::Routes;
+use crate::runner::Factory;
+
+/// Authenticates connections and gives each its assigns.
+///
+/// ```
+/// use firebrand::{ConnectError, ConnectInfo, Socket, TokenSigner};
+/// use std::time::Duration;
+///
+/// struct UserSocket { signer: TokenSigner }
+///
+/// impl Socket for UserSocket {
+///     type Assigns = u64; // the user id, copied into every channel's context
+///
+///     async fn connect(&self, info: &ConnectInfo) -> Result<u64, ConnectError> {
+///         let token = info.param("token").ok_or(ConnectError::forbidden())?;
+///         self.signer
+///             .verify(token, Duration::from_secs(86_400))
+///             .map_err(|_| ConnectError::forbidden())
+///     }
+///
+///     fn id(&self, user_id: &u64) -> Option<String> {
+///         Some(format!("user_socket:{user_id}"))
+///     }
+/// }
+/// ```
+pub trait Socket: Send + Sync + 'static {
+    /// What a connection knows about its client once accepted (a user id, a session…).
+    /// Every channel of the connection can read it.
+    type Assigns: Send + Sync + 'static;
+
+    /// Accepts a connection with its assigns, or refuses it with an HTTP status (the upgrade
+    /// is answered with that status and no WebSocket is opened).
+    fn connect(
+        &self,
+        info: &ConnectInfo,
+    ) -> impl Future<Output = Result<Self::Assigns, ConnectError>> + Send;
+
+    /// The socket id: every connection of one id can be closed at once by broadcasting
+    /// `"disconnect"` on it ([`Endpoint::disconnect`]). `None` (the default) for anonymous ones.
+    fn id(&self, assigns: &Self::Assigns) -> Option<String> {
+        let _ = assigns;
+        None
+    }
+}
+
+/// What a connecting client sent: query params, headers, peer address, auth token.
+#[derive(Debug)]
+pub struct ConnectInfo {
+    params: Vec<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+    peer_addr: Option<SocketAddr>,
+    auth_token: Option<String>,
+}
+
+impl ConnectInfo {
+    /// A query parameter, e.g. the connect params of `new Socket(url, {params: {token}})`.
+    /// Nested params (`a[b]=c`) appear under their full name (`"a[b]"`). `vsn` is a param too.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// All query parameters, in order.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
+    /// The request headers.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The request URI.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// The `Origin` header, if any.
+    pub fn origin(&self) -> Option<&str> {
+        self.headers.get(header::ORIGIN)?.to_str().ok()
+    }
+
+    /// The `User-Agent` header, if any.
+    pub fn user_agent(&self) -> Option<&str> {
+        self.headers.get(header::USER_AGENT)?.to_str().ok()
+    }
+
+    /// The peer's address. Present when the app is served with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    /// The token sent by the official client's `authToken` option (in
+    /// `Sec-WebSocket-Protocol`), decoded.
+    pub fn auth_token(&self) -> Option<&str> {
+        self.auth_token.as_deref()
+    }
+}
+
+/// A refused connection: the HTTP status the upgrade request gets (403 by default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectError {
+    status: StatusCode,
+}
+
+impl ConnectError {
+    /// Refuses with 403 Forbidden (what Phoenix answers to `:error`).
+    pub fn forbidden() -> Self {
+        ConnectError {
+            status: StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// Refuses with another status, e.g. 429 Too Many Requests.
+    pub fn status(status: StatusCode) -> Self {
+        ConnectError { status }
+    }
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "connection refused with HTTP {}", self.status)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+impl IntoResponse for ConnectError {
+    fn into_response(self) -> Response {
+        self.status.into_response()
+    }
+}
+
+/// Limits and timeouts of a socket's connections. Set with [`SocketBuilder`]'s methods.
+#[derive(Clone, Debug)]
+pub(crate) struct SocketConfig {
+    pub(crate) check_origin: CheckOrigin,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_channels: usize,
+    pub(crate) max_frame_size: usize,
+    pub(crate) outbound_limit: usize,
+    pub(crate) mailbox_limit: usize,
+    pub(crate) write_timeout: Duration,
+}
+
+impl Default for SocketConfig {
+    fn default() -> Self {
+        SocketConfig {
+            check_origin: CheckOrigin::default(),
+            idle_timeout: Duration::from_secs(60),
+            max_channels: 100,
+            max_frame_size: 1 << 20,
+            outbound_limit: 4 << 20,
+            mailbox_limit: 1024,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A socket's handler, routes and configuration, shared by all its connections.
+pub(crate) struct Shared<S: Socket> {
+    pub(crate) handler: S,
+    pub(crate) routes: Routes<S::Assigns>,
+    pub(crate) config: SocketConfig,
+    pub(crate) endpoint: Endpoint,
+}
+
+/// Builds a socket: its channel routes and limits, then an axum [`Router`] to mount.
+/// Made by [`Endpoint::socket`].
+///
+/// ```no_run
+/// # use firebrand::*;
+/// # struct UserSocket; impl Socket for UserSocket { type Assigns = (); async fn connect(&self, _: &ConnectInfo) -> Result<(), ConnectError> { Ok(()) } }
+/// # struct Room; impl Channel for Room { type Assigns = (); type Info = ();
+/// #   async fn join(_: &str, _: Payload, _: &JoinContext<'_, ()>) -> Result<Joined<Self>, JoinError> { Ok(Joined::new(Room)) } }
+/// use std::time::Duration;
+///
+/// let endpoint = Endpoint::new();
+/// let socket = endpoint
+///     .socket(UserSocket)
+///     .channel::<Room>("room:*")
+///     .check_origin(CheckOrigin::allow(["https://example.com"]))
+///     .idle_timeout(Duration::from_secs(60))
+///     .into_router();
+/// // serves GET /socket/websocket
+/// let app: axum::Router = axum::Router::new().nest("/socket", socket);
+/// ```
+pub struct SocketBuilder<S: Socket> {
+    handler: S,
+    routes: Routes<S::Assigns>,
+    config: SocketConfig,
+    endpoint: Endpoint,
+}
+
+impl<S: Socket> SocketBuilder<S> {
+    pub(crate) fn new(endpoint: Endpoint, handler: S) -> Self {
+        SocketBuilder {
+            handler,
+            routes: Routes::new(),
+            config: SocketConfig::default(),
+            endpoint,
+        }
+    }
+
+    /// Routes topics matching `pattern` to channel type `C`. `"room:*"` matches every topic
+    /// starting with `"room:"`; a pattern without `*` matches one topic. The first matching
+    /// route wins.
+    ///
+    /// # Panics
+    /// If `*` is anywhere but at the end of `pattern`.
+    pub fn channel<C: Channel<Assigns = S::Assigns>>(mut self, pattern: &str) -> Self {
+        self.routes.add(pattern, Arc::new(Factory::<C>::new()));
+        self
+    }
+
+    /// Which `Origin` headers may connect. Default: host `localhost` (see [`CheckOrigin`]).
+    pub fn check_origin(mut self, check: CheckOrigin) -> Self {
+        self.config.check_origin = check;
+        self
+    }
+
+    /// Closes a connection (code 1001, reason `"idle timeout"`) when it has sent no frame for
+    /// this long. The official client's heartbeat (every 30 s) keeps it open. Default 60 s.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// The most channels one connection may have joined; further joins get the error reply
+    /// `{"reason":"too many channels joined"}`. Default 100.
+    pub fn max_channels(mut self, n: usize) -> Self {
+        self.config.max_channels = n;
+        self
+    }
+
+    /// The largest client message (and frame) accepted, in bytes. A larger one closes the
+    /// connection with code 1009 (message too big). Default 1 MiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.config.max_frame_size = bytes;
+        self
+    }
+
+    /// The most bytes queued for one client. A client that reads slower than its messages
+    /// arrive fills its queue; when the next frame would pass this limit, the queue is
+    /// discarded and the connection closed with code 1008 (`"slow consumer"`), a warning is
+    /// logged and [`Stats::slow_consumers`](crate::Stats::slow_consumers) counts it. Other
+    /// clients are not slowed. The official client reconnects and rejoins. Default 4 MiB.
+    pub fn outbound_limit(mut self, bytes: usize) -> Self {
+        self.config.outbound_limit = bytes;
+        self
+    }
+
+    /// The most messages waiting for one channel's callbacks. Past it, a client push gets the
+    /// error reply `{"reason":"channel overloaded"}` and intercepted broadcasts are dropped
+    /// (with a warning). Default 1024.
+    pub fn mailbox_limit(mut self, n: usize) -> Self {
+        self.config.mailbox_limit = n;
+        self
+    }
+
+    /// How long one batch of writes to a client may take before the connection is dropped as
+    /// a slow consumer. Default 10 s.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_timeout = timeout;
+        self
+    }
+
+    /// The axum router serving this socket's transports: `GET /websocket`. Nest it under the
+    /// socket's path (the official client connects to `<endpoint>/websocket`).
+    pub fn into_router(self) -> Router {
+        let shared = Arc::new(Shared {
+            handler: self.handler,
+            routes: self.routes,
+            config: self.config,
+            endpoint: self.endpoint,
+        });
+        Router::new().route(
+            "/websocket",
+            any(move |req: Request| upgrade(shared.clone(), req)),
+        )
+    }
+}
+
+/// The offered `Sec-WebSocket-Protocol` entry carrying the official client's `authToken`.
+const AUTH_TOKEN_PREFIX: &str = "base64url.bearer.phx.";
+
+fn auth_token(headers: &HeaderMap) -> Option<String> {
+    let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL)?.to_str().ok()?;
+    let encoded = offered
+        .split(',')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix(AUTH_TOKEN_PREFIX))?;
+    // phoenix.js uses btoa (standard alphabet) with the padding stripped; accept URL-safe too.
+    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .or_else(|_| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded.trim_end_matches('='))
+        })
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// The WebSocket upgrade, checked in Phoenix's order: method (400), upgrade headers (400),
+/// origin (403), serializer `vsn` (403), then [`Socket::connect`] (its status).
+async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
+    if req.method() != Method::GET {
+        return StatusCode::BAD_REQUEST.into_response();
+    }
+    let (mut parts, _body) = req.into_parts();
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            tracing::debug!(%rejection, "invalid WebSocket upgrade");
+            return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response();
+        }
+    };
+    let config = &shared.config;
+    if let Some(origin) = parts.headers.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !config.check_origin.allows(origin) {
+            tracing::warn!(origin, "WebSocket refused: origin not allowed");
+            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+        }
+    }
+    let params: Vec<(String, String)> = match parts.uri.query() {
+        None => Vec::new(),
+        Some(q) => match serde_urlencoded::from_str(q) {
+            Ok(p) => p,
+            Err(_) => return (StatusCode::BAD_REQUEST, "invalid query string").into_response(),
+        },
+    };
+    let vsn = params
+        .iter()
+        .find(|(k, _)| k == "vsn")
+        .map(|(_, v)| v.as_str());
+    let serializer = match Serializer::from_vsn(vsn) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "WebSocket refused");
+            return (StatusCode::FORBIDDEN, e.to_string()).into_response();
+        }
+    };
+    let info = ConnectInfo {
+        params,
+        auth_token: auth_token(&parts.headers),
+        peer_addr: parts
+            .extensions
+            .get::<AxumConnectInfo<SocketAddr>>()
+            .map(|c| c.0),
+        uri: parts.uri,
+        headers: parts.headers,
+    };
+    let assigns = match shared.handler.connect(&info).await {
+        Ok(a) => a,
+        Err(refused) => return refused.into_response(),
+    };
+    let socket_id = shared.handler.id(&assigns).map(Arc::<str>::from);
+    let args = crate::conn::ConnArgs {
+        shared: shared.clone(),
+        assigns: Arc::new(assigns),
+        socket_id,
+        serializer,
+    };
+    ws.protocols(["phoenix"])
+        .max_message_size(config.max_frame_size)
+        .max_frame_size(config.max_frame_size)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
+        .on_upgrade(move |ws| crate::conn::run(ws, args))
+}
+
+/// tungstenite's read buffer per connection (its default is 128 KiB).
+const READ_BUFFER: usize = 4096;
+/// Frames are collected up to this size before a write (its default is 128 KiB).
+const WRITE_BUFFER: usize = 16 * 1024;
