@@ -23,12 +23,15 @@ use serde_json::{Value, json};
 pub struct Config {
     /// Close a WebSocket that sent nothing for this long (`IDLE_TIMEOUT_MS`, default 60 s).
     pub idle_timeout: Duration,
+    /// Bytes queued for one client before it is dropped as a slow consumer (default 4 MiB).
+    pub outbound_limit: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             idle_timeout: Duration::from_secs(60),
+            outbound_limit: 4 << 20,
         }
     }
 }
@@ -41,6 +44,7 @@ pub fn app(config: &Config) -> (Router, Endpoint) {
         .channel::<RoomChannel>("room:*")
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
         .idle_timeout(config.idle_timeout)
+        .outbound_limit(config.outbound_limit)
         .max_channels(100)
         .into_router();
     let router = Router::new()

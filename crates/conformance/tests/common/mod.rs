@@ -206,3 +206,114 @@ pub fn unmatched(r: &str, topic: &str) -> Value {
         serde_json::json!({"reason": "unmatched topic"}),
     )
 }
+
+/// A WebSocket client written by hand over TCP: sends any frame, even invalid ones, and can
+/// simply stop reading.
+pub struct Raw {
+    pub tcp: TcpStream,
+}
+
+impl Raw {
+    pub async fn connect(server: &Server, query: &str) -> Raw {
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        let req = format!(
+            "GET /socket/websocket?{query} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        // Read the response head byte by byte, so no frame bytes are consumed.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            tokio::time::timeout(WAIT, tcp.read_exact(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            head.push(b[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        Raw { tcp }
+    }
+
+    /// Sends one frame; client frames are masked unless `masked` is false.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
+        let mut f = vec![(u8::from(fin) << 7) | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(mask_bit | n as u8),
+            n if n <= 0xffff => {
+                f.push(mask_bit | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(mask_bit | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let key = [0x12, 0x34, 0x56, 0x78];
+        if masked {
+            f.extend_from_slice(&key);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            f.extend_from_slice(payload);
+        }
+        self.tcp.write_all(&f).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_frame(true, 1, text.as_bytes(), true).await;
+    }
+
+    /// Reads one server frame (unmasked): `(opcode, payload)`.
+    pub async fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        let mut h = [0u8; 2];
+        tokio::time::timeout(WAIT, self.tcp.read_exact(&mut h))
+            .await
+            .unwrap()
+            .unwrap();
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                self.tcp.read_exact(&mut b).await.unwrap();
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                self.tcp.read_exact(&mut b).await.unwrap();
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0; len];
+        self.tcp.read_exact(&mut payload).await.unwrap();
+        (h[0] & 0x0f, payload)
+    }
+
+    /// Reads frames until a close frame; returns its code.
+    pub async fn expect_close(&mut self, code: u16) {
+        loop {
+            let (op, payload) = self.read_frame().await;
+            if op == 8 {
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), code);
+                return;
+            }
+        }
+    }
+
+    /// Reads and discards everything until the server closes the TCP connection.
+    pub async fn drain_until_eof(&mut self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = tokio::time::timeout(WAIT, self.tcp.read(&mut buf))
+                .await
+                .unwrap();
+            match n {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Bad input has a defined outcome that touches only the offending connection.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use firebrand_conformance::Config;
+use serde_json::json;
+
+/// A well-behaved client joined to `room:witness`, to show others are unaffected.
+async fn witness(s: &Server) -> Client {
+    let mut w = s.client("").await;
+    w.join("1", "room:witness", json!({"joined": "witness"}))
+        .await;
+    w
+}
+
+#[tokio::test]
+async fn malformed_json_closes_with_1007() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    for bad in [
+        "this is not json",
+        r#"["1","2","room:lobby"]"#,
+        r#"{"topic":"x"}"#,
+        r#"[1,2,3,4,5]"#,
+    ] {
+        let mut c = s.client("").await;
+        c.send_text(bad).await;
+        let reason = c.expect_close(1007).await;
+        assert!(reason.starts_with("malformed frame"), "{bad}: {reason}");
+    }
+    w.ping_roundtrip("1", "2", "room:witness").await;
+    assert_eq!(s.endpoint.stats().protocol_errors, 4);
+}
+
+#[tokio::test]
+async fn unknown_binary_kind_and_binary_on_v1_close_with_1007() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    let mut c = s.client("").await;
+    c.send_binary(vec![7, 0, 0, 0, 0]).await;
+    assert_eq!(c.expect_close(1007).await, "unknown binary frame kind 7");
+    let mut v1 = Client::connect(&s.url("vsn=1.0.0")).await;
+    v1.send_binary(vec![0, 0, 0, 0, 0]).await;
+    assert_eq!(v1.expect_close(1007).await, "binary frames need vsn=2.0.0");
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_closes_with_1007() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    let mut raw = Raw::connect(&s, "vsn=2.0.0").await;
+    raw.send_frame(
+        true,
+        1,
+        b"[\"1\",\"1\",\"room:\xff\",\"phx_join\",{}]",
+        true,
+    )
+    .await;
+    raw.expect_close(1007).await;
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+#[tokio::test]
+async fn unmasked_client_frame_closes_with_1002() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    let mut raw = Raw::connect(&s, "vsn=2.0.0").await;
+    raw.send_frame(true, 1, br#"[null,"1","phoenix","heartbeat",{}]"#, false)
+        .await;
+    raw.expect_close(1002).await;
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_with_1009() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    let mut raw = Raw::connect(&s, "vsn=2.0.0").await;
+    // The header announces 2 MiB (over the 1 MiB default): refused before the body is read.
+    let big = format!(
+        r#"["1","1","room:lobby","ping",{{"x":"{}"}}]"#,
+        "a".repeat(2 << 20)
+    );
+    raw.send_frame(true, 1, big.as_bytes(), true).await;
+    raw.expect_close(1009).await;
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+#[tokio::test]
+async fn fragmented_message_over_the_limit_closes_with_1009() {
+    let s = start().await;
+    let mut raw = Raw::connect(&s, "vsn=2.0.0").await;
+    let chunk = vec![b'a'; 512 * 1024];
+    raw.send_frame(false, 1, &chunk, true).await;
+    raw.send_frame(false, 0, &chunk, true).await;
+    raw.send_frame(true, 0, &chunk, true).await;
+    raw.expect_close(1009).await;
+}
+
+#[tokio::test]
+async fn a_flood_of_joins_gets_100_channels_and_clear_refusals() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    let mut c = s.client("").await;
+    const JOINS: usize = 2_000;
+    for i in 0..JOINS {
+        let r = i.to_string();
+        c.send(json!([r, r, format!("room:flood{i}"), "phx_join", {}]))
+            .await;
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..JOINS {
+        let frame = c.recv_json().await;
+        assert_eq!(frame[3], "phx_reply");
+        match frame[4]["status"].as_str() {
+            Some("ok") => ok += 1,
+            Some("error") => {
+                assert_eq!(
+                    frame[4]["response"],
+                    json!({"reason": "too many channels joined"})
+                );
+                refused += 1;
+            }
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!((ok, refused), (100, JOINS - 100));
+    c.heartbeat("h").await;
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+#[tokio::test]
+async fn events_for_10000_distinct_topics_cost_nothing_lasting() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    let mut c = s.client("").await;
+    const TOPICS: usize = 10_000;
+    for i in 0..TOPICS {
+        let r = i.to_string();
+        c.send(json!([null, r, format!("room:t{i}"), "new_msg", {"body": "x"}]))
+            .await;
+    }
+    for i in 0..TOPICS {
+        c.expect(unmatched(&i.to_string(), &format!("room:t{i}")))
+            .await;
+    }
+    // Only the witness's topic has subscribers: nothing was kept per stray topic.
+    assert_eq!(s.endpoint.stats().topics, 1);
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_heartbeats_keep_them_open() {
+    let s = start_with(Config {
+        idle_timeout: Duration::from_millis(300),
+        ..Config::default()
+    })
+    .await;
+    let mut c = s.client("").await;
+    let opened = tokio::time::Instant::now();
+    // Heartbeats every 100 ms keep the connection open well past the timeout.
+    for i in 0..8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.heartbeat(&i.to_string()).await;
+    }
+    assert!(opened.elapsed() > Duration::from_millis(600));
+    assert_eq!(c.expect_close(1001).await, "idle timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_and_others_keep_up() {
+    let s = start_with(Config {
+        outbound_limit: 256 * 1024,
+        ..Config::default()
+    })
+    .await;
+    let mut good = s.client("").await;
+    good.join("1", "room:firehose", json!({"joined": "firehose"}))
+        .await;
+    let mut slow = Raw::connect(&s, "vsn=2.0.0").await;
+    slow.send_text(r#"["1","1","room:firehose","phx_join",{}]"#)
+        .await;
+    // The slow client's join reply proves it is subscribed; it never reads again after it.
+    let (_, reply) = slow.read_frame().await;
+    assert!(
+        String::from_utf8(reply)
+            .unwrap()
+            .contains(r#""status":"ok""#)
+    );
+
+    let body = "x".repeat(1000);
+    let mut sent = 0u64;
+    // Bounded: at most 200,000 messages (200 MB) before the test gives up.
+    for round in 0..(200_000 / 50) {
+        for i in 0..50 {
+            s.endpoint.broadcast(
+                "room:firehose",
+                "tick",
+                json!({"n": round * 50 + i, "body": body}),
+            );
+        }
+        sent += 50;
+        // The good client reads everything, in order.
+        for i in 0..50 {
+            let f = good.recv_json().await;
+            assert_eq!(f[4]["n"], round * 50 + i);
+        }
+        if s.endpoint.stats().slow_consumers == 1 {
+            break;
+        }
+    }
+    assert_eq!(
+        s.endpoint.stats().slow_consumers,
+        1,
+        "slow client never detected after {sent} messages"
+    );
+    slow.drain_until_eof().await;
+    good.ping_roundtrip("1", "2", "room:firehose").await;
+    assert_eq!(s.endpoint.stats().connections, 1);
+}

@@ -1,0 +1,83 @@
+//! The `conformance` binary as users run it: flags, the `listening on` line, SIGTERM.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Starts the binary on a free port; returns it and its port once it prints `listening on`.
+async fn spawn(envs: &[(&str, &str)]) -> (Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_conformance"))
+        .args(["--port", "0"])
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let port = line
+        .strip_prefix("listening on 127.0.0.1:")
+        .expect(&line)
+        .parse()
+        .unwrap();
+    (child, port)
+}
+
+fn sigterm(child: &Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_closes_sockets_with_1012_and_exits_0() {
+    let (mut child, port) = spawn(&[]).await;
+    let url = format!("ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0");
+    let mut a = Client::connect(&url).await;
+    let mut b = Client::connect(&url).await;
+    a.join("1", "room:lobby", json!({})).await;
+    b.heartbeat("1").await;
+    sigterm(&child);
+    assert_eq!(a.expect_close(1012).await, "server restart");
+    assert_eq!(b.expect_close(1012).await, "server restart");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn idle_timeout_comes_from_the_environment() {
+    let (mut child, port) = spawn(&[("IDLE_TIMEOUT_MS", "200")]).await;
+    let mut c = Client::connect(&format!("ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0")).await;
+    assert_eq!(c.expect_close(1001).await, "idle timeout");
+    sigterm(&child);
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn bad_arguments_fail_with_a_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_conformance"))
+        .args(["--port", "nope"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid port \"nope\""));
+}
