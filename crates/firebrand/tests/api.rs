@@ -1,0 +1,345 @@
+//! The library API beyond the conformance app: connect info and refusals, extra subscriptions,
+//! messages to channels, terminate reasons, socket ids.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use firebrand::{
+    Channel, ChannelContext, ConnectError, ConnectInfo, Endpoint, HandleResult, Info, JoinContext,
+    JoinError, Joined, Payload, Reply, Socket, StopReason, TokenSigner,
+};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Accepts a signed user id from `authToken` or the `token` param; `rate=limited` gets 429.
+struct TokenSocket {
+    signer: TokenSigner,
+    events: mpsc::UnboundedSender<String>,
+}
+
+#[derive(Clone, Debug)]
+struct User {
+    id: u64,
+    peer: Option<SocketAddr>,
+    /// Where the test hears about channel lifecycles.
+    events: mpsc::UnboundedSender<String>,
+}
+
+impl Socket for TokenSocket {
+    type Assigns = User;
+
+    async fn connect(&self, info: &ConnectInfo) -> Result<User, ConnectError> {
+        if info.param("rate") == Some("limited") {
+            return Err(ConnectError::status(StatusCode::TOO_MANY_REQUESTS));
+        }
+        let token = info
+            .auth_token()
+            .or(info.param("token"))
+            .ok_or(ConnectError::forbidden())?;
+        let id = self
+            .signer
+            .verify(token, Duration::from_secs(60))
+            .map_err(|_| ConnectError::forbidden())?;
+        Ok(User {
+            id,
+            peer: info.peer_addr(),
+            events: self.events.clone(),
+        })
+    }
+
+    fn id(&self, user: &User) -> Option<String> {
+        Some(format!("user:{}", user.id))
+    }
+}
+
+/// Reports its lifecycle to the test through `EVENTS`.
+struct Probe {
+    events: mpsc::UnboundedSender<String>,
+}
+
+impl Channel for Probe {
+    type Assigns = User;
+    type Info = String;
+
+    async fn join(
+        topic: &str,
+        _params: Payload,
+        ctx: &JoinContext<'_, User>,
+    ) -> Result<Joined<Self>, JoinError> {
+        let me = ctx.assigns();
+        assert_eq!(ctx.socket_id(), Some(format!("user:{}", me.id).as_str()));
+        let reply = json!({"topic": topic, "user": me.id, "has_peer": me.peer.is_some()});
+        Ok(Joined::new(Probe {
+            events: me.events.clone(),
+        })
+        .reply(reply))
+    }
+
+    async fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        ctx: &mut ChannelContext<Self>,
+    ) -> HandleResult {
+        match event {
+            "subscribe" => {
+                let topic: String = payload.decode()?;
+                ctx.subscribe(&topic);
+                Ok(Some(Reply::ok(json!({}))))
+            }
+            "unsubscribe" => {
+                let topic: String = payload.decode()?;
+                ctx.unsubscribe(&topic);
+                Ok(Some(Reply::ok(json!({}))))
+            }
+            "send_self" => {
+                let text: String = payload.decode()?;
+                let sender = ctx.sender();
+                tokio::spawn(async move { sender.send(text).unwrap() });
+                Ok(None)
+            }
+            "fail" => {
+                ctx.stop(StopReason::Error("asked to".into()));
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn handle_info(&mut self, info: Info<String>, ctx: &mut ChannelContext<Self>) {
+        match info {
+            Info::Broadcast(b) => {
+                ctx.push("relayed", json!({"from": b.topic(), "event": b.event()}))
+            }
+            Info::Message(text) => ctx.push("info", json!({"text": text})),
+        }
+    }
+
+    async fn terminate(&mut self, reason: &StopReason, _ctx: &mut ChannelContext<Self>) {
+        let _ = self.events.send(format!("terminate {reason:?}"));
+    }
+}
+
+struct Harness {
+    addr: SocketAddr,
+    endpoint: Endpoint,
+    signer: TokenSigner,
+    events: mpsc::UnboundedReceiver<String>,
+}
+
+async fn start() -> Harness {
+    let (tx, events) = mpsc::unbounded_channel();
+    let signer = TokenSigner::new(b"test secret that is long enough!", "user socket");
+    let endpoint = Endpoint::new();
+    let socket = endpoint
+        .socket(TokenSocket {
+            signer: signer.clone(),
+            events: tx,
+        })
+        .channel::<Probe>("probe:*")
+        .into_router();
+    let app = axum::Router::new().nest("/socket", socket);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    Harness {
+        addr,
+        endpoint,
+        signer,
+        events,
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl Harness {
+    async fn connect(
+        &self,
+        query: &str,
+        protocol: Option<&str>,
+    ) -> Result<(Ws, Option<String>), u16> {
+        let url = format!("ws://{}/socket/websocket?vsn=2.0.0&{query}", self.addr);
+        let mut req = url.into_client_request().unwrap();
+        if let Some(p) = protocol {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", p.parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, resp)) => {
+                let proto = resp
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                Ok((ws, proto))
+            }
+            Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Close(c))) => return json!({"close": c.map(|c| u16::from(c.code))}),
+            Some(Ok(_)) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+async fn expect_reply(ws: &mut Ws, r: &str, status: &str, response: Value) {
+    let got = recv(ws).await;
+    assert_eq!(
+        (&got[1], &got[3]),
+        (&json!(r), &json!("phx_reply")),
+        "{got}"
+    );
+    assert_eq!(got[4], json!({"status": status, "response": response}));
+}
+
+#[tokio::test]
+async fn connect_with_auth_token_param_or_refusal_status() {
+    let h = start().await;
+    let token = h.signer.sign(&7u64);
+    // phoenix.js's authToken: btoa(token) without padding, in Sec-WebSocket-Protocol.
+    let b64 = base64_std_no_pad(token.as_bytes());
+    let offered = format!("phoenix, base64url.bearer.phx.{b64}");
+    let (mut ws, proto) = h.connect("", Some(&offered)).await.unwrap();
+    assert_eq!(proto.as_deref(), Some("phoenix"));
+    send(&mut ws, json!(["1", "1", "probe:a", "phx_join", {}])).await;
+    expect_reply(
+        &mut ws,
+        "1",
+        "ok",
+        json!({"topic": "probe:a", "user": 7, "has_peer": true}),
+    )
+    .await;
+
+    assert!(h.connect(&format!("token={token}"), None).await.is_ok());
+    assert_eq!(h.connect("", None).await.err(), Some(403));
+    assert_eq!(h.connect("token=forged.token", None).await.err(), Some(403));
+    assert_eq!(h.connect("rate=limited", None).await.err(), Some(429));
+}
+
+fn base64_std_no_pad(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
+}
+
+#[tokio::test]
+async fn extra_subscriptions_and_messages_reach_handle_info() {
+    let h = start().await;
+    let token = h.signer.sign(&1u64);
+    let (mut ws, _) = h.connect(&format!("token={token}"), None).await.unwrap();
+    send(&mut ws, json!(["1", "1", "probe:x", "phx_join", {}])).await;
+    expect_reply(
+        &mut ws,
+        "1",
+        "ok",
+        json!({"topic": "probe:x", "user": 1, "has_peer": true}),
+    )
+    .await;
+    send(&mut ws, json!(["1", "2", "probe:x", "subscribe", "news"])).await;
+    expect_reply(&mut ws, "2", "ok", json!({})).await;
+    h.endpoint.broadcast("news", "headline", json!({"t": 1}));
+    assert_eq!(
+        recv(&mut ws).await,
+        json!(["1", null, "probe:x", "relayed", {"from": "news", "event": "headline"}])
+    );
+    send(&mut ws, json!(["1", "3", "probe:x", "unsubscribe", "news"])).await;
+    expect_reply(&mut ws, "3", "ok", json!({})).await;
+    h.endpoint.broadcast("news", "headline", json!({"t": 2}));
+    send(&mut ws, json!(["1", "4", "probe:x", "send_self", "hello"])).await;
+    // The unsubscribed broadcast never arrives: the next frame is the info message.
+    assert_eq!(
+        recv(&mut ws).await,
+        json!(["1", null, "probe:x", "info", {"text": "hello"}])
+    );
+    send(&mut ws, json!(["1", "5", "probe:x", "subscribe", 5])).await;
+    let got = recv(&mut ws).await;
+    assert_eq!(got[4]["status"], "error", "{got}");
+}
+
+#[tokio::test]
+async fn terminate_sees_why_the_channel_ended() {
+    let mut h = start().await;
+    let token = h.signer.sign(&2u64);
+    let (mut ws, _) = h.connect(&format!("token={token}"), None).await.unwrap();
+    for (jr, topic) in [
+        ("1", "probe:leave"),
+        ("2", "probe:fail"),
+        ("3", "probe:closed"),
+    ] {
+        send(&mut ws, json!([jr, jr, topic, "phx_join", {}])).await;
+        let _ = recv(&mut ws).await;
+    }
+    send(&mut ws, json!(["1", "4", "probe:leave", "phx_leave", {}])).await;
+    expect_reply(&mut ws, "4", "ok", json!({})).await;
+    assert_eq!(
+        recv(&mut ws).await,
+        json!(["1", "1", "probe:leave", "phx_close", {}])
+    );
+    assert_eq!(h.events.recv().await.unwrap(), "terminate Left");
+
+    send(&mut ws, json!(["2", "5", "probe:fail", "fail", {}])).await;
+    assert_eq!(
+        h.events.recv().await.unwrap(),
+        r#"terminate Error("asked to")"#
+    );
+    assert_eq!(
+        recv(&mut ws).await,
+        json!(["2", "2", "probe:fail", "phx_error", {"reason": "channel_crash"}])
+    );
+
+    h.endpoint.disconnect("user:2");
+    assert_eq!(recv(&mut ws).await, json!({"close": 1001}));
+    assert_eq!(h.events.recv().await.unwrap(), "terminate Closed");
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_connection_with_1012() {
+    let h = start().await;
+    let token = h.signer.sign(&3u64);
+    let (mut a, _) = h.connect(&format!("token={token}"), None).await.unwrap();
+    let (mut b, _) = h.connect(&format!("token={token}"), None).await.unwrap();
+    send(&mut a, json!(["1", "1", "probe:s", "phx_join", {}])).await;
+    let _ = recv(&mut a).await;
+    assert_eq!(h.endpoint.stats().connections, 2);
+    let endpoint = h.endpoint.clone();
+    let shutdown = tokio::spawn(async move { endpoint.shutdown(WAIT).await });
+    assert_eq!(recv(&mut a).await, json!({"close": 1012}));
+    assert_eq!(recv(&mut b).await, json!({"close": 1012}));
+    drop((a, b));
+    assert_eq!(shutdown.await.unwrap(), 0);
+    assert_eq!(h.endpoint.stats().connections, 0);
+}
+
+#[test]
+fn public_handles_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Endpoint>();
+    assert_send_sync::<firebrand::ReplyRef>();
+    assert_send_sync::<firebrand::ChannelSender<String>>();
+    assert_send_sync::<firebrand::Broadcast>();
+    assert_send_sync::<TokenSigner>();
+}
