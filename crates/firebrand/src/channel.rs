@@ -44,6 +44,11 @@ use crate::pubsub::Broadcast;
 ///     }
 /// }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a firebrand channel",
+    label = "route a type that implements `firebrand::Channel`",
+    note = "implement `Channel` with `type Assigns` equal to your socket's `Socket::Assigns`"
+)]
 pub trait Channel: Sized + Send + 'static {
     /// The socket's assigns (what [`Socket::connect`](crate::Socket::connect) returned).
     type Assigns: Send + Sync + 'static;

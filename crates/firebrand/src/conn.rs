@@ -104,6 +104,9 @@ pub(crate) async fn run<S: Socket>(mut ws: WebSocket, args: ConnArgs<S>) {
         }
     };
 
+    // Frames pushed from now on (a channel finishing a callback, a held ReplyRef) are dropped.
+    outbox.close(Close::ENDED);
+    drop(outbox.take());
     for ch in conn.channels.values() {
         ch.inbox.socket_closed();
     }

@@ -50,6 +50,11 @@ impl Close {
         code: 1009,
         reason: "message too big",
     };
+    /// The connection has ended: nothing is queued any more.
+    pub(crate) const ENDED: Close = Close {
+        code: 1000,
+        reason: "",
+    };
 }
 
 /// Events for the connection task that are not frames.

@@ -45,6 +45,10 @@ use crate::runner::Factory;
 ///     }
 /// }
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a firebrand socket handler",
+    note = "implement `firebrand::Socket` (`connect`, and optionally `id`) for it"
+)]
 pub trait Socket: Send + Sync + 'static {
     /// What a connection knows about its client once accepted (a user id, a session…).
     /// Every channel of the connection can read it.
@@ -397,6 +401,6 @@ async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
 }
 
 /// tungstenite's read buffer per connection (its default is 128 KiB).
-const READ_BUFFER: usize = 4096;
+const READ_BUFFER: usize = 1024;
 /// Frames are collected up to this size before a write (its default is 128 KiB).
 const WRITE_BUFFER: usize = 16 * 1024;
