@@ -114,6 +114,7 @@ mod conn;
 mod context;
 mod endpoint;
 mod origin;
+mod presence;
 mod pubsub;
 mod queue;
 mod router;
