@@ -100,6 +100,12 @@ impl Socket for UserSocket {
 /// `room:*`, as the contract's RoomChannel table says.
 struct RoomChannel;
 
+/// Unix seconds, as a string (the contract's `online_at`).
+fn online_at() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.unwrap_or_default().as_secs().to_string()
+}
+
 #[derive(Deserialize)]
 struct Sleep {
     ms: u64,
@@ -167,11 +173,35 @@ impl Channel for RoomChannel {
                     ctx.endpoint().disconnect(&format!("user_socket:{user}"));
                 }
             }
+            "update_presence" => {
+                let mut meta = serde_json::Map::new();
+                meta.insert("online_at".into(), json!(online_at()));
+                if let Some(Value::Object(fields)) = payload.to_value() {
+                    meta.extend(fields);
+                }
+                if let Some(user) = ctx.assigns().clone() {
+                    ctx.update_presence(&user, Value::Object(meta))
+                        .map_err(|e| Reply::error(json!({ "reason": e.to_string() })))?;
+                }
+                return Ok(Some(Reply::ok(json!({}))));
+            }
             "binary_echo" => return Ok(Some(Reply::ok(payload))),
             "binary_broadcast" => ctx.broadcast("binary_broadcast", payload),
             _ => {}
         }
         Ok(None)
+    }
+
+    /// With a user: track it in Presence and push `presence_state` (Phoenix's after-join idiom).
+    async fn after_join(&mut self, ctx: &mut ChannelContext<Self>) {
+        let Some(user) = ctx.assigns().clone() else {
+            return;
+        };
+        if let Err(e) = ctx.track(&user, json!({ "online_at": online_at() })) {
+            tracing::warn!(error = %e, "presence not tracked");
+        }
+        let list = ctx.presence_list();
+        ctx.push("presence_state", list);
     }
 
     /// `shout` goes to each subscriber with `"to"` set to that subscriber's user.

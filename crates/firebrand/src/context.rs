@@ -7,6 +7,8 @@ use firebrand_protocol::{Outbound, Payload, Serializer};
 
 use crate::channel::{Channel, Info, Reply, StopReason};
 use crate::endpoint::Endpoint;
+use crate::presence::PresenceError;
+use crate::presence::crdt::Owner;
 use crate::pubsub::{Broadcast, Inbox, SubId, Target, to_ws};
 use crate::queue::{Delivered, Mailbox, Outbox};
 
@@ -124,6 +126,8 @@ pub struct ChannelContext<C: Channel> {
     pub(crate) extra: Vec<(String, SubId)>,
     pub(crate) current_ref: Option<String>,
     pub(crate) stop: Option<StopReason>,
+    /// This channel as a presence owner, once it tracks something.
+    pub(crate) owner: Option<Owner>,
 }
 
 impl<C: Channel> ChannelContext<C> {
@@ -210,6 +214,40 @@ impl<C: Channel> ChannelContext<C> {
         ChannelSender {
             mailbox: self.mailbox.clone(),
         }
+    }
+
+    /// Tracks `key` (a user id, say) with `meta` (a JSON object) on this channel's topic, for
+    /// as long as the channel lives. Returns the meta's `phx_ref`. Subscribers get a
+    /// `presence_diff`. See [the presence docs](crate::presence).
+    pub fn track(&mut self, key: &str, meta: serde_json::Value) -> Result<String, PresenceError> {
+        let tracker = self.endpoint.tracker();
+        let owner = *self.owner.get_or_insert_with(|| tracker.new_owner());
+        tracker.track(owner, &self.topic, key, meta)
+    }
+
+    /// Replaces the meta this channel tracks for `key`; returns the new `phx_ref` (the new meta
+    /// carries `phx_ref_prev`). One diff carries the new meta as a join and the old as a leave.
+    pub fn update_presence(
+        &mut self,
+        key: &str,
+        meta: serde_json::Value,
+    ) -> Result<String, PresenceError> {
+        let owner = self.owner.ok_or(PresenceError::NoPresence)?;
+        self.endpoint
+            .tracker()
+            .update(owner, &self.topic, key, meta)
+    }
+
+    /// Stops tracking `key` (nothing happens when it is not tracked).
+    pub fn untrack(&mut self, key: &str) {
+        if let Some(owner) = self.owner {
+            self.endpoint.tracker().untrack(owner, &self.topic, key);
+        }
+    }
+
+    /// The presences on this channel's topic, for `push("presence_state", …)`.
+    pub fn presence_list(&self) -> Payload {
+        self.endpoint.presence_list(&self.topic)
     }
 
     /// Stops the channel once the current callback returns (after its reply, if any).

@@ -9,6 +9,7 @@ use firebrand_protocol::Payload;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::presence::{DiffSink, PresenceFetch, Tracker};
 use crate::pubsub::{Broadcast, PubSub, SubId};
 use crate::queue::{Close, Outbox};
 use crate::socket::{Socket, SocketBuilder};
@@ -23,7 +24,7 @@ use crate::socket::{Socket, SocketBuilder};
 /// let endpoint = Endpoint::new();
 /// endpoint.broadcast("room:lobby", "new_msg", json!({"body": "server says hi"}));
 /// endpoint.disconnect("user_socket:42"); // closes every connection of user 42 (code 1001)
-/// assert_eq!(endpoint.stats().broadcasts, 1);
+/// assert_eq!(endpoint.stats().broadcasts, 2); // the disconnect is a broadcast too
 /// ```
 #[derive(Clone)]
 pub struct Endpoint {
@@ -32,6 +33,7 @@ pub struct Endpoint {
 
 struct Inner {
     pubsub: PubSub,
+    tracker: Arc<Tracker>,
     conns: Mutex<HashMap<u64, Arc<Outbox>>>,
     next_conn: AtomicU64,
     all_closed: Notify,
@@ -73,12 +75,52 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-impl Endpoint {
-    /// A new endpoint with the in-process PubSub.
-    pub fn new() -> Self {
+/// Configures an [`Endpoint`]. Made by [`Endpoint::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use firebrand::Endpoint;
+///
+/// let endpoint = Endpoint::builder()
+///     .presence_batch(Duration::from_millis(50))
+///     .presence_fetch(|_topic, entries| {
+///         for (user_id, entry) in entries.iter_mut() {
+///             entry["user"] = serde_json::json!({"name": format!("User {user_id}")});
+///         }
+///     })
+///     .build();
+/// # drop(endpoint);
+/// ```
+pub struct EndpointBuilder {
+    presence_batch: Duration,
+    presence_fetch: Option<PresenceFetch>,
+}
+
+impl EndpointBuilder {
+    /// How long presence changes are collected before one `presence_diff` per topic is
+    /// broadcast. Longer batches cost fewer messages in busy rooms; shorter ones show changes
+    /// sooner. Default 20 ms.
+    pub fn presence_batch(mut self, window: Duration) -> Self {
+        self.presence_batch = window;
+        self
+    }
+
+    /// Extends presence entries before they are sent, in lists and in diffs (Phoenix.Presence's
+    /// `fetch/2`): `f(topic, entries)` gets `{key: {"metas": [...]}}` to add fields to.
+    pub fn presence_fetch(
+        mut self,
+        f: impl Fn(&str, &mut serde_json::Map<String, serde_json::Value>) + Send + Sync + 'static,
+    ) -> Self {
+        self.presence_fetch = Some(Arc::new(f));
+        self
+    }
+
+    /// The endpoint.
+    pub fn build(self) -> Endpoint {
         Endpoint {
             inner: Arc::new(Inner {
                 pubsub: PubSub::new(),
+                tracker: Arc::new(Tracker::new(self.presence_batch, self.presence_fetch)),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 all_closed: Notify::new(),
@@ -88,6 +130,42 @@ impl Endpoint {
                 protocol_errors: AtomicU64::new(0),
             }),
         }
+    }
+}
+
+impl DiffSink for Inner {
+    fn publish_diff(&self, b: Broadcast) {
+        // Each node broadcasts its own view's diffs to its local subscribers.
+        let delivered = self.pubsub.dispatch(&b, None);
+        self.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.deliveries.fetch_add(delivered, Ordering::Relaxed);
+    }
+}
+
+impl Endpoint {
+    /// A new endpoint with the in-process PubSub and default settings.
+    pub fn new() -> Self {
+        Endpoint::builder().build()
+    }
+
+    /// Configures a new endpoint.
+    pub fn builder() -> EndpointBuilder {
+        EndpointBuilder {
+            presence_batch: Duration::from_millis(20),
+            presence_fetch: None,
+        }
+    }
+
+    /// The presences on `topic`: `{key: {"metas": [...]}}`, as `presence_state` carries them.
+    pub fn presence_list(&self, topic: &str) -> Payload {
+        self.inner.tracker.list(topic)
+    }
+
+    /// The presence tracker, its diff flusher started.
+    pub(crate) fn tracker(&self) -> &Arc<Tracker> {
+        let weak: std::sync::Weak<dyn DiffSink> = Arc::downgrade(&self.inner) as _;
+        self.inner.tracker.start_flusher(weak);
+        &self.inner.tracker
     }
 
     /// Starts building a socket served by `handler`: add channel routes, then mount its

@@ -114,7 +114,7 @@ mod conn;
 mod context;
 mod endpoint;
 mod origin;
-mod presence;
+pub mod presence;
 mod pubsub;
 mod queue;
 mod router;
@@ -124,10 +124,11 @@ mod token;
 
 pub use channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};
 pub use context::{ChannelContext, ChannelSender, JoinContext, ReplyRef, SendError};
-pub use endpoint::{Endpoint, Stats};
+pub use endpoint::{Endpoint, EndpointBuilder, Stats};
 #[doc(inline)]
 pub use firebrand_protocol::{DecodeError, Payload, RawJson};
 pub use origin::CheckOrigin;
+pub use presence::PresenceError;
 pub use pubsub::Broadcast;
 pub use socket::{ConnectError, ConnectInfo, Socket, SocketBuilder};
 pub use token::{TokenError, TokenSigner};

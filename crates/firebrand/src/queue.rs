@@ -292,8 +292,9 @@ mod tests {
     #[test]
     fn outbox_overflow_closes_as_slow_consumer_and_frees_frames() {
         let out = Outbox::new(1000);
-        assert_eq!(out.push(text(400)), Pushed::Queued);
-        assert_eq!(out.push(text(400)), Pushed::Overflow);
+        // 500 bytes + 64 overhead each: the second would pass 1000.
+        assert_eq!(out.push(text(500)), Pushed::Queued);
+        assert_eq!(out.push(text(500)), Pushed::Overflow);
         assert_eq!(out.push(text(1)), Pushed::Closed);
         let batch = out.take();
         assert!(batch.frames.is_empty());

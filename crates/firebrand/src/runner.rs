@@ -155,6 +155,7 @@ async fn run<C: Channel>(args: SpawnArgs<C::Assigns>, mailbox: Arc<Mailbox<Chann
             extra: Vec::new(),
             current_ref: None,
             stop: None,
+            owner: None,
         },
         channel: None,
     };
@@ -298,6 +299,9 @@ impl<C: Channel> Drop for Runner<C> {
         }
         for (topic, id) in ctx.extra.drain(..) {
             pubsub.unsubscribe(&topic, id);
+        }
+        if let Some(owner) = ctx.owner {
+            ctx.endpoint.tracker().untrack_owner(owner);
         }
         let unmatched = Reply::error(serde_json::json!({"reason": "unmatched topic"}));
         for msg in ctx.mailbox.close() {

@@ -48,8 +48,16 @@ impl Server {
         format!("ws://{}/socket/websocket?{query}", self.addr)
     }
 
-    /// A V2 client (`vsn=2.0.0`) with extra query params.
+    /// A V2 client (`vsn=2.0.0`) with extra query params. It hides presence frames
+    /// (`presence_state`, `presence_diff`); see [`Server::presence_client`].
     pub async fn client(&self, query: &str) -> Client {
+        let mut c = self.presence_client(query).await;
+        c.hide_presence = true;
+        c
+    }
+
+    /// A V2 client that sees every frame, presence included.
+    pub async fn presence_client(&self, query: &str) -> Client {
         let sep = if query.is_empty() { "" } else { "&" };
         Client::connect(&self.url(&format!("{query}{sep}vsn=2.0.0"))).await
     }
@@ -91,12 +99,17 @@ pub enum Frame {
 
 pub struct Client {
     pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Skip `presence_state` and `presence_diff` frames in [`Client::recv`].
+    pub hide_presence: bool,
 }
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
         let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        Client { ws }
+        Client {
+            ws,
+            hide_presence: false,
+        }
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -119,7 +132,13 @@ impl Client {
                 .expect("timed out waiting for a frame");
             match msg {
                 Some(Ok(Message::Text(t))) => {
-                    return Frame::Json(serde_json::from_str(&t).unwrap());
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    let presence =
+                        matches!(v[3].as_str(), Some("presence_state" | "presence_diff"));
+                    if self.hide_presence && presence {
+                        continue;
+                    }
+                    return Frame::Json(v);
                 }
                 Some(Ok(Message::Binary(b))) => return Frame::Binary(b.to_vec()),
                 Some(Ok(Message::Close(c))) => {

@@ -1,4 +1,455 @@
-//! Presence: who is online on each topic.
+//! Presence: who is online on each topic, as Phoenix.Presence reports it.
+//!
+//! A channel tracks a key (a user id, say) with a meta (any JSON object) on its topic:
+//! [`ChannelContext::track`](crate::ChannelContext::track). The entry lives as long as the
+//! channel — a leave, a close, a crash or the connection going away untracks it. Each key can
+//! have several metas at once (one per tab, per device), each with a unique `phx_ref`.
+//!
+//! Subscribers of the topic receive the changes as `presence_diff` broadcasts,
+//! `{"joins": {key: {"metas": [...]}}, "leaves": {...}}`, exactly as Phoenix sends them, so the
+//! official client's `Presence` class stays in sync. Diffs are **batched**: changes within a
+//! short window (20 ms by default, [`EndpointBuilder::presence_batch`](crate::EndpointBuilder::presence_batch))
+//! go out as one diff per topic, so a room where N users join at once costs N × (a few diffs),
+//! not N² messages. A channel pushes the current list (`presence_state`) itself after joining
+//! — Phoenix's after-join idiom:
+//!
+//! ```
+//! # use firebrand::*;
+//! # struct Room;
+//! # impl Channel for Room { type Assigns = String; type Info = ();
+//! #   async fn join(_: &str, _: Payload, _: &JoinContext<'_, String>) -> Result<Joined<Self>, JoinError> { Ok(Joined::new(Room)) }
+//! async fn after_join(&mut self, ctx: &mut ChannelContext<Self>) {
+//!     let user = ctx.assigns().clone();
+//!     ctx.track(&user, serde_json::json!({"online_at": "1700000000"})).unwrap();
+//!     let list = ctx.presence_list();
+//!     ctx.push("presence_state", list);
+//! }
+//! # }
+//! ```
+//!
+//! The state is the replicated structure of Phoenix.Tracker (a delta-state observed-remove set,
+//! see `crdt.rs`), kept by one tracker per endpoint. On one node nothing is replicated yet; the
+//! cluster adapters will gossip its deltas.
 
-#[allow(dead_code)]
-mod crdt;
+pub(crate) mod crdt;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use base64::Engine;
+use firebrand_protocol::{Payload, RawJson};
+use parking_lot::Mutex;
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+
+use crate::pubsub::Broadcast;
+use crdt::{Dot, Entry, Owner, State};
+
+/// Why a presence operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PresenceError {
+    /// This channel already tracks this key (Phoenix's `{:error, {:already_tracked, ...}}`);
+    /// use [`update_presence`](crate::ChannelContext::update_presence).
+    AlreadyTracked,
+    /// This channel does not track this key (Phoenix's `{:error, :nopresence}`).
+    NoPresence,
+    /// The meta is not a JSON object.
+    MetaNotObject,
+}
+
+impl fmt::Display for PresenceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PresenceError::AlreadyTracked => f.write_str("key already tracked by this channel"),
+            PresenceError::NoPresence => f.write_str("key not tracked by this channel"),
+            PresenceError::MetaNotObject => f.write_str("presence meta must be a JSON object"),
+        }
+    }
+}
+
+impl std::error::Error for PresenceError {}
+
+/// Extends presence entries before they are sent (Phoenix.Presence's `fetch/2`): runs once per
+/// list and once per diff, on `{key: {"metas": [...]}}` maps. Add fields next to `metas` (e.g.
+/// a user's name from your database); keep `metas`.
+pub type PresenceFetch = Arc<dyn Fn(&str, &mut Map<String, Value>) + Send + Sync>;
+
+/// Changes waiting to be broadcast for one topic.
+#[derive(Default)]
+struct PendingDiff {
+    joins: BTreeMap<Dot, Entry>,
+    leaves: BTreeMap<Dot, Entry>,
+}
+
+/// The presence tracker of one endpoint.
+pub(crate) struct Tracker {
+    replica: crdt::ReplicaId,
+    state: Mutex<State>,
+    pending: Mutex<HashMap<Arc<str>, PendingDiff>>,
+    flush: Arc<Notify>,
+    flusher_started: std::sync::Once,
+    next_owner: AtomicU64,
+    batch: Duration,
+    fetch: Option<PresenceFetch>,
+}
+
+/// Publishes presence diffs; implemented by the endpoint.
+pub(crate) trait DiffSink: Send + Sync + 'static {
+    fn publish_diff(&self, b: Broadcast);
+}
+
+impl Tracker {
+    pub(crate) fn new(batch: Duration, fetch: Option<PresenceFetch>) -> Self {
+        Tracker {
+            replica: rand_u64(),
+            state: Mutex::new(State::default()),
+            pending: Mutex::new(HashMap::new()),
+            flush: Arc::new(Notify::new()),
+            flusher_started: std::sync::Once::new(),
+            next_owner: AtomicU64::new(1),
+            batch,
+            fetch,
+        }
+    }
+
+    /// A new owner id for a channel that starts tracking.
+    pub(crate) fn new_owner(&self) -> Owner {
+        Owner {
+            replica: self.replica,
+            id: self.next_owner.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    fn find(state: &State, owner: Owner, topic: &str, key: &str) -> Option<Dot> {
+        state
+            .topic(topic)
+            .find(|(_, e)| e.owner == owner && &*e.key == key)
+            .map(|(d, _)| d)
+    }
+
+    pub(crate) fn track(
+        &self,
+        owner: Owner,
+        topic: &str,
+        key: &str,
+        meta: Value,
+    ) -> Result<String, PresenceError> {
+        let meta = object(meta)?;
+        let mut state = self.state.lock();
+        if Self::find(&state, owner, topic, key).is_some() {
+            return Err(PresenceError::AlreadyTracked);
+        }
+        let entry = Entry {
+            topic: topic.into(),
+            key: key.into(),
+            owner,
+            meta,
+            prev: None,
+        };
+        let (dot, _delta) = state.add(self.replica, entry.clone());
+        drop(state);
+        self.changed(vec![(dot, entry)], Vec::new());
+        Ok(phx_ref(dot))
+    }
+
+    pub(crate) fn update(
+        &self,
+        owner: Owner,
+        topic: &str,
+        key: &str,
+        meta: Value,
+    ) -> Result<String, PresenceError> {
+        let meta = object(meta)?;
+        let mut state = self.state.lock();
+        let old = Self::find(&state, owner, topic, key).ok_or(PresenceError::NoPresence)?;
+        let (left, _delta) = state.remove(old).ok_or(PresenceError::NoPresence)?;
+        let entry = Entry {
+            meta,
+            prev: Some(old),
+            ..left.clone()
+        };
+        let (dot, _delta) = state.add(self.replica, entry.clone());
+        drop(state);
+        self.changed(vec![(dot, entry)], vec![(old, left)]);
+        Ok(phx_ref(dot))
+    }
+
+    pub(crate) fn untrack(&self, owner: Owner, topic: &str, key: &str) {
+        let mut state = self.state.lock();
+        let removed = Self::find(&state, owner, topic, key)
+            .and_then(|d| state.remove(d).map(|(e, _)| (d, e)));
+        drop(state);
+        if let Some(left) = removed {
+            self.changed(Vec::new(), vec![left]);
+        }
+    }
+
+    /// Untracks everything `owner` tracked (its channel has ended).
+    pub(crate) fn untrack_owner(&self, owner: Owner) {
+        let mut state = self.state.lock();
+        let leaves: Vec<_> = state
+            .owned_by(owner)
+            .into_iter()
+            .filter_map(|d| state.remove(d).map(|(e, _)| (d, e)))
+            .collect();
+        drop(state);
+        if !leaves.is_empty() {
+            self.changed(Vec::new(), leaves);
+        }
+    }
+
+    /// The topic's presences: `{key: {"metas": [...]}}`, through the fetch hook.
+    pub(crate) fn list(&self, topic: &str) -> Payload {
+        let state = self.state.lock();
+        let mut map = Map::new();
+        for (dot, e) in state.topic(topic) {
+            push_meta(&mut map, dot, e);
+        }
+        drop(state);
+        self.finish(topic, map)
+    }
+
+    fn finish(&self, topic: &str, mut map: Map<String, Value>) -> Payload {
+        if let Some(fetch) = &self.fetch {
+            fetch(topic, &mut map);
+        }
+        Payload::from(Value::Object(map))
+    }
+
+    /// Records changes for the next batched diff and wakes the flusher.
+    fn changed(&self, joins: Vec<(Dot, Entry)>, leaves: Vec<(Dot, Entry)>) {
+        let mut pending = self.pending.lock();
+        for (d, e) in joins {
+            pending
+                .entry(e.topic.clone())
+                .or_default()
+                .joins
+                .insert(d, e);
+        }
+        for (d, e) in leaves {
+            let diff = pending.entry(e.topic.clone()).or_default();
+            // A presence that came and went within one batch need not be announced at all.
+            if diff.joins.remove(&d).is_none() {
+                diff.leaves.insert(d, e);
+            }
+        }
+        drop(pending);
+        self.flush.notify_one();
+    }
+
+    /// Starts the task that broadcasts batched diffs (once; needs a Tokio runtime). The task
+    /// holds neither the tracker nor the endpoint, and ends when they are dropped.
+    pub(crate) fn start_flusher(self: &Arc<Self>, sink: Weak<dyn DiffSink>) {
+        self.flusher_started.call_once(|| {
+            let tracker = Arc::downgrade(self);
+            let notify = self.flush.clone();
+            tokio::spawn(async move {
+                loop {
+                    notify.notified().await;
+                    let Some(batch) = tracker.upgrade().map(|t| t.batch) else {
+                        return;
+                    };
+                    tokio::time::sleep(batch).await;
+                    let (Some(t), Some(sink)) = (tracker.upgrade(), sink.upgrade()) else {
+                        return;
+                    };
+                    t.flush_now(&*sink);
+                }
+            });
+        });
+    }
+
+    fn flush_now(&self, sink: &dyn DiffSink) {
+        let pending = std::mem::take(&mut *self.pending.lock());
+        for (topic, diff) in pending {
+            if diff.joins.is_empty() && diff.leaves.is_empty() {
+                continue;
+            }
+            let mut joins = Map::new();
+            for (d, e) in &diff.joins {
+                push_meta(&mut joins, *d, e);
+            }
+            let mut leaves = Map::new();
+            for (d, e) in &diff.leaves {
+                push_meta(&mut leaves, *d, e);
+            }
+            let joins = self.finish(&topic, joins).to_value().unwrap_or_default();
+            let leaves = self.finish(&topic, leaves).to_value().unwrap_or_default();
+            let payload = Payload::from(serde_json::json!({"joins": joins, "leaves": leaves}));
+            sink.publish_diff(Broadcast::new(&*topic, "presence_diff", payload));
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        // Wakes the flusher so that it sees the tracker gone and ends.
+        self.flush.notify_one();
+    }
+}
+
+/// Appends `e`'s meta (with `phx_ref`, and `phx_ref_prev` after an update) under its key.
+fn push_meta(map: &mut Map<String, Value>, dot: Dot, e: &Entry) {
+    let mut meta: Map<String, Value> =
+        serde_json::from_slice(e.meta.as_bytes()).unwrap_or_default();
+    meta.insert("phx_ref".into(), Value::String(phx_ref(dot)));
+    if let Some(prev) = e.prev {
+        meta.insert("phx_ref_prev".into(), Value::String(phx_ref(prev)));
+    }
+    let slot = map
+        .entry(e.key.to_string())
+        .or_insert_with(|| serde_json::json!({"metas": []}));
+    if let Some(Value::Array(metas)) = slot.get_mut("metas") {
+        metas.push(Value::Object(meta));
+    }
+}
+
+fn object(meta: Value) -> Result<RawJson, PresenceError> {
+    match meta {
+        Value::Object(_) => {
+            Ok(RawJson::parse(meta.to_string()).map_err(|_| PresenceError::MetaNotObject)?)
+        }
+        _ => Err(PresenceError::MetaNotObject),
+    }
+}
+
+/// A meta's `phx_ref`: 16 URL-safe characters (12 bytes), unique per dot, like Phoenix's.
+fn phx_ref(d: Dot) -> String {
+    let mut bytes = [0u8; 12];
+    bytes[..6].copy_from_slice(&d.replica.to_be_bytes()[2..]);
+    bytes[6..].copy_from_slice(&d.clock.to_be_bytes()[2..]);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A random replica id (no RNG dependency: the std hasher is randomly keyed per process).
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    RandomState::new().hash_one(nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Collect(Mutex<Vec<(String, Value)>>);
+
+    impl DiffSink for Collect {
+        fn publish_diff(&self, b: Broadcast) {
+            self.0
+                .lock()
+                .push((b.topic().to_owned(), b.payload().to_value().unwrap()));
+        }
+    }
+
+    fn refs(v: &Value, side: &str, key: &str) -> Vec<String> {
+        v[side][key]["metas"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|x| x["phx_ref"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn track_update_untrack_and_their_diffs() {
+        let t = Tracker::new(Duration::ZERO, None);
+        let sink = Collect(Mutex::new(Vec::new()));
+        let (a, b) = (t.new_owner(), t.new_owner());
+        let r1 = t
+            .track(a, "room:1", "alice", serde_json::json!({"n": 1}))
+            .unwrap();
+        assert_eq!(r1.len(), 16);
+        assert_eq!(
+            t.track(a, "room:1", "alice", serde_json::json!({})),
+            Err(PresenceError::AlreadyTracked)
+        );
+        let r2 = t
+            .track(b, "room:1", "alice", serde_json::json!({"n": 2}))
+            .unwrap();
+        assert_eq!(
+            t.track(b, "room:1", "bob", serde_json::json!(1)),
+            Err(PresenceError::MetaNotObject)
+        );
+        t.flush_now(&sink);
+        let diffs = std::mem::take(&mut *sink.0.lock());
+        assert_eq!(diffs.len(), 1);
+        assert_eq!(
+            refs(&diffs[0].1, "joins", "alice"),
+            [r1.clone(), r2.clone()]
+        );
+
+        // An update is one diff with a join (carrying phx_ref_prev) and a leave.
+        let r3 = t
+            .update(a, "room:1", "alice", serde_json::json!({"n": 3}))
+            .unwrap();
+        assert_eq!(
+            t.update(a, "room:1", "nobody", serde_json::json!({})),
+            Err(PresenceError::NoPresence)
+        );
+        t.flush_now(&sink);
+        let diff = sink.0.lock().pop().unwrap().1;
+        assert_eq!(refs(&diff, "joins", "alice"), [r3]);
+        assert_eq!(
+            diff["joins"]["alice"]["metas"][0]["phx_ref_prev"],
+            r1.as_str()
+        );
+        assert_eq!(diff["joins"]["alice"]["metas"][0]["n"], 3);
+        assert_eq!(refs(&diff, "leaves", "alice"), [r1]);
+
+        let list = t.list("room:1").to_value().unwrap();
+        assert_eq!(refs(&list, "", "alice").len(), 0);
+        let metas = list["alice"]["metas"].as_array().unwrap();
+        assert_eq!(metas.len(), 2);
+
+        t.untrack_owner(a);
+        t.untrack(b, "room:1", "alice");
+        t.flush_now(&sink);
+        let diff = sink.0.lock().pop().unwrap().1;
+        assert_eq!(refs(&diff, "leaves", "alice").len(), 2);
+        assert_eq!(t.list("room:1").to_value().unwrap(), serde_json::json!({}));
+    }
+
+    #[test]
+    fn a_presence_that_comes_and_goes_within_a_batch_is_not_announced() {
+        let t = Tracker::new(Duration::ZERO, None);
+        let sink = Collect(Mutex::new(Vec::new()));
+        let a = t.new_owner();
+        t.track(a, "room:1", "alice", serde_json::json!({}))
+            .unwrap();
+        t.untrack_owner(a);
+        t.flush_now(&sink);
+        assert!(sink.0.lock().is_empty());
+    }
+
+    #[test]
+    fn fetch_extends_lists_and_diffs() {
+        let fetch: PresenceFetch = Arc::new(|topic, map| {
+            for (key, entry) in map.iter_mut() {
+                entry["user"] = serde_json::json!({"name": key.to_uppercase(), "topic": topic});
+            }
+        });
+        let t = Tracker::new(Duration::ZERO, Some(fetch));
+        let sink = Collect(Mutex::new(Vec::new()));
+        t.track(t.new_owner(), "room:1", "ann", serde_json::json!({}))
+            .unwrap();
+        assert_eq!(
+            t.list("room:1").to_value().unwrap()["ann"]["user"]["name"],
+            "ANN"
+        );
+        t.flush_now(&sink);
+        assert_eq!(
+            sink.0.lock()[0].1["joins"]["ann"]["user"]["topic"],
+            "room:1"
+        );
+    }
+}
