@@ -13,7 +13,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use firebrand::{
     Broadcast, Channel, ChannelContext, CheckOrigin, ConnectError, ConnectInfo, Endpoint,
-    HandleResult, JoinContext, JoinError, Joined, Payload, Reply, Socket, StopReason,
+    HandleResult, JoinContext, JoinError, Joined, Payload, Reply, Socket, SocketBuilder,
+    StopReason,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -36,17 +37,21 @@ impl Default for Config {
     }
 }
 
-/// The app's router and its endpoint (for shutdown and stats).
-pub fn app(config: &Config) -> (Router, Endpoint) {
-    let endpoint = Endpoint::new();
-    let socket = endpoint
+/// The app's socket: [`UserSocket`] with `room:*` routed to [`RoomChannel`].
+pub fn socket(endpoint: &Endpoint, config: &Config) -> SocketBuilder<UserSocket> {
+    endpoint
         .socket(UserSocket)
         .channel::<RoomChannel>("room:*")
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
         .idle_timeout(config.idle_timeout)
         .outbound_limit(config.outbound_limit)
         .max_channels(100)
-        .into_router();
+}
+
+/// The app's router and its endpoint (for shutdown and stats).
+pub fn app(config: &Config) -> (Router, Endpoint) {
+    let endpoint = Endpoint::new();
+    let socket = socket(&endpoint, config).into_router();
     let router = Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/api/broadcast", post(api_broadcast))
@@ -79,8 +84,9 @@ async fn api_broadcast(
     }
 }
 
-/// Refuses `token=bad`; the assigns are the `user` param.
-struct UserSocket;
+/// The contract's socket: refuses `token=bad`; the assigns are the `user` param; the socket id
+/// is `user_socket:<user>`.
+pub struct UserSocket;
 
 impl Socket for UserSocket {
     type Assigns = Option<String>;
@@ -98,7 +104,7 @@ impl Socket for UserSocket {
 }
 
 /// `room:*`, as the contract's RoomChannel table says.
-struct RoomChannel;
+pub struct RoomChannel;
 
 /// Unix seconds, as a string (the contract's `online_at`).
 fn online_at() -> String {

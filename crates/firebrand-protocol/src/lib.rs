@@ -38,6 +38,6 @@ mod message;
 mod payload;
 mod serializer;
 
-pub use message::{Message, Outbound};
+pub use message::{Message, Outbound, ServerMessage};
 pub use payload::{DecodeError, Payload, RawJson};
 pub use serializer::{EncodeError, Encoded, FrameError, Serializer, UnsupportedVsn};

@@ -19,6 +19,26 @@ pub struct Message {
     pub payload: Payload,
 }
 
+/// A frame received from a server, as a client reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerMessage {
+    /// A push, broadcast, `phx_close` or `phx_error`.
+    Event(Message),
+    /// A `phx_reply`.
+    Reply {
+        /// The join ref it carries.
+        join_ref: Option<String>,
+        /// The ref of the message it answers.
+        r#ref: Option<String>,
+        /// The topic.
+        topic: String,
+        /// `ok`, `error`, …
+        status: String,
+        /// The `response`.
+        payload: Payload,
+    },
+}
+
 /// A frame the server sends, borrowed for encoding.
 ///
 /// | kind | `join_ref` | `ref` |

@@ -6,7 +6,7 @@ use bytes::{BufMut, Bytes};
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::message::{Message, Outbound};
+use crate::message::{Message, Outbound, ServerMessage};
 use crate::payload::{Payload, RawJson};
 
 /// The serializer of one connection, chosen by the `vsn` query parameter at connect time.
@@ -155,6 +155,41 @@ impl Serializer {
             Serializer::V1 => Err(FrameError::BinaryOnV1),
             Serializer::V2 => decode_v2_binary(data),
         }
+    }
+
+    /// Decodes a frame a server sent, as a client does: text (V1 or V2 JSON) or V2 binary.
+    /// A `phx_reply` becomes [`ServerMessage::Reply`].
+    pub fn decode_server(self, frame: &Encoded) -> Result<ServerMessage, FrameError> {
+        let msg = match (self, frame) {
+            (_, Encoded::Text(t)) => self.decode_text(Bytes::copy_from_slice(t.as_bytes()))?,
+            (Serializer::V1, Encoded::Binary(_)) => return Err(FrameError::BinaryOnV1),
+            (Serializer::V2, Encoded::Binary(b)) => {
+                return decode_server_binary(Bytes::copy_from_slice(b));
+            }
+        };
+        if msg.event != "phx_reply" {
+            return Ok(ServerMessage::Event(msg));
+        }
+        #[derive(serde::Deserialize)]
+        struct ReplyBody<'a> {
+            status: String,
+            #[serde(borrow)]
+            response: &'a RawValue,
+        }
+        let Payload::Json(raw) = &msg.payload else {
+            return Err(FrameError::Truncated);
+        };
+        let body: ReplyBody<'_> =
+            serde_json::from_slice(raw.as_bytes()).map_err(FrameError::Json)?;
+        let response =
+            RawJson::parse(body.response.get().as_bytes().to_vec()).map_err(FrameError::Json)?;
+        Ok(ServerMessage::Reply {
+            join_ref: msg.join_ref,
+            r#ref: msg.r#ref,
+            topic: msg.topic,
+            status: body.status,
+            payload: Payload::Json(response),
+        })
     }
 
     /// Encodes a server frame.
@@ -339,6 +374,56 @@ fn decode_v2_binary(data: Bytes) -> Result<Message, FrameError> {
         topic,
         event,
         payload: Payload::Binary(data.slice(at..)),
+    })
+}
+
+/// Reads a V2 binary frame sent by a server: kinds 0 (push), 1 (reply), 2 (broadcast).
+fn decode_server_binary(data: Bytes) -> Result<ServerMessage, FrameError> {
+    let kind = *data.first().ok_or(FrameError::Truncated)?;
+    let header_len = match kind {
+        KIND_PUSH => 4,
+        KIND_REPLY => 5,
+        KIND_BROADCAST => 3,
+        k => return Err(FrameError::UnknownBinaryKind(k)),
+    };
+    let header = data
+        .get(1..header_len)
+        .ok_or(FrameError::Truncated)?
+        .to_vec();
+    let mut at = header_len;
+    let mut fields = Vec::with_capacity(4);
+    for (len, name) in header.iter().zip(["a", "b", "c", "d"]) {
+        let bytes = data
+            .get(at..at + usize::from(*len))
+            .ok_or(FrameError::Truncated)?;
+        at += usize::from(*len);
+        fields.push(String::from_utf8(bytes.to_vec()).map_err(|_| FrameError::NotUtf8(name))?);
+    }
+    let payload = Payload::Binary(data.slice(at..));
+    let mut f = fields.into_iter();
+    let mut next = || f.next().unwrap_or_default();
+    Ok(match kind {
+        KIND_PUSH => ServerMessage::Event(Message {
+            join_ref: Some(next()),
+            r#ref: None,
+            topic: next(),
+            event: next(),
+            payload,
+        }),
+        KIND_REPLY => ServerMessage::Reply {
+            join_ref: Some(next()),
+            r#ref: Some(next()),
+            topic: next(),
+            status: next(),
+            payload,
+        },
+        _ => ServerMessage::Event(Message {
+            join_ref: None,
+            r#ref: None,
+            topic: next(),
+            event: next(),
+            payload,
+        }),
     })
 }
 
@@ -570,6 +655,69 @@ mod tests {
             Serializer::V2.encode(&Outbound::broadcast(&long, "e", &p)),
             Err(EncodeError::FieldTooLong("topic", 256))
         );
+    }
+
+    #[test]
+    fn server_frames_decode_as_a_client_reads_them() {
+        let data = Payload::binary(&b"efg"[..]);
+        let json = Payload::from(serde_json::json!({"a": 1}));
+        let frames = [
+            Outbound::Reply {
+                join_ref: Some("1"),
+                r#ref: Some("2"),
+                topic: "t",
+                status: "ok",
+                payload: &json,
+            },
+            Outbound::Reply {
+                join_ref: Some("1"),
+                r#ref: Some("2"),
+                topic: "t",
+                status: "ok",
+                payload: &data,
+            },
+            Outbound::push("1", "t", "e", &data),
+            Outbound::broadcast("t", "e", &data),
+            Outbound::broadcast("t", "e", &json),
+        ];
+        for out in frames {
+            let decoded = Serializer::V2
+                .decode_server(&Serializer::V2.encode(&out).unwrap())
+                .unwrap();
+            match (out, decoded) {
+                (
+                    Outbound::Reply {
+                        status, payload, ..
+                    },
+                    ServerMessage::Reply {
+                        status: s,
+                        payload: p,
+                        r#ref,
+                        ..
+                    },
+                ) => {
+                    assert_eq!(
+                        (status, payload, r#ref.as_deref()),
+                        (s.as_str(), &p, Some("2"))
+                    );
+                }
+                (
+                    Outbound::Event {
+                        join_ref,
+                        event,
+                        payload,
+                        ..
+                    },
+                    ServerMessage::Event(m),
+                ) => {
+                    assert_eq!(
+                        (join_ref, event, payload),
+                        (m.join_ref.as_deref(), m.event.as_str(), &m.payload)
+                    );
+                }
+                (out, got) => panic!("{out:?} decoded as {got:?}"),
+            }
+        }
     }
 
     #[test]

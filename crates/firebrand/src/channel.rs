@@ -158,7 +158,7 @@ pub enum Info<M> {
 /// assert_eq!(err.status(), "error");
 /// # let _ = (ok, pending);
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     status: Cow<'static, str>,
     payload: Payload,

@@ -15,7 +15,8 @@ use tokio::time::{Instant, sleep, timeout};
 
 use crate::channel::Reply;
 use crate::context::Wire;
-use crate::pubsub::Target;
+use crate::endpoint::Registered;
+use crate::pubsub::{SubId, Target};
 use crate::queue::{Close, ConnEvent, Outbox};
 use crate::runner::{ChannelHandle, InRejected, SpawnArgs};
 use crate::socket::{Shared, Socket};
@@ -30,13 +31,17 @@ pub(crate) struct ConnArgs<S: Socket> {
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-struct Conn<S: Socket> {
+/// A connection's state, whatever transport carries it: its channels, its outbox, its
+/// registrations. Dropping it ends the connection's channels and registrations.
+pub(crate) struct Conn<S: Socket> {
     shared: Arc<Shared<S>>,
     assigns: Arc<S::Assigns>,
     socket_id: Option<Arc<str>>,
-    wire: Wire,
+    pub(crate) wire: Wire,
     channels: HashMap<String, ChannelHandle>,
     next_channel_id: u64,
+    id_sub: Option<SubId>,
+    _registered: Registered,
 }
 
 /// How the read loop ended.
@@ -49,29 +54,65 @@ enum End {
     Invalid(u16, String),
 }
 
+impl<S: Socket> Conn<S> {
+    /// Opens a connection: registers it with the endpoint and subscribes its socket id.
+    pub(crate) fn open(args: ConnArgs<S>) -> Self {
+        let endpoint = &args.shared.endpoint;
+        let outbox = Arc::new(Outbox::new(args.shared.config.outbound_limit));
+        let registered = endpoint.register(outbox.clone());
+        let id_sub = args.socket_id.as_ref().map(|id| {
+            endpoint
+                .pubsub()
+                .subscribe(id, Target::Socket(outbox.clone()))
+        });
+        Conn {
+            assigns: args.assigns,
+            socket_id: args.socket_id,
+            wire: Wire {
+                outbox,
+                serializer: args.serializer,
+            },
+            channels: HashMap::new(),
+            next_channel_id: 0,
+            id_sub,
+            _registered: registered,
+            shared: args.shared,
+        }
+    }
+
+    pub(crate) fn outbox(&self) -> &Arc<Outbox> {
+        &self.wire.outbox
+    }
+}
+
+impl<S: Socket> Conn<S> {
+    /// Ends the connection's channels (they terminate with `StopReason::Closed`) and its
+    /// socket id subscription. Frames queued from then on are dropped. Idempotent; the
+    /// endpoint registration lasts until the `Conn` is dropped.
+    pub(crate) fn end(&mut self) {
+        self.wire.outbox.close(Close::ENDED);
+        drop(self.wire.outbox.take());
+        for (_, ch) in self.channels.drain() {
+            ch.inbox.socket_closed();
+        }
+        if let (Some(id), Some(sub)) = (&self.socket_id, self.id_sub.take()) {
+            self.shared.endpoint.pubsub().unsubscribe(id, sub);
+        }
+    }
+}
+
+impl<S: Socket> Drop for Conn<S> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Serves one WebSocket connection until it ends.
 pub(crate) async fn run<S: Socket>(mut ws: WebSocket, args: ConnArgs<S>) {
-    let shared = args.shared;
-    let endpoint = shared.endpoint.clone();
-    let config = shared.config.clone();
-    let outbox = Arc::new(Outbox::new(config.outbound_limit));
-    let _registered = endpoint.register(outbox.clone());
-    let id_sub = args.socket_id.as_ref().map(|id| {
-        let sub = endpoint
-            .pubsub()
-            .subscribe(id, Target::Socket(outbox.clone()));
-        (id.clone(), sub)
-    });
-    let mut conn = Conn {
-        shared,
-        assigns: args.assigns,
-        socket_id: args.socket_id,
-        wire: Wire {
-            outbox: outbox.clone(),
-            serializer: args.serializer,
-        },
-        channels: HashMap::new(),
-        next_channel_id: 0,
-    };
+    let endpoint = args.shared.endpoint.clone();
+    let config = args.shared.config.clone();
+    let mut conn = Conn::open(args);
+    let outbox = conn.outbox().clone();
 
     let idle = sleep(config.idle_timeout);
     tokio::pin!(idle);
@@ -103,16 +144,8 @@ pub(crate) async fn run<S: Socket>(mut ws: WebSocket, args: ConnArgs<S>) {
             () = &mut idle => break End::Close(Close::IDLE),
         }
     };
+    conn.end();
 
-    // Frames pushed from now on (a channel finishing a callback, a held ReplyRef) are dropped.
-    outbox.close(Close::ENDED);
-    drop(outbox.take());
-    for ch in conn.channels.values() {
-        ch.inbox.socket_closed();
-    }
-    if let Some((id, sub)) = id_sub {
-        endpoint.pubsub().unsubscribe(&id, sub);
-    }
     let frame = match end {
         End::Gone => None,
         End::Close(c) => {
@@ -146,6 +179,8 @@ pub(crate) async fn run<S: Socket>(mut ws: WebSocket, args: ConnArgs<S>) {
     } else {
         let _ = timeout(CLOSE_WAIT, ws.close()).await;
     }
+    // Unregistered only now, so that a shutdown waits for the close handshakes.
+    drop(conn);
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -203,7 +238,7 @@ impl<S: Socket> Conn<S> {
         }
     }
 
-    fn on_event(&mut self, event: ConnEvent) {
+    pub(crate) fn on_event(&mut self, event: ConnEvent) {
         match event {
             ConnEvent::ChannelExited { topic, id } => {
                 if self.channels.get(&topic).is_some_and(|c| c.id == id) {
@@ -227,7 +262,8 @@ impl<S: Socket> Conn<S> {
         self.error_reply(None, msg, "unmatched topic");
     }
 
-    fn on_message(&mut self, msg: Message) {
+    /// Handles one decoded client message.
+    pub(crate) fn on_message(&mut self, msg: Message) {
         if msg.event == "phx_join" {
             return self.join(msg);
         }

@@ -120,6 +120,8 @@ mod queue;
 mod router;
 mod runner;
 mod socket;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod token;
 
 pub use channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};

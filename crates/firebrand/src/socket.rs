@@ -80,6 +80,18 @@ pub struct ConnectInfo {
 }
 
 impl ConnectInfo {
+    /// Connect info of an in-process test client.
+    #[cfg(feature = "testing")]
+    pub(crate) fn for_test(params: Vec<(String, String)>, auth_token: Option<String>) -> Self {
+        ConnectInfo {
+            params,
+            headers: HeaderMap::new(),
+            uri: Uri::from_static("/socket/websocket"),
+            peer_addr: None,
+            auth_token,
+        }
+    }
+
     /// A query parameter, e.g. the connect params of `new Socket(url, {params: {token}})`.
     /// Nested params (`a[b]=c`) appear under their full name (`"a[b]"`). `vsn` is a param too.
     pub fn param(&self, name: &str) -> Option<&str> {
@@ -298,16 +310,22 @@ impl<S: Socket> SocketBuilder<S> {
     /// The axum router serving this socket's transports: `GET /websocket`. Nest it under the
     /// socket's path (the official client connects to `<endpoint>/websocket`).
     pub fn into_router(self) -> Router {
-        let shared = Arc::new(Shared {
-            handler: self.handler,
-            routes: self.routes,
-            config: self.config,
-            endpoint: self.endpoint,
-        });
+        let shared = self.into_shared();
         Router::new().route(
             "/websocket",
             any(move |req: Request| upgrade(shared.clone(), req)),
         )
+    }
+}
+
+impl<S: Socket> SocketBuilder<S> {
+    pub(crate) fn into_shared(self) -> Arc<Shared<S>> {
+        Arc::new(Shared {
+            handler: self.handler,
+            routes: self.routes,
+            config: self.config,
+            endpoint: self.endpoint,
+        })
     }
 }
 

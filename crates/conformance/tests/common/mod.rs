@@ -87,6 +87,30 @@ impl Server {
             Err(e) => panic!("upgrade failed: {e}"),
         }
     }
+
+    /// A WebSocket upgrade to `url` with extra headers: the client when it opened (101), and
+    /// the HTTP response either way (status and headers, e.g. the selected subprotocol).
+    pub async fn upgrade_response(
+        &self,
+        url: &str,
+        headers: &[(&'static str, &str)],
+    ) -> (Option<Client>, tungstenite::handshake::client::Response) {
+        let mut req = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(*k, v.parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, resp)) => (
+                Some(Client {
+                    ws,
+                    hide_presence: false,
+                }),
+                resp,
+            ),
+            Err(tungstenite::Error::Http(resp)) => (None, *resp),
+            Err(e) => panic!("upgrade failed: {e}"),
+        }
+    }
 }
 
 /// A frame received from the server.
