@@ -1,0 +1,106 @@
+// The chat page: the official phoenix client (embedded by the server from npm), a socket per
+// tab, a channel per room, and Presence for who is online.
+import {Socket, Presence} from "/assets/phoenix.mjs"
+
+const $ = (id) => document.getElementById(id)
+const ROOMS = ["lobby", "rust", "elixir"]
+
+// The user name: ?user=… (handy for several users in one browser), else remembered, else asked.
+const user = new URLSearchParams(location.search).get("user") || localStorage.getItem("chat:user")
+if (user) {
+  start(user)
+} else {
+  $("login").hidden = false
+  $("login").addEventListener("submit", (e) => {
+    e.preventDefault()
+    const name = $("name").value.trim()
+    localStorage.setItem("chat:user", name)
+    $("login").hidden = true
+    start(name)
+  })
+}
+
+function start(user) {
+  $("me").textContent = user
+  // The server authenticates the socket in its `connect` callback from these params.
+  const socket = new Socket("/socket", {params: {user}})
+  // The client reconnects by itself (with backoff) and rejoins its channels: show it.
+  socket.onOpen(() => setStatus("connected"))
+  socket.onError(() => setStatus("reconnecting"))
+  socket.onClose(() => setStatus("reconnecting"))
+  socket.connect()
+
+  let channel = null
+  const joinRoom = (room) => {
+    if (channel) channel.leave()
+    $("messages").replaceChildren()
+    $("online").replaceChildren()
+    channel = socket.channel(`room:${room}`)
+    // Presence merges presence_state and presence_diff into a list of users with their metas
+    // (one meta per open tab).
+    const presence = new Presence(channel)
+    presence.onSync(() => renderOnline(presence))
+    channel.on("new_msg", ({user, body}) => addMessage(user, body))
+    channel.join()
+      .receive("ok", () => renderRooms(room))
+      .receive("error", ({reason}) => addMessage("server", `cannot join ${room}: ${reason}`, true))
+  }
+
+  $("send").addEventListener("submit", (e) => {
+    e.preventDefault()
+    const body = $("body").value.trim()
+    if (!body || !channel) return
+    channel.push("new_msg", {body})
+      .receive("ok", () => { $("body").value = "" })
+      .receive("error", ({reason}) => addMessage("server", reason, true))
+      .receive("timeout", () => addMessage("server", "not sent: the server did not answer", true))
+  })
+  $("new-room").addEventListener("submit", (e) => {
+    e.preventDefault()
+    const room = $("room-name").value.trim().toLowerCase()
+    if (!room) return
+    if (!ROOMS.includes(room)) ROOMS.push(room)
+    $("room-name").value = ""
+    joinRoom(room)
+  })
+  renderRooms.onPick = joinRoom
+  joinRoom("lobby")
+}
+
+function setStatus(state) {
+  $("status").className = state
+  $("status").textContent = state === "connected" ? "connected" : "reconnecting…"
+}
+
+function renderRooms(current) {
+  $("rooms").replaceChildren(...ROOMS.map((room) => {
+    const button = document.createElement("button")
+    button.textContent = `# ${room}`
+    button.className = room === current ? "current" : ""
+    button.addEventListener("click", () => renderRooms.onPick(room))
+    const li = document.createElement("li")
+    li.append(button)
+    return li
+  }))
+}
+
+function renderOnline(presence) {
+  const items = presence.list((name, {metas}) => {
+    const li = document.createElement("li")
+    li.dataset.user = name
+    li.textContent = metas.length > 1 ? `${name} (${metas.length} tabs)` : name
+    return li
+  })
+  $("online").replaceChildren(...items)
+}
+
+function addMessage(user, body, error = false) {
+  const li = document.createElement("li")
+  if (error) li.className = "error"
+  const who = document.createElement("span")
+  who.className = "user"
+  who.textContent = user
+  li.append(who, document.createTextNode(body))
+  $("messages").append(li)
+  li.scrollIntoView()
+}

@@ -1,0 +1,100 @@
+// The chat demo as people use it: two users in two browser contexts, messages, who is online
+// (several tabs per user), leaving, and the reconnecting state when the server goes away.
+//
+// Env: CHAT_BIN (the chat binary), CHROMIUM (default /usr/bin/chromium), ARTIFACTS (screenshots).
+import {test, before, after} from "node:test"
+import assert from "node:assert/strict"
+import {spawn} from "node:child_process"
+import {createInterface} from "node:readline"
+import {mkdirSync} from "node:fs"
+import {chromium} from "playwright-core"
+
+const CHAT_BIN = process.env.CHAT_BIN ?? new URL("../../target/release/chat", import.meta.url).pathname
+const ARTIFACTS = process.env.ARTIFACTS ?? new URL("../../artifacts", import.meta.url).pathname
+const WAIT = {timeout: 10_000}
+
+let server, base, browser
+
+/** Starts the chat on a free port; resolves with its URL once it prints its listening line. */
+function startServer() {
+  const child = spawn(CHAT_BIN, ["--port", "0"], {stdio: ["ignore", "pipe", "inherit"]})
+  return new Promise((resolve, reject) => {
+    child.on("error", reject)
+    child.on("exit", (code) => reject(new Error(`chat exited early with ${code}`)))
+    createInterface({input: child.stdout}).on("line", (line) => {
+      const m = line.match(/listening on (http:\/\/127\.0\.0\.1:\d+)/)
+      if (m) resolve({child, url: m[1]})
+    })
+  })
+}
+
+before(async () => {
+  ;({child: server, url: base} = await startServer())
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  })
+  mkdirSync(ARTIFACTS, {recursive: true})
+})
+
+after(async () => {
+  await browser?.close()
+  server?.kill("SIGTERM")
+})
+
+/** A page of its own browser context (own storage), as `user`, in the lobby. */
+async function open(user, context) {
+  context ??= await browser.newContext()
+  const page = await context.newPage()
+  page.on("pageerror", (e) => assert.fail(`page error for ${user}: ${e}`))
+  await page.goto(`${base}/?user=${encodeURIComponent(user)}`)
+  await page.locator("#status.connected").waitFor(WAIT)
+  await page.locator("#rooms button.current", {hasText: "lobby"}).waitFor(WAIT)
+  return page
+}
+
+const online = (page, user) => page.locator(`#online li[data-user="${user}"]`)
+
+test("two users chat and see each other online, tabs and leaving included", async () => {
+  const alice = await open("alice")
+  const bob = await open("bob")
+  await online(alice, "bob").waitFor(WAIT)
+  await online(bob, "alice").waitFor(WAIT)
+
+  await alice.fill("#body", "hello from alice")
+  await alice.press("#body", "Enter")
+  await bob.locator("#messages li", {hasText: "hello from alice"}).waitFor(WAIT)
+  await alice.locator("#messages li", {hasText: "hello from alice"}).waitFor(WAIT)
+  assert.equal(await alice.inputValue("#body"), "", "the input clears once the server says ok")
+
+  // A second tab of alice's: one user, two metas.
+  const aliceTab2 = await open("alice", alice.context())
+  await online(bob, "alice").filter({hasText: "2 tabs"}).waitFor(WAIT)
+  await bob.screenshot({path: `${ARTIFACTS}/chat.png`})
+
+  // Rooms are separate: a message in #rust does not reach the lobby.
+  await aliceTab2.click("#rooms button:has-text('rust')")
+  await aliceTab2.locator("#rooms button.current", {hasText: "rust"}).waitFor(WAIT)
+  await online(bob, "alice").filter({hasText: "2 tabs"}).waitFor({state: "detached", ...WAIT})
+  await aliceTab2.fill("#body", "only in rust")
+  await aliceTab2.press("#body", "Enter")
+  await aliceTab2.locator("#messages li", {hasText: "only in rust"}).waitFor(WAIT)
+  await bob.fill("#body", "still in the lobby")
+  await bob.press("#body", "Enter")
+  await alice.locator("#messages li", {hasText: "still in the lobby"}).waitFor(WAIT)
+  assert.equal(await bob.locator("#messages li", {hasText: "only in rust"}).count(), 0)
+
+  // Alice closes everything: bob sees her leave.
+  await alice.context().close()
+  await online(bob, "alice").waitFor({state: "detached", ...WAIT})
+  await bob.context().close()
+})
+
+test("the page shows that it is reconnecting when the server goes away", async () => {
+  const carol = await open("carol")
+  server.kill("SIGTERM")
+  await carol.locator("#status.reconnecting").waitFor(WAIT)
+  await carol.screenshot({path: `${ARTIFACTS}/chat-reconnecting.png`})
+  await carol.context().close()
+})
