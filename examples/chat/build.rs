@@ -24,7 +24,10 @@ fn main() {
             .unwrap_or_else(|e| {
                 panic!("cannot run npm ({e}): the chat demo needs Node.js and npm to install the phoenix client")
             });
-        assert!(status.success(), "`npm ci` for the phoenix client failed ({status})");
+        assert!(
+            status.success(),
+            "`npm ci` for the phoenix client failed ({status})"
+        );
     }
     std::fs::copy(&client, out.join("phoenix.mjs")).expect("copy phoenix.mjs");
 }

@@ -26,6 +26,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Bytes queued for one client before it is dropped as a slow consumer (default 4 MiB).
     pub outbound_limit: usize,
+    /// The long-poll window (default 10 s, as Phoenix).
+    pub longpoll_window: Duration,
 }
 
 impl Default for Config {
@@ -33,6 +35,7 @@ impl Default for Config {
         Config {
             idle_timeout: Duration::from_secs(60),
             outbound_limit: 4 << 20,
+            longpoll_window: Duration::from_secs(10),
         }
     }
 }
@@ -45,6 +48,7 @@ pub fn socket(endpoint: &Endpoint, config: &Config) -> SocketBuilder<UserSocket>
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
         .idle_timeout(config.idle_timeout)
         .outbound_limit(config.outbound_limit)
+        .longpoll(config.longpoll_window)
         .max_channels(100)
 }
 

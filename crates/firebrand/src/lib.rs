@@ -113,6 +113,7 @@ mod channel;
 mod conn;
 mod context;
 mod endpoint;
+mod longpoll;
 mod origin;
 pub mod presence;
 mod pubsub;

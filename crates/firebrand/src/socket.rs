@@ -183,6 +183,8 @@ pub(crate) struct SocketConfig {
     pub(crate) outbound_limit: usize,
     pub(crate) mailbox_limit: usize,
     pub(crate) write_timeout: Duration,
+    /// The long-poll poll window, when long-poll is on.
+    pub(crate) longpoll: Option<Duration>,
 }
 
 impl Default for SocketConfig {
@@ -195,6 +197,7 @@ impl Default for SocketConfig {
             outbound_limit: 4 << 20,
             mailbox_limit: 1024,
             write_timeout: Duration::from_secs(10),
+            longpoll: None,
         }
     }
 }
@@ -307,14 +310,36 @@ impl<S: Socket> SocketBuilder<S> {
         self
     }
 
-    /// The axum router serving this socket's transports: `GET /websocket`. Nest it under the
-    /// socket's path (the official client connects to `<endpoint>/websocket`).
+    /// Also serves the long-poll transport at `/longpoll` (off by default, as in Phoenix), for
+    /// clients without WebSocket and the official client's `longPollFallbackMs`. A poll waits
+    /// up to `window` for frames (Phoenix: 10 s); a session not polled for 1.5 windows ends.
+    pub fn longpoll(mut self, window: Duration) -> Self {
+        self.config.longpoll = Some(window);
+        self
+    }
+
+    /// The axum router serving this socket's transports: `/websocket` (and `/longpoll` when
+    /// enabled). Nest it under the socket's path: the official client connects to
+    /// `<endpoint>/websocket`.
     pub fn into_router(self) -> Router {
         let shared = self.into_shared();
-        Router::new().route(
+        let ws = shared.clone();
+        let router = Router::new().route(
             "/websocket",
-            any(move |req: Request| upgrade(shared.clone(), req)),
-        )
+            any(move |req: Request| upgrade(ws.clone(), req)),
+        );
+        match shared.config.longpoll {
+            None => router,
+            Some(window) => {
+                let lp = Arc::new(crate::longpoll::LongPoll::new(window));
+                router.route(
+                    "/longpoll",
+                    any(move |req: Request| {
+                        crate::longpoll::handle(shared.clone(), lp.clone(), req)
+                    }),
+                )
+            }
+        }
     }
 }
 
@@ -348,8 +373,97 @@ fn auth_token(headers: &HeaderMap) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// The WebSocket upgrade, checked in Phoenix's order: method (400), upgrade headers (400),
-/// origin (403), serializer `vsn` (403), then [`Socket::connect`] (its status).
+/// A request that passed the checks and `connect`.
+pub(crate) struct Accepted<A> {
+    pub(crate) assigns: A,
+    pub(crate) socket_id: Option<Arc<str>>,
+    pub(crate) serializer: Serializer,
+}
+
+/// Why a connection request was refused.
+pub(crate) enum Refusal {
+    Origin,
+    Vsn(firebrand_protocol::UnsupportedVsn),
+    Connect(ConnectError),
+}
+
+impl Refusal {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Origin | Refusal::Vsn(_) => StatusCode::FORBIDDEN,
+            Refusal::Connect(e) => e.status,
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Origin => (StatusCode::FORBIDDEN, "origin not allowed").into_response(),
+            Refusal::Vsn(e) => (StatusCode::FORBIDDEN, e.to_string()).into_response(),
+            Refusal::Connect(e) => e.into_response(),
+        }
+    }
+}
+
+/// Parses a request's query string into its params.
+pub(crate) fn query_params(uri: &Uri) -> Result<Vec<(String, String)>, Response> {
+    match uri.query() {
+        None => Ok(Vec::new()),
+        Some(q) => serde_urlencoded::from_str(q)
+            .map_err(|_| (StatusCode::BAD_REQUEST, "invalid query string").into_response()),
+    }
+}
+
+impl<S: Socket> Shared<S> {
+    /// The checks every transport makes, in Phoenix's order: origin, serializer `vsn`, then
+    /// [`Socket::connect`] and [`Socket::id`].
+    pub(crate) async fn accept(
+        &self,
+        parts: axum::http::request::Parts,
+        params: Vec<(String, String)>,
+        auth_token: Option<String>,
+    ) -> Result<Accepted<S::Assigns>, Refusal> {
+        if let Some(origin) = parts.headers.get(header::ORIGIN) {
+            let origin = origin.to_str().unwrap_or("");
+            if !self.config.check_origin.allows(origin) {
+                tracing::warn!(origin, "connection refused: origin not allowed");
+                return Err(Refusal::Origin);
+            }
+        }
+        let vsn = params
+            .iter()
+            .find(|(k, _)| k == "vsn")
+            .map(|(_, v)| v.as_str());
+        let serializer = Serializer::from_vsn(vsn).map_err(|e| {
+            tracing::debug!(error = %e, "connection refused");
+            Refusal::Vsn(e)
+        })?;
+        let info = ConnectInfo {
+            params,
+            auth_token,
+            peer_addr: parts
+                .extensions
+                .get::<AxumConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+            uri: parts.uri,
+            headers: parts.headers,
+        };
+        let assigns = self
+            .handler
+            .connect(&info)
+            .await
+            .map_err(Refusal::Connect)?;
+        let socket_id = self.handler.id(&assigns).map(Arc::<str>::from);
+        Ok(Accepted {
+            assigns,
+            socket_id,
+            serializer,
+        })
+    }
+}
+
+/// The WebSocket upgrade: method (400), upgrade headers (400), then [`Shared::accept`].
 async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
     if req.method() != Method::GET {
         return StatusCode::BAD_REQUEST.into_response();
@@ -362,52 +476,21 @@ async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
             return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response();
         }
     };
-    let config = &shared.config;
-    if let Some(origin) = parts.headers.get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or("");
-        if !config.check_origin.allows(origin) {
-            tracing::warn!(origin, "WebSocket refused: origin not allowed");
-            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-        }
-    }
-    let params: Vec<(String, String)> = match parts.uri.query() {
-        None => Vec::new(),
-        Some(q) => match serde_urlencoded::from_str(q) {
-            Ok(p) => p,
-            Err(_) => return (StatusCode::BAD_REQUEST, "invalid query string").into_response(),
-        },
+    let params = match query_params(&parts.uri) {
+        Ok(p) => p,
+        Err(response) => return response,
     };
-    let vsn = params
-        .iter()
-        .find(|(k, _)| k == "vsn")
-        .map(|(_, v)| v.as_str());
-    let serializer = match Serializer::from_vsn(vsn) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(error = %e, "WebSocket refused");
-            return (StatusCode::FORBIDDEN, e.to_string()).into_response();
-        }
-    };
-    let info = ConnectInfo {
-        params,
-        auth_token: auth_token(&parts.headers),
-        peer_addr: parts
-            .extensions
-            .get::<AxumConnectInfo<SocketAddr>>()
-            .map(|c| c.0),
-        uri: parts.uri,
-        headers: parts.headers,
-    };
-    let assigns = match shared.handler.connect(&info).await {
+    let token = auth_token(&parts.headers);
+    let accepted = match shared.accept(parts, params, token).await {
         Ok(a) => a,
-        Err(refused) => return refused.into_response(),
+        Err(refusal) => return refusal.into_response(),
     };
-    let socket_id = shared.handler.id(&assigns).map(Arc::<str>::from);
+    let config = &shared.config;
     let args = crate::conn::ConnArgs {
         shared: shared.clone(),
-        assigns: Arc::new(assigns),
-        socket_id,
-        serializer,
+        assigns: Arc::new(accepted.assigns),
+        socket_id: accepted.socket_id,
+        serializer: accepted.serializer,
     };
     ws.protocols(["phoenix"])
         .max_message_size(config.max_frame_size)

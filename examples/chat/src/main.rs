@@ -47,18 +47,26 @@ struct NewMsg {
 
 fn valid_room(name: &str) -> bool {
     (1..=32).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 fn unix_now() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 impl Channel for Room {
     type Assigns = String;
     type Info = ();
 
-    async fn join(topic: &str, _params: Payload, _ctx: &JoinContext<'_, String>) -> Result<Joined<Self>, JoinError> {
+    async fn join(
+        topic: &str,
+        _params: Payload,
+        _ctx: &JoinContext<'_, String>,
+    ) -> Result<Joined<Self>, JoinError> {
         match topic.strip_prefix("room:") {
             Some(name) if valid_room(name) => Ok(Joined::new(Room)),
             _ => Err(JoinError::reason("rooms are named with a-z, 0-9, - and _")),
@@ -76,21 +84,33 @@ impl Channel for Room {
         ctx.push("presence_state", list);
     }
 
-    async fn handle_in(&mut self, event: &str, payload: Payload, ctx: &mut ChannelContext<Self>) -> HandleResult {
+    async fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        ctx: &mut ChannelContext<Self>,
+    ) -> HandleResult {
         match event {
             "new_msg" => {
                 // A payload of the wrong shape is answered with an error reply by `?`.
                 let msg: NewMsg = payload.decode()?;
                 let body = msg.body.trim();
                 if body.is_empty() || body.chars().count() > 1000 {
-                    return Err(Reply::error(json!({"reason": "a message has 1 to 1000 characters"})));
+                    return Err(Reply::error(
+                        json!({"reason": "a message has 1 to 1000 characters"}),
+                    ));
                 }
                 let at = u64::try_from(unix_now().as_millis()).unwrap_or(u64::MAX);
                 // Everyone in the room gets it, the sender included; the sender also gets "ok".
-                ctx.broadcast("new_msg", json!({ "user": ctx.assigns(), "body": body, "at": at }));
+                ctx.broadcast(
+                    "new_msg",
+                    json!({ "user": ctx.assigns(), "body": body, "at": at }),
+                );
                 Ok(Some(Reply::ok(json!({}))))
             }
-            _ => Err(Reply::error(json!({"reason": format!("unknown event {event:?}")}))),
+            _ => Err(Reply::error(
+                json!({"reason": format!("unknown event {event:?}")}),
+            )),
         }
     }
 }
@@ -100,7 +120,10 @@ const APP_JS: &str = include_str!("../assets/app.js");
 const PHOENIX_JS: &str = include_str!(concat!(env!("OUT_DIR"), "/phoenix.mjs"));
 
 fn javascript(source: &'static str) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], source)
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        source,
+    )
 }
 
 fn app(endpoint: &Endpoint) -> Router {
@@ -108,11 +131,16 @@ fn app(endpoint: &Endpoint) -> Router {
         .socket(ChatSocket)
         .channel::<Room>("room:*")
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
+        // Browsers that cannot open a WebSocket fall back to long-poll.
+        .longpoll(Duration::from_secs(10))
         .into_router();
     Router::new()
         .route("/", get(|| async { Html(INDEX) }))
         .route("/assets/app.js", get(|| async { javascript(APP_JS) }))
-        .route("/assets/phoenix.mjs", get(|| async { javascript(PHOENIX_JS) }))
+        .route(
+            "/assets/phoenix.mjs",
+            get(|| async { javascript(PHOENIX_JS) }),
+        )
         .nest("/socket", socket)
 }
 
@@ -146,10 +174,16 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
-    println!("chat listening on http://127.0.0.1:{}", listener.local_addr()?.port());
-    axum::serve(listener, app(&endpoint).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    println!(
+        "chat listening on http://127.0.0.1:{}",
+        listener.local_addr()?.port()
+    );
+    axum::serve(
+        listener,
+        app(&endpoint).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     endpoint.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }

@@ -325,8 +325,17 @@ fn phx_ref(d: Dot) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// A random replica id (no RNG dependency: the std hasher is randomly keyed per process).
-fn rand_u64() -> u64 {
+/// 32 random bytes, for keys of this process (see [`rand_u64`]).
+pub(crate) fn random_bytes() -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for chunk in out.chunks_mut(8) {
+        chunk.copy_from_slice(&rand_u64().to_le_bytes());
+    }
+    out
+}
+
+/// A random u64 (no RNG dependency: each std `RandomState` is randomly keyed).
+pub(crate) fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1,0 +1,359 @@
+//! The long-poll transport over raw HTTP, case by case (PROTOCOL.md §3.1).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use firebrand_conformance::Config;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Http {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Http {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on its own connection.
+async fn http(
+    s: &Server,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Http {
+    let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT * 3, tcp.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| {
+            l.split_once(": ")
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
+        .collect::<Vec<_>>();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v == "chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Http {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}
+
+const LP: &str = "/socket/longpoll?vsn=2.0.0";
+
+/// Starts a session; returns its token.
+async fn session(s: &Server, params: &str) -> String {
+    let r = http(s, "GET", &format!("{LP}{params}"), &[], "").await;
+    let v = r.json();
+    assert_eq!(v["status"], 410, "{v}");
+    v["token"].as_str().unwrap().to_owned()
+}
+
+async fn post(s: &Server, token: &str, ndjson: bool, body: &str) -> Value {
+    let ct = if ndjson {
+        "application/x-ndjson"
+    } else {
+        "text/plain"
+    };
+    http(
+        s,
+        "POST",
+        LP,
+        &[("x-phoenix-longpoll-token", token), ("content-type", ct)],
+        body,
+    )
+    .await
+    .json()
+}
+
+/// Polls until `n` messages have arrived (each poll returns what is buffered).
+async fn poll_messages(s: &Server, token: &str, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let v = http(s, "GET", &format!("{LP}&token={token}"), &[], "")
+            .await
+            .json();
+        assert!(v["status"] == 200 || v["status"] == 204, "{v}");
+        for m in v["messages"].as_array().unwrap() {
+            got.push(serde_json::from_str(m.as_str().unwrap()).unwrap());
+        }
+    }
+    got
+}
+
+fn config(window_ms: u64) -> Config {
+    Config {
+        longpoll_window: Duration::from_millis(window_ms),
+        ..Config::default()
+    }
+}
+
+#[tokio::test]
+async fn session_start_headers_and_refusals() {
+    let s = start_with(config(2000)).await;
+    let r = http(&s, "GET", &format!("{LP}&user=lp"), &[], "").await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(
+        (v["status"].clone(), v["messages"].clone()),
+        (json!(410), json!([]))
+    );
+    assert!(v["token"].as_str().unwrap().len() > 20);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    // `token=bad` is not a session token: a new session's connect refuses it.
+    assert_eq!(
+        http(&s, "GET", &format!("{LP}&token=bad"), &[], "")
+            .await
+            .json(),
+        json!({"status": 403})
+    );
+    let evil = http(&s, "GET", LP, &[("origin", "http://evil.example")], "")
+        .await
+        .json();
+    assert_eq!(evil, json!({"status": 403}));
+    assert_eq!(
+        http(&s, "GET", "/socket/longpoll?vsn=9.0.0", &[], "")
+            .await
+            .json(),
+        json!({"status": 403})
+    );
+    assert_eq!(
+        post(&s, "not-a-token", false, "[]").await,
+        json!({"status": 410})
+    );
+    let options = http(
+        &s,
+        "OPTIONS",
+        LP,
+        &[("access-control-request-headers", "x-phoenix-longpoll-token")],
+        "",
+    )
+    .await;
+    assert_eq!(options.status, 200);
+    assert_eq!(
+        options.header("access-control-allow-headers"),
+        Some("x-phoenix-longpoll-token")
+    );
+    assert_eq!(
+        options.header("access-control-allow-methods"),
+        Some("get, post, options")
+    );
+    assert_eq!(options.header("access-control-max-age"), Some("3600"));
+    assert_eq!(http(&s, "PUT", LP, &[], "").await.status, 400);
+}
+
+#[tokio::test]
+async fn join_push_and_poll_as_in_the_phoenix_transcript() {
+    let s = start_with(config(2000)).await;
+    let token = session(&s, "&user=lp").await;
+    assert_eq!(
+        post(&s, &token, false, r#"["1","1","room:lobby","phx_join",{}]"#).await,
+        json!({"status": 200})
+    );
+    let batch = "[null,\"2\",\"phoenix\",\"heartbeat\",{}]\n[\"1\",\"3\",\"room:lobby\",\"ping\",{\"lp\":true}]\n";
+    assert_eq!(post(&s, &token, true, batch).await, json!({"status": 200}));
+    let got = poll_messages(&s, &token, 5).await;
+    let replies: Vec<&Value> = got.iter().filter(|m| m[3] == "phx_reply").collect();
+    assert_eq!(
+        replies[0],
+        &ok_reply(Some("1"), "1", "room:lobby", json!({}))
+    );
+    assert_eq!(replies[1], &ok_reply(None, "2", "phoenix", json!({})));
+    assert_eq!(
+        replies[2],
+        &ok_reply(Some("1"), "3", "room:lobby", json!({"lp": true}))
+    );
+    assert!(
+        got.iter()
+            .any(|m| m[3] == "presence_state" && m[4]["lp"]["metas"].is_array())
+    );
+    assert!(got.iter().any(|m| m[3] == "presence_diff"));
+
+    assert_eq!(
+        post(
+            &s,
+            &token,
+            false,
+            r#"["1","4","room:lobby","phx_leave",{}]"#
+        )
+        .await,
+        json!({"status": 200})
+    );
+    let got = poll_messages(&s, &token, 2).await;
+    assert_eq!(got[0], ok_reply(Some("1"), "4", "room:lobby", json!({})));
+    assert_eq!(got[1], json!(["1", "1", "room:lobby", "phx_close", {}]));
+}
+
+#[tokio::test]
+async fn an_empty_poll_ends_with_204_after_the_window() {
+    let s = start_with(config(200)).await;
+    let token = session(&s, "").await;
+    let v = http(&s, "GET", &format!("{LP}&token={token}"), &[], "")
+        .await
+        .json();
+    assert_eq!(
+        (v["status"].clone(), v["messages"].clone()),
+        (json!(204), json!([]))
+    );
+}
+
+#[tokio::test]
+async fn broadcasts_cross_transports() {
+    let s = start_with(config(2000)).await;
+    let token = session(&s, "").await;
+    post(&s, &token, false, r#"["1","1","room:mix","phx_join",{}]"#).await;
+    assert_eq!(
+        poll_messages(&s, &token, 1).await[0],
+        ok_reply(Some("1"), "1", "room:mix", json!({"joined": "mix"}))
+    );
+    let mut ws = s.client("").await;
+    ws.join("1", "room:mix", json!({"joined": "mix"})).await;
+    ws.send(json!(["1", "2", "room:mix", "new_msg", {"from": "ws"}]))
+        .await;
+    assert_eq!(
+        poll_messages(&s, &token, 1).await[0],
+        json!([null, null, "room:mix", "new_msg", {"from": "ws"}])
+    );
+    post(
+        &s,
+        &token,
+        false,
+        r#"["1","2","room:mix","new_msg",{"from":"lp"}]"#,
+    )
+    .await;
+    ws.expect(json!([null, null, "room:mix", "new_msg", {"from": "ws"}]))
+        .await;
+    ws.expect(json!([null, null, "room:mix", "new_msg", {"from": "lp"}]))
+        .await;
+}
+
+#[tokio::test]
+async fn only_the_first_100_lines_of_a_post_are_processed() {
+    let s = start_with(config(2000)).await;
+    let token = session(&s, "").await;
+    let body: String = (0..150)
+        .map(|i| format!("[null,\"{i}\",\"phoenix\",\"heartbeat\",{{}}]\n"))
+        .collect();
+    assert_eq!(post(&s, &token, true, &body).await, json!({"status": 200}));
+    let got = poll_messages(&s, &token, 100).await;
+    assert_eq!(got.len(), 100);
+    assert_eq!(got[99][1], "99");
+    // Nothing more was queued: the next poll is empty.
+    let v = http(&s, "GET", &format!("{LP}&token={token}"), &[], "")
+        .await
+        .json();
+    assert_eq!(v["status"], 204);
+}
+
+#[tokio::test]
+async fn a_session_that_is_not_polled_ends_and_its_presence_leaves() {
+    let s = start_with(config(200)).await;
+    let mut watcher = s.presence_client("user=watcher").await;
+    watcher
+        .send(json!(["1", "1", "room:lp", "phx_join", {}]))
+        .await;
+    let token = session(&s, "&user=ghost").await;
+    post(&s, &token, false, r#"["1","1","room:lp","phx_join",{}]"#).await;
+    // The watcher sees the long-poll user join, then leave once the session times out (300 ms).
+    let mut joined = false;
+    loop {
+        let f = watcher.recv_json().await;
+        if f[3] == "presence_diff" && f[4]["joins"].get("ghost").is_some() {
+            joined = true;
+        }
+        if f[3] == "presence_diff" && f[4]["leaves"].get("ghost").is_some() {
+            break;
+        }
+    }
+    assert!(joined);
+    assert_eq!(
+        post(&s, &token, false, r#"[null,"2","phoenix","heartbeat",{}]"#).await,
+        json!({"status": 410})
+    );
+    assert_eq!(
+        http(&s, "GET", &format!("{LP}&token={token}"), &[], "")
+            .await
+            .json()["status"],
+        410
+    );
+}
+
+#[tokio::test]
+async fn undecodable_lines_are_refused_with_400() {
+    let s = start_with(config(2000)).await;
+    let token = session(&s, "").await;
+    let r = http(
+        &s,
+        "POST",
+        LP,
+        &[("x-phoenix-longpoll-token", &token)],
+        "[\"1\",\"1\"]",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("malformed frame"), "{}", r.body);
+}
