@@ -131,9 +131,8 @@ pub(crate) async fn handle<S: Socket>(
     if parts.method != Method::GET && parts.method != Method::POST {
         return StatusCode::BAD_REQUEST.into_response();
     }
-    let params = match query_params(&parts.uri) {
-        Ok(p) => p,
-        Err(response) => return response,
+    let Some(params) = query_params(&parts.uri) else {
+        return (StatusCode::BAD_REQUEST, "invalid query string").into_response();
     };
     let session = lp.session(token(&parts.headers, &params));
     let method = parts.method.clone();

@@ -406,12 +406,11 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Parses a request's query string into its params.
-pub(crate) fn query_params(uri: &Uri) -> Result<Vec<(String, String)>, Response> {
+/// A request's query params; `None` when the query string is malformed (answer 400).
+pub(crate) fn query_params(uri: &Uri) -> Option<Vec<(String, String)>> {
     match uri.query() {
-        None => Ok(Vec::new()),
-        Some(q) => serde_urlencoded::from_str(q)
-            .map_err(|_| (StatusCode::BAD_REQUEST, "invalid query string").into_response()),
+        None => Some(Vec::new()),
+        Some(q) => serde_urlencoded::from_str(q).ok(),
     }
 }
 
@@ -476,9 +475,8 @@ async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
             return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response();
         }
     };
-    let params = match query_params(&parts.uri) {
-        Ok(p) => p,
-        Err(response) => return response,
+    let Some(params) = query_params(&parts.uri) else {
+        return (StatusCode::BAD_REQUEST, "invalid query string").into_response();
     };
     let token = auth_token(&parts.headers);
     let accepted = match shared.accept(parts, params, token).await {
