@@ -16,7 +16,9 @@ fn parse_port() -> anyhow::Result<u16> {
                 port = v.parse().with_context(|| format!("invalid port {v:?}"))?;
             }
             "-h" | "--help" => {
-                println!("usage: conformance [--port PORT]   (default 4000; env IDLE_TIMEOUT_MS)");
+                println!(
+                    "usage: conformance [--port PORT]   (default 4000; env IDLE_TIMEOUT_MS, DRAIN_MS)"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (usage: conformance [--port PORT])"),
@@ -62,7 +64,16 @@ async fn main() -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(shutdown_signal())
     .await?;
-    let open = endpoint.shutdown(Duration::from_secs(10)).await;
+    // Drain: close the sockets (1012) in batches spread over DRAIN_MS (default 1 s), so that
+    // clients reconnect gradually; give up on stragglers after 30 s.
+    let period = match std::env::var("DRAIN_MS") {
+        Ok(ms) => Duration::from_millis(
+            ms.parse()
+                .with_context(|| format!("invalid DRAIN_MS {ms:?}"))?,
+        ),
+        Err(_) => Duration::from_secs(1),
+    };
+    let open = endpoint.drain(period, Duration::from_secs(30)).await;
     if open > 0 {
         tracing::warn!(open, "connections still open at the shutdown deadline");
     }

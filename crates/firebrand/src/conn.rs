@@ -13,7 +13,7 @@ use firebrand_protocol::{Message, Payload, Serializer};
 use futures_util::SinkExt;
 use tokio::time::{Instant, sleep, timeout};
 
-use crate::channel::Reply;
+use crate::channel::{Reply, StopReason};
 use crate::context::Wire;
 use crate::endpoint::Registered;
 use crate::pubsub::{SubId, Target};
@@ -86,14 +86,14 @@ impl<S: Socket> Conn<S> {
 }
 
 impl<S: Socket> Conn<S> {
-    /// Ends the connection's channels (they terminate with `StopReason::Closed`) and its
-    /// socket id subscription. Frames queued from then on are dropped. Idempotent; the
-    /// endpoint registration lasts until the `Conn` is dropped.
-    pub(crate) fn end(&mut self) {
+    /// Ends the connection's channels (they terminate with `reason`) and its socket id
+    /// subscription. Frames queued from then on are dropped. Idempotent; the endpoint
+    /// registration lasts until the `Conn` is dropped.
+    pub(crate) fn end(&mut self, reason: StopReason) {
         self.wire.outbox.close(Close::ENDED);
         drop(self.wire.outbox.take());
         for (_, ch) in self.channels.drain() {
-            ch.inbox.socket_closed();
+            ch.inbox.socket_closed(reason.clone());
         }
         if let (Some(id), Some(sub)) = (&self.socket_id, self.id_sub.take()) {
             self.shared.endpoint.pubsub().unsubscribe(id, sub);
@@ -103,7 +103,7 @@ impl<S: Socket> Conn<S> {
 
 impl<S: Socket> Drop for Conn<S> {
     fn drop(&mut self) {
-        self.end();
+        self.end(StopReason::Closed);
     }
 }
 
@@ -144,7 +144,10 @@ pub(crate) async fn run<S: Socket>(mut ws: WebSocket, args: ConnArgs<S>) {
             () = &mut idle => break End::Close(Close::IDLE),
         }
     };
-    conn.end();
+    conn.end(match &end {
+        End::Close(c) => c.stop_reason(),
+        _ => StopReason::Closed,
+    });
 
     let frame = match end {
         End::Gone => None,

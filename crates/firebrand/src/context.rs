@@ -60,8 +60,8 @@ pub(crate) enum ChannelMsg<M> {
     },
     Out(Broadcast),
     Info(Info<M>),
-    /// The connection has closed.
-    Closed,
+    /// The connection has closed: `Closed`, or `Shutdown` when the server is draining.
+    Closed(StopReason),
 }
 
 impl<M: Send + 'static> Inbox for Mailbox<ChannelMsg<M>> {

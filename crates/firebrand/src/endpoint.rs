@@ -200,13 +200,40 @@ impl Endpoint {
         }
     }
 
-    /// Closes every connection with code 1012 (service restart; the official client
-    /// reconnects, to another node behind a load balancer) and waits until all have closed or
-    /// `deadline` has passed. Channels terminate with
-    /// [`StopReason::Closed`](crate::StopReason::Closed). Returns the number still open.
-    ///
-    /// Stop accepting connections first (e.g. axum's `with_graceful_shutdown`).
+    /// Closes every connection now with code 1012 and waits up to `deadline` for them to be
+    /// gone: [`drain`](Endpoint::drain) with no spreading. Returns the number still open.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
+        self.drain(Duration::ZERO, deadline).await
+    }
+
+    /// Drains the node for a restart: closes its connections with code 1012 (service restart)
+    /// in batches spread evenly over `period` — so that clients reconnect (to other nodes
+    /// behind a load balancer) a few at a time, not all at once — then waits until they are all
+    /// gone or `deadline` (from the start) has passed. Their channels terminate with
+    /// [`StopReason::Shutdown`](crate::StopReason::Shutdown) and their presences leave.
+    /// Returns the number of connections still open at the end.
+    ///
+    /// Stop accepting connections first (e.g. axum's `with_graceful_shutdown`); connections
+    /// that arrive meanwhile are closed at the end of the period.
+    ///
+    /// ```no_run
+    /// # async fn f(endpoint: firebrand::Endpoint) {
+    /// use std::time::Duration;
+    /// let still_open = endpoint.drain(Duration::from_secs(10), Duration::from_secs(30)).await;
+    /// # }
+    /// ```
+    pub async fn drain(&self, period: Duration, deadline: Duration) -> usize {
+        const TICK: Duration = Duration::from_millis(50);
+        let start = tokio::time::Instant::now();
+        let conns: Vec<_> = self.inner.conns.lock().values().cloned().collect();
+        let ticks = (period.as_millis() / TICK.as_millis()).max(1) as usize;
+        let per_tick = conns.len().div_ceil(ticks).max(1);
+        for (i, batch) in conns.chunks(per_tick).enumerate() {
+            tokio::time::sleep_until(start + TICK * i as u32).await;
+            for outbox in batch {
+                outbox.close(Close::SHUTDOWN);
+            }
+        }
         let wait = async {
             loop {
                 let notified = self.inner.all_closed.notified();
@@ -220,7 +247,7 @@ impl Endpoint {
                 notified.await;
             }
         };
-        let _ = tokio::time::timeout(deadline, wait).await;
+        let _ = tokio::time::timeout_at(start + deadline, wait).await;
         self.inner.conns.lock().len()
     }
 

@@ -230,6 +230,7 @@ async fn run<S: Socket>(
 ) {
     let outbox = conn.outbox().clone();
     let inactive = lp.window * 3 / 2;
+    let mut reason = crate::StopReason::Closed;
     loop {
         let deadline = {
             let buf = session.buf.lock();
@@ -255,7 +256,8 @@ async fn run<S: Socket>(
                 }
                 drop(buf);
                 session.arrived.notify_waiters();
-                if batch.close.is_some() {
+                if let Some(close) = batch.close {
+                    reason = close.stop_reason();
                     break;
                 }
             }
@@ -278,7 +280,7 @@ async fn run<S: Socket>(
     lp.sessions.lock().remove(&id);
     session.buf.lock().ended = true;
     session.arrived.notify_waiters();
-    conn.end();
+    conn.end(reason);
 }
 
 /// GET with a session: frames already waiting, or the next ones within the window, or 204.

@@ -57,6 +57,17 @@ impl Close {
     };
 }
 
+impl Close {
+    /// How the connection's channels see this close: `Shutdown` when the server drains.
+    pub(crate) fn stop_reason(&self) -> crate::StopReason {
+        if *self == Close::SHUTDOWN {
+            crate::StopReason::Shutdown
+        } else {
+            crate::StopReason::Closed
+        }
+    }
+}
+
 /// Events for the connection task that are not frames.
 #[derive(Debug)]
 pub(crate) enum ConnEvent {

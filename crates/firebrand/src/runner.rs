@@ -54,7 +54,7 @@ pub(crate) trait ChannelInbox: Send + Sync {
         r#ref: Option<String>,
     ) -> Result<(), InRejected>;
     fn leave(&self, r#ref: Option<String>);
-    fn socket_closed(&self);
+    fn socket_closed(&self, reason: StopReason);
 }
 
 impl<M: Send + 'static> ChannelInbox for Mailbox<ChannelMsg<M>> {
@@ -79,8 +79,8 @@ impl<M: Send + 'static> ChannelInbox for Mailbox<ChannelMsg<M>> {
         self.push_always(ChannelMsg::Leave { r#ref });
     }
 
-    fn socket_closed(&self) {
-        self.push_always(ChannelMsg::Closed);
+    fn socket_closed(&self, reason: StopReason) {
+        self.push_always(ChannelMsg::Closed(reason));
     }
 }
 
@@ -272,8 +272,8 @@ impl<C: Channel> Runner<C> {
                 }
                 ChannelMsg::Out(broadcast) => channel.handle_out(broadcast, ctx).await,
                 ChannelMsg::Info(info) => channel.handle_info(info, ctx).await,
-                ChannelMsg::Closed => {
-                    channel.terminate(&StopReason::Closed, ctx).await;
+                ChannelMsg::Closed(reason) => {
+                    channel.terminate(&reason, ctx).await;
                     return;
                 }
             }

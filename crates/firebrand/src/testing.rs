@@ -84,7 +84,7 @@ use firebrand_protocol::{Encoded, Message, Payload, Serializer, ServerMessage};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::channel::Reply;
+use crate::channel::{Reply, StopReason};
 use crate::conn::{Conn, ConnArgs};
 use crate::socket::{ConnectError, ConnectInfo, Shared, Socket, SocketBuilder};
 
@@ -147,6 +147,7 @@ async fn drive<S: Socket>(
     to_client: mpsc::UnboundedSender<Received>,
 ) {
     let outbox = conn.outbox().clone();
+    let mut reason = StopReason::Closed;
     loop {
         tokio::select! {
             () = outbox.ready() => {
@@ -160,6 +161,7 @@ async fn drive<S: Socket>(
                     }
                 }
                 if let Some(close) = batch.close {
+                    reason = close.stop_reason();
                     let _ = to_client.send(Received::Closed { code: close.code, reason: close.reason.to_owned() });
                     break;
                 }
@@ -170,7 +172,7 @@ async fn drive<S: Socket>(
             },
         }
     }
-    conn.end();
+    conn.end(reason);
 }
 
 /// A frame a [`TestClient`] received.

@@ -318,7 +318,7 @@ async fn terminate_sees_why_the_channel_ended() {
 
 #[tokio::test]
 async fn shutdown_closes_every_connection_with_1012() {
-    let h = start().await;
+    let mut h = start().await;
     let token = h.signer.sign(&3u64);
     let (mut a, _) = h.connect(&format!("token={token}"), None).await.unwrap();
     let (mut b, _) = h.connect(&format!("token={token}"), None).await.unwrap();
@@ -329,6 +329,7 @@ async fn shutdown_closes_every_connection_with_1012() {
     let shutdown = tokio::spawn(async move { endpoint.shutdown(WAIT).await });
     assert_eq!(recv(&mut a).await, json!({"close": 1012}));
     assert_eq!(recv(&mut b).await, json!({"close": 1012}));
+    assert_eq!(h.events.recv().await.unwrap(), "terminate Shutdown");
     drop((a, b));
     assert_eq!(shutdown.await.unwrap(), 0);
     assert_eq!(h.endpoint.stats().connections, 0);

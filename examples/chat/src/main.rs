@@ -184,6 +184,9 @@ async fn main() -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(shutdown_signal())
     .await?;
-    endpoint.shutdown(Duration::from_secs(5)).await;
+    // Close the sockets gradually (code 1012: the page reconnects) before exiting.
+    endpoint
+        .drain(Duration::from_secs(2), Duration::from_secs(10))
+        .await;
     Ok(())
 }
