@@ -159,39 +159,44 @@ impl Channel {
         }
     }
 
-    /// Pushes `event` with `payload` (JSON, or [`Payload::binary`] for a V2 binary frame).
+    /// Pushes `event` with `payload` (JSON, or [`Payload::binary`] for a V2 binary frame), with
+    /// the socket's [`timeout`](crate::SocketBuilder::timeout) (default 10 s).
     ///
     /// The push is queued when this is called: sent now if the channel is joined, else buffered
-    /// until it (re)joins. Awaiting the returned [`Push`] waits for the reply: the `ok`
-    /// response, or a [`PushError`]. Dropping it does not cancel the push.
+    /// until it (re)joins (and dropped if its timeout passes first). Awaiting the returned
+    /// [`Push`] waits for the reply: the `ok` response, or a [`PushError`]. Dropping it does not
+    /// cancel the push; the reply is then ignored.
     pub fn push(&self, event: impl Into<String>, payload: impl Into<Payload>) -> Push {
+        self.push_with_timeout(event, payload, self.inner.timeout)
+    }
+
+    /// [`push`](Channel::push) with its own timeout, counted from this call (time spent
+    /// buffered while the channel joins counts too).
+    pub fn push_with_timeout(
+        &self,
+        event: impl Into<String>,
+        payload: impl Into<Payload>,
+        timeout: Duration,
+    ) -> Push {
         let (tx, rx) = oneshot::channel();
-        let event = event.into();
-        let payload = payload.into();
-        let state = if payload.is_binary() && event.len() > 255 {
-            Err(PushError::FieldTooLong {
-                field: "event",
-                len: event.len(),
-            })
-        } else if payload.is_binary() && self.topic().len() > 255 {
-            Err(PushError::FieldTooLong {
-                field: "topic",
-                len: self.topic().len(),
-            })
-        } else {
-            self.send(Command::Push {
-                id: self.inner.id,
-                event,
-                payload,
-                done: tx,
-            });
-            Ok(rx)
+        let (event, payload) = (event.into(), payload.into());
+        let deadline = Instant::now() + timeout;
+        let too_long =
+            |field, len: usize| (payload.is_binary() && len > 255).then_some((field, len));
+        let state = match too_long("event", event.len()).or(too_long("topic", self.topic().len())) {
+            Some((field, len)) => Err(PushError::FieldTooLong { field, len }),
+            None => {
+                self.send(Command::Push {
+                    id: self.inner.id,
+                    event,
+                    payload,
+                    deadline,
+                    done: tx,
+                });
+                Ok(rx)
+            }
         };
-        Push {
-            state,
-            deadline: Instant::now() + self.inner.timeout,
-            started: Instant::now(),
-        }
+        Push { state, deadline }
     }
 
     /// Leaves the channel: sends `phx_leave` and closes the channel when the server answers, or
@@ -250,23 +255,11 @@ impl IntoFuture for Join {
     }
 }
 
-/// A push's reply: `.await` it, optionally after setting [`Push::timeout`].
-///
-/// The timeout counts from the call to [`Channel::push`] (default: the socket's
-/// [`timeout`](crate::SocketBuilder::timeout), 10 s).
+/// A push's reply: `.await` it for the `ok` response or a [`PushError`].
 #[derive(Debug)]
 pub struct Push {
     state: Result<oneshot::Receiver<Result<Payload, PushError>>, PushError>,
     deadline: Instant,
-    started: Instant,
-}
-
-impl Push {
-    /// Waits at most `timeout` (from the call to `push`) for the reply.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.deadline = self.started + timeout;
-        self
-    }
 }
 
 impl IntoFuture for Push {

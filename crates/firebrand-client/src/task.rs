@@ -1,7 +1,8 @@
 //! The socket task: owns the connection and every channel's state; handles and timers talk to
 //! it through one command queue, so all state changes happen in one place, in order.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -50,6 +51,7 @@ pub(crate) enum Command {
         id: ChanId,
         event: String,
         payload: Payload,
+        deadline: Instant,
         done: Reply<Payload, PushError>,
     },
     Leave {
@@ -92,6 +94,7 @@ enum State {
 struct Buffered {
     event: String,
     payload: Payload,
+    deadline: Instant,
     done: Reply<Payload, PushError>,
 }
 
@@ -162,6 +165,8 @@ pub(crate) struct Task {
     chans: Vec<Chan>,
     /// Pushes sent and waiting for their reply, by ref.
     pending: HashMap<String, (ChanId, Reply<Payload, PushError>)>,
+    /// When each pending push times out: its entry is then removed.
+    expiries: BinaryHeap<Reverse<(Instant, String)>>,
     heartbeat_at: Option<Instant>,
     heartbeat_pending: Option<(String, Instant)>,
     socket_subs: Vec<mpsc::UnboundedSender<SocketEvent>>,
@@ -216,6 +221,7 @@ impl Task {
             last_ref: 0,
             chans: Vec::new(),
             pending: HashMap::new(),
+            expiries: BinaryHeap::new(),
             heartbeat_at: None,
             heartbeat_pending: None,
             socket_subs: Vec::new(),
@@ -359,8 +365,7 @@ impl Task {
                 _ => {}
             }
         }
-        // Replies to pushes in flight will not come; their callers time out (as in phoenix.js).
-        self.pending.retain(|_, (_, done)| !done.is_closed());
+        // Replies to pushes in flight will not come; they time out (as in phoenix.js).
         self.schedule_reconnect();
     }
 
@@ -477,9 +482,12 @@ impl Task {
                 c.emit(ChannelEvent::Joined {
                     response: payload.clone(),
                 });
+                let now = Instant::now();
                 for b in std::mem::take(&mut c.buffer) {
-                    if !b.done.is_closed() {
-                        self.send_push(id, b.event, b.payload, b.done);
+                    if b.deadline > now {
+                        self.send_push(id, b.event, b.payload, b.deadline, b.done);
+                    } else {
+                        let _ = b.done.send(Err(PushError::Timeout));
                     }
                 }
             } else {
@@ -656,6 +664,7 @@ impl Task {
         id: ChanId,
         event: String,
         payload: Payload,
+        deadline: Instant,
         done: Reply<Payload, PushError>,
     ) {
         let r = self.make_ref();
@@ -666,6 +675,7 @@ impl Task {
         let (jr, topic) = (c.join_ref.clone(), c.topic.clone());
         match self.send_frame(jr.as_deref(), &r, &topic, &event, &payload) {
             Ok(()) => {
+                self.expiries.push(Reverse((deadline, r.clone())));
                 self.pending.insert(r, (id, done));
             }
             Err(e) => {
@@ -726,6 +736,7 @@ impl Task {
                 id,
                 event,
                 payload,
+                deadline,
                 done,
             } => {
                 let open = self.is_open();
@@ -738,11 +749,12 @@ impl Task {
                 } else if c.state == State::Leaving {
                     let _ = done.send(Err(PushError::Closed));
                 } else if open && c.state == State::Joined {
-                    self.send_push(id, event, payload, done);
+                    self.send_push(id, event, payload, deadline, done);
                 } else {
                     c.buffer.push(Buffered {
                         event,
                         payload,
+                        deadline,
                         done,
                     });
                 }
@@ -824,6 +836,7 @@ impl Task {
             ]
         });
         [
+            self.expiries.peek().map(|Reverse((t, _))| *t),
             self.reconnect_at,
             self.heartbeat_at,
             self.heartbeat_pending.as_ref().map(|(_, d)| *d),
@@ -835,6 +848,16 @@ impl Task {
     }
 
     fn timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, _))) = self.expiries.peek() {
+            if *t > now {
+                break;
+            }
+            if let Some(Reverse((_, r))) = self.expiries.pop() {
+                if let Some((_, done)) = self.pending.remove(&r) {
+                    let _ = done.send(Err(PushError::Timeout));
+                }
+            }
+        }
         if self.reconnect_at.is_some_and(|t| t <= now) {
             self.reconnect_at = None;
             self.start_connect();

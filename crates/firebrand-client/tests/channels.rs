@@ -70,9 +70,7 @@ async fn a_refused_join_says_why() {
         }
     ));
     // Pushes wait for a join that will not come: they time out.
-    let push = private
-        .push("ping", j!({}))
-        .timeout(Duration::from_millis(50));
+    let push = private.push_with_timeout("ping", j!({}), Duration::from_millis(50));
     assert_eq!(push.await, Err(PushError::Timeout));
     assert_eq!(private.leave().await, Ok(()));
 }
@@ -83,11 +81,8 @@ async fn join_reply_and_push_timeout() {
     let socket = s.socket(&[]);
     let slow = socket.channel("room:slow", j!({}));
     assert_eq!(slow.join().await, Ok(json(j!({"joined": "slow"}))));
-    let push = slow.push("sleep", j!({"ms": 2000}));
-    assert_eq!(
-        push.timeout(Duration::from_millis(100)).await,
-        Err(PushError::Timeout)
-    );
+    let push = slow.push_with_timeout("sleep", j!({"ms": 2000}), Duration::from_millis(100));
+    assert_eq!(push.await, Err(PushError::Timeout));
 }
 
 #[tokio::test]
@@ -174,4 +169,24 @@ async fn dropping_every_handle_leaves_the_channel() {
     // The server untracks the presence when the channel ends: a leave diff reaches others.
     let diff = message(&mut we, "presence_diff").await.to_value().unwrap();
     assert!(diff["leaves"].get("dropper").is_some(), "{diff}");
+}
+
+#[tokio::test]
+async fn a_buffered_push_past_its_timeout_is_never_sent() {
+    let s = start().await;
+    let observer = s.socket(&[]);
+    let o = observer.channel("room:slow_join", j!({}));
+    let mut oe = o.events();
+    o.join().await.unwrap();
+
+    let socket = s.socket(&[]);
+    let ch = socket.channel("room:slow_join", j!({}));
+    let join = tokio::spawn(ch.join().into_future());
+    // Buffered behind the 500 ms join; its 50 ms timeout passes first.
+    let stale = ch.push_with_timeout("new_msg", j!({"n": 1}), Duration::from_millis(50));
+    assert_eq!(stale.await, Err(PushError::Timeout));
+    // Fire and forget: sent after the join although its handle is dropped.
+    drop(ch.push("new_msg", j!({"n": 2})));
+    join.await.unwrap().unwrap();
+    assert_eq!(message(&mut oe, "new_msg").await, json(j!({"n": 2})));
 }
