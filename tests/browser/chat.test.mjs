@@ -91,6 +91,36 @@ test("two users chat and see each other online, tabs and leaving included", asyn
   await bob.context().close()
 })
 
+test("without WebSocket the page falls back to long-poll and still chats", async () => {
+  // A page whose WebSocket never opens (as behind a proxy that blocks upgrades).
+  const context = await browser.newContext()
+  await context.addInitScript(() => {
+    window.WebSocket = class BlockedWebSocket {
+      static CONNECTING = 0; static OPEN = 1; static CLOSING = 2; static CLOSED = 3
+      constructor() {
+        this.readyState = 0
+        setTimeout(() => { this.readyState = 3; this.onerror?.(new Event("error")); this.onclose?.({code: 1006}) }, 10)
+      }
+      send() {}
+      close() {}
+    }
+  })
+  const longpolls = []
+  context.on("request", (r) => { if (r.url().includes("/socket/longpoll")) longpolls.push(r.url()) })
+  const dave = await open("dave", context)
+  const erin = await open("erin")
+  await online(dave, "erin").waitFor(WAIT)
+  await erin.fill("#body", "hello dave")
+  await erin.press("#body", "Enter")
+  await dave.locator("#messages li", {hasText: "hello dave"}).waitFor(WAIT)
+  await dave.fill("#body", "hi erin, over long-poll")
+  await dave.press("#body", "Enter")
+  await erin.locator("#messages li", {hasText: "over long-poll"}).waitFor(WAIT)
+  assert.ok(longpolls.length > 0, "the page used long-poll")
+  await context.close()
+  await erin.context().close()
+})
+
 test("the page shows that it is reconnecting when the server goes away", async () => {
   const carol = await open("carol")
   server.kill("SIGTERM")

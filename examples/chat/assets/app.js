@@ -23,7 +23,8 @@ if (user) {
 function start(user) {
   $("me").textContent = user
   // The server authenticates the socket in its `connect` callback from these params.
-  const socket = new Socket("/socket", {params: {user}})
+  // If the WebSocket cannot open (a proxy that blocks it), fall back to long-poll after 2.5 s.
+  const socket = new Socket("/socket", {params: {user}, longPollFallbackMs: 2500})
   // The client reconnects by itself (with backoff) and rejoins its channels: show it.
   socket.onOpen(() => setStatus("connected"))
   socket.onError(() => setStatus("reconnecting"))
