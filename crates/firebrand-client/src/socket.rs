@@ -230,7 +230,8 @@ impl Socket {
         Channel::new(id, topic, self.inner.cmd.clone(), self.inner.timeout)
     }
 
-    /// A new stream of the socket's events from now on.
+    /// A new stream of the socket's events from now on; it starts with
+    /// [`SocketEvent::Open`] when the socket is connected at the time.
     pub fn events(&self) -> SocketEvents {
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = self.inner.cmd.send(Command::SubscribeSocket { tx });

@@ -190,3 +190,19 @@ async fn a_buffered_push_past_its_timeout_is_never_sent() {
     join.await.unwrap().unwrap();
     assert_eq!(message(&mut oe, "new_msg").await, json(j!({"n": 2})));
 }
+
+#[tokio::test]
+async fn a_join_without_reply_in_time_times_out_and_errors() {
+    let s = start().await;
+    let socket = s.socket(&[]);
+    let ch = socket.channel("room:slow_join", j!({}));
+    let mut events = ch.events();
+    let join = ch.join().timeout(Duration::from_millis(100));
+    assert_eq!(join.await, Err(JoinError::Timeout));
+    assert_eq!(
+        next(&mut events).await,
+        ChannelEvent::Errored {
+            reason: ErrorReason::JoinTimeout
+        }
+    );
+}
