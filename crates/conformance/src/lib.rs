@@ -28,6 +28,10 @@ pub struct Config {
     pub outbound_limit: usize,
     /// The long-poll window (default 10 s, as Phoenix).
     pub longpoll_window: Duration,
+    /// Messages per second one client may send (default: no limit, as Phoenix).
+    pub message_rate: Option<u32>,
+    /// Joins per second one client may send (default: no limit, as Phoenix).
+    pub join_rate: Option<u32>,
 }
 
 impl Default for Config {
@@ -36,6 +40,8 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             outbound_limit: 4 << 20,
             longpoll_window: Duration::from_secs(10),
+            message_rate: None,
+            join_rate: None,
         }
     }
 }
@@ -49,6 +55,8 @@ pub fn socket(endpoint: &Endpoint, config: &Config) -> SocketBuilder<UserSocket>
         .idle_timeout(config.idle_timeout)
         .outbound_limit(config.outbound_limit)
         .longpoll(config.longpoll_window)
+        .message_rate(config.message_rate)
+        .join_rate(config.join_rate)
         .max_channels(100)
 }
 

@@ -16,6 +16,7 @@ use tokio::time::{Instant, sleep, timeout};
 use crate::channel::{Reply, StopReason};
 use crate::context::Wire;
 use crate::endpoint::Registered;
+use crate::limits::{Bucket, Limit};
 use crate::pubsub::{SubId, Target};
 use crate::queue::{Close, ConnEvent, Outbox};
 use crate::runner::{ChannelHandle, InRejected, SpawnArgs};
@@ -41,6 +42,9 @@ pub(crate) struct Conn<S: Socket> {
     channels: HashMap<String, ChannelHandle>,
     next_channel_id: u64,
     id_sub: Option<SubId>,
+    /// Rate limits on inbound messages and joins.
+    messages: Option<Bucket>,
+    joins: Option<Bucket>,
     _registered: Registered,
 }
 
@@ -71,7 +75,11 @@ impl<S: Socket> Conn<S> {
             wire: Wire {
                 outbox,
                 serializer: args.serializer,
+                pending: Arc::default(),
+                max_pending: args.shared.config.max_pending_replies,
             },
+            messages: args.shared.config.message_rate.map(Bucket::new),
+            joins: args.shared.config.join_rate.map(Bucket::new),
             channels: HashMap::new(),
             next_channel_id: 0,
             id_sub,
@@ -267,6 +275,11 @@ impl<S: Socket> Conn<S> {
 
     /// Handles one decoded client message.
     pub(crate) fn on_message(&mut self, msg: Message) {
+        if let Some(limit) = self.check_limits(&msg) {
+            self.shared.endpoint.count_limit(limit);
+            tracing::debug!(topic = %msg.topic, event = %msg.event, reason = limit.reason(), "message refused");
+            return self.error_reply(msg.join_ref.as_deref(), &msg, limit.reason());
+        }
         if msg.event == "phx_join" {
             return self.join(msg);
         }
@@ -329,6 +342,24 @@ impl<S: Socket> Conn<S> {
                 self.reply(join_ref.as_deref(), r#ref.as_deref(), &topic, &reply);
             }
         }
+    }
+
+    /// The limit `msg` hits, if any (see the `limits` module).
+    fn check_limits(&mut self, msg: &Message) -> Option<Limit> {
+        let config = &self.shared.config;
+        if self.messages.as_mut().is_some_and(|b| !b.take()) {
+            return Some(Limit::Rate);
+        }
+        if msg.event == "phx_join" && self.joins.as_mut().is_some_and(|b| !b.take()) {
+            return Some(Limit::Rate);
+        }
+        if msg.topic.len() > config.max_topic_len {
+            return Some(Limit::Topic);
+        }
+        if msg.payload.len() > config.max_payload {
+            return Some(Limit::Payload);
+        }
+        None
     }
 
     fn join(&mut self, msg: Message) {

@@ -7,6 +7,7 @@ use firebrand_protocol::{Outbound, Payload, Serializer};
 
 use crate::channel::{Channel, Info, Reply, StopReason};
 use crate::endpoint::Endpoint;
+use crate::limits::{Pending, PendingSlot};
 use crate::presence::PresenceError;
 use crate::presence::crdt::Owner;
 use crate::pubsub::{Broadcast, Inbox, SubId, Target, to_ws};
@@ -83,6 +84,9 @@ impl<M: Send + 'static> Inbox for Mailbox<ChannelMsg<M>> {
 pub(crate) struct Wire {
     pub(crate) outbox: Arc<Outbox>,
     pub(crate) serializer: Serializer,
+    /// The connection's outstanding async replies, and their limit.
+    pub(crate) pending: Arc<Pending>,
+    pub(crate) max_pending: usize,
 }
 
 impl Wire {
@@ -128,6 +132,8 @@ pub struct ChannelContext<C: Channel> {
     pub(crate) stop: Option<StopReason>,
     /// This channel as a presence owner, once it tracks something.
     pub(crate) owner: Option<Owner>,
+    /// `reply_later` was refused during the current `handle_in`.
+    pub(crate) reply_refused: bool,
 }
 
 impl<C: Channel> ChannelContext<C> {
@@ -179,13 +185,22 @@ impl<C: Channel> ChannelContext<C> {
     /// A handle to reply later to the push being handled (Phoenix's `socket_ref`).
     ///
     /// Returns `None` outside [`Channel::handle_in`] or when the push carried no ref.
-    pub fn reply_later(&self) -> Option<ReplyRef> {
+    ///
+    /// A connection holds at most [`max_pending_replies`](crate::SocketBuilder::max_pending_replies)
+    /// of these at once; past that this returns `None` and the client's push is answered
+    /// `{"reason":"too many pending replies"}` (unless the handler replies itself).
+    pub fn reply_later(&mut self) -> Option<ReplyRef> {
         let r#ref = self.current_ref.clone()?;
+        let Some(slot) = self.wire.pending.reserve(self.wire.max_pending) else {
+            self.reply_refused = true;
+            return None;
+        };
         Some(ReplyRef {
             wire: self.wire.clone(),
             topic: self.topic.clone(),
             join_ref: self.join_ref.clone(),
             r#ref,
+            _slot: Arc::new(slot),
         })
     }
 
@@ -266,6 +281,8 @@ pub struct ReplyRef {
     topic: Arc<str>,
     join_ref: Arc<str>,
     r#ref: String,
+    /// Counts against the connection's pending replies until the last clone is dropped.
+    _slot: Arc<PendingSlot>,
 }
 
 impl ReplyRef {

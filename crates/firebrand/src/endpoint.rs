@@ -9,6 +9,7 @@ use firebrand_protocol::Payload;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::limits::Limit;
 use crate::presence::{DiffSink, PresenceFetch, Tracker};
 use crate::pubsub::{Broadcast, PubSub, SubId};
 use crate::queue::{Close, Outbox};
@@ -41,6 +42,8 @@ struct Inner {
     deliveries: AtomicU64,
     slow_consumers: AtomicU64,
     protocol_errors: AtomicU64,
+    /// Per [`Limit`], in its declaration order.
+    limits: [AtomicU64; 4],
 }
 
 /// Counters of an [`Endpoint`], from [`Endpoint::stats`].
@@ -59,6 +62,14 @@ pub struct Stats {
     pub slow_consumers: u64,
     /// Connections closed for sending undecodable frames (code 1007).
     pub protocol_errors: u64,
+    /// Messages and joins refused by the rate limits.
+    pub rate_limited: u64,
+    /// Messages refused for a payload over `max_payload`.
+    pub payloads_too_large: u64,
+    /// Messages refused for a topic over `max_topic_len`.
+    pub topics_too_long: u64,
+    /// Pushes refused an async reply (`max_pending_replies`).
+    pub replies_refused: u64,
 }
 
 impl Default for Endpoint {
@@ -128,6 +139,7 @@ impl EndpointBuilder {
                 deliveries: AtomicU64::new(0),
                 slow_consumers: AtomicU64::new(0),
                 protocol_errors: AtomicU64::new(0),
+                limits: Default::default(),
             }),
         }
     }
@@ -197,6 +209,10 @@ impl Endpoint {
             deliveries: i.deliveries.load(Ordering::Relaxed),
             slow_consumers: i.slow_consumers.load(Ordering::Relaxed),
             protocol_errors: i.protocol_errors.load(Ordering::Relaxed),
+            rate_limited: i.limits[Limit::Rate as usize].load(Ordering::Relaxed),
+            payloads_too_large: i.limits[Limit::Payload as usize].load(Ordering::Relaxed),
+            topics_too_long: i.limits[Limit::Topic as usize].load(Ordering::Relaxed),
+            replies_refused: i.limits[Limit::PendingReplies as usize].load(Ordering::Relaxed),
         }
     }
 
@@ -265,6 +281,10 @@ impl Endpoint {
 
     pub(crate) fn count_slow_consumer(&self) {
         self.inner.slow_consumers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_limit(&self, limit: Limit) {
+        self.inner.limits[limit as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_protocol_error(&self) {

@@ -113,6 +113,7 @@ mod channel;
 mod conn;
 mod context;
 mod endpoint;
+pub mod limits;
 mod longpoll;
 mod origin;
 pub mod presence;

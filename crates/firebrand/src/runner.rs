@@ -15,6 +15,7 @@ use futures_util::FutureExt;
 use crate::channel::{Channel, Reply, StopReason};
 use crate::context::{ChannelContext, ChannelMsg, JoinContext, Wire};
 use crate::endpoint::Endpoint;
+use crate::limits::Limit;
 use crate::pubsub::{Inbox, Target};
 use crate::queue::{ConnEvent, Delivered, Mailbox};
 
@@ -156,6 +157,7 @@ async fn run<C: Channel>(args: SpawnArgs<C::Assigns>, mailbox: Arc<Mailbox<Chann
             current_ref: None,
             stop: None,
             owner: None,
+            reply_refused: false,
         },
         channel: None,
     };
@@ -259,6 +261,16 @@ impl<C: Channel> Runner<C> {
                     ctx.current_ref = r#ref;
                     let result = channel.handle_in(&event, payload, ctx).await;
                     let r#ref = ctx.current_ref.take();
+                    let refused = std::mem::take(&mut ctx.reply_refused);
+                    let result = match result {
+                        Ok(None) if refused => {
+                            ctx.endpoint.count_limit(Limit::PendingReplies);
+                            Err(Reply::error(
+                                serde_json::json!({"reason": Limit::PendingReplies.reason()}),
+                            ))
+                        }
+                        other => other,
+                    };
                     if let Ok(Some(reply)) | Err(reply) = result {
                         ctx.wire
                             .reply(Some(&ctx.join_ref), r#ref.as_deref(), &ctx.topic, &reply);

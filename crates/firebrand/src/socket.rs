@@ -185,6 +185,11 @@ pub(crate) struct SocketConfig {
     pub(crate) write_timeout: Duration,
     /// The long-poll poll window, when long-poll is on.
     pub(crate) longpoll: Option<Duration>,
+    pub(crate) message_rate: Option<u32>,
+    pub(crate) join_rate: Option<u32>,
+    pub(crate) max_payload: usize,
+    pub(crate) max_topic_len: usize,
+    pub(crate) max_pending_replies: usize,
 }
 
 impl Default for SocketConfig {
@@ -198,6 +203,11 @@ impl Default for SocketConfig {
             mailbox_limit: 1024,
             write_timeout: Duration::from_secs(10),
             longpoll: None,
+            message_rate: Some(500),
+            join_rate: Some(100),
+            max_payload: 256 * 1024,
+            max_topic_len: 255,
+            max_pending_replies: 1024,
         }
     }
 }
@@ -308,6 +318,49 @@ impl<S: Socket> SocketBuilder<S> {
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.config.write_timeout = timeout;
         self
+    }
+
+    /// At most `per_second` messages from one client per second (bursts up to the same
+    /// number); `None` for no limit. Messages past it get the error reply
+    /// `{"reason":"rate limited"}` and are dropped. Default 500. See [`crate::limits`].
+    pub fn message_rate(mut self, per_second: Option<u32>) -> Self {
+        self.config.message_rate = per_second;
+        self
+    }
+
+    /// At most `per_second` joins from one client per second (bursts up to the same number);
+    /// `None` for no limit. Past it: error reply `{"reason":"rate limited"}`. Default 100.
+    pub fn join_rate(mut self, per_second: Option<u32>) -> Self {
+        self.config.join_rate = per_second;
+        self
+    }
+
+    /// The largest payload accepted in one message; larger ones get the error reply
+    /// `{"reason":"payload too large"}`. Default 256 KiB. (A frame over
+    /// [`max_frame_size`](SocketBuilder::max_frame_size) closes the connection instead.)
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.config.max_payload = bytes;
+        self
+    }
+
+    /// The longest topic accepted, in bytes; longer ones get the error reply
+    /// `{"reason":"topic too long"}`. Default 255 (the V2 binary format's limit).
+    pub fn max_topic_len(mut self, bytes: usize) -> Self {
+        self.config.max_topic_len = bytes;
+        self
+    }
+
+    /// The most async replies ([`ChannelContext::reply_later`](crate::ChannelContext::reply_later))
+    /// outstanding on one connection. Past it, the push gets the error reply
+    /// `{"reason":"too many pending replies"}`. Default 1024.
+    pub fn max_pending_replies(mut self, n: usize) -> Self {
+        self.config.max_pending_replies = n;
+        self
+    }
+
+    /// Turns off the message and join rate limits, as in Phoenix, which has none.
+    pub fn no_rate_limits(self) -> Self {
+        self.message_rate(None).join_rate(None)
     }
 
     /// Also serves the long-poll transport at `/longpoll` (off by default, as in Phoenix), for
