@@ -113,6 +113,8 @@ mod channel;
 mod conn;
 mod context;
 mod endpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 mod longpoll;
 mod origin;

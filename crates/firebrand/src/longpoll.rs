@@ -313,8 +313,22 @@ async fn poll(lp: &LongPoll, id: u64, session: &Session) -> Response {
     response
 }
 
+/// The frames of a POST body: its first 100 ndjson lines (`\n` or `\r\n`), or the whole
+/// body as one frame.
+pub(crate) fn body_lines(body: &[u8], ndjson: bool) -> Vec<&[u8]> {
+    if ndjson {
+        body.split(|b| *b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter(|l| !l.is_empty())
+            .take(MAX_LINES)
+            .collect()
+    } else {
+        vec![body]
+    }
+}
+
 /// One line of a POST body as a client message.
-fn decode_line(serializer: Serializer, line: &[u8]) -> Result<Message, FrameError> {
+pub(crate) fn decode_line(serializer: Serializer, line: &[u8]) -> Result<Message, FrameError> {
     if line.first().is_some_and(|b| *b == b'[' || *b == b'{') {
         serializer.decode_text(Bytes::copy_from_slice(line))
     } else {
@@ -327,17 +341,8 @@ fn decode_line(serializer: Serializer, line: &[u8]) -> Result<Message, FrameErro
 
 /// POST: each frame is handed to the session and awaited (up to the window).
 async fn post(lp: &LongPoll, session: &Session, body: &Bytes, ndjson: bool) -> Response {
-    let lines: Vec<&[u8]> = if ndjson {
-        body.split(|b| *b == b'\n')
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .filter(|l| !l.is_empty())
-            .take(MAX_LINES)
-            .collect()
-    } else {
-        vec![&body[..]]
-    };
     let deadline = Instant::now() + lp.window;
-    for line in lines {
+    for line in body_lines(body, ndjson) {
         let msg = match decode_line(session.serializer, line) {
             Ok(msg) => msg,
             Err(e) => {

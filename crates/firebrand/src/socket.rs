@@ -410,7 +410,7 @@ impl<S: Socket> SocketBuilder<S> {
 /// The offered `Sec-WebSocket-Protocol` entry carrying the official client's `authToken`.
 const AUTH_TOKEN_PREFIX: &str = "base64url.bearer.phx.";
 
-fn auth_token(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn auth_token(headers: &HeaderMap) -> Option<String> {
     let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL)?.to_str().ok()?;
     let encoded = offered
         .split(',')

@@ -445,7 +445,10 @@ mod tests {
         t.flush_now(&sink);
         let diffs = sink.0.lock();
         assert_eq!(diffs.len(), 1);
-        assert_eq!(refs(&diffs[0].1, "joins", "alice"), std::slice::from_ref(&r));
+        assert_eq!(
+            refs(&diffs[0].1, "joins", "alice"),
+            std::slice::from_ref(&r)
+        );
         assert_eq!(refs(&diffs[0].1, "leaves", "alice"), [r]);
     }
 

@@ -1,0 +1,59 @@
+//! Entry points for the fuzz targets (`fuzz/`): the decoders of untrusted input that live in
+//! this crate. Not part of the API.
+
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
+use firebrand_protocol::Serializer;
+
+use crate::CheckOrigin;
+
+/// Decodes a long-poll POST body as the transport does; returns how many frames decoded.
+pub fn longpoll_body(serializer: Serializer, body: &[u8], ndjson: bool) -> usize {
+    crate::longpoll::body_lines(body, ndjson)
+        .into_iter()
+        .filter(|line| crate::longpoll::decode_line(serializer, line).is_ok())
+        .count()
+}
+
+/// Parses what the WebSocket upgrade reads from a request: the query string (params, `vsn`),
+/// the `Sec-WebSocket-Protocol` auth token, and the `Origin` check. Returns whether the request
+/// would get as far as `connect`.
+pub fn upgrade_request(path_and_query: &str, protocol: &[u8], origin: &[u8]) -> bool {
+    let Ok(uri) = path_and_query.parse::<Uri>() else {
+        return false;
+    };
+    let Some(params) = crate::socket::query_params(&uri) else {
+        return false;
+    };
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_bytes(protocol) {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
+    let _token = crate::socket::auth_token(&headers);
+    let origin_ok = std::str::from_utf8(origin).is_ok_and(|o| CheckOrigin::default().allows(o));
+    let vsn = params
+        .iter()
+        .find(|(k, _)| k == "vsn")
+        .map(|(_, v)| v.as_str());
+    origin_ok && Serializer::from_vsn(vsn).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_points_accept_good_input() {
+        let body = b"[null,\"1\",\"phoenix\",\"heartbeat\",{}]\r\nAAECAwQ=\n";
+        assert_eq!(longpoll_body(Serializer::V2, body, true), 1);
+        assert!(upgrade_request(
+            "/socket/websocket?vsn=2.0.0&a=b",
+            b"phoenix",
+            b"http://localhost:4000"
+        ));
+        assert!(!upgrade_request(
+            "/socket/websocket?vsn=3.0.0",
+            b"",
+            b"http://localhost"
+        ));
+    }
+}
