@@ -1,6 +1,5 @@
 //! `conformance --port PORT`: serves the conformance app on 127.0.0.1:PORT.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -58,12 +57,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
     println!("listening on 127.0.0.1:{}", listener.local_addr()?.port());
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    // Like axum::serve, plus a deadline on handshakes (see firebrand::Server).
+    firebrand::Server::new(listener)
+        .serve(router, shutdown_signal())
+        .await?;
     // Drain: close the sockets (1012) in batches spread over DRAIN_MS (default 1 s), so that
     // clients reconnect gradually; give up on stragglers after 30 s.
     let period = match std::env::var("DRAIN_MS") {

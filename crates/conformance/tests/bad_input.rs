@@ -222,3 +222,57 @@ async fn a_client_that_stops_reading_is_dropped_and_others_keep_up() {
     good.ping_roundtrip("1", "2", "room:firehose").await;
     assert_eq!(s.endpoint.stats().connections, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_handshakes_are_cut_at_the_header_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start().await;
+    let mut w = witness(&s).await;
+    // 200 clients that start a request head and never finish it.
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        tcp.write_all(b"GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nhost: x\r\nx-slow: ")
+            .await
+            .unwrap();
+        slow.push(tcp);
+    }
+    // Others are unaffected meanwhile.
+    w.ping_roundtrip("1", "2", "room:witness").await;
+    let late = s.client("").await;
+    drop(late);
+    // Each slow connection is closed by the server once the deadline passes.
+    for mut tcp in slow {
+        let mut buf = [0u8; 512];
+        loop {
+            match tokio::time::timeout(HEADER_TIMEOUT + WAIT, tcp.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(_)) => continue, // a 408 response, then the close
+                Err(_) => panic!("slowloris connection still open after the header deadline"),
+            }
+        }
+    }
+    w.ping_roundtrip("1", "3", "room:witness").await;
+}
+
+#[tokio::test]
+async fn a_ping_flood_is_answered_and_harms_no_one() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    let mut raw = Raw::connect(&s, "vsn=2.0.0").await;
+    for i in 0..5_000u32 {
+        raw.send_frame(true, 9, &i.to_be_bytes(), true).await;
+    }
+    raw.send_text(r#"[null,"hb","phoenix","heartbeat",{}]"#)
+        .await;
+    // Pongs (opcode 10) may come first; the heartbeat reply arrives.
+    loop {
+        let (op, payload) = raw.read_frame().await;
+        if op == 1 {
+            assert!(String::from_utf8(payload).unwrap().contains(r#""hb""#));
+            break;
+        }
+        assert_eq!(op, 10, "only pongs before the reply");
+    }
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}

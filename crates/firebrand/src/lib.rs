@@ -123,6 +123,7 @@ mod pubsub;
 mod queue;
 mod router;
 mod runner;
+mod server;
 mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -136,5 +137,6 @@ pub use firebrand_protocol::{DecodeError, Payload, RawJson};
 pub use origin::CheckOrigin;
 pub use presence::PresenceError;
 pub use pubsub::Broadcast;
+pub use server::Server;
 pub use socket::{ConnectError, ConnectInfo, Socket, SocketBuilder};
 pub use token::{TokenError, TokenSigner};

@@ -61,6 +61,8 @@ impl Socket for TokenSocket {
 /// Reports its lifecycle to the test through `EVENTS`.
 struct Probe {
     events: mpsc::UnboundedSender<String>,
+    /// Async replies kept open by "hold", answered by "release".
+    held: Vec<firebrand::ReplyRef>,
 }
 
 impl Channel for Probe {
@@ -77,6 +79,7 @@ impl Channel for Probe {
         let reply = json!({"topic": topic, "user": me.id, "has_peer": me.peer.is_some()});
         Ok(Joined::new(Probe {
             events: me.events.clone(),
+            held: Vec::new(),
         })
         .reply(reply))
     }
@@ -103,6 +106,16 @@ impl Channel for Probe {
                 let sender = ctx.sender();
                 tokio::spawn(async move { sender.send(text).unwrap() });
                 Ok(None)
+            }
+            "hold" => {
+                self.held.extend(ctx.reply_later());
+                Ok(None)
+            }
+            "release" => {
+                for r in self.held.drain(..) {
+                    r.send(Reply::ok(json!({"released": true})));
+                }
+                Ok(Some(Reply::ok(json!({}))))
             }
             "fail" => {
                 ctx.stop(StopReason::Error("asked to".into()));
@@ -143,6 +156,7 @@ async fn start() -> Harness {
             events: tx,
         })
         .channel::<Probe>("probe:*")
+        .max_pending_replies(2)
         .into_router();
     let app = axum::Router::new().nest("/socket", socket);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -343,4 +357,33 @@ fn public_handles_are_send_and_sync() {
     assert_send_sync::<firebrand::ChannelSender<String>>();
     assert_send_sync::<firebrand::Broadcast>();
     assert_send_sync::<TokenSigner>();
+}
+
+#[tokio::test]
+async fn pending_async_replies_are_bounded_per_connection() {
+    let h = start().await;
+    let token = h.signer.sign(&4u64);
+    let (mut ws, _) = h.connect(&format!("token={token}"), None).await.unwrap();
+    send(&mut ws, json!(["1", "1", "probe:p", "phx_join", {}])).await;
+    let _ = recv(&mut ws).await;
+    for r in ["2", "3", "4"] {
+        send(&mut ws, json!(["1", r, "probe:p", "hold", {}])).await;
+    }
+    // The third is over the limit of 2: refused at once.
+    expect_reply(
+        &mut ws,
+        "4",
+        "error",
+        json!({"reason": "too many pending replies"}),
+    )
+    .await;
+    send(&mut ws, json!(["1", "5", "probe:p", "release", {}])).await;
+    expect_reply(&mut ws, "2", "ok", json!({"released": true})).await;
+    expect_reply(&mut ws, "3", "ok", json!({"released": true})).await;
+    expect_reply(&mut ws, "5", "ok", json!({})).await;
+    // Released slots are free again.
+    send(&mut ws, json!(["1", "6", "probe:p", "hold", {}])).await;
+    send(&mut ws, json!(["1", "7", "probe:p", "release", {}])).await;
+    expect_reply(&mut ws, "6", "ok", json!({"released": true})).await;
+    assert_eq!(h.endpoint.stats().replies_refused, 1);
 }

@@ -4,7 +4,6 @@
 //! The page (assets/) uses the official `phoenix` client from npm; `build.rs` installs it and
 //! this binary embeds it, so one command is all it takes.
 
-use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -178,12 +177,10 @@ async fn main() -> anyhow::Result<()> {
         "chat listening on http://127.0.0.1:{}",
         listener.local_addr()?.port()
     );
-    axum::serve(
-        listener,
-        app(&endpoint).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    // Like axum::serve, plus a deadline on handshakes (see firebrand::Server).
+    firebrand::Server::new(listener)
+        .serve(app(&endpoint), shutdown_signal())
+        .await?;
     // Close the sockets gradually (code 1012: the page reconnects) before exiting.
     endpoint
         .drain(Duration::from_secs(2), Duration::from_secs(10))

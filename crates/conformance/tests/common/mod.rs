@@ -19,6 +19,9 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long any single expected event may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
 
+/// The test servers' handshake deadline (`firebrand::Server::header_timeout`).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct Server {
     pub addr: SocketAddr,
     pub endpoint: Endpoint,
@@ -33,12 +36,11 @@ pub async fn start_with(config: Config) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
+        firebrand::Server::new(listener)
+            .header_timeout(HEADER_TIMEOUT)
+            .serve(router, std::future::pending())
+            .await
+            .unwrap();
     });
     Server { addr, endpoint }
 }

@@ -1,0 +1,101 @@
+//! [`Server`]: serves an axum app over TCP like `axum::serve`, with the protections a public
+//! real-time server needs.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+/// Serves an axum [`Router`] (with your sockets nested in it) on a TCP listener.
+///
+/// Like `axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())`, plus:
+///
+/// - **A handshake deadline.** A client must send its complete request head within
+///   [`header_timeout`](Server::header_timeout) (default 10 s), or the connection is closed.
+///   Without it (axum's `serve` sets none) a "slowloris" client that sends a header every few
+///   seconds holds its connection, and a file descriptor, forever.
+/// - **Peer addresses** in [`ConnectInfo::peer_addr`](crate::ConnectInfo::peer_addr).
+/// - **Accept errors** (out of file descriptors) are logged and retried after a pause instead
+///   of ending the server.
+///
+/// ```no_run
+/// # async fn f(app: axum::Router, endpoint: firebrand::Endpoint) -> std::io::Result<()> {
+/// use std::time::Duration;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
+/// firebrand::Server::new(listener)
+///     .serve(app, async { tokio::signal::ctrl_c().await.ok(); })
+///     .await?;
+/// // Stopped accepting: now close the sockets gradually.
+/// endpoint.drain(Duration::from_secs(10), Duration::from_secs(30)).await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    header_timeout: Duration,
+}
+
+impl Server {
+    /// A server accepting on `listener`.
+    pub fn new(listener: TcpListener) -> Self {
+        Server {
+            listener,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// How long a client may take to send its request head (the WebSocket handshake, a
+    /// long-poll request). Default 10 s.
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.header_timeout = timeout;
+        self
+    }
+
+    /// Serves `app` until `shutdown` completes, then stops accepting and returns. Connections
+    /// already upgraded to WebSocket stay open: close them with
+    /// [`Endpoint::drain`](crate::Endpoint::drain).
+    pub async fn serve(
+        self,
+        app: Router,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => return Ok(()),
+            };
+            let _ = stream.set_nodelay(true);
+            let app = app.clone();
+            let header_timeout = self.header_timeout;
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                        app.clone().oneshot(req)
+                    });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+    }
+}
