@@ -268,6 +268,17 @@ impl<S: Socket> Conn<S> {
         self.reply(join_ref, msg.r#ref.as_deref(), &msg.topic, &reply);
     }
 
+    /// `ok {}` echoing the message's refs: heartbeats, and the leave of a topic not joined.
+    fn ok_echo(&self, msg: &Message) {
+        let ok = Reply::ok(Payload::empty());
+        self.reply(
+            msg.join_ref.as_deref(),
+            msg.r#ref.as_deref(),
+            &msg.topic,
+            &ok,
+        );
+    }
+
     /// `[null, ref, topic, "phx_reply", {"status":"error","response":{"reason":"unmatched topic"}}]`
     fn unmatched(&self, msg: &Message) {
         self.error_reply(None, msg, "unmatched topic");
@@ -284,23 +295,11 @@ impl<S: Socket> Conn<S> {
             return self.join(msg);
         }
         if msg.topic == "phoenix" && msg.event == "heartbeat" {
-            let ok = Reply::ok(Payload::empty());
-            return self.reply(
-                msg.join_ref.as_deref(),
-                msg.r#ref.as_deref(),
-                &msg.topic,
-                &ok,
-            );
+            return self.ok_echo(&msg);
         }
         let Some(ch) = self.channels.get(&msg.topic) else {
             if msg.event == "phx_leave" {
-                let ok = Reply::ok(Payload::empty());
-                return self.reply(
-                    msg.join_ref.as_deref(),
-                    msg.r#ref.as_deref(),
-                    &msg.topic,
-                    &ok,
-                );
+                return self.ok_echo(&msg);
             }
             return self.unmatched(&msg);
         };
