@@ -299,7 +299,8 @@ impl<S: Socket> SocketBuilder<S> {
     /// arrive fills its queue; when the next frame would pass this limit, the queue is
     /// discarded and the connection closed with code 1008 (`"slow consumer"`), a warning is
     /// logged and [`Stats::slow_consumers`](crate::Stats::slow_consumers) counts it. Other
-    /// clients are not slowed. The official client reconnects and rejoins. Default 4 MiB.
+    /// clients are not slowed. The official client reconnects and rejoins. Default 4 MiB. (The
+    /// batch being written is not counted: a connection holds at most about twice this.)
     pub fn outbound_limit(mut self, bytes: usize) -> Self {
         self.config.outbound_limit = bytes;
         self
