@@ -1,7 +1,7 @@
 //! What goes on the wire: the connection URL, the auth-token subprotocol, client frames.
 
 use base64::Engine as _;
-use firebrand_protocol::{Encoded, Outbound, Payload, Serializer};
+use firebrand_protocol::{EncodeError, Encoded, Outbound, Payload, Serializer};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::error::PushError;
@@ -50,45 +50,18 @@ pub(crate) fn encode(
     event: &str,
     payload: &Payload,
 ) -> Result<WsMessage, PushError> {
-    match payload {
-        Payload::Binary(data) => {
-            let (jr, r) = (join_ref.unwrap_or(""), r#ref.unwrap_or(""));
-            let fields = [
-                ("join_ref", jr),
-                ("ref", r),
-                ("topic", topic),
-                ("event", event),
-            ];
-            let mut buf =
-                Vec::with_capacity(5 + jr.len() + r.len() + topic.len() + 32 + data.len());
-            buf.push(0);
-            for (name, f) in fields {
-                let len = u8::try_from(f.len()).map_err(|_| PushError::FieldTooLong {
-                    field: name,
-                    len: f.len(),
-                })?;
-                buf.push(len);
-            }
-            for (_, f) in fields {
-                buf.extend_from_slice(f.as_bytes());
-            }
-            buf.extend_from_slice(data);
-            Ok(WsMessage::binary(buf))
-        }
-        Payload::Json(_) => {
-            let out = Outbound::Event {
-                join_ref,
-                r#ref,
-                topic,
-                event,
-                payload,
-            };
-            match Serializer::V2.encode(&out) {
-                Ok(Encoded::Text(t)) => Ok(WsMessage::text(t)),
-                Ok(Encoded::Binary(b)) => Ok(WsMessage::binary(b)),
-                Err(e) => unreachable!("V2 JSON encoding has no failure case: {e}"),
-            }
-        }
+    let out = Outbound::Event {
+        join_ref,
+        r#ref,
+        topic,
+        event,
+        payload,
+    };
+    match Serializer::V2.encode_client(&out) {
+        Ok(Encoded::Text(t)) => Ok(WsMessage::text(t)),
+        Ok(Encoded::Binary(b)) => Ok(WsMessage::binary(b)),
+        Err(EncodeError::FieldTooLong(field, len)) => Err(PushError::FieldTooLong { field, len }),
+        Err(e) => unreachable!("a V2 client event frame encodes unless a field is too long: {e}"),
     }
 }
 

@@ -192,6 +192,54 @@ impl Serializer {
         })
     }
 
+    /// Encodes a frame as a client sends it: V1 or V2 JSON text, or a V2 binary push (kind 0,
+    /// which carries a `ref`) for a binary payload. Replies are server frames: use
+    /// [`Serializer::encode`].
+    ///
+    /// ```
+    /// use firebrand_protocol::{Encoded, Outbound, Payload, Serializer};
+    /// let data = Payload::binary(&b"efg"[..]);
+    /// let push = Outbound::Event { join_ref: Some("12"), r#ref: Some("123"), topic: "topic", event: "event", payload: &data };
+    /// assert_eq!(
+    ///     Serializer::V2.encode_client(&push).unwrap(),
+    ///     Encoded::Binary(b"\x00\x02\x03\x05\x0512123topiceventefg".to_vec()),
+    /// );
+    /// ```
+    pub fn encode_client(self, out: &Outbound<'_>) -> Result<Encoded, EncodeError> {
+        match (self, out) {
+            (
+                Serializer::V2,
+                Outbound::Event {
+                    join_ref,
+                    r#ref,
+                    topic,
+                    event,
+                    payload: Payload::Binary(data),
+                },
+            ) => {
+                let fields = [
+                    ("join_ref", join_ref.unwrap_or("")),
+                    ("ref", r#ref.unwrap_or("")),
+                    ("topic", topic),
+                    ("event", event),
+                ];
+                let mut buf = Vec::with_capacity(
+                    5 + fields.iter().map(|(_, f)| f.len()).sum::<usize>() + data.len(),
+                );
+                buf.push(KIND_PUSH);
+                for (name, f) in fields {
+                    buf.push(u8_len(name, f)?);
+                }
+                for (_, f) in fields {
+                    buf.put_slice(f.as_bytes());
+                }
+                buf.put_slice(data);
+                Ok(Encoded::Binary(buf))
+            }
+            _ => self.encode(out),
+        }
+    }
+
     /// Encodes a server frame.
     pub fn encode(self, out: &Outbound<'_>) -> Result<Encoded, EncodeError> {
         match (self, out.payload()) {
