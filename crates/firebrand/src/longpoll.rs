@@ -366,3 +366,66 @@ async fn post(lp: &LongPoll, session: &Session, body: &Bytes, ndjson: bool) -> R
     }
     status(200)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> (
+        Session,
+        mpsc::UnboundedReceiver<(Message, oneshot::Sender<()>)>,
+    ) {
+        let (to_conn, from_clients) = mpsc::unbounded_channel();
+        let session = Session {
+            serializer: Serializer::V2,
+            to_conn,
+            buf: Mutex::new(Buffer {
+                frames: VecDeque::new(),
+                ended: false,
+                polling: false,
+                last_poll: Instant::now(),
+            }),
+            arrived: Notify::new(),
+        };
+        (session, from_clients)
+    }
+
+    fn body(status: Response) -> u16 {
+        assert_eq!(status.status(), StatusCode::OK);
+        let bytes =
+            futures_util::FutureExt::now_or_never(axum::body::to_bytes(status.into_body(), 1024))
+                .unwrap()
+                .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["status"]
+            .as_u64()
+            .unwrap() as u16
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_post_the_session_does_not_take_within_the_window_is_408() {
+        let lp = LongPoll::new(Duration::from_millis(100));
+        let (session, _held) = session();
+        let frame = Bytes::from_static(br#"[null,"1","phoenix","heartbeat",{}]"#);
+        assert_eq!(body(post(&lp, &session, &frame, false).await), 408);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_post_to_a_session_that_ended_is_410() {
+        let lp = LongPoll::new(Duration::from_millis(100));
+        let (session, from_clients) = session();
+        drop(from_clients);
+        let frame = Bytes::from_static(br#"[null,"1","phoenix","heartbeat",{}]"#);
+        assert_eq!(body(post(&lp, &session, &frame, false).await), 410);
+    }
+
+    #[test]
+    fn bodies_split_on_newlines_and_stop_at_100_lines() {
+        let body: Vec<u8> = (0..150)
+            .flat_map(|i| format!("l{i}\r\n").into_bytes())
+            .collect();
+        let lines = body_lines(&body, true);
+        assert_eq!(lines.len(), 100);
+        assert_eq!(lines[99], b"l99");
+        assert_eq!(body_lines(b"a\nb", false), [b"a\nb".as_slice()]);
+    }
+}
