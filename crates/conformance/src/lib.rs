@@ -60,16 +60,20 @@ pub fn socket(endpoint: &Endpoint, config: &Config) -> SocketBuilder<UserSocket>
         .max_channels(100)
 }
 
-/// The app's router and its endpoint (for shutdown and stats).
+/// The app's router and its endpoint (for shutdown and stats), on a single node.
 pub fn app(config: &Config) -> (Router, Endpoint) {
     let endpoint = Endpoint::new();
-    let socket = socket(&endpoint, config).into_router();
-    let router = Router::new()
+    (router(config, &endpoint), endpoint)
+}
+
+/// The app's router on `endpoint` (which may be a node of a cluster).
+pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
+    let socket = socket(endpoint, config).into_router();
+    Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/api/broadcast", post(api_broadcast))
         .with_state(endpoint.clone())
-        .nest("/socket", socket);
-    (router, endpoint)
+        .nest("/socket", socket)
 }
 
 #[derive(Deserialize)]

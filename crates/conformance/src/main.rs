@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use firebrand_conformance::{Config, app};
+use firebrand::Endpoint;
+use firebrand_conformance::{Config, router};
 
 fn parse_port() -> anyhow::Result<u16> {
     let mut port = 4000;
@@ -52,7 +53,21 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("invalid IDLE_TIMEOUT_MS {ms:?}"))?;
         config.idle_timeout = Duration::from_millis(ms);
     }
-    let (router, endpoint) = app(&config);
+    // REDIS_URL or NATS_URL: join a cluster through that engine (CLUSTER_NAMESPACE separates
+    // clusters sharing one engine; default "conformance").
+    let namespace = std::env::var("CLUSTER_NAMESPACE").unwrap_or_else(|_| "conformance".into());
+    let builder = Endpoint::builder();
+    let builder = if let Ok(url) = std::env::var("REDIS_URL") {
+        let adapter = firebrand_redis::RedisAdapter::new(&url)
+            .with_context(|| format!("invalid REDIS_URL {url:?}"))?;
+        builder.adapter(adapter.namespace(&namespace))
+    } else if let Ok(url) = std::env::var("NATS_URL") {
+        builder.adapter(firebrand_nats::NatsAdapter::new(&url).namespace(&namespace))
+    } else {
+        builder
+    };
+    let endpoint = builder.build();
+    let router = router(&config, &endpoint);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;

@@ -436,15 +436,14 @@ impl Task {
             } => (topic.as_str(), join_ref.as_deref()),
         };
         if topic == "phoenix" {
-            if let ServerMessage::Reply { r#ref: Some(r), .. } = &msg {
-                if self
+            if let ServerMessage::Reply { r#ref: Some(r), .. } = &msg
+                && self
                     .heartbeat_pending
                     .as_ref()
                     .is_some_and(|(hb, _)| hb == r)
-                {
-                    self.heartbeat_pending = None;
-                    self.heartbeat_at = Some(Instant::now() + self.cfg.heartbeat);
-                }
+            {
+                self.heartbeat_pending = None;
+                self.heartbeat_at = Some(Instant::now() + self.cfg.heartbeat);
             }
             return;
         }
@@ -516,18 +515,18 @@ impl Task {
             self.close_chan(id);
             return;
         }
-        if self.pending.get(r).is_some_and(|(chan, _)| *chan == id) {
-            if let Some((_, done)) = self.pending.remove(r) {
-                let result = if status == "ok" {
-                    Ok(payload.clone())
-                } else {
-                    Err(PushError::Reply {
-                        status: status.to_owned(),
-                        response: payload.clone(),
-                    })
-                };
-                let _ = done.send(result);
-            }
+        if self.pending.get(r).is_some_and(|(chan, _)| *chan == id)
+            && let Some((_, done)) = self.pending.remove(r)
+        {
+            let result = if status == "ok" {
+                Ok(payload.clone())
+            } else {
+                Err(PushError::Reply {
+                    status: status.to_owned(),
+                    response: payload.clone(),
+                })
+            };
+            let _ = done.send(result);
         }
     }
 
@@ -852,10 +851,10 @@ impl Task {
             if *t > now {
                 break;
             }
-            if let Some(Reverse((_, r))) = self.expiries.pop() {
-                if let Some((_, done)) = self.pending.remove(&r) {
-                    let _ = done.send(Err(PushError::Timeout));
-                }
+            if let Some(Reverse((_, r))) = self.expiries.pop()
+                && let Some((_, done)) = self.pending.remove(&r)
+            {
+                let _ = done.send(Err(PushError::Timeout));
             }
         }
         if self.reconnect_at.is_some_and(|t| t <= now) {

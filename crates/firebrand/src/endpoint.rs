@@ -9,6 +9,7 @@ use firebrand_protocol::Payload;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::cluster::{Adapter, ClusterLink, LinkInner};
 use crate::limits::Limit;
 use crate::presence::{DiffSink, PresenceFetch, Tracker};
 use crate::pubsub::{Broadcast, PubSub, SubId};
@@ -34,6 +35,8 @@ pub struct Endpoint {
 
 struct Inner {
     pubsub: PubSub,
+    /// This node in its cluster, when an adapter is set.
+    cluster: Option<Cluster>,
     tracker: Arc<Tracker>,
     conns: Mutex<HashMap<u64, Arc<Outbox>>>,
     next_conn: AtomicU64,
@@ -70,6 +73,12 @@ pub struct Stats {
     pub topics_too_long: u64,
     /// Pushes refused an async reply (`max_pending_replies`).
     pub replies_refused: u64,
+    /// Messages received from other nodes.
+    pub cluster_received: u64,
+    /// Messages the adapter could not send to other nodes (engine outage, full queue).
+    pub cluster_lost: u64,
+    /// Messages from other nodes dropped as undecodable or of another format version.
+    pub cluster_rejected: u64,
 }
 
 impl Default for Endpoint {
@@ -105,6 +114,13 @@ impl std::fmt::Debug for Endpoint {
 pub struct EndpointBuilder {
     presence_batch: Duration,
     presence_fetch: Option<PresenceFetch>,
+    adapter: Option<Arc<dyn Adapter>>,
+}
+
+/// An endpoint's adapter and its side of the link.
+struct Cluster {
+    adapter: Arc<dyn Adapter>,
+    link: ClusterLink,
 }
 
 impl EndpointBuilder {
@@ -126,10 +142,35 @@ impl EndpointBuilder {
         self
     }
 
-    /// The endpoint.
+    /// Joins a cluster through `adapter` (Redis, NATS; see [`crate::cluster`]): broadcasts
+    /// reach subscribers on every node. Without one, the endpoint is a single node.
+    pub fn adapter(mut self, adapter: impl Adapter) -> Self {
+        self.adapter = Some(Arc::new(adapter));
+        self
+    }
+
+    /// The endpoint. With an adapter, call this inside a Tokio runtime: the adapter starts.
     pub fn build(self) -> Endpoint {
-        Endpoint {
-            inner: Arc::new(Inner {
+        let adapter = self.adapter;
+        let endpoint = Endpoint {
+            inner: Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| Inner {
+                cluster: adapter.map(|adapter| {
+                    let weak = weak.clone();
+                    let link = ClusterLink {
+                        inner: Arc::new(LinkInner {
+                            node: crate::presence::rand_u64(),
+                            deliver: Box::new(move |b: Broadcast| {
+                                if let Some(inner) = weak.upgrade() {
+                                    inner.dispatch_local(&b, None);
+                                }
+                            }),
+                            received: AtomicU64::new(0),
+                            lost: AtomicU64::new(0),
+                            rejected: AtomicU64::new(0),
+                        }),
+                    };
+                    Cluster { adapter, link }
+                }),
                 pubsub: PubSub::new(),
                 tracker: Arc::new(Tracker::new(self.presence_batch, self.presence_fetch)),
                 conns: Mutex::new(HashMap::new()),
@@ -141,16 +182,27 @@ impl EndpointBuilder {
                 protocol_errors: AtomicU64::new(0),
                 limits: Default::default(),
             }),
+        };
+        if let Some(c) = &endpoint.inner.cluster {
+            c.adapter.start(c.link.clone());
         }
+        endpoint
+    }
+}
+
+impl Inner {
+    /// Delivers `b` to this node's subscribers (except `from`) and counts it.
+    fn dispatch_local(&self, b: &Broadcast, from: Option<SubId>) {
+        let delivered = self.pubsub.dispatch(b, from);
+        self.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.deliveries.fetch_add(delivered, Ordering::Relaxed);
     }
 }
 
 impl DiffSink for Inner {
     fn publish_diff(&self, b: Broadcast) {
         // Each node broadcasts its own view's diffs to its local subscribers.
-        let delivered = self.pubsub.dispatch(&b, None);
-        self.broadcasts.fetch_add(1, Ordering::Relaxed);
-        self.deliveries.fetch_add(delivered, Ordering::Relaxed);
+        self.dispatch_local(&b, None);
     }
 }
 
@@ -165,6 +217,7 @@ impl Endpoint {
         EndpointBuilder {
             presence_batch: Duration::from_millis(20),
             presence_fetch: None,
+            adapter: None,
         }
     }
 
@@ -192,6 +245,13 @@ impl Endpoint {
         self.publish(Broadcast::new(topic, event, payload.into()), None);
     }
 
+    /// Broadcasts to the subscribers of `topic` on this node only (Phoenix's
+    /// `local_broadcast`).
+    pub fn local_broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
+        self.inner
+            .dispatch_local(&Broadcast::new(topic, event, payload.into()), None);
+    }
+
     /// Closes every connection whose [`Socket::id`] is `socket_id`, with code 1001: the
     /// `"disconnect"` broadcast of Phoenix. Their channels terminate with
     /// [`StopReason::Closed`](crate::StopReason::Closed) and get no `phx_close`.
@@ -202,6 +262,11 @@ impl Endpoint {
     /// The endpoint's counters.
     pub fn stats(&self) -> Stats {
         let i = &self.inner;
+        let cluster = |f: fn(&LinkInner) -> &AtomicU64| {
+            i.cluster
+                .as_ref()
+                .map_or(0, |c| f(&c.link.inner).load(Ordering::Relaxed))
+        };
         Stats {
             connections: i.conns.lock().len(),
             topics: i.pubsub.topic_count(),
@@ -213,6 +278,9 @@ impl Endpoint {
             payloads_too_large: i.limits[Limit::Payload as usize].load(Ordering::Relaxed),
             topics_too_long: i.limits[Limit::Topic as usize].load(Ordering::Relaxed),
             replies_refused: i.limits[Limit::PendingReplies as usize].load(Ordering::Relaxed),
+            cluster_received: cluster(|l| &l.received),
+            cluster_lost: cluster(|l| &l.lost),
+            cluster_rejected: cluster(|l| &l.rejected),
         }
     }
 
@@ -272,11 +340,11 @@ impl Endpoint {
     }
 
     pub(crate) fn publish(&self, b: Broadcast, from: Option<SubId>) {
-        let delivered = self.inner.pubsub.dispatch(&b, from);
-        self.inner.broadcasts.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .deliveries
-            .fetch_add(delivered, Ordering::Relaxed);
+        if let Some(c) = &self.inner.cluster {
+            // One engine message per broadcast; other nodes deliver to their own subscribers.
+            c.adapter.publish(crate::cluster::encode(c.link.node(), &b));
+        }
+        self.inner.dispatch_local(&b, from);
     }
 
     pub(crate) fn count_slow_consumer(&self) {

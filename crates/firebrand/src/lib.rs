@@ -110,6 +110,7 @@
 //!   problem: 1007 undecodable frame, 1009 frame too big, 1002 WebSocket protocol error.
 
 mod channel;
+pub mod cluster;
 mod conn;
 mod context;
 mod endpoint;

@@ -167,10 +167,10 @@ impl PubSub {
                 } => {
                     if intercepts.contains(&b.event()) {
                         inbox.intercepted(b.clone());
-                    } else if let Some(frame) = cache.get(*serializer, b) {
-                        if outbox.push(frame) == Pushed::Queued {
-                            delivered += 1;
-                        }
+                    } else if let Some(frame) = cache.get(*serializer, b)
+                        && outbox.push(frame) == Pushed::Queued
+                    {
+                        delivered += 1;
                     }
                 }
                 Target::Info(inbox) => inbox.info(b.clone()),

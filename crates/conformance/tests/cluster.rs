@@ -1,0 +1,189 @@
+//! Three conformance nodes as separate processes, clustered through the real Redis and NATS
+//! servers on this machine (REDIS_URL / NATS_URL; `.ci/run` starts them where absent).
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+const NATS: &str = "nats://127.0.0.1:4222";
+
+struct Node {
+    /// The process; dropping it kills the node (`kill_on_drop`).
+    _child: Child,
+    port: u16,
+}
+
+/// Starts a node joined to the cluster `namespace` on `engine` (REDIS_URL or NATS_URL).
+async fn node(engine: (&str, &str), namespace: &str) -> Node {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_conformance"))
+        .args(["--port", "0"])
+        .env(engine.0, engine.1)
+        .env("CLUSTER_NAMESPACE", namespace)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let port = line
+        .strip_prefix("listening on 127.0.0.1:")
+        .expect(&line)
+        .parse()
+        .unwrap();
+    Node {
+        _child: child,
+        port,
+    }
+}
+
+impl Node {
+    async fn client(&self, query: &str) -> Client {
+        let mut c = Client::connect(&format!(
+            "ws://127.0.0.1:{}/socket/websocket?{query}&vsn=2.0.0",
+            self.port
+        ))
+        .await;
+        c.hide_presence = true;
+        c
+    }
+
+    /// `POST /api/broadcast` on this node.
+    async fn broadcast(&self, topic: &str, event: &str, payload: Value) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = json!({"topic": topic, "event": event, "payload": payload}).to_string();
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let req = format!(
+            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+}
+
+/// Waits until the cluster carries messages: node `from` broadcasts probes until `to` gets one
+/// (the engine subscriptions are made in the background at start). Returns `to` drained.
+async fn await_link(from: &Node, to: &mut Client, topic: &str) {
+    for i in 0..100 {
+        from.broadcast(topic, "probe", json!({"i": i})).await;
+        let got = tokio::time::timeout(std::time::Duration::from_millis(100), to.recv_json()).await;
+        if let Ok(frame) = got {
+            assert_eq!(frame[3], "probe");
+            return;
+        }
+    }
+    panic!("the cluster never carried a message");
+}
+
+/// Receives frames until `expected`; every frame before it must be a probe.
+async fn expect_after_probes(c: &mut Client, expected: Value) {
+    loop {
+        let f = c.recv_json().await;
+        if f[3] == "probe" {
+            continue;
+        }
+        assert_eq!(f, expected);
+        return;
+    }
+}
+
+async fn three_nodes(engine: (&str, &str)) {
+    let ns = format!("test-{}", std::process::id());
+    let ns = format!("{ns}-{}", engine.0);
+    let (n1, n2, n3) = (
+        node(engine, &ns).await,
+        node(engine, &ns).await,
+        node(engine, &ns).await,
+    );
+    let topic = "room:cluster";
+    let mut a = n1.client("user=alice").await;
+    let mut b = n2.client("user=bob").await;
+    let mut c = n3.client("").await;
+    a.join("1", topic, json!({"joined": "cluster"})).await;
+    b.join("1", topic, json!({"joined": "cluster"})).await;
+    c.join("1", topic, json!({"joined": "cluster"})).await;
+    for (from, to) in [(&n2, &mut a), (&n3, &mut b), (&n1, &mut c)] {
+        await_link(from, to, topic).await;
+    }
+
+    // A channel broadcast on node 2 reaches every node once. Order holds per origin node (as in
+    // Phoenix), so a later marker from node 2 proves no second copy is coming.
+    b.send(json!(["1", "2", topic, "new_msg", {"body": "hi"}]))
+        .await;
+    let hi = json!([null, null, topic, "new_msg", {"body": "hi"}]);
+    expect_after_probes(&mut b, hi.clone()).await;
+    n2.broadcast(topic, "marker", json!({})).await;
+    let marker = json!([null, null, topic, "marker", {}]);
+    for client in [&mut a, &mut c] {
+        expect_after_probes(client, hi.clone()).await;
+        expect_after_probes(client, marker.clone()).await;
+    }
+    expect_after_probes(&mut b, marker).await;
+
+    // broadcast_from on node 1: the others get it, the sender does not. (The ping's reply
+    // proves the broadcast was published before the marker, from the same node.)
+    a.send(json!(["1", "3", topic, "new_msg_from", {"body": "not alice"}]))
+        .await;
+    a.ping_roundtrip("1", "3b", topic).await;
+    n1.broadcast(topic, "marker", json!({"n": 1})).await;
+    let from = json!([null, null, topic, "new_msg", {"body": "not alice"}]);
+    let marker = json!([null, null, topic, "marker", {"n": 1}]);
+    for client in [&mut b, &mut c] {
+        expect_after_probes(client, from.clone()).await;
+        expect_after_probes(client, marker.clone()).await;
+    }
+    expect_after_probes(&mut a, marker).await;
+
+    // Intercepted events are filtered by each subscriber on its own node.
+    c.send(json!(["1", "4", topic, "shout", {"m": 1}])).await;
+    expect_after_probes(
+        &mut a,
+        json!(["1", null, topic, "shout", {"m": 1, "to": "alice"}]),
+    )
+    .await;
+    expect_after_probes(
+        &mut b,
+        json!(["1", null, topic, "shout", {"m": 1, "to": "bob"}]),
+    )
+    .await;
+    expect_after_probes(
+        &mut c,
+        json!(["1", null, topic, "shout", {"m": 1, "to": null}]),
+    )
+    .await;
+
+    // The disconnect broadcast to a socket id closes that user's sockets on every node.
+    let mut bob_elsewhere = n3.client("user=bob").await;
+    bob_elsewhere.heartbeat("h").await;
+    a.send(json!(["1", "5", topic, "ping", {}])).await;
+    expect_after_probes(&mut a, ok_reply(Some("1"), "5", topic, json!({}))).await;
+    n1.broadcast("user_socket:bob", "disconnect", json!({}))
+        .await;
+    b.expect_close(1001).await;
+    bob_elsewhere.expect_close(1001).await;
+    drop((n1, n2, n3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_redis() {
+    three_nodes(("REDIS_URL", REDIS)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_nats() {
+    three_nodes(("NATS_URL", NATS)).await;
+}
