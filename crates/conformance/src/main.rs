@@ -56,7 +56,19 @@ async fn main() -> anyhow::Result<()> {
     // REDIS_URL or NATS_URL: join a cluster through that engine (CLUSTER_NAMESPACE separates
     // clusters sharing one engine; default "conformance").
     let namespace = std::env::var("CLUSTER_NAMESPACE").unwrap_or_else(|_| "conformance".into());
-    let builder = Endpoint::builder();
+    let ms = |name: &str, default: u64| -> anyhow::Result<Duration> {
+        match std::env::var(name) {
+            Ok(v) => Ok(Duration::from_millis(
+                v.parse().with_context(|| format!("invalid {name} {v:?}"))?,
+            )),
+            Err(_) => Ok(Duration::from_millis(default)),
+        }
+    };
+    // In a cluster, a node not heard from for PRESENCE_DOWN_MS (default 5 s) has its presences
+    // removed; nodes gossip presence every PRESENCE_HEARTBEAT_MS (default 1 s).
+    let builder = Endpoint::builder()
+        .presence_heartbeat(ms("PRESENCE_HEARTBEAT_MS", 1000)?)
+        .presence_down_after(ms("PRESENCE_DOWN_MS", 5000)?);
     let builder = if let Ok(url) = std::env::var("REDIS_URL") {
         let adapter = firebrand_redis::RedisAdapter::new(&url)
             .with_context(|| format!("invalid REDIS_URL {url:?}"))?;

@@ -21,10 +21,15 @@ struct Node {
 
 /// Starts a node joined to the cluster `namespace` on `engine` (REDIS_URL or NATS_URL).
 async fn node(engine: (&str, &str), namespace: &str) -> Node {
+    node_with(engine, namespace, &[]).await
+}
+
+async fn node_with(engine: (&str, &str), namespace: &str, envs: &[(&str, &str)]) -> Node {
     let mut child = Command::new(env!("CARGO_BIN_EXE_conformance"))
         .args(["--port", "0"])
         .env(engine.0, engine.1)
         .env("CLUSTER_NAMESPACE", namespace)
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -47,6 +52,26 @@ async fn node(engine: (&str, &str), namespace: &str) -> Node {
 }
 
 impl Node {
+    /// A client that sees presence frames too.
+    async fn presence_client(&self, query: &str) -> Client {
+        Client::connect(&format!(
+            "ws://127.0.0.1:{}/socket/websocket?{query}&vsn=2.0.0",
+            self.port
+        ))
+        .await
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self._child.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     async fn client(&self, query: &str) -> Client {
         let mut c = Client::connect(&format!(
             "ws://127.0.0.1:{}/socket/websocket?{query}&vsn=2.0.0",
@@ -186,4 +211,110 @@ async fn three_nodes_over_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_over_nats() {
     three_nodes(("NATS_URL", NATS)).await;
+}
+
+/// Joins `topic` and collects presence frames (state and diffs) into one view of who is here,
+/// until `done(view)` holds.
+async fn presence_until(
+    c: &mut Client,
+    view: &mut serde_json::Map<String, Value>,
+    done: impl Fn(&serde_json::Map<String, Value>) -> bool,
+) {
+    while !done(view) {
+        let f = c.recv_json().await;
+        match f[3].as_str() {
+            Some("presence_state") => {
+                *view = f[4].as_object().unwrap().clone();
+            }
+            Some("presence_diff") => {
+                for (k, v) in f[4]["joins"].as_object().unwrap() {
+                    view.insert(k.clone(), v.clone());
+                }
+                for k in f[4]["leaves"].as_object().unwrap().keys() {
+                    view.remove(k);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn presence_across_nodes(engine: (&str, &str)) {
+    let ns = format!("presence-{}-{}", std::process::id(), engine.0);
+    let fast = [
+        ("PRESENCE_HEARTBEAT_MS", "200"),
+        ("PRESENCE_DOWN_MS", "1500"),
+    ];
+    let (n1, n2, n3) = (
+        node_with(engine, &ns, &fast).await,
+        node_with(engine, &ns, &fast).await,
+        node_with(engine, &ns, &fast).await,
+    );
+    let topic = "room:everywhere";
+    let mut watcher = n1.presence_client("user=watcher").await;
+    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut alice = n2.presence_client("user=alice").await;
+    alice.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut carl = n3.presence_client("user=carl").await;
+    carl.send(json!(["1", "1", topic, "phx_join", {}])).await;
+
+    // Presences tracked on nodes 2 and 3 reach node 1's subscribers.
+    let mut view = serde_json::Map::new();
+    presence_until(&mut watcher, &mut view, |v| {
+        v.contains_key("alice") && v.contains_key("carl")
+    })
+    .await;
+    // A newcomer on node 1 gets them all in its presence_state.
+    let mut late = n1.presence_client("user=late").await;
+    late.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut late_view = serde_json::Map::new();
+    presence_until(&mut late, &mut late_view, |v| {
+        ["watcher", "alice", "carl", "late"]
+            .iter()
+            .all(|k| v.contains_key(*k))
+    })
+    .await;
+
+    // SIGKILL node 3: its presences leave the others once it is missed for PRESENCE_DOWN_MS.
+    n3.signal("-KILL");
+    presence_until(&mut watcher, &mut view, |v| !v.contains_key("carl")).await;
+    assert!(view.contains_key("alice"));
+    drop((n1, n2, n3, alice, carl));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_across_redis_nodes_and_a_killed_node() {
+    presence_across_nodes(("REDIS_URL", REDIS)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_across_nats_nodes_and_a_killed_node() {
+    presence_across_nodes(("NATS_URL", NATS)).await;
+}
+
+/// A node that stops gracefully says goodbye: its presences leave the others at once, long
+/// before they would notice it missing (PRESENCE_DOWN_MS is 60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_removes_presences_at_once() {
+    let ns = format!("goodbye-{}", std::process::id());
+    let slow = [
+        ("PRESENCE_HEARTBEAT_MS", "200"),
+        ("PRESENCE_DOWN_MS", "60000"),
+        ("DRAIN_MS", "0"),
+    ];
+    let engine = ("REDIS_URL", REDIS);
+    let (n1, n2) = (
+        node_with(engine, &ns, &slow).await,
+        node_with(engine, &ns, &slow).await,
+    );
+    let topic = "room:goodbye";
+    let mut watcher = n1.presence_client("user=watcher").await;
+    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut dana = n2.presence_client("user=dana").await;
+    dana.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut view = serde_json::Map::new();
+    presence_until(&mut watcher, &mut view, |v| v.contains_key("dana")).await;
+    n2.signal("-TERM");
+    presence_until(&mut watcher, &mut view, |v| !v.contains_key("dana")).await;
+    drop((n1, n2, dana));
 }

@@ -1,7 +1,8 @@
 //! A NATS adapter for firebrand clusters (the official `async-nats` client).
 //!
-//! Every node publishes its broadcasts on one subject (`firebrand.<namespace>`) and subscribes
-//! to it; each broadcast is one NATS message, whatever the number of subscribers.
+//! Every node publishes on one subject (`firebrand.<namespace>`) and subscribes to it: each
+//! broadcast is one NATS message, whatever the number of subscribers, and presence gossip
+//! travels the same way.
 //!
 //! ```no_run
 //! # async fn f() {
@@ -11,18 +12,17 @@
 //! ```
 //!
 //! **When NATS goes away** the node keeps serving its local clients. The client reconnects by
-//! itself (and resubscribes); what is published while it is away is buffered by the client up
-//! to its limit and otherwise lost (counted in `Stats::cluster_lost`); NATS core keeps nothing
-//! for subscribers that were away.
+//! itself and resubscribes; what is published while it is away is buffered by the client up to
+//! its limit and otherwise lost (counted in `Stats::cluster_lost`); NATS core keeps nothing for
+//! subscribers that were away. Presence resynchronises through the next heartbeats.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use firebrand::cluster::{Adapter, ClusterLink};
+use firebrand::cluster::{Adapter, ClusterLink, Outgoing, PublishQueue};
 use futures_util::StreamExt;
-use parking_lot::Mutex;
-use tokio::sync::mpsc;
 
 /// Messages waiting to be published; past this, new ones are dropped and counted as lost.
 const QUEUE: usize = 16 * 1024;
@@ -31,22 +31,17 @@ const QUEUE: usize = 16 * 1024;
 pub struct NatsAdapter {
     url: String,
     subject: String,
-    queue: mpsc::Sender<Bytes>,
-    pending: Mutex<Option<mpsc::Receiver<Bytes>>>,
-    link: Arc<Mutex<Option<ClusterLink>>>,
+    queue: PublishQueue,
 }
 
 impl NatsAdapter {
     /// An adapter for the NATS server at `url`, on the default namespace. Connects when the
     /// endpoint starts it.
     pub fn new(url: &str) -> Self {
-        let (queue, pending) = mpsc::channel(QUEUE);
         NatsAdapter {
             url: url.to_owned(),
             subject: "firebrand.default".into(),
-            queue,
-            pending: Mutex::new(Some(pending)),
-            link: Arc::default(),
+            queue: PublishQueue::new(QUEUE),
         }
     }
 
@@ -60,8 +55,7 @@ impl NatsAdapter {
 
 impl Adapter for NatsAdapter {
     fn start(&self, link: ClusterLink) {
-        *self.link.lock() = Some(link.clone());
-        let Some(mut pending) = self.pending.lock().take() else {
+        let Some(mut queue) = self.queue.start(&link) else {
             tracing::warn!("NatsAdapter started twice; the second start is ignored");
             return;
         };
@@ -70,15 +64,12 @@ impl Adapter for NatsAdapter {
             // The first connection is retried here; after it, the client reconnects by itself.
             let mut tries = 0u32;
             let client = loop {
-                let options = async_nats::ConnectOptions::new().retry_on_initial_connect();
-                match options.connect(url.as_str()).await {
+                match async_nats::connect(url.as_str()).await {
                     Ok(c) => break c,
                     Err(e) => {
                         tracing::warn!(error = %e, "nats: cannot connect; retrying");
-                        tokio::time::sleep(Duration::from_millis(
-                            (100u64 << tries.min(6)).min(5000),
-                        ))
-                        .await;
+                        let wait = (100u64 << tries.min(6)).min(5000);
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
                         tries += 1;
                     }
                 }
@@ -90,13 +81,23 @@ impl Adapter for NatsAdapter {
                     return;
                 }
             };
-            let publisher = client.clone();
             let publisher_link = link.clone();
             tokio::spawn(async move {
-                while let Some(message) = pending.recv().await {
-                    if let Err(e) = publisher.publish(subject.clone(), message).await {
-                        tracing::warn!(error = %e, "nats: publish failed; message lost");
-                        publisher_link.count_lost(1);
+                while let Some(out) = queue.recv().await {
+                    match out {
+                        Outgoing::Message(message) => {
+                            if let Err(e) = client.publish(subject.clone(), message).await {
+                                tracing::warn!(error = %e, "nats: publish failed; message lost");
+                                publisher_link.count_lost(1);
+                            }
+                        }
+                        Outgoing::Flush(done) => {
+                            if let Err(e) = client.flush().await {
+                                tracing::warn!(error = %e, "nats: flush failed");
+                            }
+                            let _ = done.send(());
+                        }
+                        _ => {}
                     }
                 }
             });
@@ -108,10 +109,10 @@ impl Adapter for NatsAdapter {
     }
 
     fn publish(&self, message: Bytes) {
-        if self.queue.try_send(message).is_err()
-            && let Some(link) = &*self.link.lock()
-        {
-            link.count_lost(1);
-        }
+        self.queue.push(message);
+    }
+
+    fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.queue.flush())
     }
 }

@@ -1,7 +1,8 @@
 //! A Redis pub/sub adapter for firebrand clusters.
 //!
-//! Every node publishes its broadcasts on one Redis channel (`firebrand:<namespace>`) and
-//! subscribes to it; each broadcast is one Redis message, whatever the number of subscribers.
+//! Every node publishes on one Redis channel (`firebrand:<namespace>`) and subscribes to it:
+//! each broadcast is one Redis message, whatever the number of subscribers, and presence
+//! gossip travels the same way.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
@@ -14,16 +15,16 @@
 //! reach local subscribers. Broadcasts published meanwhile are **not** delivered to other nodes
 //! (Redis pub/sub keeps nothing) and are counted in `Stats::cluster_lost`; messages other nodes
 //! published meanwhile are lost too. The adapter logs the outage, reconnects with backoff
-//! (100 ms doubling to 5 s) and resubscribes.
+//! (100 ms doubling to 5 s) and resubscribes; presence resynchronises through the next
+//! heartbeats (a node that missed changes asks for a transfer).
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use firebrand::cluster::{Adapter, ClusterLink};
+use firebrand::cluster::{Adapter, ClusterLink, Outgoing, PublishQueue};
 use futures_util::StreamExt;
-use parking_lot::Mutex;
-use tokio::sync::mpsc;
 
 /// Messages waiting to be published; past this, new ones are dropped and counted as lost.
 const QUEUE: usize = 16 * 1024;
@@ -32,22 +33,17 @@ const QUEUE: usize = 16 * 1024;
 pub struct RedisAdapter {
     client: redis::Client,
     channel: String,
-    queue: mpsc::Sender<Bytes>,
-    pending: Mutex<Option<mpsc::Receiver<Bytes>>>,
-    link: Arc<Mutex<Option<ClusterLink>>>,
+    queue: PublishQueue,
 }
 
 impl RedisAdapter {
     /// An adapter for the Redis server at `url` (`redis://host:port/db`), on the default
     /// namespace. Connects when the endpoint starts it.
     pub fn new(url: &str) -> redis::RedisResult<Self> {
-        let (queue, pending) = mpsc::channel(QUEUE);
         Ok(RedisAdapter {
             client: redis::Client::open(url)?,
             channel: "firebrand:default".into(),
-            queue,
-            pending: Mutex::new(Some(pending)),
-            link: Arc::default(),
+            queue: PublishQueue::new(QUEUE),
         })
     }
 
@@ -65,8 +61,7 @@ fn backoff(tries: u32) -> Duration {
 
 impl Adapter for RedisAdapter {
     fn start(&self, link: ClusterLink) {
-        *self.link.lock() = Some(link.clone());
-        let Some(mut pending) = self.pending.lock().take() else {
+        let Some(mut queue) = self.queue.start(&link) else {
             tracing::warn!("RedisAdapter started twice; the second start is ignored");
             return;
         };
@@ -75,7 +70,15 @@ impl Adapter for RedisAdapter {
         tokio::spawn(async move {
             let mut conn = None;
             let mut tries = 0;
-            while let Some(message) = pending.recv().await {
+            while let Some(out) = queue.recv().await {
+                let message = match out {
+                    Outgoing::Message(m) => m,
+                    Outgoing::Flush(done) => {
+                        let _ = done.send(());
+                        continue;
+                    }
+                    _ => continue,
+                };
                 if conn.is_none() {
                     match client.get_multiplexed_async_connection().await {
                         Ok(c) => {
@@ -132,10 +135,10 @@ impl Adapter for RedisAdapter {
     }
 
     fn publish(&self, message: Bytes) {
-        if self.queue.try_send(message).is_err()
-            && let Some(link) = &*self.link.lock()
-        {
-            link.count_lost(1);
-        }
+        self.queue.push(message);
+    }
+
+    fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.queue.flush())
     }
 }

@@ -20,12 +20,15 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use firebrand_protocol::{Payload, RawJson};
 
+use crate::presence::crdt::{State, WireState};
 use crate::pubsub::Broadcast;
 
 /// The version of the node-to-node message format written by this build.
@@ -44,6 +47,73 @@ pub trait Adapter: Send + Sync + 'static {
     /// background. A message that cannot be sent (engine down, queue full) is dropped and
     /// counted with [`ClusterLink::count_lost`].
     fn publish(&self, message: Bytes);
+
+    /// Resolves once the messages published so far have been handed to the engine (used on
+    /// shutdown, so that the node's goodbye reaches the others). The default returns at once.
+    fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
+}
+
+/// The queue between [`Adapter::publish`] (which must not wait) and an adapter's publishing
+/// task, with [`Adapter::flush`] support and loss counting. Adapters hold one.
+pub struct PublishQueue {
+    tx: tokio::sync::mpsc::Sender<Outgoing>,
+    rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Outgoing>>>,
+    link: parking_lot::Mutex<Option<ClusterLink>>,
+}
+
+/// What an adapter's publishing task takes from its [`PublishQueue`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Outgoing {
+    /// A message to publish.
+    Message(Bytes),
+    /// Answer it once everything taken before it was handed to the engine.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+impl PublishQueue {
+    /// A queue holding at most `capacity` messages; past that, messages are dropped and counted
+    /// as lost.
+    pub fn new(capacity: usize) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        PublishQueue {
+            tx,
+            rx: parking_lot::Mutex::new(Some(rx)),
+            link: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// For [`Adapter::start`]: remembers the link (to count losses) and hands over the
+    /// receiving end, once (`None` on a second start).
+    pub fn start(&self, link: &ClusterLink) -> Option<tokio::sync::mpsc::Receiver<Outgoing>> {
+        *self.link.lock() = Some(link.clone());
+        self.rx.lock().take()
+    }
+
+    /// For [`Adapter::publish`]: queues without waiting.
+    pub fn push(&self, message: Bytes) {
+        if self.tx.try_send(Outgoing::Message(message)).is_err()
+            && let Some(link) = &*self.link.lock()
+        {
+            link.count_lost(1);
+        }
+    }
+
+    /// For [`Adapter::flush`].
+    pub async fn flush(&self) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if self.tx.send(Outgoing::Flush(done)).await.is_ok() {
+            let _ = flushed.await;
+        }
+    }
+}
+
+impl fmt::Debug for PublishQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublishQueue").finish_non_exhaustive()
+    }
 }
 
 /// An endpoint's side of its adapter: where received messages go, and its counters.
@@ -54,7 +124,7 @@ pub struct ClusterLink {
 
 pub(crate) struct LinkInner {
     pub(crate) node: u64,
-    pub(crate) deliver: Box<dyn Fn(Broadcast) + Send + Sync>,
+    pub(crate) deliver: Box<dyn Fn(u64, Body) + Send + Sync>,
     pub(crate) received: AtomicU64,
     pub(crate) lost: AtomicU64,
     pub(crate) rejected: AtomicU64,
@@ -81,7 +151,7 @@ impl ClusterLink {
             Ok(msg) if msg.node == self.inner.node => {}
             Ok(msg) => {
                 self.inner.received.fetch_add(1, Ordering::Relaxed);
-                (self.inner.deliver)(msg.broadcast);
+                (self.inner.deliver)(msg.node, msg.body);
             }
             Err(e) => {
                 self.inner.rejected.fetch_add(1, Ordering::Relaxed);
@@ -123,24 +193,91 @@ impl fmt::Display for MessageError {
 impl std::error::Error for MessageError {}
 
 const KIND_BROADCAST: u8 = 1;
+const KIND_HEARTBEAT: u8 = 2;
+const KIND_TRANSFER_REQUEST: u8 = 3;
+const KIND_TRANSFER: u8 = 4;
+const KIND_GOODBYE: u8 = 5;
 const PAYLOAD_JSON: u8 = 0;
 const PAYLOAD_BINARY: u8 = 1;
 
-pub(crate) struct NodeMessage {
-    pub(crate) node: u64,
-    pub(crate) broadcast: Broadcast,
+/// What a node-to-node message carries.
+pub(crate) enum Body {
+    /// A broadcast for this node's subscribers.
+    Broadcast(Broadcast),
+    /// A node is alive: its presence changes since its last heartbeat, and its clock (so that
+    /// a node that missed some asks for a transfer).
+    Heartbeat { clock: u64, delta: State },
+    /// Asks node `to` for its presence state.
+    TransferRequest { to: u64 },
+    /// Node's presence state, for node `to`.
+    Transfer { to: u64, state: State },
+    /// The node is shutting down: forget its presences now.
+    Goodbye,
 }
 
-/// `version, kind, node u64, topic (u16 len), event (u16 len), payload kind, payload`.
-pub(crate) fn encode(node: u64, b: &Broadcast) -> Bytes {
+pub(crate) struct NodeMessage {
+    pub(crate) node: u64,
+    pub(crate) body: Body,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct PresenceBody {
+    #[serde(default)]
+    clock: u64,
+    #[serde(default)]
+    to: u64,
+    #[serde(default)]
+    state: WireState,
+}
+
+/// `version, kind, node u64`, then for broadcasts `topic (u16 len), event (u16 len), payload
+/// kind, payload`, and for presence messages a JSON body.
+pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_u8(FORMAT_VERSION);
+    let presence = |kind, p: PresenceBody| (kind, Some(p));
+    let (kind, json) = match body {
+        Body::Broadcast(_) => (KIND_BROADCAST, None),
+        Body::Heartbeat { clock, delta } => presence(
+            KIND_HEARTBEAT,
+            PresenceBody {
+                clock: *clock,
+                state: delta.to_wire(),
+                ..Default::default()
+            },
+        ),
+        Body::TransferRequest { to } => presence(
+            KIND_TRANSFER_REQUEST,
+            PresenceBody {
+                to: *to,
+                ..Default::default()
+            },
+        ),
+        Body::Transfer { to, state } => presence(
+            KIND_TRANSFER,
+            PresenceBody {
+                to: *to,
+                state: state.to_wire(),
+                ..Default::default()
+            },
+        ),
+        Body::Goodbye => presence(KIND_GOODBYE, PresenceBody::default()),
+    };
+    buf.put_u8(kind);
+    buf.put_u64(node);
+    if let Some(json) = json {
+        // Serializing plain data with string keys cannot fail.
+        buf.put_slice(&serde_json::to_vec(&json).unwrap_or_default());
+        return buf.freeze();
+    }
+    let Body::Broadcast(b) = body else {
+        unreachable!("presence bodies returned above")
+    };
     let (kind, data): (u8, &[u8]) = match b.payload() {
         Payload::Json(raw) => (PAYLOAD_JSON, raw.as_bytes()),
         Payload::Binary(bytes) => (PAYLOAD_BINARY, bytes),
     };
-    let mut buf = BytesMut::with_capacity(16 + b.topic().len() + b.event().len() + data.len());
-    buf.put_u8(FORMAT_VERSION);
-    buf.put_u8(KIND_BROADCAST);
-    buf.put_u64(node);
+    buf.reserve(b.topic().len() + b.event().len() + data.len());
     for s in [b.topic(), b.event()] {
         // Topics and events over 64 KiB are refused long before (max_topic_len).
         let s = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
@@ -166,10 +303,26 @@ pub(crate) fn decode(mut m: &[u8]) -> Result<NodeMessage, MessageError> {
         return Err(MessageError::UnknownVersion(version));
     }
     need(m, 9)?;
-    if m.get_u8() != KIND_BROADCAST {
-        return Err(MessageError::Malformed);
-    }
+    let kind = m.get_u8();
     let node = m.get_u64();
+    if kind != KIND_BROADCAST {
+        let p: PresenceBody = serde_json::from_slice(m).map_err(|_| MessageError::Malformed)?;
+        let state = || State::from_wire(p.state).ok_or(MessageError::Malformed);
+        let body = match kind {
+            KIND_HEARTBEAT => Body::Heartbeat {
+                clock: p.clock,
+                delta: state()?,
+            },
+            KIND_TRANSFER_REQUEST => Body::TransferRequest { to: p.to },
+            KIND_TRANSFER => Body::Transfer {
+                to: p.to,
+                state: state()?,
+            },
+            KIND_GOODBYE => Body::Goodbye,
+            _ => return Err(MessageError::Malformed),
+        };
+        return Ok(NodeMessage { node, body });
+    }
     let mut text = || -> Result<String, MessageError> {
         need(m, 2)?;
         let len = usize::from(m.get_u16());
@@ -192,7 +345,7 @@ pub(crate) fn decode(mut m: &[u8]) -> Result<NodeMessage, MessageError> {
     };
     Ok(NodeMessage {
         node,
-        broadcast: Broadcast::new(topic, event, payload),
+        body: Body::Broadcast(Broadcast::new(topic, event, payload)),
     })
 }
 
@@ -226,6 +379,13 @@ pub mod tests_only {
 mod tests {
     use super::*;
 
+    fn broadcast_of(m: NodeMessage) -> Broadcast {
+        match m.body {
+            Body::Broadcast(b) => b,
+            _ => panic!("not a broadcast"),
+        }
+    }
+
     #[test]
     fn messages_round_trip_and_versions_are_checked() {
         let b = Broadcast::new(
@@ -233,22 +393,37 @@ mod tests {
             "new_msg",
             Payload::from(serde_json::json!({"a": 1})),
         );
-        let m = decode(&encode(7, &b)).unwrap();
+        let msg = encode(7, &Body::Broadcast(b.clone()));
+        let m = decode(&msg).unwrap();
+        assert_eq!(m.node, 7);
+        let got = broadcast_of(m);
         assert_eq!(
-            (m.node, m.broadcast.topic(), m.broadcast.event()),
-            (7, "room:1", "new_msg")
+            (got.topic(), got.event(), got.payload()),
+            ("room:1", "new_msg", b.payload())
         );
-        assert_eq!(m.broadcast.payload(), b.payload());
         let bin = Broadcast::new("t", "e", Payload::binary(vec![0, 255]));
-        assert_eq!(
-            decode(&encode(1, &bin)).unwrap().broadcast.payload(),
-            bin.payload()
-        );
-        let mut future = encode(1, &b).to_vec();
+        let got = broadcast_of(decode(&encode(1, &Body::Broadcast(bin.clone()))).unwrap());
+        assert_eq!(got.payload(), bin.payload());
+        let mut future = msg.to_vec();
         future[0] = 2;
         assert_eq!(decode(&future).err(), Some(MessageError::UnknownVersion(2)));
-        for cut in 0..encode(1, &b).len() - 8 {
-            assert!(decode(&encode(1, &b)[..cut]).is_err(), "cut at {cut}");
+        for cut in 0..msg.len() - 8 {
+            assert!(decode(&msg[..cut]).is_err(), "cut at {cut}");
         }
+        let hb = decode(&encode(
+            3,
+            &Body::Heartbeat {
+                clock: 9,
+                delta: State::default(),
+            },
+        ))
+        .unwrap();
+        assert!(matches!(hb.body, Body::Heartbeat { clock: 9, .. }));
+        let req = decode(&encode(3, &Body::TransferRequest { to: 4 })).unwrap();
+        assert!(matches!(req.body, Body::TransferRequest { to: 4 }));
+        assert!(matches!(
+            decode(&encode(3, &Body::Goodbye)).unwrap().body,
+            Body::Goodbye
+        ));
     }
 }

@@ -9,7 +9,7 @@ use firebrand_protocol::Payload;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::cluster::{Adapter, ClusterLink, LinkInner};
+use crate::cluster::{Adapter, Body, ClusterLink, LinkInner};
 use crate::limits::Limit;
 use crate::presence::{DiffSink, PresenceFetch, Tracker};
 use crate::pubsub::{Broadcast, PubSub, SubId};
@@ -115,12 +115,27 @@ pub struct EndpointBuilder {
     presence_batch: Duration,
     presence_fetch: Option<PresenceFetch>,
     adapter: Option<Arc<dyn Adapter>>,
+    heartbeat: Duration,
+    down_after: Duration,
 }
 
 /// An endpoint's adapter and its side of the link.
 struct Cluster {
     adapter: Arc<dyn Adapter>,
     link: ClusterLink,
+    /// Other nodes: when each was last heard from.
+    peers: Mutex<HashMap<u64, tokio::time::Instant>>,
+    /// When a presence transfer was last asked of each node.
+    asked: Mutex<HashMap<u64, tokio::time::Instant>>,
+    heartbeat: Duration,
+    down_after: Duration,
+}
+
+impl Cluster {
+    fn send(&self, body: &Body) {
+        self.adapter
+            .publish(crate::cluster::encode(self.link.node(), body));
+    }
 }
 
 impl EndpointBuilder {
@@ -149,8 +164,24 @@ impl EndpointBuilder {
         self
     }
 
+    /// How often a clustered node sends its presence changes and a heartbeat. Default 1 s.
+    pub fn presence_heartbeat(mut self, period: Duration) -> Self {
+        self.heartbeat = period;
+        self
+    }
+
+    /// After how long without a heartbeat another node counts as down: its presences are
+    /// removed here (with `presence_diff` leaves). Default 5 s. A node that stops gracefully
+    /// ([`Endpoint::drain`]) says goodbye and its presences go at once.
+    pub fn presence_down_after(mut self, period: Duration) -> Self {
+        self.down_after = period;
+        self
+    }
+
     /// The endpoint. With an adapter, call this inside a Tokio runtime: the adapter starts.
     pub fn build(self) -> Endpoint {
+        let node = crate::presence::rand_u64();
+        let (heartbeat, down_after) = (self.heartbeat, self.down_after);
         let adapter = self.adapter;
         let endpoint = Endpoint {
             inner: Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| Inner {
@@ -158,10 +189,10 @@ impl EndpointBuilder {
                     let weak = weak.clone();
                     let link = ClusterLink {
                         inner: Arc::new(LinkInner {
-                            node: crate::presence::rand_u64(),
-                            deliver: Box::new(move |b: Broadcast| {
+                            node,
+                            deliver: Box::new(move |from, body| {
                                 if let Some(inner) = weak.upgrade() {
-                                    inner.dispatch_local(&b, None);
+                                    inner.receive(from, body);
                                 }
                             }),
                             received: AtomicU64::new(0),
@@ -169,10 +200,17 @@ impl EndpointBuilder {
                             rejected: AtomicU64::new(0),
                         }),
                     };
-                    Cluster { adapter, link }
+                    Cluster {
+                        adapter,
+                        link,
+                        peers: Mutex::default(),
+                        asked: Mutex::default(),
+                        heartbeat,
+                        down_after,
+                    }
                 }),
                 pubsub: PubSub::new(),
-                tracker: Arc::new(Tracker::new(self.presence_batch, self.presence_fetch)),
+                tracker: Arc::new(Tracker::new(node, self.presence_batch, self.presence_fetch)),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 all_closed: Notify::new(),
@@ -185,12 +223,90 @@ impl EndpointBuilder {
         };
         if let Some(c) = &endpoint.inner.cluster {
             c.adapter.start(c.link.clone());
+            tokio::spawn(gossip(Arc::downgrade(&endpoint.inner)));
+            endpoint.tracker();
         }
         endpoint
     }
 }
 
+/// A clustered node's presence gossip: every heartbeat period, send the changes since the last
+/// one with this node's clock, and forget nodes not heard from for `down_after`.
+async fn gossip(inner: std::sync::Weak<Inner>) {
+    let Some(period) = inner
+        .upgrade()
+        .and_then(|i| i.cluster.as_ref().map(|c| c.heartbeat))
+    else {
+        return;
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let Some(c) = &inner.cluster else { return };
+        let delta = inner.tracker.take_delta();
+        c.send(&Body::Heartbeat {
+            clock: inner.tracker.own_clock(),
+            delta,
+        });
+        let now = tokio::time::Instant::now();
+        let down: Vec<u64> = {
+            let mut peers = c.peers.lock();
+            let down = peers
+                .iter()
+                .filter(|(_, last)| now - **last > c.down_after)
+                .map(|(r, _)| *r)
+                .collect::<Vec<_>>();
+            for r in &down {
+                peers.remove(r);
+            }
+            down
+        };
+        for replica in down {
+            tracing::warn!(node = replica, "cluster node down: no heartbeat");
+            inner.tracker.forget(replica);
+        }
+    }
+}
+
 impl Inner {
+    /// Handles a message from another node.
+    fn receive(&self, from: u64, body: Body) {
+        let Some(c) = &self.cluster else { return };
+        let me = c.link.node();
+        match body {
+            Body::Broadcast(b) => self.dispatch_local(&b, None),
+            Body::Heartbeat { clock, delta } => {
+                let now = tokio::time::Instant::now();
+                if c.peers.lock().insert(from, now).is_none() {
+                    tracing::info!(node = from, "cluster node up");
+                }
+                self.tracker.merge_remote(&delta);
+                // Missed some of its changes (new here, or messages lost): ask for its state,
+                // at most once per heartbeat period.
+                if self.tracker.clock_of(from) < clock {
+                    let mut asked = c.asked.lock();
+                    if asked.get(&from).is_none_or(|t| now - *t >= c.heartbeat) {
+                        asked.insert(from, now);
+                        drop(asked);
+                        c.send(&Body::TransferRequest { to: from });
+                    }
+                }
+            }
+            Body::TransferRequest { to } if to == me => c.send(&Body::Transfer {
+                to: from,
+                state: self.tracker.own_slice(),
+            }),
+            Body::Transfer { to, state } if to == me => self.tracker.merge_remote(&state),
+            Body::TransferRequest { .. } | Body::Transfer { .. } => {}
+            Body::Goodbye => {
+                c.peers.lock().remove(&from);
+                self.tracker.forget(from);
+            }
+        }
+    }
+
     /// Delivers `b` to this node's subscribers (except `from`) and counts it.
     fn dispatch_local(&self, b: &Broadcast, from: Option<SubId>) {
         let delivered = self.pubsub.dispatch(b, from);
@@ -218,6 +334,8 @@ impl Endpoint {
             presence_batch: Duration::from_millis(20),
             presence_fetch: None,
             adapter: None,
+            heartbeat: Duration::from_secs(1),
+            down_after: Duration::from_secs(5),
         }
     }
 
@@ -332,6 +450,11 @@ impl Endpoint {
             }
         };
         let _ = tokio::time::timeout_at(start + deadline, wait).await;
+        if let Some(c) = &self.inner.cluster {
+            // Other nodes drop this node's presences now rather than after `down_after`.
+            c.send(&Body::Goodbye);
+            let _ = tokio::time::timeout_at(start + deadline, c.adapter.flush()).await;
+        }
         self.inner.conns.lock().len()
     }
 
@@ -342,7 +465,7 @@ impl Endpoint {
     pub(crate) fn publish(&self, b: Broadcast, from: Option<SubId>) {
         if let Some(c) = &self.inner.cluster {
             // One engine message per broadcast; other nodes deliver to their own subscribers.
-            c.adapter.publish(crate::cluster::encode(c.link.node(), &b));
+            c.send(&Body::Broadcast(b.clone()));
         }
         self.inner.dispatch_local(&b, from);
     }

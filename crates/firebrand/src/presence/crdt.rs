@@ -156,10 +156,6 @@ impl State {
     }
 
     /// Joins `other` (a state or a delta) into this state; returns what changed.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "replication arrives with the cluster adapters")
-    )]
     pub(crate) fn join(&mut self, other: &State) -> Changes {
         let mut changes = Changes::default();
         for (&d, e) in &other.values {
@@ -201,16 +197,147 @@ impl State {
             .collect()
     }
 
+    /// The highest contiguous clock seen of `replica`.
+    pub(crate) fn clock(&self, replica: ReplicaId) -> u64 {
+        self.context.max.get(&replica).copied().unwrap_or(0)
+    }
+
+    /// What this state knows of `replica`: its elements and its part of the context — itself
+    /// a valid state, to join anywhere (the transfer to a new or lagging node).
+    pub(crate) fn slice(&self, replica: ReplicaId) -> State {
+        let mut out = State::default();
+        for (d, e) in self.values.iter().filter(|(d, _)| d.replica == replica) {
+            out.insert(*d, e.clone());
+        }
+        if let Some(&m) = self.context.max.get(&replica) {
+            out.context.max.insert(replica, m);
+        }
+        out.context.cloud = self
+            .context
+            .cloud
+            .iter()
+            .filter(|d| d.replica == replica)
+            .copied()
+            .collect();
+        out
+    }
+
+    /// Forgets `replica` entirely (it is gone): its elements, returned, and its context, so
+    /// that if it comes back its state is accepted anew.
+    pub(crate) fn forget(&mut self, replica: ReplicaId) -> Vec<(Dot, Entry)> {
+        let dots: Vec<Dot> = self
+            .values
+            .keys()
+            .filter(|d| d.replica == replica)
+            .copied()
+            .collect();
+        let gone = dots
+            .into_iter()
+            .filter_map(|d| self.take(d).map(|e| (d, e)))
+            .collect();
+        self.context.max.remove(&replica);
+        self.context.cloud.retain(|d| d.replica != replica);
+        gone
+    }
+
+    /// The serializable form, for node-to-node messages.
+    pub(crate) fn to_wire(&self) -> WireState {
+        WireState {
+            values: self
+                .values
+                .iter()
+                .map(|(d, e)| WireEntry {
+                    dot: (d.replica, d.clock),
+                    topic: e.topic.to_string(),
+                    key: e.key.to_string(),
+                    owner: (e.owner.replica, e.owner.id),
+                    meta: e.meta.as_str().to_owned(),
+                    prev: e.prev.map(|p| (p.replica, p.clock)),
+                })
+                .collect(),
+            max: self.context.max.iter().map(|(r, m)| (*r, *m)).collect(),
+            cloud: self
+                .context
+                .cloud
+                .iter()
+                .map(|d| (d.replica, d.clock))
+                .collect(),
+        }
+    }
+
+    /// Rebuilds a state from its wire form; `None` when a meta is not valid JSON.
+    pub(crate) fn from_wire(w: WireState) -> Option<State> {
+        let dot = |(replica, clock)| Dot { replica, clock };
+        let mut s = State::default();
+        for e in w.values {
+            let entry = Entry {
+                topic: e.topic.into(),
+                key: e.key.into(),
+                owner: Owner {
+                    replica: e.owner.0,
+                    id: e.owner.1,
+                },
+                meta: RawJson::parse(e.meta.into_bytes()).ok()?,
+                prev: e.prev.map(dot),
+            };
+            s.insert(dot(e.dot), entry);
+        }
+        s.context.max = w.max.into_iter().filter(|(_, m)| *m > 0).collect();
+        s.context.cloud = w.cloud.into_iter().map(dot).collect();
+        Some(s)
+    }
+
     #[cfg(test)]
     fn dots(&self) -> BTreeSet<Dot> {
         self.values.keys().copied().collect()
     }
 }
 
+/// A [`State`] as node-to-node messages carry it (JSON).
+#[derive(serde::Serialize, serde::Deserialize, Debug, Default)]
+pub(crate) struct WireState {
+    values: Vec<WireEntry>,
+    max: Vec<(ReplicaId, u64)>,
+    cloud: Vec<(ReplicaId, u64)>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct WireEntry {
+    dot: (ReplicaId, u64),
+    topic: String,
+    key: String,
+    owner: (ReplicaId, u64),
+    meta: String,
+    prev: Option<(ReplicaId, u64)>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn wire_form_round_trips_and_slices_join_anywhere() {
+        let mut a = State::default();
+        let (d1, _) = a.add(1, entry(1, 1));
+        a.add(1, entry(1, 2));
+        let mut b = State::default();
+        b.add(2, entry(2, 3));
+        b.join(&a.slice(1));
+        let back = State::from_wire(
+            serde_json::from_str(&serde_json::to_string(&b.to_wire()).unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(back, b);
+        assert_eq!(b.slice(1).dots(), a.dots());
+        assert_eq!(b.clock(1), 2);
+        let gone = b.forget(1);
+        assert_eq!(gone.len(), 2);
+        assert_eq!(b.clock(1), 0);
+        // Forgotten, the replica's state is accepted again when it comes back.
+        assert_eq!(b.join(&a.slice(1)).joins.len(), 2);
+        assert!(b.dots().contains(&d1));
+    }
 
     fn entry(replica: ReplicaId, n: u64) -> Entry {
         Entry {

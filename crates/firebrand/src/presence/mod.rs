@@ -89,6 +89,8 @@ struct PendingDiff {
 pub(crate) struct Tracker {
     replica: crdt::ReplicaId,
     state: Mutex<State>,
+    /// Local changes not yet sent to other nodes (the join of their deltas).
+    delta: Mutex<State>,
     pending: Mutex<HashMap<Arc<str>, PendingDiff>>,
     flush: Arc<Notify>,
     flusher_started: std::sync::Once,
@@ -103,10 +105,16 @@ pub(crate) trait DiffSink: Send + Sync + 'static {
 }
 
 impl Tracker {
-    pub(crate) fn new(batch: Duration, fetch: Option<PresenceFetch>) -> Self {
+    /// A tracker for replica `replica` (the cluster node id, or a random one alone).
+    pub(crate) fn new(
+        replica: crdt::ReplicaId,
+        batch: Duration,
+        fetch: Option<PresenceFetch>,
+    ) -> Self {
         Tracker {
-            replica: rand_u64(),
+            replica,
             state: Mutex::new(State::default()),
+            delta: Mutex::new(State::default()),
             pending: Mutex::new(HashMap::new()),
             flush: Arc::new(Notify::new()),
             flusher_started: std::sync::Once::new(),
@@ -150,8 +158,9 @@ impl Tracker {
             meta,
             prev: None,
         };
-        let (dot, _delta) = state.add(self.replica, entry.clone());
+        let (dot, delta) = state.add(self.replica, entry.clone());
         drop(state);
+        self.delta.lock().join(&delta);
         self.changed(vec![(dot, entry)], Vec::new());
         Ok(phx_ref(dot))
     }
@@ -166,14 +175,18 @@ impl Tracker {
         let meta = object(meta)?;
         let mut state = self.state.lock();
         let old = Self::find(&state, owner, topic, key).ok_or(PresenceError::NoPresence)?;
-        let (left, _delta) = state.remove(old).ok_or(PresenceError::NoPresence)?;
+        let (left, removed) = state.remove(old).ok_or(PresenceError::NoPresence)?;
         let entry = Entry {
             meta,
             prev: Some(old),
             ..left.clone()
         };
-        let (dot, _delta) = state.add(self.replica, entry.clone());
+        let (dot, added) = state.add(self.replica, entry.clone());
         drop(state);
+        let mut delta = self.delta.lock();
+        delta.join(&removed);
+        delta.join(&added);
+        drop(delta);
         self.changed(vec![(dot, entry)], vec![(old, left)]);
         Ok(phx_ref(dot))
     }
@@ -191,14 +204,60 @@ impl Tracker {
     /// Untracks everything `owner` tracked (its channel has ended).
     pub(crate) fn untrack_owner(&self, owner: Owner) {
         let mut state = self.state.lock();
+        let mut delta = self.delta.lock();
         let leaves: Vec<_> = state
             .owned_by(owner)
             .into_iter()
-            .filter_map(|d| state.remove(d).map(|(e, _)| (d, e)))
+            .filter_map(|d| {
+                let (e, removed) = state.remove(d)?;
+                delta.join(&removed);
+                Some((d, e))
+            })
             .collect();
-        drop(state);
+        drop((state, delta));
         if !leaves.is_empty() {
             self.changed(Vec::new(), leaves);
+        }
+    }
+
+    /// Local changes since the last call, to send to other nodes.
+    pub(crate) fn take_delta(&self) -> State {
+        std::mem::take(&mut *self.delta.lock())
+    }
+
+    /// This replica's clock: how many changes it has made.
+    pub(crate) fn own_clock(&self) -> u64 {
+        self.state.lock().clock(self.replica)
+    }
+
+    /// How far this node has seen `replica`'s changes.
+    pub(crate) fn clock_of(&self, replica: crdt::ReplicaId) -> u64 {
+        self.state.lock().clock(replica)
+    }
+
+    /// This replica's part of the state, for a node that is new or lagging.
+    pub(crate) fn own_slice(&self) -> State {
+        self.state.lock().slice(self.replica)
+    }
+
+    /// Joins a delta or a slice from another node; its joins and leaves go out as diffs.
+    pub(crate) fn merge_remote(&self, remote: &State) {
+        let changes = self.state.lock().join(remote);
+        if !changes.joins.is_empty() || !changes.leaves.is_empty() {
+            self.changed(changes.joins, changes.leaves);
+        }
+    }
+
+    /// Drops everything of a replica that is gone (node down, or left).
+    pub(crate) fn forget(&self, replica: crdt::ReplicaId) {
+        let gone = self.state.lock().forget(replica);
+        if !gone.is_empty() {
+            tracing::info!(
+                replica,
+                presences = gone.len(),
+                "presences of a departed node removed"
+            );
+            self.changed(Vec::new(), gone);
         }
     }
 
@@ -374,7 +433,7 @@ mod tests {
 
     #[test]
     fn track_update_untrack_and_their_diffs() {
-        let t = Tracker::new(Duration::ZERO, None);
+        let t = Tracker::new(1, Duration::ZERO, None);
         let sink = Collect(Mutex::new(Vec::new()));
         let (a, b) = (t.new_owner(), t.new_owner());
         let r1 = t
@@ -435,7 +494,7 @@ mod tests {
     /// client may have seen it in a presence_state meanwhile (otherwise it would keep a ghost).
     #[test]
     fn a_presence_that_comes_and_goes_within_a_batch_is_announced_as_both() {
-        let t = Tracker::new(Duration::ZERO, None);
+        let t = Tracker::new(1, Duration::ZERO, None);
         let sink = Collect(Mutex::new(Vec::new()));
         let a = t.new_owner();
         let r = t
@@ -459,7 +518,7 @@ mod tests {
                 entry["user"] = serde_json::json!({"name": key.to_uppercase(), "topic": topic});
             }
         });
-        let t = Tracker::new(Duration::ZERO, Some(fetch));
+        let t = Tracker::new(1, Duration::ZERO, Some(fetch));
         let sink = Collect(Mutex::new(Vec::new()));
         t.track(t.new_owner(), "room:1", "ann", serde_json::json!({}))
             .unwrap();
