@@ -16,8 +16,8 @@ const WAIT = {timeout: 10_000}
 let server, base, browser
 
 /** Starts the chat on a free port; resolves with its URL once it prints its listening line. */
-function startServer() {
-  const child = spawn(CHAT_BIN, ["--port", "0"], {stdio: ["ignore", "pipe", "inherit"]})
+function startServer(env = {}) {
+  const child = spawn(CHAT_BIN, ["--port", "0"], {stdio: ["ignore", "pipe", "inherit"], env: {...process.env, ...env}})
   return new Promise((resolve, reject) => {
     child.on("error", reject)
     child.on("exit", (code) => reject(new Error(`chat exited early with ${code}`)))
@@ -44,11 +44,11 @@ after(async () => {
 })
 
 /** A page of its own browser context (own storage), as `user`, in the lobby. */
-async function open(user, context) {
+async function open(user, context, url = base) {
   context ??= await browser.newContext()
   const page = await context.newPage()
   page.on("pageerror", (e) => assert.fail(`page error for ${user}: ${e}`))
-  await page.goto(`${base}/?user=${encodeURIComponent(user)}`)
+  await page.goto(`${url}/?user=${encodeURIComponent(user)}`)
   await page.locator("#status.connected").waitFor(WAIT)
   await page.locator("#rooms button.current", {hasText: "lobby"}).waitFor(WAIT)
   return page
@@ -119,6 +119,27 @@ test("without WebSocket the page falls back to long-poll and still chats", async
   assert.ok(longpolls.length > 0, "the page used long-poll")
   await context.close()
   await erin.context().close()
+})
+
+test("two chat nodes sharing Redis: messages and presence cross nodes", async () => {
+  const env = {REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379"}
+  const [a, b] = [await startServer(env), await startServer(env)]
+  try {
+    const frank = await open("frank", undefined, a.url)
+    const grace = await open("grace", undefined, b.url)
+    // Presence gossips between nodes (every second): each sees the other online.
+    await online(frank, "grace").waitFor(WAIT)
+    await online(grace, "frank").waitFor(WAIT)
+    // Broadcasts cross at once; the link is up once presence crossed.
+    await frank.fill("#body", "from node A")
+    await frank.press("#body", "Enter")
+    await grace.locator("#messages li", {hasText: "from node A"}).waitFor(WAIT)
+    await frank.context().close()
+    await grace.context().close()
+  } finally {
+    a.child.kill("SIGTERM")
+    b.child.kill("SIGTERM")
+  }
 })
 
 test("the page shows that it is reconnecting when the server goes away", async () => {

@@ -169,7 +169,18 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let port = port()?;
-    let endpoint = Endpoint::new();
+    // With REDIS_URL set, this node joins the other chat nodes on that Redis: messages and
+    // presence span them all (see scripts/chat-cluster.sh).
+    let endpoint = match std::env::var("REDIS_URL") {
+        Ok(url) => {
+            let adapter = firebrand_redis::RedisAdapter::new(&url)
+                .with_context(|| format!("invalid REDIS_URL {url:?}"))?;
+            Endpoint::builder()
+                .adapter(adapter.namespace("chat"))
+                .build()
+        }
+        Err(_) => Endpoint::new(),
+    };
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
