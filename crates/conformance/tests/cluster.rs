@@ -318,3 +318,132 @@ async fn a_graceful_stop_removes_presences_at_once() {
     presence_until(&mut watcher, &mut view, |v| !v.contains_key("dana")).await;
     drop((n1, n2, dana));
 }
+
+/// A private engine server for an outage test, on a free port.
+struct Engine {
+    cmd: &'static str,
+    args: Vec<String>,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Engine {
+    fn new(cmd: &'static str, args: impl Fn(u16) -> Vec<String>) -> Engine {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut e = Engine {
+            cmd,
+            args: args(port),
+            port,
+            child: None,
+        };
+        e.start();
+        e
+    }
+
+    fn start(&mut self) {
+        let child = std::process::Command::new(self.cmd)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.cmd));
+        self.child = Some(child);
+        // Wait until it accepts connections.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{} did not start", self.cmd);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The engine dies and comes back: nodes keep serving local clients meanwhile, then reconnect
+/// and resubscribe by themselves.
+async fn engine_outage(var: &str, url: impl Fn(u16) -> String, mut engine: Engine) {
+    let ns = format!("outage-{}-{var}", std::process::id());
+    let env = (var, url(engine.port));
+    let (n1, n2) = (
+        node((env.0, &env.1), &ns).await,
+        node((env.0, &env.1), &ns).await,
+    );
+    let topic = "room:outage";
+    let mut a = n1.client("").await;
+    let mut b = n2.client("").await;
+    a.join("1", topic, json!({"joined": "outage"})).await;
+    b.join("1", topic, json!({"joined": "outage"})).await;
+    await_link(&n2, &mut a, topic).await;
+
+    engine.kill();
+    // Local delivery goes on during the outage.
+    b.send(json!(["1", "2", topic, "new_msg", {"body": "local"}]))
+        .await;
+    expect_after_probes(
+        &mut b,
+        json!([null, null, topic, "new_msg", {"body": "local"}]),
+    )
+    .await;
+    b.ping_roundtrip("1", "3", topic).await;
+
+    engine.start();
+    // The nodes reconnect and resubscribe: messages cross again.
+    await_link(&n2, &mut a, topic).await;
+    await_link(&n1, &mut b, topic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart() {
+    let redis = Engine::new("redis-server", |port| {
+        [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    engine_outage(
+        "REDIS_URL",
+        |port| format!("redis://127.0.0.1:{port}"),
+        redis,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart() {
+    let nats_bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    };
+    let nats = Engine::new(nats_bin, |port| {
+        ["-a", "127.0.0.1", "-p", &port.to_string()]
+            .map(String::from)
+            .to_vec()
+    });
+    engine_outage("NATS_URL", |port| format!("nats://127.0.0.1:{port}"), nats).await;
+}
