@@ -447,3 +447,49 @@ async fn nats_restart() {
     });
     engine_outage("NATS_URL", |port| format!("nats://127.0.0.1:{port}"), nats).await;
 }
+
+/// SIGSTOP looks like a partition from the other nodes: the stopped node's presences leave;
+/// after SIGCONT they come back, once, with the same refs (no duplicates, no ghosts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_leaves_and_comes_back_without_duplicates() {
+    let ns = format!("netsplit-{}", std::process::id());
+    let fast = [
+        ("PRESENCE_HEARTBEAT_MS", "200"),
+        ("PRESENCE_DOWN_MS", "1500"),
+    ];
+    let engine = ("REDIS_URL", REDIS);
+    let (n1, n2) = (
+        node_with(engine, &ns, &fast).await,
+        node_with(engine, &ns, &fast).await,
+    );
+    let topic = "room:split";
+    let mut watcher = n1.presence_client("user=watcher").await;
+    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut erin = n2.presence_client("user=erin").await;
+    erin.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut view = serde_json::Map::new();
+    presence_until(&mut watcher, &mut view, |v| v.contains_key("erin")).await;
+    let before = view["erin"].clone();
+
+    n2.signal("-STOP");
+    presence_until(&mut watcher, &mut view, |v| !v.contains_key("erin")).await;
+    n2.signal("-CONT");
+    presence_until(&mut watcher, &mut view, |v| v.contains_key("erin")).await;
+    assert_eq!(view["erin"]["metas"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        view["erin"]["metas"][0]["phx_ref"],
+        before["metas"][0]["phx_ref"]
+    );
+    // And node 2 agrees: a newcomer there sees both.
+    let mut late = n2.presence_client("user=late").await;
+    late.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut late_view = serde_json::Map::new();
+    presence_until(&mut late, &mut late_view, |v| {
+        ["watcher", "erin", "late"]
+            .iter()
+            .all(|k| v.contains_key(*k))
+    })
+    .await;
+    assert_eq!(late_view["watcher"]["metas"].as_array().unwrap().len(), 1);
+    drop((n1, n2, erin));
+}
