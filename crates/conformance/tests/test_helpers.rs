@@ -112,3 +112,58 @@ async fn crash_intercept_presence_and_disconnect() {
     assert_eq!(alice.assert_closed().await, (1001, "disconnect".to_owned()));
     assert_eq!(endpoint.stats().connections, 1);
 }
+
+/// Two endpoints as nodes of one in-process cluster: broadcast reaches both, local_broadcast
+/// stays home, direct_broadcast reaches the named node only.
+#[tokio::test(start_paused = true)]
+async fn local_and_direct_broadcasts_between_nodes() {
+    use firebrand::cluster::tests_only::Loopback;
+    let link = Loopback::default();
+    let (a, b) = (
+        Endpoint::builder().adapter(link.clone()).build(),
+        Endpoint::builder().adapter(link).build(),
+    );
+    let config = Config::default();
+    let mut on_a = TestSocket::new(socket(&a, &config))
+        .connect(&[])
+        .await
+        .unwrap();
+    let mut on_b = TestSocket::new(socket(&b, &config))
+        .connect(&[])
+        .await
+        .unwrap();
+    on_a.join("room:n", json!({})).await.unwrap();
+    on_b.join("room:n", json!({})).await.unwrap();
+
+    a.broadcast("room:n", "everywhere", json!({}));
+    assert_eq!(
+        on_a.assert_broadcast("room:n", "everywhere").await,
+        json!({})
+    );
+    assert_eq!(
+        on_b.assert_broadcast("room:n", "everywhere").await,
+        json!({})
+    );
+
+    a.local_broadcast("room:n", "home", json!({}));
+    assert_eq!(on_a.assert_broadcast("room:n", "home").await, json!({}));
+    a.direct_broadcast(b.node().unwrap(), "room:n", "there", json!({}));
+    assert_eq!(on_b.assert_broadcast("room:n", "there").await, json!({}));
+    let neither = |f: &Received| matches!(f, Received::Broadcast { event, .. } if event == "home" || event == "there");
+    // Nothing else arrived: a's "there" and b's "home" would precede this marker.
+    a.broadcast("room:n", "marker", json!({}));
+    on_a.assert_broadcast("room:n", "marker").await;
+    on_b.assert_broadcast("room:n", "marker").await;
+    assert!(
+        !on_a.unmatched().any(neither),
+        "{:?}",
+        on_a.unmatched().collect::<Vec<_>>()
+    );
+    assert!(
+        !on_b.unmatched().any(neither),
+        "{:?}",
+        on_b.unmatched().collect::<Vec<_>>()
+    );
+    // b received at least the broadcast, the direct one and the marker (plus a's heartbeats).
+    assert!(b.stats().cluster_received >= 3);
+}

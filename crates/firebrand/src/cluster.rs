@@ -197,6 +197,7 @@ const KIND_HEARTBEAT: u8 = 2;
 const KIND_TRANSFER_REQUEST: u8 = 3;
 const KIND_TRANSFER: u8 = 4;
 const KIND_GOODBYE: u8 = 5;
+const KIND_DIRECT: u8 = 6;
 const PAYLOAD_JSON: u8 = 0;
 const PAYLOAD_BINARY: u8 = 1;
 
@@ -204,6 +205,8 @@ const PAYLOAD_BINARY: u8 = 1;
 pub(crate) enum Body {
     /// A broadcast for this node's subscribers.
     Broadcast(Broadcast),
+    /// A broadcast for the subscribers of node `to` only.
+    Direct { to: u64, broadcast: Broadcast },
     /// A node is alive: its presence changes since its last heartbeat, and its clock (so that
     /// a node that missed some asks for a transfer).
     Heartbeat { clock: u64, delta: State },
@@ -238,6 +241,7 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
     let presence = |kind, p: PresenceBody| (kind, Some(p));
     let (kind, json) = match body {
         Body::Broadcast(_) => (KIND_BROADCAST, None),
+        Body::Direct { .. } => (KIND_DIRECT, None),
         Body::Heartbeat { clock, delta } => presence(
             KIND_HEARTBEAT,
             PresenceBody {
@@ -270,8 +274,13 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
         buf.put_slice(&serde_json::to_vec(&json).unwrap_or_default());
         return buf.freeze();
     }
-    let Body::Broadcast(b) = body else {
-        unreachable!("presence bodies returned above")
+    let b = match body {
+        Body::Direct { to, broadcast } => {
+            buf.put_u64(*to);
+            broadcast
+        }
+        Body::Broadcast(b) => b,
+        _ => unreachable!("presence bodies returned above"),
     };
     let (kind, data): (u8, &[u8]) = match b.payload() {
         Payload::Json(raw) => (PAYLOAD_JSON, raw.as_bytes()),
@@ -305,7 +314,13 @@ pub(crate) fn decode(mut m: &[u8]) -> Result<NodeMessage, MessageError> {
     need(m, 9)?;
     let kind = m.get_u8();
     let node = m.get_u64();
-    if kind != KIND_BROADCAST {
+    let direct_to = if kind == KIND_DIRECT {
+        need(m, 8)?;
+        Some(m.get_u64())
+    } else {
+        None
+    };
+    if kind != KIND_BROADCAST && kind != KIND_DIRECT {
         let p: PresenceBody = serde_json::from_slice(m).map_err(|_| MessageError::Malformed)?;
         let state = || State::from_wire(p.state).ok_or(MessageError::Malformed);
         let body = match kind {
@@ -343,10 +358,12 @@ pub(crate) fn decode(mut m: &[u8]) -> Result<NodeMessage, MessageError> {
         PAYLOAD_BINARY => Payload::binary(m.to_vec()),
         _ => return Err(MessageError::Malformed),
     };
-    Ok(NodeMessage {
-        node,
-        body: Body::Broadcast(Broadcast::new(topic, event, payload)),
-    })
+    let broadcast = Broadcast::new(topic, event, payload);
+    let body = match direct_to {
+        Some(to) => Body::Direct { to, broadcast },
+        None => Body::Broadcast(broadcast),
+    };
+    Ok(NodeMessage { node, body })
 }
 
 /// An in-process adapter for examples and tests: every endpoint sharing one `Loopback` is a
@@ -425,5 +442,16 @@ mod tests {
             decode(&encode(3, &Body::Goodbye)).unwrap().body,
             Body::Goodbye
         ));
+        let direct = decode(&encode(
+            3,
+            &Body::Direct {
+                to: 5,
+                broadcast: b,
+            },
+        ))
+        .unwrap();
+        assert!(
+            matches!(direct.body, Body::Direct { to: 5, ref broadcast } if broadcast.event() == "new_msg")
+        );
     }
 }

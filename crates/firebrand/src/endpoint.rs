@@ -277,6 +277,8 @@ impl Inner {
         let me = c.link.node();
         match body {
             Body::Broadcast(b) => self.dispatch_local(&b, None),
+            Body::Direct { to, broadcast } if to == me => self.dispatch_local(&broadcast, None),
+            Body::Direct { .. } => {}
             Body::Heartbeat { clock, delta } => {
                 let now = tokio::time::Instant::now();
                 if c.peers.lock().insert(from, now).is_none() {
@@ -368,6 +370,38 @@ impl Endpoint {
     pub fn local_broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
         self.inner
             .dispatch_local(&Broadcast::new(topic, event, payload.into()), None);
+    }
+
+    /// This node's id in its cluster (`None` without an adapter).
+    pub fn node(&self) -> Option<u64> {
+        self.inner.cluster.as_ref().map(|c| c.link.node())
+    }
+
+    /// The other nodes heard from within the down period.
+    pub fn nodes(&self) -> Vec<u64> {
+        let Some(c) = &self.inner.cluster else {
+            return Vec::new();
+        };
+        c.peers.lock().keys().copied().collect()
+    }
+
+    /// Broadcasts to the subscribers of `topic` on node `node` only (Phoenix.PubSub's
+    /// `direct_broadcast`); on this node's id it is a [`local_broadcast`](Endpoint::local_broadcast).
+    pub fn direct_broadcast(
+        &self,
+        node: u64,
+        topic: &str,
+        event: &str,
+        payload: impl Into<Payload>,
+    ) {
+        let broadcast = Broadcast::new(topic, event, payload.into());
+        match &self.inner.cluster {
+            Some(c) if node != c.link.node() => c.send(&Body::Direct {
+                to: node,
+                broadcast,
+            }),
+            _ => self.inner.dispatch_local(&broadcast, None),
+        }
     }
 
     /// Closes every connection whose [`Socket::id`] is `socket_id`, with code 1001: the

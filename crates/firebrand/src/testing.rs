@@ -400,6 +400,11 @@ impl TestClient {
         self.wait_for("a frame matching the predicate", pred).await
     }
 
+    /// Frames received that no assertion has matched yet, oldest first.
+    pub fn unmatched(&self) -> impl Iterator<Item = &Received> {
+        self.queued.iter()
+    }
+
     /// Asserts that no push of `event` on `topic` arrives within `within`.
     pub async fn refute_push(&mut self, topic: &str, event: &str, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
