@@ -384,9 +384,14 @@ impl Drop for Engine {
 async fn engine_outage(var: &str, url: impl Fn(u16) -> String, mut engine: Engine) {
     let ns = format!("outage-{}-{var}", std::process::id());
     let env = (var, url(engine.port));
+    // Nodes never count each other down here: only resynchronisation can remove a presence.
+    let slow_down = [
+        ("PRESENCE_HEARTBEAT_MS", "200"),
+        ("PRESENCE_DOWN_MS", "60000"),
+    ];
     let (n1, n2) = (
-        node((env.0, &env.1), &ns).await,
-        node((env.0, &env.1), &ns).await,
+        node_with((env.0, &env.1), &ns, &slow_down).await,
+        node_with((env.0, &env.1), &ns, &slow_down).await,
     );
     let topic = "room:outage";
     let mut a = n1.client("").await;
@@ -394,8 +399,16 @@ async fn engine_outage(var: &str, url: impl Fn(u16) -> String, mut engine: Engin
     a.join("1", topic, json!({"joined": "outage"})).await;
     b.join("1", topic, json!({"joined": "outage"})).await;
     await_link(&n2, &mut a, topic).await;
+    let mut watcher = n1.presence_client("user=watcher").await;
+    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut leaver = n2.presence_client("user=leaver").await;
+    leaver.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut view = serde_json::Map::new();
+    presence_until(&mut watcher, &mut view, |v| v.contains_key("leaver")).await;
 
     engine.kill();
+    // A user leaves during the outage: the removal cannot reach node 1 now.
+    drop(leaver);
     // Local delivery goes on during the outage.
     b.send(json!(["1", "2", topic, "new_msg", {"body": "local"}]))
         .await;
@@ -410,6 +423,8 @@ async fn engine_outage(var: &str, url: impl Fn(u16) -> String, mut engine: Engin
     // The nodes reconnect and resubscribe: messages cross again.
     await_link(&n2, &mut a, topic).await;
     await_link(&n1, &mut b, topic).await;
+    // Node 1 notices the gap in node 2's changes, asks for its state, and drops the ghost.
+    presence_until(&mut watcher, &mut view, |v| !v.contains_key("leaver")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

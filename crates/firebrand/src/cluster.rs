@@ -207,13 +207,17 @@ pub(crate) enum Body {
     Broadcast(Broadcast),
     /// A broadcast for the subscribers of node `to` only.
     Direct { to: u64, broadcast: Broadcast },
-    /// A node is alive: its presence changes since its last heartbeat, and its clock (so that
-    /// a node that missed some asks for a transfer).
-    Heartbeat { clock: u64, delta: State },
+    /// A node is alive: its presence changes of generations `(from, to]` (so that a node that
+    /// missed some notices the gap and asks for a transfer).
+    Heartbeat { from: u64, to: u64, delta: State },
     /// Asks node `to` for its presence state.
     TransferRequest { to: u64 },
-    /// Node's presence state, for node `to`.
-    Transfer { to: u64, state: State },
+    /// Node's presence state as of generation `generation` (at least), for node `to`.
+    Transfer {
+        to: u64,
+        generation: u64,
+        state: State,
+    },
     /// The node is shutting down: forget its presences now.
     Goodbye,
 }
@@ -226,7 +230,9 @@ pub(crate) struct NodeMessage {
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct PresenceBody {
     #[serde(default)]
-    clock: u64,
+    from: u64,
+    #[serde(default)]
+    generation: u64,
     #[serde(default)]
     to: u64,
     #[serde(default)]
@@ -242,10 +248,11 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
     let (kind, json) = match body {
         Body::Broadcast(_) => (KIND_BROADCAST, None),
         Body::Direct { .. } => (KIND_DIRECT, None),
-        Body::Heartbeat { clock, delta } => presence(
+        Body::Heartbeat { from, to, delta } => presence(
             KIND_HEARTBEAT,
             PresenceBody {
-                clock: *clock,
+                from: *from,
+                generation: *to,
                 state: delta.to_wire(),
                 ..Default::default()
             },
@@ -257,10 +264,15 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
                 ..Default::default()
             },
         ),
-        Body::Transfer { to, state } => presence(
+        Body::Transfer {
+            to,
+            generation,
+            state,
+        } => presence(
             KIND_TRANSFER,
             PresenceBody {
                 to: *to,
+                generation: *generation,
                 state: state.to_wire(),
                 ..Default::default()
             },
@@ -325,12 +337,14 @@ pub(crate) fn decode(mut m: &[u8]) -> Result<NodeMessage, MessageError> {
         let state = || State::from_wire(p.state).ok_or(MessageError::Malformed);
         let body = match kind {
             KIND_HEARTBEAT => Body::Heartbeat {
-                clock: p.clock,
+                from: p.from,
+                to: p.generation,
                 delta: state()?,
             },
             KIND_TRANSFER_REQUEST => Body::TransferRequest { to: p.to },
             KIND_TRANSFER => Body::Transfer {
                 to: p.to,
+                generation: p.generation,
                 state: state()?,
             },
             KIND_GOODBYE => Body::Goodbye,
@@ -430,12 +444,13 @@ mod tests {
         let hb = decode(&encode(
             3,
             &Body::Heartbeat {
-                clock: 9,
+                from: 4,
+                to: 9,
                 delta: State::default(),
             },
         ))
         .unwrap();
-        assert!(matches!(hb.body, Body::Heartbeat { clock: 9, .. }));
+        assert!(matches!(hb.body, Body::Heartbeat { from: 4, to: 9, .. }));
         let req = decode(&encode(3, &Body::TransferRequest { to: 4 })).unwrap();
         assert!(matches!(req.body, Body::TransferRequest { to: 4 }));
         assert!(matches!(

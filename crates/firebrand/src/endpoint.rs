@@ -127,6 +127,8 @@ struct Cluster {
     peers: Mutex<HashMap<u64, tokio::time::Instant>>,
     /// When a presence transfer was last asked of each node.
     asked: Mutex<HashMap<u64, tokio::time::Instant>>,
+    /// Up to which generation of each node's changes this node has them all.
+    seen: Mutex<HashMap<u64, u64>>,
     heartbeat: Duration,
     down_after: Duration,
 }
@@ -205,6 +207,7 @@ impl EndpointBuilder {
                         link,
                         peers: Mutex::default(),
                         asked: Mutex::default(),
+                        seen: Mutex::default(),
                         heartbeat,
                         down_after,
                     }
@@ -245,11 +248,8 @@ async fn gossip(inner: std::sync::Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let Some(c) = &inner.cluster else { return };
-        let delta = inner.tracker.take_delta();
-        c.send(&Body::Heartbeat {
-            clock: inner.tracker.own_clock(),
-            delta,
-        });
+        let (delta, from, to) = inner.tracker.take_delta();
+        c.send(&Body::Heartbeat { from, to, delta });
         let now = tokio::time::Instant::now();
         let down: Vec<u64> = {
             let mut peers = c.peers.lock();
@@ -263,6 +263,11 @@ async fn gossip(inner: std::sync::Weak<Inner>) {
             }
             down
         };
+        let mut seen = c.seen.lock();
+        for r in &down {
+            seen.remove(r);
+        }
+        drop(seen);
         for replica in down {
             tracing::warn!(node = replica, "cluster node down: no heartbeat");
             inner.tracker.forget(replica);
@@ -279,15 +284,24 @@ impl Inner {
             Body::Broadcast(b) => self.dispatch_local(&b, None),
             Body::Direct { to, broadcast } if to == me => self.dispatch_local(&broadcast, None),
             Body::Direct { .. } => {}
-            Body::Heartbeat { clock, delta } => {
+            Body::Heartbeat {
+                from: gen_from,
+                to: gen_to,
+                delta,
+            } => {
                 let now = tokio::time::Instant::now();
                 if c.peers.lock().insert(from, now).is_none() {
                     tracing::info!(node = from, "cluster node up");
                 }
                 self.tracker.merge_remote(&delta);
-                // Missed some of its changes (new here, or messages lost): ask for its state,
-                // at most once per heartbeat period.
-                if self.tracker.clock_of(from) < clock {
+                let mut seen = c.seen.lock();
+                let had = seen.get(&from).copied().unwrap_or(0);
+                if had >= gen_from {
+                    seen.insert(from, had.max(gen_to));
+                } else {
+                    // Missed some of its changes (new here, or messages lost during an
+                    // outage): ask for its state, at most once per heartbeat period.
+                    drop(seen);
                     let mut asked = c.asked.lock();
                     if asked.get(&from).is_none_or(|t| now - *t >= c.heartbeat) {
                         asked.insert(from, now);
@@ -296,14 +310,28 @@ impl Inner {
                     }
                 }
             }
-            Body::TransferRequest { to } if to == me => c.send(&Body::Transfer {
-                to: from,
-                state: self.tracker.own_slice(),
-            }),
-            Body::Transfer { to, state } if to == me => self.tracker.merge_remote(&state),
+            Body::TransferRequest { to } if to == me => {
+                let (state, generation) = self.tracker.own_slice();
+                c.send(&Body::Transfer {
+                    to: from,
+                    generation,
+                    state,
+                });
+            }
+            Body::Transfer {
+                to,
+                generation,
+                state,
+            } if to == me => {
+                self.tracker.merge_remote(&state);
+                let mut seen = c.seen.lock();
+                let had = seen.entry(from).or_insert(0);
+                *had = (*had).max(generation);
+            }
             Body::TransferRequest { .. } | Body::Transfer { .. } => {}
             Body::Goodbye => {
                 c.peers.lock().remove(&from);
+                c.seen.lock().remove(&from);
                 self.tracker.forget(from);
             }
         }

@@ -198,7 +198,8 @@ impl State {
     }
 
     /// The highest contiguous clock seen of `replica`.
-    pub(crate) fn clock(&self, replica: ReplicaId) -> u64 {
+    #[cfg(test)]
+    fn clock(&self, replica: ReplicaId) -> u64 {
         self.context.max.get(&replica).copied().unwrap_or(0)
     }
 

@@ -78,6 +78,15 @@ impl std::error::Error for PresenceError {}
 /// a user's name from your database); keep `metas`.
 pub type PresenceFetch = Arc<dyn Fn(&str, &mut Map<String, Value>) + Send + Sync>;
 
+/// Local changes not yet sent to other nodes: their join, and a count of changes so far
+/// (`generation`; `sent` is where the last heartbeat ended) so that receivers notice gaps.
+#[derive(Default)]
+struct Unsent {
+    delta: State,
+    sent: u64,
+    generation: u64,
+}
+
 /// Changes waiting to be broadcast for one topic.
 #[derive(Default)]
 struct PendingDiff {
@@ -89,8 +98,8 @@ struct PendingDiff {
 pub(crate) struct Tracker {
     replica: crdt::ReplicaId,
     state: Mutex<State>,
-    /// Local changes not yet sent to other nodes (the join of their deltas).
-    delta: Mutex<State>,
+    /// Local changes not yet sent to other nodes.
+    unsent: Mutex<Unsent>,
     pending: Mutex<HashMap<Arc<str>, PendingDiff>>,
     flush: Arc<Notify>,
     flusher_started: std::sync::Once,
@@ -114,7 +123,7 @@ impl Tracker {
         Tracker {
             replica,
             state: Mutex::new(State::default()),
-            delta: Mutex::new(State::default()),
+            unsent: Mutex::new(Unsent::default()),
             pending: Mutex::new(HashMap::new()),
             flush: Arc::new(Notify::new()),
             flusher_started: std::sync::Once::new(),
@@ -160,7 +169,7 @@ impl Tracker {
         };
         let (dot, delta) = state.add(self.replica, entry.clone());
         drop(state);
-        self.delta.lock().join(&delta);
+        self.record([delta]);
         self.changed(vec![(dot, entry)], Vec::new());
         Ok(phx_ref(dot))
     }
@@ -183,10 +192,7 @@ impl Tracker {
         };
         let (dot, added) = state.add(self.replica, entry.clone());
         drop(state);
-        let mut delta = self.delta.lock();
-        delta.join(&removed);
-        delta.join(&added);
-        drop(delta);
+        self.record([removed, added]);
         self.changed(vec![(dot, entry)], vec![(old, left)]);
         Ok(phx_ref(dot))
     }
@@ -194,50 +200,57 @@ impl Tracker {
     pub(crate) fn untrack(&self, owner: Owner, topic: &str, key: &str) {
         let mut state = self.state.lock();
         let removed = Self::find(&state, owner, topic, key)
-            .and_then(|d| state.remove(d).map(|(e, _)| (d, e)));
+            .and_then(|d| state.remove(d).map(|(e, delta)| (d, e, delta)));
         drop(state);
-        if let Some(left) = removed {
-            self.changed(Vec::new(), vec![left]);
+        if let Some((d, e, delta)) = removed {
+            self.record([delta]);
+            self.changed(Vec::new(), vec![(d, e)]);
         }
     }
 
     /// Untracks everything `owner` tracked (its channel has ended).
     pub(crate) fn untrack_owner(&self, owner: Owner) {
         let mut state = self.state.lock();
-        let mut delta = self.delta.lock();
+        let mut deltas = Vec::new();
         let leaves: Vec<_> = state
             .owned_by(owner)
             .into_iter()
             .filter_map(|d| {
                 let (e, removed) = state.remove(d)?;
-                delta.join(&removed);
+                deltas.push(removed);
                 Some((d, e))
             })
             .collect();
-        drop((state, delta));
+        drop(state);
         if !leaves.is_empty() {
+            self.record(deltas);
             self.changed(Vec::new(), leaves);
         }
     }
 
-    /// Local changes since the last call, to send to other nodes.
-    pub(crate) fn take_delta(&self) -> State {
-        std::mem::take(&mut *self.delta.lock())
+    /// Records one local change (made of these deltas) for the next heartbeat.
+    fn record(&self, deltas: impl IntoIterator<Item = State>) {
+        let mut unsent = self.unsent.lock();
+        for d in deltas {
+            unsent.delta.join(&d);
+        }
+        unsent.generation += 1;
     }
 
-    /// This replica's clock: how many changes it has made.
-    pub(crate) fn own_clock(&self) -> u64 {
-        self.state.lock().clock(self.replica)
+    /// The local changes since the last call, as a delta covering generations
+    /// `(from, to]`, for the next heartbeat.
+    pub(crate) fn take_delta(&self) -> (State, u64, u64) {
+        let mut unsent = self.unsent.lock();
+        let to = unsent.generation;
+        let from = std::mem::replace(&mut unsent.sent, to);
+        (std::mem::take(&mut unsent.delta), from, to)
     }
 
-    /// How far this node has seen `replica`'s changes.
-    pub(crate) fn clock_of(&self, replica: crdt::ReplicaId) -> u64 {
-        self.state.lock().clock(replica)
-    }
-
-    /// This replica's part of the state, for a node that is new or lagging.
-    pub(crate) fn own_slice(&self) -> State {
-        self.state.lock().slice(self.replica)
+    /// This replica's part of the state and the generation it includes at least, for a node
+    /// that is new or lagging.
+    pub(crate) fn own_slice(&self) -> (State, u64) {
+        let generation = self.unsent.lock().generation;
+        (self.state.lock().slice(self.replica), generation)
     }
 
     /// Joins a delta or a slice from another node; its joins and leaves go out as diffs.
