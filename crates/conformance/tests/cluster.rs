@@ -7,8 +7,7 @@ use std::process::Stdio;
 
 use common::*;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 const NATS: &str = "nats://127.0.0.1:4222";
@@ -25,26 +24,9 @@ async fn node(engine: (&str, &str), namespace: &str) -> Node {
 }
 
 async fn node_with(engine: (&str, &str), namespace: &str, envs: &[(&str, &str)]) -> Node {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_conformance"))
-        .args(["--port", "0"])
-        .env(engine.0, engine.1)
-        .env("CLUSTER_NAMESPACE", namespace)
-        .envs(envs.iter().copied())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let port = line
-        .strip_prefix("listening on 127.0.0.1:")
-        .expect(&line)
-        .parse()
-        .unwrap();
+    let mut all = vec![(engine.0, engine.1), ("CLUSTER_NAMESPACE", namespace)];
+    all.extend_from_slice(envs);
+    let (child, port) = spawn_conformance(&all).await;
     Node {
         _child: child,
         port,

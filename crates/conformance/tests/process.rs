@@ -2,35 +2,9 @@
 
 mod common;
 
-use std::process::Stdio;
-
 use common::*;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-
-/// Starts the binary on a free port; returns it and its port once it prints `listening on`.
-async fn spawn(envs: &[(&str, &str)]) -> (Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_conformance"))
-        .args(["--port", "0"])
-        .envs(envs.iter().copied())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let port = line
-        .strip_prefix("listening on 127.0.0.1:")
-        .expect(&line)
-        .parse()
-        .unwrap();
-    (child, port)
-}
 
 fn sigterm(child: &Child) {
     let status = std::process::Command::new("kill")
@@ -42,7 +16,7 @@ fn sigterm(child: &Child) {
 
 #[tokio::test]
 async fn sigterm_closes_sockets_with_1012_and_exits_0() {
-    let (mut child, port) = spawn(&[]).await;
+    let (mut child, port) = spawn_conformance(&[]).await;
     let url = format!("ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0");
     let mut a = Client::connect(&url).await;
     let mut b = Client::connect(&url).await;
@@ -65,7 +39,7 @@ async fn sigterm_drains_2000_clients_gradually() {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::{Error, Message};
     const CLIENTS: usize = 2000;
-    let (mut child, port) = spawn(&[("DRAIN_MS", "2000")]).await;
+    let (mut child, port) = spawn_conformance(&[("DRAIN_MS", "2000")]).await;
     let url = format!("ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0");
     let mut clients = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
@@ -121,7 +95,7 @@ async fn sigterm_drains_2000_clients_gradually() {
 
 #[tokio::test]
 async fn idle_timeout_comes_from_the_environment() {
-    let (mut child, port) = spawn(&[("IDLE_TIMEOUT_MS", "200")]).await;
+    let (mut child, port) = spawn_conformance(&[("IDLE_TIMEOUT_MS", "200")]).await;
     let mut c = Client::connect(&format!("ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0")).await;
     assert_eq!(c.expect_close(1001).await, "idle timeout");
     sigterm(&child);

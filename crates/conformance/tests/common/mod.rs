@@ -362,3 +362,28 @@ impl Raw {
         }
     }
 }
+
+/// Starts the `conformance` binary on a free port with `envs`; returns the process (killed on
+/// drop) and its port once it prints `listening on 127.0.0.1:PORT`.
+pub async fn spawn_conformance(envs: &[(&str, &str)]) -> (tokio::process::Child, u16) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_conformance"))
+        .args(["--port", "0"])
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let port = line
+        .strip_prefix("listening on 127.0.0.1:")
+        .expect(&line)
+        .parse()
+        .unwrap();
+    (child, port)
+}
