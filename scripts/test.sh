@@ -8,6 +8,6 @@ ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo test --workspace
 cargo build --release --bin conformance --bin chat
-bash tests/js/run.sh target/release/conformance
+bash tests/js/run.sh "$PWD/target/release/conformance"
 (cd tests/browser && { [ -d node_modules ] || npm ci --no-audit --no-fund; } &&
   CHAT_BIN="$PWD/../../target/release/chat" node --test)
