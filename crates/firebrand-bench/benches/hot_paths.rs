@@ -1,0 +1,47 @@
+//! Criterion benches of hot paths reachable through public APIs: V2 encode of a broadcast and
+//! V2 decode of a client push (`firebrand_protocol::Serializer`).
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
+use firebrand_protocol::{Outbound, Payload, Serializer};
+
+fn protocol(c: &mut Criterion) {
+    let payload = Payload::json(&serde_json::json!({
+        "t": "000000123456789",
+        "p": "x".repeat(80),
+    }))
+    .unwrap();
+    let mut g = c.benchmark_group("v2");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encode broadcast 150 B", |b| {
+        b.iter(|| {
+            let out = Outbound::broadcast(black_box("room:fanout"), "bench", &payload);
+            Serializer::V2.encode(&out).unwrap()
+        })
+    });
+    g.bench_function("encode binary broadcast 100 B", |b| {
+        let bin = Payload::binary(vec![7u8; 100]);
+        b.iter(|| {
+            let out = Outbound::broadcast(black_box("room:fanout"), "bench", &bin);
+            Serializer::V2.encode(&out).unwrap()
+        })
+    });
+    let push = Bytes::from_static(
+        br#"["1","2","room:lobby","new_msg",{"body":"hello there, this is a typical chat message","user":"alice"}]"#,
+    );
+    g.bench_function("decode_text push", |b| {
+        b.iter(|| Serializer::V2.decode_text(black_box(push.clone())).unwrap())
+    });
+    let heartbeat = Bytes::from_static(br#"[null,"5","phoenix","heartbeat",{}]"#);
+    g.bench_function("decode_text heartbeat", |b| {
+        b.iter(|| {
+            Serializer::V2
+                .decode_text(black_box(heartbeat.clone()))
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, protocol);
+criterion_main!(benches);

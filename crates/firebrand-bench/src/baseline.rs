@@ -1,0 +1,320 @@
+//! The baseline: the least a broadcaster can do while serving the same frames. Raw WebSocket over
+//! tokio, no channels: a `phx_join` adds the connection's queue to the topic's list, a broadcast
+//! (`POST /api/broadcast` or a client `new_msg`) encodes the `[null,null,topic,event,payload]`
+//! frame once and queues the same bytes to every subscriber; each connection's task writes
+//! everything queued with one write. It answers `heartbeat` and `ping` (echo) like the
+//! conformance app.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use base64::Engine;
+use bytes::Bytes;
+use memchr::memmem;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::ws::parse_header;
+
+#[derive(Default)]
+struct Outq {
+    q: Mutex<Vec<Bytes>>,
+    notify: Notify,
+}
+
+impl Outq {
+    fn push(&self, frame: Bytes) {
+        let mut q = self.q.lock().unwrap();
+        let was_empty = q.is_empty();
+        q.push(frame);
+        drop(q);
+        if was_empty {
+            self.notify.notify_one();
+        }
+    }
+}
+
+type Subscribers = Vec<(u64, Arc<Outq>)>;
+
+#[derive(Default)]
+struct Registry {
+    topics: RwLock<HashMap<String, Subscribers>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    fn broadcast(&self, topic: &str, event: &str, payload: &RawValue) {
+        let text = format!(
+            "[null,null,{},{},{}]",
+            serde_json::to_string(topic).unwrap_or_default(),
+            serde_json::to_string(event).unwrap_or_default(),
+            payload.get()
+        );
+        let frame = server_frame(text.as_bytes());
+        if let Some(subs) = self.topics.read().unwrap().get(topic) {
+            for (_, q) in subs {
+                q.push(frame.clone());
+            }
+        }
+    }
+}
+
+/// An unmasked server text frame.
+fn server_frame(data: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(data.len() + 10);
+    out.push(0x81);
+    let n = data.len();
+    if n < 126 {
+        out.push(n as u8);
+    } else if n < 65536 {
+        out.push(126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    out.into()
+}
+
+/// Serves the baseline on `listener` forever.
+pub(crate) async fn serve(listener: TcpListener) -> io::Result<()> {
+    let reg = Arc::new(Registry::default());
+    loop {
+        let (s, _) = listener.accept().await?;
+        let _ = s.set_nodelay(true);
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let _ = conn(s, reg).await;
+        });
+    }
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+async fn conn(mut s: TcpStream, reg: Arc<Registry>) -> io::Result<()> {
+    let mut buf = vec![0u8; 2048];
+    let mut end = 0;
+    let head_end = loop {
+        if let Some(p) = memmem::find(&buf[..end], b"\r\n\r\n") {
+            break p + 4;
+        }
+        if end == buf.len() {
+            return Ok(());
+        }
+        let n = s.read(&mut buf[end..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        end += n;
+    };
+    if buf.starts_with(b"POST ") {
+        return http(s, buf, end, reg).await;
+    }
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let Some(key) = header(&head, "sec-websocket-key") else {
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await?;
+        return Ok(());
+    };
+    let mut h = Sha1::new();
+    h.update(key.as_bytes());
+    h.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let accept = base64::engine::general_purpose::STANDARD.encode(h.finalize());
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-accept: {accept}\r\n\r\n"
+    );
+    s.write_all(resp.as_bytes()).await?;
+    buf.copy_within(head_end..end, 0);
+    end -= head_end;
+    websocket(s, buf, end, reg).await
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow)]
+    topic: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    event: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// Keep-alive `POST /api/broadcast` requests.
+async fn http(
+    mut s: TcpStream,
+    mut buf: Vec<u8>,
+    mut end: usize,
+    reg: Arc<Registry>,
+) -> io::Result<()> {
+    loop {
+        let head_end = loop {
+            if let Some(p) = memmem::find(&buf[..end], b"\r\n\r\n") {
+                break p + 4;
+            }
+            if end == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = s.read(&mut buf[end..]).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            end += n;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let len: usize = header(&head, "content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while end < head_end + len {
+            if end == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = s.read(&mut buf[end..]).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            end += n;
+        }
+        let ok = match serde_json::from_slice::<Body>(&buf[head_end..head_end + len]) {
+            Ok(b) => {
+                reg.broadcast(&b.topic, &b.event, b.payload);
+                true
+            }
+            Err(_) => false,
+        };
+        let resp: &[u8] = if ok {
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+        } else {
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
+        };
+        s.write_all(resp).await?;
+        buf.copy_within(head_end + len..end, 0);
+        end -= head_end + len;
+    }
+}
+
+type ClientFrame<'a> = (
+    Option<&'a str>,
+    Option<&'a str>,
+    std::borrow::Cow<'a, str>,
+    &'a str,
+    &'a RawValue,
+);
+
+fn reply(jr: Option<&str>, r: Option<&str>, topic: &str, response: &str) -> Bytes {
+    let text = format!(
+        r#"[{},{},{},"phx_reply",{{"status":"ok","response":{response}}}]"#,
+        serde_json::to_string(&jr).unwrap_or_default(),
+        serde_json::to_string(&r).unwrap_or_default(),
+        serde_json::to_string(topic).unwrap_or_default(),
+    );
+    server_frame(text.as_bytes())
+}
+
+async fn websocket(
+    mut s: TcpStream,
+    mut buf: Vec<u8>,
+    mut end: usize,
+    reg: Arc<Registry>,
+) -> io::Result<()> {
+    let me = Arc::new(Outq::default());
+    let id = reg.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut topics: Vec<String> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
+    let result: io::Result<()> = async {
+        loop {
+            // Handle every complete client frame buffered.
+            let mut start = 0;
+            while let Some((b0, masked, hl, len)) = parse_header(&buf[start..end]) {
+                let data = start + hl..start + hl + len;
+                if masked {
+                    let mut key = [0u8; 4];
+                    key.copy_from_slice(&buf[start + hl - 4..start + hl]);
+                    for (i, b) in buf[data.clone()].iter_mut().enumerate() {
+                        *b ^= key[i % 4];
+                    }
+                }
+                start = data.end;
+                match b0 & 0x0f {
+                    8 => return Ok(()),
+                    1 => {
+                        let Ok((jr, r, topic, event, payload)) =
+                            serde_json::from_slice::<ClientFrame>(&buf[data])
+                        else {
+                            return Ok(());
+                        };
+                        match event {
+                            "phx_join" => {
+                                reg.topics
+                                    .write()
+                                    .unwrap()
+                                    .entry(topic.to_string())
+                                    .or_default()
+                                    .push((id, me.clone()));
+                                topics.push(topic.to_string());
+                                me.push(reply(jr, r, &topic, "{}"));
+                            }
+                            "heartbeat" => me.push(reply(None, r, "phoenix", "{}")),
+                            "ping" => me.push(reply(jr, r, &topic, payload.get())),
+                            "new_msg" => reg.broadcast(&topic, "new_msg", payload),
+                            _ => {}
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            buf.copy_within(start..end, 0);
+            end -= start;
+            if end == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            tokio::select! {
+                n = s.read(&mut buf[end..]) => {
+                    let n = n?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    end += n;
+                }
+                _ = me.notify.notified() => {
+                    let batch = std::mem::take(&mut *me.q.lock().unwrap());
+                    if batch.len() == 1 {
+                        s.write_all(&batch[0]).await?;
+                    } else {
+                        out.clear();
+                        for f in &batch {
+                            out.extend_from_slice(f);
+                        }
+                        s.write_all(&out).await?;
+                        if out.capacity() > 64 << 10 {
+                            out = Vec::new();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    let mut map = reg.topics.write().unwrap();
+    for t in topics {
+        if let Some(subs) = map.get_mut(&t) {
+            subs.retain(|(i, _)| *i != id);
+            if subs.is_empty() {
+                map.remove(&t);
+            }
+        }
+    }
+    result
+}

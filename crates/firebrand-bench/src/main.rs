@@ -1,0 +1,894 @@
+//! `firebrand-bench`: a load generator for firebrand (Phoenix V2 over WebSocket) and the
+//! benchmark scenarios, each run against the conformance server and against a minimal baseline
+//! broadcaster in the same invocation. See the crate's README.md.
+
+mod baseline;
+mod stats;
+mod ws;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use memchr::memmem;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use stats::{Hist, Sink, cpu_ns, now_ns, rss_kib};
+use ws::{Ws, stamp};
+
+const USAGE: &str = "usage: firebrand-bench SCENARIO [options]
+scenarios: idle fanout latency connect echo all    (serve-baseline --port P: run the baseline server)
+options:
+  --conns N        idle: connections (19000); connect: connections (10000)
+  --subs N         fanout: subscribers (10000); latency: comma list (1000,10000)
+  --rate R         paced broadcasts per second (20)
+  --secs S         paced / echo duration in seconds (5)
+  --bursts B       fanout: bursts (5)        --burst-size M   broadcasts per burst (100)
+  --clients C      echo: clients (1000)      --concurrency K  connects in flight (256)
+  --server PATH    conformance binary (default: next to this binary)
+  --only firebrand|baseline";
+
+#[derive(Clone)]
+struct Opts {
+    conns: Option<usize>,
+    subs: Option<Vec<usize>>,
+    rate: u64,
+    secs: u64,
+    bursts: usize,
+    burst_size: usize,
+    clients: usize,
+    concurrency: usize,
+    server: PathBuf,
+    only: Option<String>,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Opts> {
+    let exe = std::env::current_exe()?;
+    let mut o = Opts {
+        conns: None,
+        subs: None,
+        rate: 20,
+        secs: 5,
+        bursts: 5,
+        burst_size: 100,
+        clients: 1000,
+        concurrency: 256,
+        server: exe.with_file_name("conformance"),
+        only: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut v = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--conns" => o.conns = Some(v()?.parse()?),
+            "--subs" => o.subs = Some(v()?.split(',').map(str::parse).collect::<Result<_, _>>()?),
+            "--rate" => o.rate = v()?.parse()?,
+            "--secs" => o.secs = v()?.parse()?,
+            "--bursts" => o.bursts = v()?.parse()?,
+            "--burst-size" => o.burst_size = v()?.parse()?,
+            "--clients" => o.clients = v()?.parse()?,
+            "--concurrency" => o.concurrency = v()?.parse()?,
+            "--server" => o.server = v()?.into(),
+            "--only" => o.only = Some(v()?.clone()),
+            other => bail!("unknown option {other:?}\n{USAGE}"),
+        }
+    }
+    Ok(o)
+}
+
+// ---------------------------------------------------------------- servers
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Firebrand,
+    Baseline,
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    pid: u32,
+}
+
+impl Server {
+    fn start(kind: Kind, o: &Opts) -> anyhow::Result<Server> {
+        let mut cmd = match kind {
+            Kind::Firebrand => {
+                let mut c = Command::new(&o.server);
+                c.args(["--port", "0"]).env("RUST_LOG", "warn");
+                c
+            }
+            Kind::Baseline => {
+                let mut c = Command::new(std::env::current_exe()?);
+                c.args(["serve-baseline", "--port", "0"]);
+                c
+            }
+        };
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {kind:?} server ({cmd:?})"))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("unexpected server output {line:?}"))?
+            .parse()?;
+        let pid = child.id();
+        Ok(Server { child, addr, pid })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn serve_baseline(args: &[String]) -> anyhow::Result<()> {
+    let port: u16 = match args {
+        [p, v] if p == "--port" => v.parse()?,
+        [] => 4100,
+        _ => bail!("usage: firebrand-bench serve-baseline [--port P]"),
+    };
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    println!("listening on {}", listener.local_addr()?);
+    baseline::serve(listener).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- trigger
+
+/// A keep-alive HTTP/1.1 client for `POST /api/broadcast`.
+struct Trigger {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Trigger {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<Trigger> {
+        Ok(Trigger {
+            s: ws::tcp(addr).await?,
+            buf: vec![0; 4096],
+        })
+    }
+
+    async fn broadcast(&mut self, topic: &str, event: &str, payload: &str) -> anyhow::Result<()> {
+        let body = format!(r#"{{"topic":"{topic}","event":"{event}","payload":{payload}}}"#);
+        let req = format!(
+            "POST /api/broadcast HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.s.write_all(req.as_bytes()).await?;
+        let mut end = 0;
+        loop {
+            if let Some(p) = memmem::find(&self.buf[..end], b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..p]).to_ascii_lowercase();
+                if !head.starts_with("http/1.1 200") {
+                    bail!("broadcast failed: {head}");
+                }
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .context("no content-length")?;
+                while end < p + 4 + len {
+                    let n = self.s.read(&mut self.buf[end..]).await?;
+                    if n == 0 {
+                        bail!("trigger connection closed");
+                    }
+                    end += n;
+                }
+                return Ok(());
+            }
+            let n = self.s.read(&mut self.buf[end..]).await?;
+            if n == 0 {
+                bail!("trigger connection closed");
+            }
+            end += n;
+        }
+    }
+}
+
+/// A payload whose broadcast frame `[null,null,"room:fanout","bench",{...}]` is 150 bytes.
+fn payload(topic: &str) -> String {
+    let t = now_ns();
+    let fixed = format!(r#"[null,null,"{topic}","bench",{{"t":"{t:015}","p":""}}]"#).len();
+    let pad = "x".repeat(150usize.saturating_sub(fixed));
+    format!(r#"{{"t":"{t:015}","p":"{pad}"}}"#)
+}
+
+// ---------------------------------------------------------------- clients
+
+/// Subscribers: connect + join (at most `concurrency` in flight), then count deliveries and
+/// record their latency until aborted; heartbeat every 30 s; flush latencies on each `ctl` bump.
+struct Subs {
+    sink: Arc<Sink>,
+    ctl: watch::Sender<u64>,
+    _tasks: JoinSet<()>,
+    n: usize,
+}
+
+impl Subs {
+    fn spawn(addr: SocketAddr, n: usize, topic: impl Fn(usize) -> String, o: &Opts) -> Subs {
+        let sink = Arc::new(Sink::default());
+        let (ctl, _) = watch::channel(0u64);
+        let sem = Arc::new(Semaphore::new(o.concurrency));
+        let mut tasks = JoinSet::new();
+        for i in 0..n {
+            let (sink, sem, mut rx, topic) = (sink.clone(), sem.clone(), ctl.subscribe(), topic(i));
+            tasks.spawn(async move {
+                let permit = sem.acquire_owned().await;
+                let mut ws = match Ws::connect_join(addr, &topic).await {
+                    Ok(ws) => ws,
+                    Err(e) => {
+                        if sink.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("connect/join failed: {e}");
+                        }
+                        return;
+                    }
+                };
+                drop(permit);
+                sink.joined.fetch_add(1, Ordering::Relaxed);
+                let period = Duration::from_secs(30);
+                let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                let mut local: Vec<u32> = Vec::with_capacity(64);
+                let mut hb_ref = 100u64;
+                loop {
+                    tokio::select! {
+                        r = ws.fill() => {
+                            if !matches!(r, Ok(true)) {
+                                sink.closed.fetch_add(1, Ordering::Relaxed);
+                                sink.record(&mut local);
+                                return;
+                            }
+                            let now = now_ns();
+                            let mut count = 0;
+                            while let Some((op, r)) = ws.next_frame() {
+                                if op == 1 && let Some(t) = stamp(ws.data(r)) {
+                                    count += 1;
+                                    local.push((now.saturating_sub(t) / 1000) as u32);
+                                }
+                            }
+                            if count > 0 {
+                                sink.delivered.fetch_add(count, Ordering::Relaxed);
+                                sink.last_ns.fetch_max(now, Ordering::Relaxed);
+                                if local.len() >= 64 {
+                                    sink.record(&mut local);
+                                }
+                            }
+                        }
+                        _ = hb.tick() => {
+                            hb_ref += 1;
+                            let f = format!(r#"[null,"{hb_ref}","phoenix","heartbeat",{{}}]"#);
+                            if ws.send_text(f.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        r = rx.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            sink.record(&mut local);
+                            sink.acks.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+        Subs {
+            sink,
+            ctl,
+            _tasks: tasks,
+            n,
+        }
+    }
+
+    /// Waits until every subscriber joined or failed; returns (joined, seconds).
+    async fn wait_joined(&self, t0: Instant) -> anyhow::Result<(u64, f64)> {
+        let deadline = t0 + Duration::from_secs(120);
+        loop {
+            let j = self.sink.joined.load(Ordering::Relaxed);
+            let f = self.sink.failed.load(Ordering::Relaxed);
+            if j + f >= self.n as u64 {
+                let secs = t0.elapsed().as_secs_f64();
+                if f > 0 {
+                    eprintln!("  {f} of {} connections failed", self.n);
+                }
+                return Ok((j, secs));
+            }
+            if Instant::now() > deadline {
+                bail!("only {j} of {} joined in 120 s", self.n);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Waits until `expected` deliveries were counted (or 60 s passed); returns the count.
+    async fn wait_delivered(&self, expected: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let d = self.sink.delivered.load(Ordering::Relaxed);
+            if d >= expected || Instant::now() > deadline {
+                if d < expected {
+                    eprintln!("  timeout: {d} of {expected} deliveries");
+                }
+                return d;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+
+    /// Flushes every task's local latencies and takes the histogram.
+    async fn collect(&self) -> Hist {
+        self.sink.acks.store(0, Ordering::SeqCst);
+        self.ctl.send_modify(|g| *g += 1);
+        let live =
+            self.sink.joined.load(Ordering::Relaxed) - self.sink.closed.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.sink.acks.load(Ordering::SeqCst) < live && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.sink.take_hist()
+    }
+}
+
+/// Joins everything; the caller drops `Subs` to close the sockets.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+// ---------------------------------------------------------------- report
+
+struct Row {
+    metric: String,
+    fb: f64,
+    base: f64,
+    unit: &'static str,
+}
+
+fn fmt(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn report(scenario: &str, trigger: &str, rows: &[Row], summary: String) {
+    println!("\n== {scenario} ({trigger})");
+    println!(
+        "{:<44} {:>12} {:>12} {:>8}  unit",
+        "metric", "firebrand", "baseline", "fb/base"
+    );
+    for r in rows {
+        let ratio = if r.base != 0.0 && !r.fb.is_nan() && !r.base.is_nan() {
+            format!("{:.2}", r.fb / r.base)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<44} {:>12} {:>12} {:>8}  {}",
+            r.metric,
+            fmt(r.fb),
+            fmt(r.base),
+            ratio,
+            r.unit
+        );
+    }
+    println!("SUMMARY {scenario}: {summary}");
+}
+
+const HTTP_TRIGGER: &str = "broadcasts via POST /api/broadcast (keep-alive HTTP/1.1)";
+
+fn kinds(o: &Opts) -> Vec<Kind> {
+    match o.only.as_deref() {
+        Some("firebrand") => vec![Kind::Firebrand],
+        Some("baseline") => vec![Kind::Baseline],
+        _ => vec![Kind::Firebrand, Kind::Baseline],
+    }
+}
+
+/// Runs `f` against each server kind; returns per-kind results (NaN rows when skipped).
+async fn each<T: Default, F, Fut>(o: &Opts, mut f: F) -> anyhow::Result<(T, T)>
+where
+    F: FnMut(Server) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let (mut fb, mut base) = (T::default(), T::default());
+    for k in kinds(o) {
+        let server = Server::start(k, o)?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = f(server).await?;
+        match k {
+            Kind::Firebrand => fb = r,
+            Kind::Baseline => base = r,
+        }
+    }
+    Ok((fb, base))
+}
+
+fn nan_if_empty(v: &[f64], i: usize) -> f64 {
+    v.get(i).copied().unwrap_or(f64::NAN)
+}
+
+// ---------------------------------------------------------------- scenarios
+
+async fn idle(o: &Opts) -> anyhow::Result<()> {
+    let n = o.conns.unwrap_or(19_000);
+    let (fb, base) = each(o, |server| async move {
+        let before = rss_kib(server.pid);
+        let subs = Subs::spawn(server.addr, n, |i| format!("room:idle{}", i % 100), o);
+        let (joined, secs) = subs.wait_joined(Instant::now()).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = rss_kib(server.pid);
+        let per = (after.saturating_sub(before) * 1024) as f64 / joined as f64;
+        println!("  {joined} joined in {secs:.1} s; RSS {before} -> {after} KiB");
+        drop(subs);
+        settle().await;
+        Ok(vec![per, joined as f64, after as f64 / 1024.0])
+    })
+    .await?;
+    let rows = [
+        Row {
+            metric: format!("server RSS per idle joined connection (n={n})"),
+            fb: nan_if_empty(&fb, 0),
+            base: nan_if_empty(&base, 0),
+            unit: "bytes",
+        },
+        Row {
+            metric: "connections joined".into(),
+            fb: nan_if_empty(&fb, 1),
+            base: nan_if_empty(&base, 1),
+            unit: "",
+        },
+        Row {
+            metric: "server RSS total".into(),
+            fb: nan_if_empty(&fb, 2),
+            base: nan_if_empty(&base, 2),
+            unit: "MiB",
+        },
+    ];
+    report(
+        "idle",
+        "one topic per connection, 100 topics, heartbeat every 30 s",
+        &rows,
+        format!(
+            "firebrand {:.0} B/conn at {n} idle joined connections (target <= 3072), baseline {:.0} B/conn",
+            nan_if_empty(&fb, 0),
+            nan_if_empty(&base, 0)
+        ),
+    );
+    Ok(())
+}
+
+/// Paced broadcasts: `rate`/s for `secs`. Returns (deliveries, expected, seconds, server cpu ns, histogram).
+async fn paced(
+    subs: &Subs,
+    server: &Server,
+    topic: &str,
+    o: &Opts,
+) -> anyhow::Result<(u64, u64, f64, u64, Hist)> {
+    let mut trig = Trigger::connect(server.addr).await?;
+    // Warm-up broadcast.
+    trig.broadcast(topic, "bench", &payload(topic)).await?;
+    subs.wait_delivered(subs.n as u64).await;
+    subs.collect().await;
+    subs.sink.reset();
+    let count = o.rate * o.secs;
+    let expected = count * subs.sink.joined.load(Ordering::Relaxed);
+    let cpu0 = cpu_ns(server.pid);
+    let t0 = tokio::time::Instant::now();
+    let first = now_ns();
+    for i in 0..count {
+        tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / o.rate as f64)).await;
+        trig.broadcast(topic, "bench", &payload(topic)).await?;
+    }
+    let got = subs.wait_delivered(expected).await;
+    let cpu = cpu_ns(server.pid) - cpu0;
+    let secs = (subs
+        .sink
+        .last_ns
+        .load(Ordering::Relaxed)
+        .saturating_sub(first)) as f64
+        / 1e9;
+    let hist = subs.collect().await;
+    Ok((got, expected, secs, cpu, hist))
+}
+
+async fn fanout(o: &Opts) -> anyhow::Result<()> {
+    let n = o
+        .subs
+        .as_ref()
+        .and_then(|v| v.first().copied())
+        .unwrap_or(10_000);
+    let (fb, base) = each(o, |server| async move {
+        let topic = "room:fanout";
+        let subs = Subs::spawn(server.addr, n, |_| topic.to_string(), o);
+        subs.wait_joined(Instant::now()).await?;
+        let (got, _exp, secs, cpu, hist) = paced(&subs, &server, topic, o).await?;
+        let paced_rate = got as f64 / secs;
+        let paced_cpu = cpu as f64 / got as f64;
+        // Bursts: `burst_size` broadcasts as fast as two trigger connections send them.
+        let mut trigs = vec![
+            Trigger::connect(server.addr).await?,
+            Trigger::connect(server.addr).await?,
+        ];
+        let joined = subs.sink.joined.load(Ordering::Relaxed);
+        let (mut total, mut total_secs, mut total_cpu) = (0u64, 0f64, 0u64);
+        for _ in 0..o.bursts {
+            subs.sink.reset();
+            let cpu0 = cpu_ns(server.pid);
+            let first = now_ns();
+            let per = o.burst_size / trigs.len();
+            let mut js = JoinSet::new();
+            for mut t in trigs.drain(..) {
+                js.spawn(async move {
+                    for _ in 0..per {
+                        t.broadcast(topic, "bench", &payload(topic)).await?;
+                    }
+                    anyhow::Ok(t)
+                });
+            }
+            while let Some(t) = js.join_next().await {
+                trigs.push(t??);
+            }
+            let expected = (per * trigs.len()) as u64 * joined;
+            let got = subs.wait_delivered(expected).await;
+            total_cpu += cpu_ns(server.pid) - cpu0;
+            total += got;
+            total_secs += subs
+                .sink
+                .last_ns
+                .load(Ordering::Relaxed)
+                .saturating_sub(first) as f64
+                / 1e9;
+            subs.collect().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!("  paced: {got} deliveries in {secs:.2} s; bursts: {total} in {total_secs:.2} s");
+        drop(subs);
+        settle().await;
+        Ok(vec![
+            paced_rate,
+            paced_cpu,
+            hist.quantile(0.99) as f64 / 1000.0,
+            total as f64 / total_secs,
+            total_cpu as f64 / total as f64,
+        ])
+    })
+    .await?;
+    let row = |i: usize, metric: String, unit| Row {
+        metric,
+        fb: nan_if_empty(&fb, i),
+        base: nan_if_empty(&base, i),
+        unit,
+    };
+    let rows = [
+        row(
+            0,
+            format!("paced {}/s x {} s: deliveries/s", o.rate, o.secs),
+            "1/s",
+        ),
+        row(1, "paced: server CPU per delivery".into(), "ns"),
+        row(2, "paced: p99 delivery latency".into(), "ms"),
+        row(
+            3,
+            format!("bursts {}x{}: deliveries/s", o.bursts, o.burst_size),
+            "1/s",
+        ),
+        row(4, "bursts: server CPU per delivery".into(), "ns"),
+    ];
+    let eff = |i| nan_if_empty(&base, i) / nan_if_empty(&fb, i) * 100.0;
+    report(
+        "fanout",
+        &format!("{n} subscribers on one topic, 150-byte frames, {HTTP_TRIGGER}"),
+        &rows,
+        format!(
+            "paced: firebrand CPU/delivery at {:.0}% of baseline efficiency (target >= 90%); bursts: {:.2} M deliveries/s (target >= 3 M), {:.0}% of baseline throughput, CPU efficiency {:.0}% of baseline (target >= 80%)",
+            eff(1),
+            nan_if_empty(&fb, 3) / 1e6,
+            nan_if_empty(&fb, 3) / nan_if_empty(&base, 3) * 100.0,
+            eff(4)
+        ),
+    );
+    Ok(())
+}
+
+async fn latency(o: &Opts) -> anyhow::Result<()> {
+    let sizes = o.subs.clone().unwrap_or_else(|| vec![1000, 10_000]);
+    let mut rows = Vec::new();
+    let mut summary = Vec::new();
+    for &n in &sizes {
+        let (fb, base) = each(o, |server| async move {
+            let topic = "room:latency";
+            let subs = Subs::spawn(server.addr, n, |_| topic.to_string(), o);
+            subs.wait_joined(Instant::now()).await?;
+            let (got, exp, _secs, _cpu, h) = paced(&subs, &server, topic, o).await?;
+            drop(subs);
+            settle().await;
+            let ms = |us: u64| us as f64 / 1000.0;
+            Ok(vec![
+                ms(h.quantile(0.5)),
+                ms(h.quantile(0.99)),
+                ms(h.max()),
+                h.count() as f64,
+                (exp - got) as f64,
+            ])
+        })
+        .await?;
+        for (i, (m, u)) in [
+            ("p50", "ms"),
+            ("p99", "ms"),
+            ("max", "ms"),
+            ("samples", ""),
+            ("lost", ""),
+        ]
+        .iter()
+        .enumerate()
+        {
+            rows.push(Row {
+                metric: format!("{n} subs, {}/s: {m}", o.rate),
+                fb: nan_if_empty(&fb, i),
+                base: nan_if_empty(&base, i),
+                unit: u,
+            });
+        }
+        summary.push(format!(
+            "{n} subs p99 {:.2} ms = {:.2}x baseline",
+            nan_if_empty(&fb, 1),
+            nan_if_empty(&fb, 1) / nan_if_empty(&base, 1)
+        ));
+    }
+    report(
+        "latency",
+        &format!(
+            "paced {}/s for {} s, 150-byte frames, {HTTP_TRIGGER}",
+            o.rate, o.secs
+        ),
+        &rows,
+        format!("{} (target at 10k: <= 1.2x)", summary.join("; ")),
+    );
+    Ok(())
+}
+
+async fn connect(o: &Opts) -> anyhow::Result<()> {
+    let n = o.conns.unwrap_or(10_000);
+    let (fb, base) = each(o, |server| async move {
+        let t0 = Instant::now();
+        let subs = Subs::spawn(server.addr, n, |i| format!("room:c{}", i % 100), o);
+        let (joined, secs) = subs.wait_joined(t0).await?;
+        drop(subs);
+        settle().await;
+        Ok(vec![joined as f64 / secs, joined as f64])
+    })
+    .await?;
+    let rows = [
+        Row {
+            metric: format!("connect + join per second ({} in flight)", o.concurrency),
+            fb: nan_if_empty(&fb, 0),
+            base: nan_if_empty(&base, 0),
+            unit: "1/s",
+        },
+        Row {
+            metric: "connections joined".into(),
+            fb: nan_if_empty(&fb, 1),
+            base: nan_if_empty(&base, 1),
+            unit: "",
+        },
+    ];
+    report(
+        "connect",
+        "WebSocket upgrade + phx_join + ok reply",
+        &rows,
+        format!(
+            "firebrand {:.0} connections+joins/s (target >= 8000), {:.2}x baseline",
+            nan_if_empty(&fb, 0),
+            nan_if_empty(&fb, 0) / nan_if_empty(&base, 0)
+        ),
+    );
+    Ok(())
+}
+
+async fn echo(o: &Opts) -> anyhow::Result<()> {
+    let c = o.clients;
+    let secs = o.secs;
+    let (fb, base) = each(o, |server| async move {
+        let sink = Arc::new(Sink::default());
+        let sem = Arc::new(Semaphore::new(o.concurrency));
+        let (start_tx, start_rx) = watch::channel(None::<Instant>);
+        let mut js = JoinSet::new();
+        for i in 0..c {
+            let (sink, sem, mut rx, addr) =
+                (sink.clone(), sem.clone(), start_rx.clone(), server.addr);
+            js.spawn(async move {
+                let topic = format!("room:echo{}", i % 100);
+                let permit = sem.acquire_owned().await;
+                let Ok(mut ws) = Ws::connect_join(addr, &topic).await else {
+                    sink.failed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                drop(permit);
+                sink.joined.fetch_add(1, Ordering::Relaxed);
+                let deadline = loop {
+                    if let Some(d) = *rx.borrow_and_update() {
+                        break d;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                };
+                let mut local = Vec::new();
+                let mut r = 1u64;
+                while Instant::now() < deadline {
+                    r += 1;
+                    let f = format!(r#"["1","{r}","{topic}","ping",{{"t":"{:015}"}}]"#, now_ns());
+                    if ws.send_text(f.as_bytes()).await.is_err() {
+                        break;
+                    }
+                    let mut t = 0;
+                    if ws
+                        .until(|d| {
+                            t = stamp(d).unwrap_or(0);
+                            memmem::find(d, b"phx_reply").is_some()
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    local.push(((now_ns() - t) / 1000) as u32);
+                }
+                sink.delivered
+                    .fetch_add(local.len() as u64, Ordering::Relaxed);
+                sink.record(&mut local);
+            });
+        }
+        while sink.joined.load(Ordering::Relaxed) + sink.failed.load(Ordering::Relaxed) < c as u64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let cpu0 = cpu_ns(server.pid);
+        let t0 = Instant::now();
+        start_tx.send_replace(Some(t0 + Duration::from_secs(secs)));
+        while js.join_next().await.is_some() {}
+        let el = t0.elapsed().as_secs_f64();
+        let cpu = cpu_ns(server.pid) - cpu0;
+        let n = sink.delivered.load(Ordering::Relaxed);
+        let h = sink.take_hist();
+        settle().await;
+        Ok(vec![
+            n as f64 / el,
+            h.quantile(0.5) as f64 / 1000.0,
+            h.quantile(0.99) as f64 / 1000.0,
+            cpu as f64 / n as f64,
+        ])
+    })
+    .await?;
+    let row = |i: usize, metric: &str, unit| Row {
+        metric: metric.into(),
+        fb: nan_if_empty(&fb, i),
+        base: nan_if_empty(&base, i),
+        unit,
+    };
+    let rows = [
+        row(0, "replies/s", "1/s"),
+        row(1, "round trip p50", "ms"),
+        row(2, "round trip p99", "ms"),
+        row(3, "server CPU per request", "ns"),
+    ];
+    report(
+        "echo",
+        &format!("{c} clients, each one `ping` push in flight, {secs} s"),
+        &rows,
+        format!(
+            "firebrand {:.0} replies/s ({:.2}x baseline), p99 {:.2} ms",
+            nan_if_empty(&fb, 0),
+            nan_if_empty(&fb, 0) / nan_if_empty(&base, 0),
+            nan_if_empty(&fb, 2)
+        ),
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(scenario) = args.first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if scenario == "serve-baseline" {
+        return rt.block_on(serve_baseline(&args[1..]));
+    }
+    if scenario == "-h" || scenario == "--help" {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let o = parse(&args[1..])?;
+    if !o.server.exists() && o.only.as_deref() != Some("baseline") {
+        bail!(
+            "conformance binary not found at {} (cargo build --release -p firebrand-conformance, or --server PATH)",
+            o.server.display()
+        );
+    }
+    let _ = now_ns();
+    rt.block_on(async {
+        match scenario.as_str() {
+            "idle" => idle(&o).await,
+            "fanout" => fanout(&o).await,
+            "latency" => latency(&o).await,
+            "connect" => connect(&o).await,
+            "echo" => echo(&o).await,
+            "all" => {
+                connect(&o).await?;
+                echo(&o).await?;
+                latency(&o).await?;
+                fanout(&o).await?;
+                idle(&o).await
+            }
+            other => bail!("unknown scenario {other:?}\n{USAGE}"),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 50 subscribers against the in-process baseline: join, one broadcast, one echo.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smoke_baseline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(baseline::serve(listener));
+        let o = parse(&[]).unwrap();
+        let subs = Subs::spawn(addr, 50, |_| "room:smoke".into(), &o);
+        let (joined, _) = subs.wait_joined(Instant::now()).await.unwrap();
+        assert_eq!(joined, 50);
+        let mut t = Trigger::connect(addr).await.unwrap();
+        t.broadcast("room:smoke", "bench", &payload("room:smoke"))
+            .await
+            .unwrap();
+        assert_eq!(subs.wait_delivered(50).await, 50);
+        let h = subs.collect().await;
+        assert_eq!(h.count(), 50);
+        let mut ws = Ws::connect_join(addr, "room:e").await.unwrap();
+        ws.send_text(br#"["1","2","room:e","ping",{"t":"000000000000042"}]"#)
+            .await
+            .unwrap();
+        let mut got = None;
+        ws.until(|d| {
+            got = stamp(d);
+            got.is_some()
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, Some(42));
+    }
+
+    #[test]
+    fn payload_frame_is_150_bytes() {
+        let p = payload("room:fanout");
+        let frame = format!(r#"[null,null,"room:fanout","bench",{p}]"#);
+        assert_eq!(frame.len(), 150);
+        assert!(stamp(frame.as_bytes()).is_some());
+    }
+}

@@ -1,0 +1,224 @@
+//! A lean WebSocket client: the upgrade by hand, frames parsed in place from one small buffer,
+//! client frames masked with the all-zero key (valid, and no XOR work).
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memchr::memmem;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Connections per source address (the ephemeral port range is ~28k per address).
+const PER_SOURCE: u64 = 10_000;
+static SERIAL: AtomicU64 = AtomicU64::new(0);
+const BUF: usize = 4096;
+
+/// The next source address: 127.0.0.2, … one per `PER_SOURCE` connections, never reused in a
+/// run (so TIME_WAIT from an earlier phase does not exhaust ports).
+fn next_source() -> Ipv4Addr {
+    let n = SERIAL.fetch_add(1, Ordering::Relaxed) / PER_SOURCE;
+    Ipv4Addr::new(127, (n / 250) as u8, 0, (2 + n % 250) as u8)
+}
+
+/// A TCP connection from the next source address, with `TCP_NODELAY`.
+pub(crate) async fn tcp(addr: SocketAddr) -> io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(next_source().into(), 0))?;
+    let stream = sock.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Appends a masked client frame (all-zero key) to `out`.
+pub(crate) fn client_frame(out: &mut Vec<u8>, opcode: u8, data: &[u8]) {
+    out.push(0x80 | opcode);
+    let n = data.len();
+    if n < 126 {
+        out.push(0x80 | n as u8);
+    } else if n < 65536 {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(data);
+}
+
+/// Parses one frame header at the start of `b`: (fin+opcode byte, masked, header len, data len).
+pub(crate) fn parse_header(b: &[u8]) -> Option<(u8, bool, usize, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let masked = b[1] & 0x80 != 0;
+    let (len, mut hl) = match b[1] & 0x7f {
+        126 => {
+            if b.len() < 4 {
+                return None;
+            }
+            (u16::from_be_bytes([b[2], b[3]]) as usize, 4)
+        }
+        127 => {
+            if b.len() < 10 {
+                return None;
+            }
+            let mut l = [0u8; 8];
+            l.copy_from_slice(&b[2..10]);
+            (u64::from_be_bytes(l) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    if masked {
+        hl += 4;
+    }
+    if b.len() < hl + len {
+        return None;
+    }
+    Some((b[0], masked, hl, len))
+}
+
+/// One client connection.
+pub(crate) struct Ws {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Ws {
+    /// Connects and upgrades (`path` includes the query, e.g. `/socket/websocket?vsn=2.0.0`).
+    pub(crate) async fn connect(addr: SocketAddr, path: &str) -> io::Result<Ws> {
+        let mut stream = tcp(addr).await?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let mut ws = Ws {
+            stream,
+            buf: vec![0; BUF],
+            start: 0,
+            end: 0,
+        };
+        loop {
+            if let Some(pos) = memmem::find(&ws.buf[..ws.end], b"\r\n\r\n") {
+                if !ws.buf.starts_with(b"HTTP/1.1 101") {
+                    let head = String::from_utf8_lossy(&ws.buf[..pos]).into_owned();
+                    return Err(invalid(format!("upgrade refused: {head}")));
+                }
+                ws.start = pos + 4;
+                return Ok(ws);
+            }
+            if ws.end == ws.buf.len() {
+                return Err(invalid("response head too large"));
+            }
+            let n = ws.stream.read(&mut ws.buf[ws.end..]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            ws.end += n;
+        }
+    }
+
+    /// Sends one text frame.
+    pub(crate) async fn send_text(&mut self, text: &[u8]) -> io::Result<()> {
+        let mut f = Vec::with_capacity(text.len() + 14);
+        client_frame(&mut f, 0x1, text);
+        self.stream.write_all(&f).await
+    }
+
+    /// Reads more bytes into the buffer; `Ok(false)` at end of stream. Cancel-safe.
+    pub(crate) async fn fill(&mut self) -> io::Result<bool> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() || self.start > self.buf.len() / 2 {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n > 0)
+    }
+
+    /// The next complete frame already buffered: (opcode, range of its data).
+    pub(crate) fn next_frame(&mut self) -> Option<(u8, Range<usize>)> {
+        let (b0, _masked, hl, len) = parse_header(&self.buf[self.start..self.end])?;
+        let s = self.start + hl;
+        self.start = s + len;
+        Some((b0 & 0x0f, s..s + len))
+    }
+
+    /// The bytes of a frame returned by [`Ws::next_frame`].
+    pub(crate) fn data(&self, r: Range<usize>) -> &[u8] {
+        &self.buf[r]
+    }
+
+    /// Reads until a text frame satisfying `pred` arrives; errors on close or end of stream.
+    pub(crate) async fn until(&mut self, mut pred: impl FnMut(&[u8]) -> bool) -> io::Result<()> {
+        loop {
+            while let Some((op, r)) = self.next_frame() {
+                if op == 8 {
+                    return Err(invalid("closed by server"));
+                }
+                if op == 1 && pred(self.data(r)) {
+                    return Ok(());
+                }
+            }
+            if !self.fill().await? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Connects with `vsn=2.0.0` and joins `topic` (join ref and ref `"1"`), waiting for an ok
+    /// reply.
+    pub(crate) async fn connect_join(addr: SocketAddr, topic: &str) -> io::Result<Ws> {
+        let mut ws = Ws::connect(addr, "/socket/websocket?vsn=2.0.0").await?;
+        let join = format!(r#"["1","1","{topic}","phx_join",{{}}]"#);
+        ws.send_text(join.as_bytes()).await?;
+        let mut ok = false;
+        ws.until(|d| {
+            if d.starts_with(br#"["1","1","#) && memmem::find(d, b"phx_reply").is_some() {
+                ok = memmem::find(d, br#""status":"ok""#).is_some();
+                true
+            } else {
+                false
+            }
+        })
+        .await?;
+        if !ok {
+            return Err(invalid(format!("join {topic} refused")));
+        }
+        Ok(ws)
+    }
+}
+
+/// The bench's timestamp in a frame: `"t":"<15 digits>"` (ns since the bench started).
+pub(crate) fn stamp(d: &[u8]) -> Option<u64> {
+    static FINDER: std::sync::LazyLock<memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memmem::Finder::new(br#""t":""#));
+    let i = FINDER.find(d)? + 5;
+    let digits = d.get(i..i + 15)?;
+    let mut v = 0u64;
+    for &c in digits {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + u64::from(c - b'0');
+    }
+    Some(v)
+}
