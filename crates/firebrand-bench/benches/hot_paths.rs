@@ -1,6 +1,9 @@
 //! Criterion benches of hot paths reachable through public APIs: V2 encode of a broadcast and
 //! V2 decode of a client push (`firebrand_protocol::Serializer`).
 
+// criterion_group! generates an undocumented `pub fn`.
+#![allow(missing_docs)]
+
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
 use firebrand_protocol::{Outbound, Payload, Serializer};

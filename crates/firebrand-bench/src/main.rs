@@ -129,6 +129,13 @@ impl Server {
     }
 }
 
+/// What a scenario gets: the server's address and PID (the `Server` stays alive in `each`).
+#[derive(Clone, Copy)]
+struct Target {
+    addr: SocketAddr,
+    pid: u32,
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -408,14 +415,19 @@ fn kinds(o: &Opts) -> Vec<Kind> {
 /// Runs `f` against each server kind; returns per-kind results (NaN rows when skipped).
 async fn each<T: Default, F, Fut>(o: &Opts, mut f: F) -> anyhow::Result<(T, T)>
 where
-    F: FnMut(Server) -> Fut,
+    F: FnMut(Target) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let (mut fb, mut base) = (T::default(), T::default());
     for k in kinds(o) {
         let server = Server::start(k, o)?;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let r = f(server).await?;
+        let r = f(Target {
+            addr: server.addr,
+            pid: server.pid,
+        })
+        .await?;
+        drop(server);
         match k {
             Kind::Firebrand => fb = r,
             Kind::Baseline => base = r,
@@ -481,7 +493,7 @@ async fn idle(o: &Opts) -> anyhow::Result<()> {
 /// Paced broadcasts: `rate`/s for `secs`. Returns (deliveries, expected, seconds, server cpu ns, histogram).
 async fn paced(
     subs: &Subs,
-    server: &Server,
+    server: &Target,
     topic: &str,
     o: &Opts,
 ) -> anyhow::Result<(u64, u64, f64, u64, Hist)> {
