@@ -64,6 +64,8 @@ async fn main() -> anyhow::Result<()> {
             Err(_) => Ok(Duration::from_millis(default)),
         }
     };
+    // The long-poll window (default 10 s, as Phoenix).
+    config.longpoll_window = ms("LONGPOLL_WINDOW_MS", 10_000)?;
     // In a cluster, a node not heard from for PRESENCE_DOWN_MS (default 5 s) has its presences
     // removed; nodes gossip presence every PRESENCE_HEARTBEAT_MS (default 1 s).
     let builder = Endpoint::builder()

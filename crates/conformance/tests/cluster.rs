@@ -493,3 +493,130 @@ async fn a_stopped_node_leaves_and_comes_back_without_duplicates() {
     assert_eq!(late_view["watcher"]["metas"].as_array().unwrap().len(), 1);
     drop((n1, n2, erin));
 }
+
+/// One HTTP/1.1 request on its own connection to `port`; returns the JSON body.
+async fn http_json(port: u16, method: &str, target: &str, token: &str, body: &str) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/x-ndjson\r\n\
+         x-phoenix-longpoll-token: {token}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"))
+}
+
+const LP: &str = "/socket/longpoll?vsn=2.0.0";
+
+/// Polls `node` until a message with event `event` arrives; returns it.
+async fn poll_until_event(node: &Node, token: &str, event: &str) -> Value {
+    loop {
+        let v = http_json(node.port, "GET", LP, token, "").await;
+        assert!(v["status"] == 200 || v["status"] == 204, "{v}");
+        for m in v["messages"].as_array().unwrap() {
+            let m: Value = serde_json::from_str(m.as_str().unwrap()).unwrap();
+            if m[3] == event {
+                return m;
+            }
+        }
+    }
+}
+
+/// A long-poll session lives on the node that started it; polls and posts landing on the
+/// other nodes (no sticky sessions) reach it through the cluster, as in Phoenix.
+async fn long_poll_across_nodes(engine: (&str, &str)) {
+    let ns = format!("longpoll-{}-{}", std::process::id(), engine.0);
+    let env = [
+        ("PRESENCE_HEARTBEAT_MS", "200"),
+        ("PRESENCE_DOWN_MS", "1000"),
+        ("LONGPOLL_WINDOW_MS", "2000"),
+    ];
+    let (n1, n2, n3) = (
+        node_with(engine, &ns, &env).await,
+        node_with(engine, &ns, &env).await,
+        node_with(engine, &ns, &env).await,
+    );
+    // Every node has heard from every other one once each sees the others' presences.
+    let topic = "room:lp";
+    let mut watchers = Vec::new();
+    for (i, n) in [&n1, &n2, &n3].into_iter().enumerate() {
+        let mut c = n.presence_client(&format!("user=w{i}")).await;
+        c.send(json!(["1", "1", topic, "phx_join", {}])).await;
+        watchers.push(c);
+    }
+    for c in &mut watchers {
+        let mut view = serde_json::Map::new();
+        presence_until(c, &mut view, |v| v.len() == 3).await;
+    }
+
+    // The session starts on node 1; it joins through node 2 and is polled through node 3.
+    let start = http_json(n1.port, "GET", LP, "", "").await;
+    assert_eq!(start["status"], 410, "{start}");
+    let token = start["token"].as_str().unwrap().to_owned();
+    let join = json!(["1", "1", topic, "phx_join", {}]).to_string();
+    let posted = http_json(n2.port, "POST", LP, &token, &join).await;
+    assert_eq!(posted, json!({"status": 200}));
+    let reply = poll_until_event(&n3, &token, "phx_reply").await;
+    assert_eq!(
+        reply,
+        json!(["1", "1", topic, "phx_reply", {"status": "ok", "response": {"joined": "lp"}}])
+    );
+    // A push through node 3 answered through node 2; a broadcast from node 2 polled on node 1.
+    let ping = json!(["1", "2", topic, "ping", {"via": 3}]).to_string();
+    assert_eq!(
+        http_json(n3.port, "POST", LP, &token, &ping).await,
+        json!({"status": 200})
+    );
+    let pong = poll_until_event(&n2, &token, "phx_reply").await;
+    assert_eq!(pong[4], json!({"status": "ok", "response": {"via": 3}}));
+    n2.broadcast(topic, "news", json!({"n": 1})).await;
+    let news = poll_until_event(&n1, &token, "news").await;
+    assert_eq!(news, json!([null, null, topic, "news", {"n": 1}]));
+
+    // A forged token naming node 1 is refused there: a post gets 410, a poll a new session
+    // on the node it reached.
+    let (data, _sig) = token.split_once('.').unwrap();
+    let forged = format!("{data}.AAAA");
+    assert_eq!(
+        http_json(n2.port, "POST", LP, &forged, &ping).await,
+        json!({"status": 410})
+    );
+    let fresh = http_json(n2.port, "GET", LP, &forged, "").await;
+    assert_eq!(fresh["status"], 410, "{fresh}");
+    assert_ne!(fresh["token"], start["token"]);
+    // The real session is untouched.
+    n3.broadcast(topic, "news", json!({"n": 2})).await;
+    assert_eq!(
+        poll_until_event(&n2, &token, "news").await[4],
+        json!({"n": 2})
+    );
+
+    // Node 1 dies with the session: a poll elsewhere starts a new session there (410 and a
+    // token), at once if node 1 is known to be down, after the window otherwise.
+    n1.signal("-KILL");
+    let again = http_json(n3.port, "GET", LP, &token, "").await;
+    assert_eq!(again["status"], 410, "{again}");
+    let new_token = again["token"].as_str().unwrap();
+    assert_ne!(new_token, token);
+    let posted = http_json(n3.port, "POST", LP, new_token, &join).await;
+    assert_eq!(posted, json!({"status": 200}));
+    assert_eq!(poll_until_event(&n3, new_token, "phx_reply").await, reply);
+    drop((n1, n2, n3, watchers));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_requests_reach_their_session_from_any_redis_node() {
+    long_poll_across_nodes(("REDIS_URL", REDIS)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_requests_reach_their_session_from_any_nats_node() {
+    long_poll_across_nodes(("NATS_URL", NATS)).await;
+}

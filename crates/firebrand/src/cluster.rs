@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use firebrand_protocol::{Payload, RawJson};
 
+use crate::longpoll::{Answer, Request};
 use crate::presence::crdt::{State, WireState};
 use crate::pubsub::Broadcast;
 
@@ -198,6 +199,13 @@ const KIND_TRANSFER_REQUEST: u8 = 3;
 const KIND_TRANSFER: u8 = 4;
 const KIND_GOODBYE: u8 = 5;
 const KIND_DIRECT: u8 = 6;
+const KIND_LONGPOLL: u8 = 7;
+const KIND_LONGPOLL_ANSWER: u8 = 8;
+const LONGPOLL_POLL: u8 = 0;
+const LONGPOLL_POST: u8 = 1;
+const LONGPOLL_POST_NDJSON: u8 = 2;
+const ANSWER_NO_SESSION: u8 = 0;
+const ANSWER_REPLY: u8 = 1;
 const PAYLOAD_JSON: u8 = 0;
 const PAYLOAD_BINARY: u8 = 1;
 
@@ -220,6 +228,15 @@ pub(crate) enum Body {
     },
     /// The node is shutting down: forget its presences now.
     Goodbye,
+    /// A long-poll request that reached this node for a session of node `to`; answer `id`.
+    LongPoll {
+        to: u64,
+        id: u64,
+        token: String,
+        request: Request,
+    },
+    /// Node `to`'s forwarded long-poll request `id`, answered.
+    LongPollAnswer { to: u64, id: u64, answer: Answer },
 }
 
 pub(crate) struct NodeMessage {
@@ -248,6 +265,47 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
     let (kind, json) = match body {
         Body::Broadcast(_) => (KIND_BROADCAST, None),
         Body::Direct { .. } => (KIND_DIRECT, None),
+        Body::LongPoll {
+            to,
+            id,
+            token,
+            request,
+        } => {
+            buf.put_u8(KIND_LONGPOLL);
+            buf.put_u64(node);
+            buf.put_u64(*to);
+            buf.put_u64(*id);
+            let (op, body): (u8, &[u8]) = match request {
+                Request::Poll => (LONGPOLL_POLL, b""),
+                Request::Post {
+                    body,
+                    ndjson: false,
+                } => (LONGPOLL_POST, body),
+                Request::Post { body, ndjson: true } => (LONGPOLL_POST_NDJSON, body),
+            };
+            buf.put_u8(op);
+            // Tokens are short; a longer one is no token of ours and is cut, failing to verify.
+            let token = &token.as_bytes()[..token.len().min(u16::MAX as usize)];
+            buf.put_u16(token.len() as u16);
+            buf.put_slice(token);
+            buf.put_slice(body);
+            return buf.freeze();
+        }
+        Body::LongPollAnswer { to, id, answer } => {
+            buf.put_u8(KIND_LONGPOLL_ANSWER);
+            buf.put_u64(node);
+            buf.put_u64(*to);
+            buf.put_u64(*id);
+            match answer {
+                Answer::NoSession => buf.put_u8(ANSWER_NO_SESSION),
+                Answer::Reply { http, body } => {
+                    buf.put_u8(ANSWER_REPLY);
+                    buf.put_u16(*http);
+                    buf.put_slice(body.as_bytes());
+                }
+            }
+            return buf.freeze();
+        }
         Body::Heartbeat { from, to, delta } => presence(
             KIND_HEARTBEAT,
             PresenceBody {
@@ -292,7 +350,7 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
             broadcast
         }
         Body::Broadcast(b) => b,
-        _ => unreachable!("presence bodies returned above"),
+        _ => unreachable!("other bodies returned above"),
     };
     let (kind, data): (u8, &[u8]) = match b.payload() {
         Payload::Json(raw) => (PAYLOAD_JSON, raw.as_bytes()),
@@ -326,6 +384,9 @@ pub(crate) fn decode(mut m: &[u8]) -> Result<NodeMessage, MessageError> {
     need(m, 9)?;
     let kind = m.get_u8();
     let node = m.get_u64();
+    if kind == KIND_LONGPOLL || kind == KIND_LONGPOLL_ANSWER {
+        return decode_longpoll(node, kind, m);
+    }
     let direct_to = if kind == KIND_DIRECT {
         need(m, 8)?;
         Some(m.get_u64())
@@ -376,6 +437,56 @@ pub(crate) fn decode(mut m: &[u8]) -> Result<NodeMessage, MessageError> {
     let body = match direct_to {
         Some(to) => Body::Direct { to, broadcast },
         None => Body::Broadcast(broadcast),
+    };
+    Ok(NodeMessage { node, body })
+}
+
+fn decode_longpoll(node: u64, kind: u8, mut m: &[u8]) -> Result<NodeMessage, MessageError> {
+    if m.len() < 17 {
+        return Err(MessageError::Malformed);
+    }
+    let to = m.get_u64();
+    let id = m.get_u64();
+    let tag = m.get_u8();
+    let body = if kind == KIND_LONGPOLL {
+        if m.len() < 2 {
+            return Err(MessageError::Malformed);
+        }
+        let len = usize::from(m.get_u16());
+        if m.len() < len {
+            return Err(MessageError::Malformed);
+        }
+        let token = std::str::from_utf8(&m[..len])
+            .map_err(|_| MessageError::Malformed)?
+            .to_owned();
+        m.advance(len);
+        let body = Bytes::copy_from_slice(m);
+        let request = match tag {
+            LONGPOLL_POLL => Request::Poll,
+            LONGPOLL_POST => Request::Post {
+                body,
+                ndjson: false,
+            },
+            LONGPOLL_POST_NDJSON => Request::Post { body, ndjson: true },
+            _ => return Err(MessageError::Malformed),
+        };
+        Body::LongPoll {
+            to,
+            id,
+            token,
+            request,
+        }
+    } else {
+        let answer = match tag {
+            ANSWER_NO_SESSION => Answer::NoSession,
+            ANSWER_REPLY if m.len() >= 2 => {
+                let http = m.get_u16();
+                let body = String::from_utf8(m.to_vec()).map_err(|_| MessageError::Malformed)?;
+                Answer::Reply { http, body }
+            }
+            _ => return Err(MessageError::Malformed),
+        };
+        Body::LongPollAnswer { to, id, answer }
     };
     Ok(NodeMessage { node, body })
 }
@@ -468,5 +579,48 @@ mod tests {
         assert!(
             matches!(direct.body, Body::Direct { to: 5, ref broadcast } if broadcast.event() == "new_msg")
         );
+        for request in [
+            Request::Poll,
+            Request::Post {
+                body: Bytes::from_static(b"[1]\n[2]"),
+                ndjson: true,
+            },
+            Request::Post {
+                body: Bytes::from_static(b"[1]"),
+                ndjson: false,
+            },
+        ] {
+            let body = Body::LongPoll {
+                to: 5,
+                id: 9,
+                token: "tok.en".into(),
+                request: request.clone(),
+            };
+            let msg = encode(3, &body);
+            let got = decode(&msg).unwrap();
+            assert!(
+                matches!(got.body, Body::LongPoll { to: 5, id: 9, ref token, request: ref r } if token == "tok.en" && *r == request)
+            );
+            for cut in 0..19 {
+                assert!(decode(&msg[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+        for answer in [
+            Answer::NoSession,
+            Answer::Reply {
+                http: 200,
+                body: r#"{"status":204}"#.into(),
+            },
+        ] {
+            let body = Body::LongPollAnswer {
+                to: 3,
+                id: 9,
+                answer: answer.clone(),
+            };
+            let got = decode(&encode(5, &body)).unwrap();
+            assert!(
+                matches!(got.body, Body::LongPollAnswer { to: 3, id: 9, answer: ref a } if *a == answer)
+            );
+        }
     }
 }

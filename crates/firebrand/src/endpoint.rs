@@ -38,6 +38,7 @@ struct Inner {
     /// This node in its cluster, when an adapter is set.
     cluster: Option<Cluster>,
     tracker: Arc<Tracker>,
+    longpoll: Arc<crate::longpoll::Sessions>,
     conns: Mutex<HashMap<u64, Arc<Outbox>>>,
     next_conn: AtomicU64,
     all_closed: Notify,
@@ -214,6 +215,7 @@ impl EndpointBuilder {
                 }),
                 pubsub: PubSub::new(),
                 tracker: Arc::new(Tracker::new(node, self.presence_batch, self.presence_fetch)),
+                longpoll: Arc::new(crate::longpoll::Sessions::new(node)),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 all_closed: Notify::new(),
@@ -329,6 +331,28 @@ impl Inner {
                 *had = (*had).max(generation);
             }
             Body::TransferRequest { .. } | Body::Transfer { .. } => {}
+            Body::LongPoll {
+                to,
+                id,
+                token,
+                request,
+            } if to == me => {
+                let sessions = self.longpoll.clone();
+                let (adapter, node) = (c.adapter.clone(), me);
+                tokio::spawn(async move {
+                    let answer = sessions.answer(&token, request).await;
+                    let body = Body::LongPollAnswer {
+                        to: from,
+                        id,
+                        answer,
+                    };
+                    adapter.publish(crate::cluster::encode(node, &body));
+                });
+            }
+            Body::LongPollAnswer { to, id, answer } if to == me => {
+                self.longpoll.answered(id, answer);
+            }
+            Body::LongPoll { .. } | Body::LongPollAnswer { .. } => {}
             Body::Goodbye => {
                 c.peers.lock().remove(&from);
                 c.seen.lock().remove(&from);
@@ -518,6 +542,47 @@ impl Endpoint {
             let _ = tokio::time::timeout_at(start + deadline, c.adapter.flush()).await;
         }
         self.inner.conns.lock().len()
+    }
+
+    /// This node's long-poll sessions.
+    pub(crate) fn longpoll(&self) -> &Arc<crate::longpoll::Sessions> {
+        &self.inner.longpoll
+    }
+
+    /// Sends a long-poll request to the node holding its session and waits up to `wait` for
+    /// the answer (`None`: no answer in time, or no cluster).
+    pub(crate) async fn forward_longpoll(
+        &self,
+        node: u64,
+        token: &str,
+        request: crate::longpoll::Request,
+        wait: Duration,
+    ) -> Option<crate::longpoll::Answer> {
+        let c = self.inner.cluster.as_ref()?;
+        let sessions = &self.inner.longpoll;
+        let (id, answer) = sessions.expect_answer();
+        // Forgets the request however this ends (answered, timed out, or the client gone).
+        struct Forget<'a>(&'a crate::longpoll::Sessions, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.forget_forward(self.1);
+            }
+        }
+        let _forget = Forget(sessions, id);
+        c.send(&Body::LongPoll {
+            to: node,
+            id,
+            token: token.to_owned(),
+            request,
+        });
+        let answer = tokio::time::timeout(wait, answer).await.ok()?.ok();
+        if answer.is_none() {
+            tracing::warn!(
+                node,
+                "long-poll request forwarded to another node: no answer"
+            );
+        }
+        answer
     }
 
     pub(crate) fn pubsub(&self) -> &PubSub {

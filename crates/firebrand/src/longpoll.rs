@@ -15,6 +15,12 @@
 //!
 //! Every answer is HTTP 200 with the logical status in the body, as Phoenix does (except OPTIONS
 //! and malformed requests: 400).
+//!
+//! **In a cluster**, a session lives on the node that started it, and its token names that node.
+//! A poll or post that lands on another node (no sticky sessions behind the load balancer) is
+//! forwarded to the session's node through the adapter and answered from there, as Phoenix does
+//! over its PubSub. A token naming a node that is gone is treated as no session: a poll starts a
+//! new one here (`410` with a new token), a post answers `410`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -39,17 +45,73 @@ use crate::token::TokenSigner;
 /// At most this many ndjson lines of one POST are processed (Phoenix's limit).
 const MAX_LINES: usize = 100;
 
-/// The long-poll sessions of one socket.
-pub(crate) struct LongPoll {
-    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+/// How long a session token stays valid (the session usually ends long before).
+const TOKEN_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// How much longer than the poll window a node waits for a forwarded request's answer.
+const FORWARD_MARGIN: Duration = Duration::from_secs(5);
+
+/// The long-poll sessions of one node (of all its sockets), and its requests waiting for
+/// another node's answer. One per [`Endpoint`](crate::Endpoint).
+pub(crate) struct Sessions {
+    node: u64,
+    map: Mutex<HashMap<u64, Arc<Session>>>,
     signer: TokenSigner,
     next_id: AtomicU64,
-    pub(crate) window: Duration,
+    forwarded: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    next_forward: AtomicU64,
+}
+
+/// What a long-poll request asks of its session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// `GET`: the frames waiting, or the next ones within the window.
+    Poll,
+    /// `POST`: frames for the session (`ndjson`: one per line).
+    Post { body: Bytes, ndjson: bool },
+}
+
+/// A session's answer to a [`Request`], as it travels between nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// An HTTP status and a JSON body.
+    Reply { http: u16, body: String },
+    /// The token names no running session on its node.
+    NoSession,
+}
+
+impl Answer {
+    fn status(code: u16) -> Answer {
+        Answer::Reply {
+            http: 200,
+            body: json!({ "status": code }).to_string(),
+        }
+    }
+
+    fn json(body: serde_json::Value) -> Answer {
+        Answer::Reply {
+            http: 200,
+            body: body.to_string(),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        match self {
+            Answer::Reply { http: 200, body } => json_response(body),
+            Answer::Reply { http, body } => (
+                StatusCode::from_u16(http).unwrap_or(StatusCode::BAD_REQUEST),
+                body,
+            )
+                .into_response(),
+            Answer::NoSession => status(410),
+        }
+    }
 }
 
 /// One long-poll client: its frames waiting to be polled, and the way to its connection.
 struct Session {
     serializer: Serializer,
+    window: Duration,
     to_conn: mpsc::UnboundedSender<(Message, oneshot::Sender<()>)>,
     buf: Mutex<Buffer>,
     arrived: Notify,
@@ -62,32 +124,76 @@ struct Buffer {
     last_poll: Instant,
 }
 
-impl LongPoll {
-    pub(crate) fn new(window: Duration) -> Self {
-        LongPoll {
-            sessions: Mutex::new(HashMap::new()),
+impl Sessions {
+    /// The sessions of node `node`, with tokens signed by a key of this process.
+    pub(crate) fn new(node: u64) -> Self {
+        Sessions {
+            node,
+            map: Mutex::new(HashMap::new()),
             signer: TokenSigner::new(
                 &crate::presence::random_bytes(),
                 "firebrand long-poll session",
             ),
             next_id: AtomicU64::new(1),
-            window,
+            forwarded: Mutex::new(HashMap::new()),
+            next_forward: AtomicU64::new(1),
         }
     }
 
-    /// The session a request's token names, if it is genuine, unexpired and still running.
-    fn session(&self, token: Option<&str>) -> Option<(u64, Arc<Session>)> {
-        let id: u64 = self
-            .signer
-            .verify(token?, Duration::from_secs(14 * 24 * 3600))
-            .ok()?;
-        let session = self.sessions.lock().get(&id).cloned()?;
+    fn token(&self, id: u64) -> String {
+        self.signer.sign(&(self.node, id))
+    }
+
+    /// The node a token says its session lives on (not verified: only that node can).
+    fn node_of(token: &str) -> Option<u64> {
+        crate::token::peek::<(u64, u64)>(token).map(|(node, _)| node)
+    }
+
+    /// The session a token names, if it is genuine, of this node, unexpired and still running.
+    fn session(&self, token: &str) -> Option<(u64, Arc<Session>)> {
+        let (node, id): (u64, u64) = self.signer.verify(token, TOKEN_MAX_AGE).ok()?;
+        if node != self.node {
+            return None;
+        }
+        let session = self.map.lock().get(&id).cloned()?;
         Some((id, session))
+    }
+
+    /// Answers a request for one of this node's sessions (made here or on another node).
+    pub(crate) async fn answer(&self, token: &str, request: Request) -> Answer {
+        let Some((id, session)) = self.session(token) else {
+            return Answer::NoSession;
+        };
+        match request {
+            Request::Poll => poll(self, id, &session).await,
+            Request::Post { body, ndjson } => post(&session, &body, ndjson).await,
+        }
+    }
+
+    /// Registers a request about to be forwarded to another node: its id, and where the
+    /// answer arrives.
+    pub(crate) fn expect_answer(&self) -> (u64, oneshot::Receiver<Answer>) {
+        let id = self.next_forward.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.forwarded.lock().insert(id, tx);
+        (id, rx)
+    }
+
+    /// Forgets a forwarded request (answered or given up).
+    pub(crate) fn forget_forward(&self, id: u64) {
+        self.forwarded.lock().remove(&id);
+    }
+
+    /// Hands another node's answer to the request waiting for it.
+    pub(crate) fn answered(&self, id: u64, answer: Answer) {
+        if let Some(tx) = self.forwarded.lock().remove(&id) {
+            let _ = tx.send(answer);
+        }
     }
 }
 
-fn json_response(body: serde_json::Value) -> Response {
-    let mut res = (StatusCode::OK, body.to_string()).into_response();
+fn json_response(body: String) -> Response {
+    let mut res = (StatusCode::OK, body).into_response();
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -102,7 +208,7 @@ fn json_response(body: serde_json::Value) -> Response {
 }
 
 fn status(code: u16) -> Response {
-    json_response(json!({ "status": code }))
+    Answer::status(code).into_response()
 }
 
 /// The session token from the `X-Phoenix-Longpoll-Token` header or the `token` query param.
@@ -118,10 +224,10 @@ fn token<'a>(headers: &'a HeaderMap, params: &'a [(String, String)]) -> Option<&
         })
 }
 
-/// Serves one long-poll request.
+/// Serves one long-poll request of a socket whose poll window is `window`.
 pub(crate) async fn handle<S: Socket>(
     shared: Arc<Shared<S>>,
-    lp: Arc<LongPoll>,
+    window: Duration,
     req: axum::extract::Request,
 ) -> Response {
     let (parts, body) = req.into_parts();
@@ -134,24 +240,35 @@ pub(crate) async fn handle<S: Socket>(
     let Some(params) = query_params(&parts.uri) else {
         return (StatusCode::BAD_REQUEST, "invalid query string").into_response();
     };
-    let session = lp.session(token(&parts.headers, &params));
-    let method = parts.method.clone();
-    match (method, session) {
-        (Method::GET, Some((id, session))) => poll(&lp, id, &session).await,
-        (Method::GET, None) => start(shared, lp, parts, params).await,
-        (_, Some((_, session))) => {
-            let Ok(body) =
-                axum::body::to_bytes(body, shared.config.max_frame_size * MAX_LINES).await
-            else {
-                return (StatusCode::PAYLOAD_TOO_LARGE, "long-poll body too large").into_response();
-            };
-            let ndjson = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/x-ndjson"));
-            post(&lp, &session, &body, ndjson).await
-        }
-        (_, None) => status(410),
+    let token = token(&parts.headers, &params).map(str::to_owned);
+    let request = if parts.method == Method::GET {
+        Request::Poll
+    } else {
+        let Ok(body) = axum::body::to_bytes(body, shared.config.max_frame_size * MAX_LINES).await
+        else {
+            return (StatusCode::PAYLOAD_TOO_LARGE, "long-poll body too large").into_response();
+        };
+        let ndjson = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/x-ndjson"));
+        Request::Post { body, ndjson }
+    };
+    let endpoint = &shared.endpoint;
+    let sessions = endpoint.longpoll();
+    let answer = match &token {
+        None => Answer::NoSession,
+        Some(token) => match Sessions::node_of(token) {
+            Some(node) if node != sessions.node && endpoint.nodes().contains(&node) => endpoint
+                .forward_longpoll(node, token, request.clone(), window + FORWARD_MARGIN)
+                .await
+                .unwrap_or(Answer::NoSession),
+            _ => sessions.answer(token, request.clone()).await,
+        },
+    };
+    match (answer, request) {
+        (Answer::NoSession, Request::Poll) => start(shared, window, parts, params).await,
+        (answer, _) => answer.into_response(),
     }
 }
 
@@ -179,7 +296,7 @@ fn preflight(headers: &HeaderMap) -> Response {
 /// A new session: the same checks and `connect` as a WebSocket, then `410` with its token.
 async fn start<S: Socket>(
     shared: Arc<Shared<S>>,
-    lp: Arc<LongPoll>,
+    window: Duration,
     parts: axum::http::request::Parts,
     params: Vec<(String, String)>,
 ) -> Response {
@@ -195,10 +312,12 @@ async fn start<S: Socket>(
             return status(403);
         }
     };
-    let id = lp.next_id.fetch_add(1, Ordering::Relaxed);
+    let sessions = shared.endpoint.longpoll().clone();
+    let id = sessions.next_id.fetch_add(1, Ordering::Relaxed);
     let (to_conn, from_clients) = mpsc::unbounded_channel();
     let session = Arc::new(Session {
         serializer: accepted.serializer,
+        window,
         to_conn,
         buf: Mutex::new(Buffer {
             frames: VecDeque::new(),
@@ -208,28 +327,29 @@ async fn start<S: Socket>(
         }),
         arrived: Notify::new(),
     });
-    lp.sessions.lock().insert(id, session.clone());
+    sessions.map.lock().insert(id, session.clone());
     let conn = Conn::open(ConnArgs {
         shared: shared.clone(),
         assigns: Arc::new(accepted.assigns),
         socket_id: accepted.socket_id,
         serializer: accepted.serializer,
     });
-    tokio::spawn(run(conn, lp.clone(), id, session, from_clients));
-    json_response(json!({"status": 410, "token": lp.signer.sign(&id), "messages": []}))
+    let token = sessions.token(id);
+    tokio::spawn(run(conn, sessions, id, session, from_clients));
+    Answer::json(json!({"status": 410, "token": token, "messages": []})).into_response()
 }
 
 /// Drives a session's connection until it ends: frames go to the poll buffer, POSTed
 /// messages to the connection, and a session not polled for 1.5 windows ends.
 async fn run<S: Socket>(
     mut conn: Conn<S>,
-    lp: Arc<LongPoll>,
+    sessions: Arc<Sessions>,
     id: u64,
     session: Arc<Session>,
     mut from_clients: mpsc::UnboundedReceiver<(Message, oneshot::Sender<()>)>,
 ) {
     let outbox = conn.outbox().clone();
-    let inactive = lp.window * 3 / 2;
+    let inactive = session.window * 3 / 2;
     let mut reason = crate::StopReason::Closed;
     loop {
         let deadline = {
@@ -277,40 +397,40 @@ async fn run<S: Socket>(
             }
         }
     }
-    lp.sessions.lock().remove(&id);
+    sessions.map.lock().remove(&id);
     session.buf.lock().ended = true;
     session.arrived.notify_waiters();
     conn.end(reason);
 }
 
 /// GET with a session: frames already waiting, or the next ones within the window, or 204.
-async fn poll(lp: &LongPoll, id: u64, session: &Session) -> Response {
-    let token = lp.signer.sign(&id);
-    let deadline = Instant::now() + lp.window;
+async fn poll(sessions: &Sessions, id: u64, session: &Session) -> Answer {
+    let token = sessions.token(id);
+    let deadline = Instant::now() + session.window;
     session.buf.lock().polling = true;
-    let response = loop {
+    let answer = loop {
         let arrived = session.arrived.notified();
         {
             let mut buf = session.buf.lock();
             if !buf.frames.is_empty() {
                 let messages: Vec<String> = buf.frames.drain(..).collect();
-                break json_response(json!({"status": 200, "token": token, "messages": messages}));
+                break Answer::json(json!({"status": 200, "token": token, "messages": messages}));
             }
             if buf.ended {
-                break status(410);
+                break Answer::status(410);
             }
         }
         if timeout(deadline.saturating_duration_since(Instant::now()), arrived)
             .await
             .is_err()
         {
-            break json_response(json!({"status": 204, "token": token, "messages": []}));
+            break Answer::json(json!({"status": 204, "token": token, "messages": []}));
         }
     };
     let mut buf = session.buf.lock();
     buf.polling = false;
     buf.last_poll = Instant::now();
-    response
+    answer
 }
 
 /// The frames of a POST body: its first 100 ndjson lines (`\n` or `\r\n`), or the whole
@@ -340,31 +460,30 @@ pub(crate) fn decode_line(serializer: Serializer, line: &[u8]) -> Result<Message
 }
 
 /// POST: each frame is handed to the session and awaited (up to the window).
-async fn post(lp: &LongPoll, session: &Session, body: &Bytes, ndjson: bool) -> Response {
-    let deadline = Instant::now() + lp.window;
+async fn post(session: &Session, body: &Bytes, ndjson: bool) -> Answer {
+    let deadline = Instant::now() + session.window;
     for line in body_lines(body, ndjson) {
         let msg = match decode_line(session.serializer, line) {
             Ok(msg) => msg,
             Err(e) => {
                 tracing::warn!(error = %e, "long-poll: undecodable frame");
-                return (
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": e.to_string()}).to_string(),
-                )
-                    .into_response();
+                return Answer::Reply {
+                    http: 400,
+                    body: json!({"error": e.to_string()}).to_string(),
+                };
             }
         };
         let (handled, done) = oneshot::channel();
         if session.to_conn.send((msg, handled)).is_err() {
-            return status(410);
+            return Answer::status(410);
         }
         match timeout(deadline.saturating_duration_since(Instant::now()), done).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return status(410),
-            Err(_) => return status(408),
+            Ok(Err(_)) => return Answer::status(410),
+            Err(_) => return Answer::status(408),
         }
     }
-    status(200)
+    Answer::status(200)
 }
 
 #[cfg(test)]
@@ -378,6 +497,7 @@ mod tests {
         let (to_conn, from_clients) = mpsc::unbounded_channel();
         let session = Session {
             serializer: Serializer::V2,
+            window: Duration::from_millis(100),
             to_conn,
             buf: Mutex::new(Buffer {
                 frames: VecDeque::new(),
@@ -390,32 +510,28 @@ mod tests {
         (session, from_clients)
     }
 
-    fn body(status: Response) -> u16 {
-        assert_eq!(status.status(), StatusCode::OK);
-        let bytes =
-            futures_util::FutureExt::now_or_never(axum::body::to_bytes(status.into_body(), 1024))
-                .unwrap()
-                .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["status"]
+    fn body(answer: Answer) -> u16 {
+        let Answer::Reply { http: 200, body } = answer else {
+            panic!("not a 200 reply: {answer:?}");
+        };
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["status"]
             .as_u64()
             .unwrap() as u16
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_post_the_session_does_not_take_within_the_window_is_408() {
-        let lp = LongPoll::new(Duration::from_millis(100));
         let (session, _held) = session();
         let frame = Bytes::from_static(br#"[null,"1","phoenix","heartbeat",{}]"#);
-        assert_eq!(body(post(&lp, &session, &frame, false).await), 408);
+        assert_eq!(body(post(&session, &frame, false).await), 408);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_post_to_a_session_that_ended_is_410() {
-        let lp = LongPoll::new(Duration::from_millis(100));
         let (session, from_clients) = session();
         drop(from_clients);
         let frame = Bytes::from_static(br#"[null,"1","phoenix","heartbeat",{}]"#);
-        assert_eq!(body(post(&lp, &session, &frame, false).await), 410);
+        assert_eq!(body(post(&session, &frame, false).await), 410);
     }
 
     #[test]

@@ -384,15 +384,10 @@ impl<S: Socket> SocketBuilder<S> {
         );
         match shared.config.longpoll {
             None => router,
-            Some(window) => {
-                let lp = Arc::new(crate::longpoll::LongPoll::new(window));
-                router.route(
-                    "/longpoll",
-                    any(move |req: Request| {
-                        crate::longpoll::handle(shared.clone(), lp.clone(), req)
-                    }),
-                )
-            }
+            Some(window) => router.route(
+                "/longpoll",
+                any(move |req: Request| crate::longpoll::handle(shared.clone(), window, req)),
+            ),
         }
     }
 }
