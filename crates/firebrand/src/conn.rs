@@ -5,12 +5,12 @@
 //! and client pushes are queued to the channel's mailbox. So a slow `join` or `handle_in`
 //! delays only its own channel.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use std::task::Poll;
+
 use firebrand_protocol::{Message, Payload, Serializer};
-use futures_util::SinkExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::channel::{Reply, StopReason};
@@ -18,9 +18,10 @@ use crate::context::Wire;
 use crate::endpoint::Registered;
 use crate::limits::{Bucket, Limit};
 use crate::pubsub::{SubId, Target};
-use crate::queue::{Close, ConnEvent, Outbox};
+use crate::queue::{Close, ConnEvent, Frame, Outbox};
 use crate::runner::{ChannelHandle, InRejected, SpawnArgs};
 use crate::socket::{Shared, Socket};
+use crate::ws::{Incoming, Reader, WsError};
 
 pub(crate) struct ConnArgs<S: Socket> {
     pub(crate) shared: Arc<Shared<S>>,
@@ -39,7 +40,7 @@ pub(crate) struct Conn<S: Socket> {
     assigns: Arc<S::Assigns>,
     socket_id: Option<Arc<str>>,
     pub(crate) wire: Wire,
-    channels: HashMap<String, ChannelHandle>,
+    channels: Channels,
     next_channel_id: u64,
     id_sub: Option<SubId>,
     /// Rate limits on inbound messages and joins.
@@ -48,10 +49,45 @@ pub(crate) struct Conn<S: Socket> {
     _registered: Registered,
 }
 
+/// A connection's channels by topic: a vector, searched linearly (at most `max_channels`,
+/// 100 by default), sized to what is joined. A hash map holds room for 3 channels from the
+/// first: 300 bytes per connection that joins one topic.
+#[derive(Default)]
+struct Channels(Vec<(String, ChannelHandle)>);
+
+impl Channels {
+    fn get(&self, topic: &str) -> Option<&ChannelHandle> {
+        self.0.iter().find(|(t, _)| t == topic).map(|(_, c)| c)
+    }
+
+    fn remove(&mut self, topic: &str) -> Option<ChannelHandle> {
+        let i = self.0.iter().position(|(t, _)| t == topic)?;
+        Some(self.0.swap_remove(i).1)
+    }
+
+    fn insert(&mut self, topic: String, handle: ChannelHandle) {
+        self.remove(&topic);
+        if self.0.is_empty() {
+            self.0.reserve_exact(1);
+        }
+        self.0.push((topic, handle));
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (String, ChannelHandle)> + '_ {
+        self.0.drain(..)
+    }
+}
+
 /// How the read loop ended.
 enum End {
-    /// The client closed, or the transport failed: nothing more to send.
+    /// The transport failed or the client went away: nothing more to send.
     Gone,
+    /// The client sent a close frame (with this code).
+    ClientClosed(Option<u16>),
     /// The server closes with this code.
     Close(Close),
     /// A protocol error with a message for the close frame.
@@ -80,7 +116,7 @@ impl<S: Socket> Conn<S> {
             },
             messages: args.shared.config.message_rate.map(Bucket::new),
             joins: args.shared.config.join_rate.map(Bucket::new),
-            channels: HashMap::new(),
+            channels: Channels::default(),
             next_channel_id: 0,
             id_sub,
             _registered: registered,
@@ -116,37 +152,40 @@ impl<S: Socket> Drop for Conn<S> {
 }
 
 /// Serves one WebSocket connection until it ends.
-pub(crate) async fn run<S: Socket>(mut ws: WebSocket, args: ConnArgs<S>) {
-    let endpoint = args.shared.endpoint.clone();
-    let config = args.shared.config.clone();
-    let mut conn = Conn::open(args);
+///
+/// Reads use a buffer on the stack of each read (see [`crate::ws`]): an idle connection holds
+/// no read buffer. Everything queued in the outbox is written with one write per batch.
+///
+/// This task is the largest per-connection cost, so its state is kept small: the connection,
+/// its transport and its frame reader live in one box (the future holds a pointer, not three
+/// fields plus the copies the compiler keeps of moved arguments), and writes and the close
+/// handshake run in boxed futures of their own.
+async fn run<S, T>(mut session: Box<Session<S, T>>)
+where
+    S: Socket,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let max_frame_size = session.conn.shared.config.max_frame_size;
+    let idle_timeout = session.conn.shared.config.idle_timeout;
+    let Session { io, reader, conn } = &mut *session;
     let outbox = conn.outbox().clone();
 
-    let idle = sleep(config.idle_timeout);
+    let idle = sleep(idle_timeout);
     tokio::pin!(idle);
     let end = loop {
         tokio::select! {
             () = outbox.ready() => {
-                if let Some(end) = conn.flush(&mut ws).await {
+                // Boxed: a write's state is held only while writing, not by idle connections.
+                if let Some(end) = Box::pin(conn.flush(io)).await {
                     break end;
                 }
             }
-            msg = ws.recv() => {
-                idle.as_mut().reset(Instant::now() + config.idle_timeout);
-                let decoded = match msg {
-                    Some(Ok(WsMessage::Text(text))) => conn.wire.serializer.decode_text(text.into()),
-                    Some(Ok(WsMessage::Binary(data))) => conn.wire.serializer.decode_binary(data),
-                    Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-                    Some(Ok(WsMessage::Close(_))) | None => break End::Gone,
-                    Some(Err(e)) => break read_error(e),
-                };
-                match decoded {
-                    Ok(msg) => conn.on_message(msg),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "closing connection: undecodable frame");
-                        endpoint.count_protocol_error();
-                        break End::Invalid(1007, e.to_string());
-                    }
+            read = read_with(io, |data| conn.on_bytes(reader, data)) => {
+                idle.as_mut().reset(Instant::now() + idle_timeout);
+                match read {
+                    Ok(Some(None)) => {}
+                    Ok(Some(Some(end))) => break end,
+                    Ok(None) | Err(_) => break End::Gone,
                 }
             }
             () = &mut idle => break End::Close(Close::IDLE),
@@ -159,67 +198,153 @@ pub(crate) async fn run<S: Socket>(mut ws: WebSocket, args: ConnArgs<S>) {
 
     let frame = match end {
         End::Gone => None,
+        // Echo the client's close (RFC 6455 §5.5.1); it closes the TCP connection.
+        End::ClientClosed(code) => Some((crate::ws::close_frame(code.unwrap_or(1000), ""), false)),
         End::Close(c) => {
             if c == Close::SLOW_CONSUMER {
-                endpoint.count_slow_consumer();
+                conn.shared.endpoint.count_slow_consumer();
                 tracing::warn!("closing connection: slow consumer (outbound queue full)");
             }
-            Some(CloseFrame {
-                code: c.code,
-                reason: c.reason.into(),
-            })
+            Some((crate::ws::close_frame(c.code, c.reason), true))
         }
-        End::Invalid(code, reason) => Some(CloseFrame {
-            code,
-            // A close reason is at most 123 bytes.
-            reason: truncate(&reason, 123).into(),
-        }),
+        End::Invalid(code, reason) => Some((crate::ws::close_frame(code, &reason), true)),
     };
-    if let Some(frame) = frame {
+    Box::pin(close_handshake(io, frame, max_frame_size)).await;
+    // Unregistered only now, so that a shutdown waits for the close handshakes.
+    drop(session);
+}
+
+/// Serves a connection once the HTTP server hands it over after the `101` response.
+pub(crate) async fn upgraded<S: Socket>(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    args: Box<ConnArgs<S>>,
+) {
+    let session = match on_upgrade.await {
+        Ok(upgraded) => Session::open(hyper_util::rt::TokioIo::new(upgraded), *args),
+        Err(e) => return tracing::debug!(error = %e, "WebSocket upgrade failed"),
+    };
+    run(session).await;
+}
+
+/// A WebSocket connection's state, boxed by [`run`].
+struct Session<S: Socket, T> {
+    io: T,
+    reader: Reader,
+    conn: Conn<S>,
+}
+
+impl<S: Socket, T> Session<S, T> {
+    fn open(io: T, args: ConnArgs<S>) -> Box<Self> {
+        Box::new(Session {
+            io,
+            reader: Reader::new(args.shared.config.max_frame_size),
+            conn: Conn::open(args),
+        })
+    }
+}
+
+/// Sends a close frame, if any, and when `wait` waits (up to [`CLOSE_WAIT`]) for the
+/// client's close frame or its end of the connection, so that neither side sees a reset.
+async fn close_handshake<T>(io: &mut T, frame: Option<(Vec<u8>, bool)>, max_frame_size: usize)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Some((frame, wait)) = frame {
         let _ = timeout(CLOSE_WAIT, async {
-            ws.send(WsMessage::Close(Some(frame))).await?;
-            // Wait for the client's close frame, so that neither side sees a reset.
-            while let Some(msg) = ws.recv().await {
-                if matches!(msg?, WsMessage::Close(_)) {
+            io.write_all(&frame).await?;
+            if !wait {
+                return Ok(());
+            }
+            let mut closing = Reader::new(max_frame_size);
+            loop {
+                let read = read_with(io, |data| {
+                    let mut closed = false;
+                    let ok = closing.feed(data, |m| closed |= matches!(m, Incoming::Close(_)));
+                    closed || ok.is_err()
+                })
+                .await?;
+                if read.is_none_or(|closed| closed) {
                     break;
                 }
             }
-            Ok::<_, axum::Error>(())
+            Ok::<_, std::io::Error>(())
         })
         .await;
-    } else {
-        let _ = timeout(CLOSE_WAIT, ws.close()).await;
     }
-    // Unregistered only now, so that a shutdown waits for the close handshakes.
-    drop(conn);
+    let _ = timeout(CLOSE_WAIT, io.shutdown()).await;
 }
 
-fn truncate(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+/// Reads what is available into a buffer on the stack and hands it to `on` (`Ok(None)`: the
+/// connection ended). The buffer lives only during the read, so a waiting connection holds none.
+fn read_with<T, R>(
+    io: &mut T,
+    mut on: impl FnMut(&[u8]) -> R,
+) -> impl Future<Output = std::io::Result<Option<R>>>
+where
+    T: AsyncRead + Unpin,
+{
+    std::future::poll_fn(move |cx| {
+        let mut buf = [0u8; READ_CHUNK];
+        let mut buf = ReadBuf::new(&mut buf);
+        match std::pin::Pin::new(&mut *io).poll_read(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(on(buf.filled())))),
+        }
+    })
 }
 
-/// Maps a transport read error to the close code the client should see.
-fn read_error(e: axum::Error) -> End {
-    use tungstenite::error::{CapacityError, Error, ProtocolError};
-    let inner = e.into_inner();
-    match inner.downcast_ref::<Error>() {
-        Some(Error::Capacity(CapacityError::MessageTooLong { .. })) => End::Close(Close::TOO_BIG),
-        Some(Error::Capacity(e)) => End::Invalid(1009, e.to_string()),
-        Some(Error::Utf8(_)) => End::Invalid(1007, "invalid UTF-8 in text frame".into()),
-        Some(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) | None => End::Gone,
-        Some(Error::Protocol(p)) => End::Invalid(1002, p.to_string()),
-        Some(_) => End::Gone,
-    }
-}
+/// How much one read takes at most (on the stack).
+const READ_CHUNK: usize = 8 * 1024;
 
 impl<S: Socket> Conn<S> {
+    /// Decodes the bytes just read and handles each message; returns how the connection
+    /// ends, if it does.
+    fn on_bytes(&mut self, reader: &mut Reader, data: &[u8]) -> Option<End> {
+        let mut end = None;
+        let fed = reader.feed(data, |incoming| {
+            if end.is_some() {
+                return;
+            }
+            let decoded = match incoming {
+                Incoming::Text(text) => self.wire.serializer.decode_text(text),
+                Incoming::Binary(data) => self.wire.serializer.decode_binary(data),
+                Incoming::Ping(data) => {
+                    // The pong goes through the outbox, in order with other frames.
+                    self.wire.outbox.push(Frame::Pong(data));
+                    return;
+                }
+                Incoming::Pong => return,
+                Incoming::Close(code) => {
+                    end = Some(End::ClientClosed(code));
+                    return;
+                }
+            };
+            match decoded {
+                Ok(msg) => self.on_message(msg),
+                Err(e) => {
+                    tracing::warn!(error = %e, "closing connection: undecodable frame");
+                    self.shared.endpoint.count_protocol_error();
+                    end = Some(End::Invalid(1007, e.to_string()));
+                }
+            }
+        });
+        if let Err(e) = fed {
+            let (code, reason) = e.close();
+            tracing::debug!(code, reason, "closing connection: invalid WebSocket frames");
+            return Some(if e == WsError::TooBig {
+                End::Close(Close::TOO_BIG)
+            } else {
+                End::Invalid(code, reason.to_owned())
+            });
+        }
+        end
+    }
+
     /// Writes everything queued, handling connection events on the way. Returns how the
     /// connection ends, if it does.
-    async fn flush(&mut self, ws: &mut WebSocket) -> Option<End> {
+    async fn flush<T: AsyncWrite + Unpin>(&mut self, io: &mut T) -> Option<End> {
         let outbox = self.wire.outbox.clone();
         let write_timeout = self.shared.config.write_timeout;
         loop {
@@ -230,16 +355,15 @@ impl<S: Socket> Conn<S> {
             if batch.frames.is_empty() {
                 return batch.close.map(End::Close);
             }
-            let write = async {
-                for frame in batch.frames {
-                    ws.feed(frame).await?;
-                }
-                ws.flush().await
-            };
+            let mut out = Vec::with_capacity(batch.frames.iter().map(|f| f.len() + 10).sum());
+            for frame in &batch.frames {
+                frame.encode(&mut out);
+            }
+            drop(batch.frames);
             // A client that stops reading blocks the write: give up when its queue overflows
             // meanwhile, or when the write takes longer than the write timeout.
             tokio::select! {
-                result = timeout(write_timeout, write) => match result {
+                result = timeout(write_timeout, io.write_all(&out)) => match result {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return Some(End::Gone),
                     Err(_) => return Some(End::Close(Close::SLOW_CONSUMER)),

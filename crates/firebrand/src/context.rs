@@ -10,7 +10,8 @@ use crate::endpoint::Endpoint;
 use crate::limits::{Pending, PendingSlot};
 use crate::presence::PresenceError;
 use crate::presence::crdt::Owner;
-use crate::pubsub::{Broadcast, Inbox, SubId, Target, to_ws};
+use crate::pubsub::{Broadcast, Inbox, SubId, Target};
+use crate::queue::Frame;
 use crate::queue::{Delivered, Mailbox, Outbox};
 
 /// What [`Channel::join`] knows about the joining client.
@@ -94,7 +95,7 @@ impl Wire {
     pub(crate) fn send(&self, out: &Outbound<'_>) {
         match self.serializer.encode(out) {
             Ok(frame) => {
-                self.outbox.push(to_ws(frame));
+                self.outbox.push(Frame::from_encoded(frame));
             }
             Err(e) => tracing::warn!(topic = out.topic(), event = out.event(), error = %e,
                 "frame not sent"),

@@ -37,6 +37,41 @@ pub fn upgrade_request(path_and_query: &str, protocol: &[u8], origin: &[u8]) -> 
     origin_ok && Serializer::from_vsn(vsn).is_ok()
 }
 
+/// A message decoded by [`ws_frames`]: its kind (`t`ext, `b`inary, `p`ing, p`o`ng, `c`lose)
+/// and bytes (a close's code, big-endian).
+pub type WsMessage = (u8, Vec<u8>);
+
+/// Feeds a client's byte stream to the WebSocket frame reader `chunk` bytes at a time (as
+/// reads would deliver it), with a size limit of `max_size`; returns the messages decoded and
+/// the close code and reason of the first violation, if any.
+pub fn ws_frames(
+    stream: &[u8],
+    chunk: usize,
+    max_size: usize,
+) -> (Vec<WsMessage>, Option<(u16, &'static str)>) {
+    use crate::ws::{Incoming, Reader};
+    let mut reader = Reader::new(max_size);
+    let mut got = Vec::new();
+    for part in stream.chunks(chunk.max(1)) {
+        let fed = reader.feed(part, |m| {
+            got.push(match m {
+                Incoming::Text(b) => (b't', b.to_vec()),
+                Incoming::Binary(b) => (b'b', b.to_vec()),
+                Incoming::Ping(b) => (b'p', b.to_vec()),
+                Incoming::Pong => (b'o', Vec::new()),
+                Incoming::Close(code) => (
+                    b'c',
+                    code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default(),
+                ),
+            });
+        });
+        if let Err(e) = fed {
+            return (got, Some(e.close()));
+        }
+    }
+    (got, None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +85,11 @@ mod tests {
             b"phoenix",
             b"http://localhost:4000"
         ));
+        let ping = [0x89, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+        assert_eq!(
+            ws_frames(&ping, 1, 100),
+            (vec![(b'p', b"hi".to_vec())], None)
+        );
         assert!(!upgrade_request(
             "/socket/websocket?vsn=3.0.0",
             b"",

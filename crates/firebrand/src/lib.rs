@@ -129,6 +129,7 @@ mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod token;
+mod ws;
 
 pub use channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};
 pub use context::{ChannelContext, ChannelSender, JoinContext, ReplyRef, SendError};

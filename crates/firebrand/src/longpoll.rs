@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::ws::Message as WsMessage;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -39,6 +38,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::conn::{Conn, ConnArgs};
+use crate::queue::Frame;
 use crate::socket::{Shared, Socket, query_params};
 use crate::token::TokenSigner;
 
@@ -369,7 +369,7 @@ async fn run<S: Socket>(
                 let mut buf = session.buf.lock();
                 for frame in batch.frames {
                     match frame {
-                        WsMessage::Text(t) => buf.frames.push_back(t.to_string()),
+                        Frame::Text(t) => buf.frames.push_back(String::from_utf8_lossy(&t).into_owned()),
                         // phoenix.js's LongPoll decodes every message as JSON text.
                         _ => tracing::debug!("binary frame not sent over long-poll"),
                     }

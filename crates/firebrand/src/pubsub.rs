@@ -13,11 +13,10 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::ws::Message as WsMessage;
-use firebrand_protocol::{Encoded, Outbound, Payload, Serializer};
+use firebrand_protocol::{Outbound, Payload, Serializer};
 use parking_lot::RwLock;
 
-use crate::queue::{Close, Outbox, Pushed};
+use crate::queue::{Close, Frame, Outbox, Pushed};
 
 const SHARDS: usize = 32;
 
@@ -188,12 +187,12 @@ impl PubSub {
 /// A broadcast's frame, encoded at most once per serializer.
 #[derive(Default)]
 struct FrameCache {
-    v1: Option<Option<WsMessage>>,
-    v2: Option<Option<WsMessage>>,
+    v1: Option<Option<Frame>>,
+    v2: Option<Option<Frame>>,
 }
 
 impl FrameCache {
-    fn get(&mut self, serializer: Serializer, b: &Broadcast) -> Option<WsMessage> {
+    fn get(&mut self, serializer: Serializer, b: &Broadcast) -> Option<Frame> {
         let slot = match serializer {
             Serializer::V1 => &mut self.v1,
             Serializer::V2 => &mut self.v2,
@@ -201,7 +200,7 @@ impl FrameCache {
         slot.get_or_insert_with(|| {
             let out = Outbound::broadcast(b.topic(), b.event(), b.payload());
             match serializer.encode(&out) {
-                Ok(encoded) => Some(to_ws(encoded)),
+                Ok(encoded) => Some(Frame::from_encoded(encoded)),
                 Err(e) => {
                     tracing::debug!(topic = b.topic(), event = b.event(), error = %e,
                         "broadcast not delivered to {serializer:?} subscribers");
@@ -210,13 +209,5 @@ impl FrameCache {
             }
         })
         .clone()
-    }
-}
-
-/// An encoded frame as a WebSocket message (no copy).
-pub(crate) fn to_ws(encoded: Encoded) -> WsMessage {
-    match encoded {
-        Encoded::Text(s) => WsMessage::Text(s.into()),
-        Encoded::Binary(b) => WsMessage::Binary(b.into()),
     }
 }

@@ -10,8 +10,12 @@
 //! idle connection costs only the structs themselves.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
-use axum::extract::ws::Message as WsMessage;
+use bytes::Bytes;
+use firebrand_protocol::Encoded;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -87,7 +91,7 @@ pub(crate) enum Pushed {
 
 #[derive(Default)]
 struct OutState {
-    frames: VecDeque<WsMessage>,
+    frames: VecDeque<Frame>,
     bytes: usize,
     events: Vec<ConnEvent>,
     close: Option<Close>,
@@ -96,7 +100,10 @@ struct OutState {
 /// The outbound queue of one connection. See the module docs.
 pub(crate) struct Outbox {
     state: Mutex<OutState>,
-    notify: Notify,
+    /// The connection task, woken when something is queued (one consumer: an `AtomicWaker`
+    /// and a flag cost less per connection than a `Notify` and its waiting future).
+    ready: AtomicWaker,
+    signaled: AtomicBool,
     /// Woken when a close is requested, for a writer blocked on a slow client.
     closing: Notify,
     limit: usize,
@@ -105,16 +112,46 @@ pub(crate) struct Outbox {
 /// Everything taken from an [`Outbox`] in one go.
 #[derive(Default)]
 pub(crate) struct Batch {
-    pub(crate) frames: VecDeque<WsMessage>,
+    pub(crate) frames: VecDeque<Frame>,
     pub(crate) events: Vec<ConnEvent>,
     pub(crate) close: Option<Close>,
 }
 
-fn frame_len(m: &WsMessage) -> usize {
-    match m {
-        WsMessage::Text(t) => t.len(),
-        WsMessage::Binary(b) => b.len(),
-        _ => 0,
+/// A frame queued for a client, as its transport sends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Frame {
+    /// A text frame: JSON written by a serializer, so valid UTF-8.
+    Text(Bytes),
+    Binary(Bytes),
+    /// The answer to a client's ping (WebSocket only).
+    Pong(Bytes),
+}
+
+impl Frame {
+    /// A serializer's output as a frame (no copy).
+    pub(crate) fn from_encoded(encoded: Encoded) -> Frame {
+        match encoded {
+            Encoded::Text(s) => Frame::Text(Bytes::from(s)),
+            Encoded::Binary(b) => Frame::Binary(Bytes::from(b)),
+        }
+    }
+
+    /// The payload's length.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Frame::Text(b) | Frame::Binary(b) | Frame::Pong(b) => b.len(),
+        }
+    }
+
+    /// Appends the frame as a WebSocket frame.
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        use crate::ws::opcode;
+        let (op, data) = match self {
+            Frame::Text(b) => (opcode::TEXT, b),
+            Frame::Binary(b) => (opcode::BINARY, b),
+            Frame::Pong(b) => (opcode::PONG, b),
+        };
+        crate::ws::encode_frame(out, op, data);
     }
 }
 
@@ -123,15 +160,16 @@ impl Outbox {
     pub(crate) fn new(limit: usize) -> Self {
         Outbox {
             state: Mutex::new(OutState::default()),
-            notify: Notify::new(),
+            ready: AtomicWaker::new(),
+            signaled: AtomicBool::new(false),
             closing: Notify::new(),
             limit,
         }
     }
 
     /// Queues a frame. Never blocks; see [`Pushed`] for the outcomes.
-    pub(crate) fn push(&self, frame: WsMessage) -> Pushed {
-        let cost = frame_len(&frame) + FRAME_OVERHEAD;
+    pub(crate) fn push(&self, frame: Frame) -> Pushed {
+        let cost = frame.len() + FRAME_OVERHEAD;
         let mut st = self.state.lock();
         if st.close.is_some() {
             return Pushed::Closed;
@@ -141,7 +179,7 @@ impl Outbox {
             st.frames = VecDeque::new();
             st.bytes = 0;
             drop(st);
-            self.notify.notify_one();
+            self.signal();
             self.closing.notify_waiters();
             return Pushed::Overflow;
         }
@@ -150,7 +188,7 @@ impl Outbox {
         st.frames.push_back(frame);
         drop(st);
         if was_empty {
-            self.notify.notify_one();
+            self.signal();
         }
         Pushed::Queued
     }
@@ -158,7 +196,7 @@ impl Outbox {
     /// Queues an event for the connection task. Events are never dropped while it runs.
     pub(crate) fn event(&self, event: ConnEvent) {
         self.state.lock().events.push(event);
-        self.notify.notify_one();
+        self.signal();
     }
 
     /// Asks the connection to close with `close` after the frames already queued.
@@ -169,7 +207,7 @@ impl Outbox {
             st.close = Some(close);
         }
         drop(st);
-        self.notify.notify_one();
+        self.signal();
         self.closing.notify_waiters();
     }
 
@@ -189,9 +227,22 @@ impl Outbox {
         }
     }
 
-    /// Waits until something was queued since the last [`Outbox::take`]. Cancel-safe.
-    pub(crate) async fn ready(&self) {
-        self.notify.notified().await
+    fn signal(&self) {
+        self.signaled.store(true, Ordering::Release);
+        self.ready.wake();
+    }
+
+    /// Waits until something was queued since the last [`Outbox::take`]. Cancel-safe. One
+    /// task waits on an outbox: its connection's.
+    pub(crate) fn ready(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.ready.register(cx.waker());
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     /// Takes everything queued.
@@ -296,8 +347,8 @@ impl<T> Mailbox<T> {
 mod tests {
     use super::*;
 
-    fn text(n: usize) -> WsMessage {
-        WsMessage::Text("x".repeat(n).into())
+    fn text(n: usize) -> Frame {
+        Frame::Text("x".repeat(n).into())
     }
 
     #[test]

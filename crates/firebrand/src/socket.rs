@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo as AxumConnectInfo, FromRequestParts, Request};
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::extract::{ConnectInfo as AxumConnectInfo, Request};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use base64::Engine;
@@ -517,13 +516,22 @@ async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
         return StatusCode::BAD_REQUEST.into_response();
     }
     let (mut parts, _body) = req.into_parts();
-    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(ws) => ws,
-        Err(rejection) => {
-            tracing::debug!(%rejection, "invalid WebSocket upgrade");
-            return (StatusCode::BAD_REQUEST, rejection.body_text()).into_response();
+    let accept = match crate::ws::accept_key(&parts.headers) {
+        Ok(accept) => accept,
+        Err(why) => {
+            tracing::debug!(why, "invalid WebSocket upgrade");
+            return (StatusCode::BAD_REQUEST, why).into_response();
         }
     };
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        // Served by something that cannot hand over the connection (not hyper).
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "connection cannot be upgraded",
+        )
+            .into_response();
+    };
+    let phoenix_protocol = offers_phoenix(&parts.headers);
     let Some(params) = query_params(&parts.uri) else {
         return (StatusCode::BAD_REQUEST, "invalid query string").into_response();
     };
@@ -532,23 +540,36 @@ async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
         Ok(a) => a,
         Err(refusal) => return refusal.into_response(),
     };
-    let config = &shared.config;
     let args = crate::conn::ConnArgs {
         shared: shared.clone(),
         assigns: Arc::new(accepted.assigns),
         socket_id: accepted.socket_id,
         serializer: accepted.serializer,
     };
-    ws.protocols(["phoenix"])
-        .max_message_size(config.max_frame_size)
-        .max_frame_size(config.max_frame_size)
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "WebSocket upgrade failed"))
-        .on_upgrade(move |ws| crate::conn::run(ws, args))
+    tokio::spawn(crate::conn::upgraded(on_upgrade, Box::new(args)));
+    let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if phoenix_protocol {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("phoenix"),
+        );
+    }
+    res
 }
 
-/// tungstenite's read buffer per connection (its default is 128 KiB).
-const READ_BUFFER: usize = 1024;
-/// Frames are collected up to this size before a write (its default is 128 KiB).
-const WRITE_BUFFER: usize = 16 * 1024;
+/// Whether the client offered the `phoenix` subprotocol (the official client does when it
+/// sends an `authToken`); it is then the one chosen.
+fn offers_phoenix(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "phoenix")
+}

@@ -79,13 +79,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Message as WsMessage;
 use firebrand_protocol::{Encoded, Message, Payload, Serializer, ServerMessage};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::channel::{Reply, StopReason};
 use crate::conn::{Conn, ConnArgs};
+use crate::queue::Frame;
 use crate::socket::{ConnectError, ConnectInfo, Shared, Socket, SocketBuilder};
 
 /// A socket to test: connect in-process clients to it. See the [module docs](self).
@@ -216,11 +216,11 @@ pub enum Received {
 }
 
 impl Received {
-    fn decode(frame: WsMessage) -> Option<Received> {
+    fn decode(frame: Frame) -> Option<Received> {
         let encoded = match frame {
-            WsMessage::Text(t) => Encoded::Text(t.to_string()),
-            WsMessage::Binary(b) => Encoded::Binary(b.to_vec()),
-            _ => return None,
+            Frame::Text(t) => Encoded::Text(String::from_utf8_lossy(&t).into_owned()),
+            Frame::Binary(b) => Encoded::Binary(b.to_vec()),
+            Frame::Pong(_) => return None,
         };
         Some(match Serializer::V2.decode_server(&encoded).ok()? {
             ServerMessage::Reply {

@@ -1,0 +1,479 @@
+//! The WebSocket protocol (RFC 6455), server side, written for many mostly idle connections.
+//!
+//! A connection holds **no read buffer while idle**: bytes are read into a buffer on the
+//! stack of the read call and decoded on the spot; only the tail of a frame that has not fully
+//! arrived (or a fragmented message being assembled) is kept on the heap, and freed once
+//! complete. Writes collect the queued frames into one buffer that is freed after the write.
+//! (tungstenite, used before, keeps a read buffer and its codec state per connection: 7.5 KB of
+//! RSS per idle joined connection against 3 KB now; see ARCHITECTURE.md.)
+//!
+//! The handshake is checked by [`accept_key`]; frames are decoded by [`Reader`] and encoded
+//! by [`encode_frame`] / [`close_frame`].
+
+use axum::http::{HeaderMap, header};
+use base64::Engine;
+use bytes::Bytes;
+use sha1::{Digest, Sha1};
+
+/// Why a client's frames end its connection, and the close code it gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WsError {
+    /// A frame or message over the size limit: 1009.
+    TooBig,
+    /// A text message that is not UTF-8: 1007.
+    InvalidUtf8,
+    /// A violation of RFC 6455 (unmasked frame, reserved bits or opcodes, bad control frame,
+    /// broken fragmentation): 1002.
+    Protocol(&'static str),
+}
+
+impl WsError {
+    /// The close code and reason the client gets.
+    pub(crate) fn close(&self) -> (u16, &'static str) {
+        match self {
+            WsError::TooBig => (1009, "message too big"),
+            WsError::InvalidUtf8 => (1007, "invalid UTF-8 in text frame"),
+            WsError::Protocol(why) => (1002, why),
+        }
+    }
+}
+
+/// A complete message (or control frame) from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Incoming {
+    /// A text message, valid UTF-8.
+    Text(Bytes),
+    Binary(Bytes),
+    /// A ping: answer with a pong carrying the same bytes.
+    Ping(Bytes),
+    Pong,
+    /// The client closes, with its status code if it gave one.
+    Close(Option<u16>),
+}
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// The value of `Sec-WebSocket-Accept` for a valid upgrade request, or why it is not one
+/// (the client gets 400).
+pub(crate) fn accept_key(headers: &HeaderMap) -> Result<String, &'static str> {
+    let has_token = |name, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err("Connection header did not include 'upgrade'");
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err("`Upgrade` header did not include 'websocket'");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err("`Sec-WebSocket-Version` header did not include '13'");
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or("`Sec-WebSocket-Key` header missing")?;
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    Ok(base64::engine::general_purpose::STANDARD.encode(sha.finalize()))
+}
+
+/// Appends a server frame (final, unmasked) to `out`.
+pub(crate) fn encode_frame(out: &mut Vec<u8>, opcode: u8, data: &[u8]) {
+    out.push(0x80 | opcode);
+    let n = data.len();
+    if n < 126 {
+        out.push(n as u8);
+    } else if n <= usize::from(u16::MAX) {
+        out.push(126);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    out.extend_from_slice(data);
+}
+
+/// The opcodes of the frames a server sends.
+pub(crate) mod opcode {
+    pub(crate) const TEXT: u8 = super::OP_TEXT;
+    pub(crate) const BINARY: u8 = super::OP_BINARY;
+    pub(crate) const PONG: u8 = super::OP_PONG;
+}
+
+/// A close frame with `code` and `reason` (cut to the 123 bytes a close frame allows).
+pub(crate) fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut data = code.to_be_bytes().to_vec();
+    data.extend_from_slice(&reason.as_bytes()[..end]);
+    let mut out = Vec::with_capacity(data.len() + 2);
+    encode_frame(&mut out, OP_CLOSE, &data);
+    out
+}
+
+/// Decodes a client's byte stream into [`Incoming`] messages, holding only what is incomplete.
+#[derive(Debug)]
+pub(crate) struct Reader {
+    /// The start of a frame whose end has not arrived yet (empty between frames).
+    partial: Vec<u8>,
+    /// The fragments so far of a message sent in several frames, and its opcode.
+    message: Vec<u8>,
+    message_op: Option<u8>,
+    max_size: usize,
+}
+
+/// A frame header: fin, opcode, mask key, header length, payload length.
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    len: usize,
+    payload_len: usize,
+}
+
+impl Header {
+    /// Parses the header at the start of `b` (`None`: incomplete), checking what can be
+    /// checked before the payload arrives, so an oversized frame is refused before it is read.
+    fn parse(b: &[u8], max_size: usize) -> Result<Option<Header>, WsError> {
+        let [b0, b1, ..] = *b else { return Ok(None) };
+        if b0 & 0x70 != 0 {
+            return Err(WsError::Protocol("reserved bits set"));
+        }
+        if b1 & 0x80 == 0 {
+            return Err(WsError::Protocol("unmasked client frame"));
+        }
+        let (fin, opcode) = (b0 & 0x80 != 0, b0 & 0x0F);
+        let (payload_len, len_bytes) = match b1 & 0x7F {
+            126 => (2, 2),
+            127 => (0, 8),
+            n => (usize::from(n), 0),
+        };
+        let control = opcode >= OP_CLOSE;
+        match opcode {
+            OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG => {}
+            _ => return Err(WsError::Protocol("reserved opcode")),
+        }
+        if control && (!fin || len_bytes != 0) {
+            return Err(WsError::Protocol("fragmented or oversized control frame"));
+        }
+        let len = 2 + len_bytes + 4;
+        if b.len() < len {
+            return Ok(None);
+        }
+        let payload_len = match len_bytes {
+            0 => payload_len,
+            2 => usize::from(u16::from_be_bytes([b[2], b[3]])),
+            _ => {
+                let n = u64::from_be_bytes(b[2..10].try_into().unwrap_or_default());
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }
+        };
+        if payload_len > max_size {
+            return Err(WsError::TooBig);
+        }
+        let mut mask = [0; 4];
+        mask.copy_from_slice(&b[len - 4..len]);
+        Ok(Some(Header {
+            fin,
+            opcode,
+            mask,
+            len,
+            payload_len,
+        }))
+    }
+}
+
+/// Appends `data` unmasked with `mask` to `out`.
+fn unmask_into(out: &mut Vec<u8>, data: &[u8], mask: [u8; 4]) {
+    let start = out.len();
+    out.extend_from_slice(data);
+    let word = u32::from_ne_bytes(mask);
+    let mut chunks = out[start..].chunks_exact_mut(4);
+    for c in &mut chunks {
+        let v = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]) ^ word;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i];
+    }
+}
+
+impl Reader {
+    /// A reader refusing frames and messages over `max_size` bytes.
+    pub(crate) fn new(max_size: usize) -> Self {
+        Reader {
+            partial: Vec::new(),
+            message: Vec::new(),
+            message_op: None,
+            max_size,
+        }
+    }
+
+    /// Decodes the bytes just read, handing each complete message to `on`; keeps an
+    /// incomplete tail for the next call. Stops at the first error.
+    pub(crate) fn feed(
+        &mut self,
+        data: &[u8],
+        mut on: impl FnMut(Incoming),
+    ) -> Result<(), WsError> {
+        if self.partial.is_empty() {
+            let used = self.frames(data, &mut on)?;
+            self.partial.extend_from_slice(&data[used..]);
+        } else {
+            let mut partial = std::mem::take(&mut self.partial);
+            partial.extend_from_slice(data);
+            let used = self.frames(&partial, &mut on)?;
+            partial.drain(..used);
+            // Keep the allocation only while a frame is incomplete.
+            if !partial.is_empty() {
+                self.partial = partial;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes the complete frames at the start of `b`; returns how many bytes they took.
+    fn frames(&mut self, b: &[u8], on: &mut impl FnMut(Incoming)) -> Result<usize, WsError> {
+        let mut used = 0;
+        while let Some(h) = Header::parse(&b[used..], self.max_size)? {
+            let end = used + h.len + h.payload_len;
+            if b.len() < end {
+                break;
+            }
+            let payload = &b[used + h.len..end];
+            used = end;
+            self.frame(&h, payload, on)?;
+        }
+        Ok(used)
+    }
+
+    fn frame(
+        &mut self,
+        h: &Header,
+        payload: &[u8],
+        on: &mut impl FnMut(Incoming),
+    ) -> Result<(), WsError> {
+        let unmasked = || {
+            let mut v = Vec::with_capacity(payload.len());
+            unmask_into(&mut v, payload, h.mask);
+            v
+        };
+        match h.opcode {
+            OP_PING => on(Incoming::Ping(unmasked().into())),
+            OP_PONG => on(Incoming::Pong),
+            OP_CLOSE => {
+                let data = unmasked();
+                let code = match data.len() {
+                    0 => None,
+                    1 => return Err(WsError::Protocol("close frame with a 1-byte payload")),
+                    _ => Some(u16::from_be_bytes([data[0], data[1]])),
+                };
+                on(Incoming::Close(code));
+            }
+            OP_TEXT | OP_BINARY if self.message_op.is_some() => {
+                return Err(WsError::Protocol("new message inside a fragmented message"));
+            }
+            OP_TEXT | OP_BINARY if h.fin => on(complete(h.opcode, unmasked())?),
+            OP_TEXT | OP_BINARY => {
+                self.message_op = Some(h.opcode);
+                unmask_into(&mut self.message, payload, h.mask);
+            }
+            _ => {
+                let Some(op) = self.message_op else {
+                    return Err(WsError::Protocol("continuation frame without a message"));
+                };
+                if self.message.len() + payload.len() > self.max_size {
+                    return Err(WsError::TooBig);
+                }
+                unmask_into(&mut self.message, payload, h.mask);
+                if h.fin {
+                    self.message_op = None;
+                    on(complete(op, std::mem::take(&mut self.message))?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn complete(opcode: u8, data: Vec<u8>) -> Result<Incoming, WsError> {
+    if opcode == OP_TEXT {
+        if std::str::from_utf8(&data).is_err() {
+            return Err(WsError::InvalidUtf8);
+        }
+        Ok(Incoming::Text(data.into()))
+    } else {
+        Ok(Incoming::Binary(data.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame.
+    fn client(fin: bool, opcode: u8, data: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut out = vec![(u8::from(fin) << 7) | opcode];
+        let n = data.len();
+        if n < 126 {
+            out.push(0x80 | n as u8);
+        } else if n < 65536 {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(data.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn feed_all(r: &mut Reader, bytes: &[u8], step: usize) -> Result<Vec<Incoming>, WsError> {
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(step) {
+            r.feed(chunk, |m| got.push(m))?;
+        }
+        Ok(got)
+    }
+
+    #[test]
+    fn frames_decode_whatever_the_read_boundaries() {
+        let big = "x".repeat(70_000);
+        let mut stream = client(true, OP_TEXT, b"[\"1\"]");
+        stream.extend(client(true, OP_PING, b"hi"));
+        stream.extend(client(false, OP_BINARY, &[1, 2]));
+        stream.extend(client(true, OP_PONG, b""));
+        stream.extend(client(true, OP_CONTINUATION, &[3]));
+        stream.extend(client(true, OP_TEXT, big.as_bytes()));
+        stream.extend(client(true, OP_TEXT, "h\u{e9}".repeat(100).as_bytes()));
+        stream.extend(client(true, OP_CLOSE, &1000u16.to_be_bytes()));
+        let expected = vec![
+            Incoming::Text(Bytes::from_static(b"[\"1\"]")),
+            Incoming::Ping(Bytes::from_static(b"hi")),
+            Incoming::Pong,
+            Incoming::Binary(Bytes::from_static(&[1, 2, 3])),
+            Incoming::Text(Bytes::from(big.clone())),
+            Incoming::Text(Bytes::from("h\u{e9}".repeat(100))),
+            Incoming::Close(Some(1000)),
+        ];
+        for step in [1, 3, 7, 4096, stream.len()] {
+            let mut r = Reader::new(1 << 20);
+            assert_eq!(
+                feed_all(&mut r, &stream, step).unwrap(),
+                expected,
+                "step {step}"
+            );
+            assert!(r.partial.is_empty() && r.message.is_empty());
+            assert_eq!(r.partial.capacity(), 0, "nothing held between frames");
+        }
+    }
+
+    #[test]
+    fn violations_have_their_close_codes() {
+        let cases: Vec<(Vec<u8>, WsError)> = vec![
+            (
+                vec![0x81, 0x02, b'h', b'i'],
+                WsError::Protocol("unmasked client frame"),
+            ),
+            (
+                {
+                    let mut f = client(true, OP_TEXT, b"x");
+                    f[0] |= 0x40;
+                    f
+                },
+                WsError::Protocol("reserved bits set"),
+            ),
+            (client(true, 0x3, b""), WsError::Protocol("reserved opcode")),
+            (
+                client(false, OP_PING, b""),
+                WsError::Protocol("fragmented or oversized control frame"),
+            ),
+            (
+                client(true, OP_PING, &[0; 126]),
+                WsError::Protocol("fragmented or oversized control frame"),
+            ),
+            (
+                client(true, OP_CONTINUATION, b"x"),
+                WsError::Protocol("continuation frame without a message"),
+            ),
+            (
+                {
+                    let mut f = client(false, OP_TEXT, b"a");
+                    f.extend(client(true, OP_TEXT, b"b"));
+                    f
+                },
+                WsError::Protocol("new message inside a fragmented message"),
+            ),
+            (client(true, OP_TEXT, &[0xff, 0xfe]), WsError::InvalidUtf8),
+            (
+                client(true, OP_CLOSE, &[3]),
+                WsError::Protocol("close frame with a 1-byte payload"),
+            ),
+            (client(true, OP_BINARY, &[0; 101]), WsError::TooBig),
+            (
+                {
+                    let mut f = client(false, OP_BINARY, &[0; 60]);
+                    f.extend(client(true, OP_CONTINUATION, &[0; 60]));
+                    f
+                },
+                WsError::TooBig,
+            ),
+        ];
+        for (bytes, err) in cases {
+            let mut r = Reader::new(100);
+            assert_eq!(feed_all(&mut r, &bytes, bytes.len()), Err(err.clone()));
+            let mut r = Reader::new(100);
+            assert_eq!(feed_all(&mut r, &bytes, 1), Err(err));
+        }
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_from_its_header() {
+        let mut r = Reader::new(1 << 20);
+        // Only the header of a 1 GiB frame: refused before any payload is held.
+        let header = [0x82, 0xFF, 0, 0, 0, 0, 0x40, 0, 0, 0, 1, 2, 3, 4];
+        assert_eq!(r.feed(&header, |_| {}), Err(WsError::TooBig));
+    }
+
+    #[test]
+    fn server_frames_and_the_handshake() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, OP_TEXT, b"hi");
+        assert_eq!(out, [0x81, 2, b'h', b'i']);
+        out.clear();
+        encode_frame(&mut out, OP_BINARY, &[0; 300]);
+        assert_eq!(&out[..4], &[0x82, 126, 1, 44]);
+        let close = close_frame(1012, &"é".repeat(100));
+        assert_eq!(&close[..4], &[0x88, 124, 0x03, 0xF4]);
+        assert_eq!(close.len(), 2 + 2 + 122);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::SEC_WEBSOCKET_VERSION, "13".parse().unwrap());
+        assert!(accept_key(&h).is_err());
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap(),
+        );
+        // RFC 6455 §1.3's example.
+        assert_eq!(accept_key(&h).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        h.insert(header::SEC_WEBSOCKET_VERSION, "8".parse().unwrap());
+        assert!(accept_key(&h).is_err());
+    }
+}
