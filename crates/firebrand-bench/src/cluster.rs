@@ -17,7 +17,7 @@ use memchr::memmem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::stats::{cpu_ns, epoch_ns, find_pid, now_ns};
+use crate::stats::{cpu_ns, epoch_ns, find_pid, machine_busy_ns, now_ns};
 use crate::ws::Ws;
 use crate::{Opts, Trigger};
 
@@ -110,6 +110,7 @@ impl Cluster {
                 .env(var, url)
                 .env("CLUSTER_NAMESPACE", &cluster.namespace)
                 .env("RUST_LOG", "warn")
+                .env("NO_COLOR", "1")
                 .env("IDLE_TIMEOUT_MS", "120000")
                 .stdout(Stdio::piped())
                 .stderr(File::create(&log)?);
@@ -188,7 +189,7 @@ impl Cluster {
         let mut parts = Vec::new();
         let mut first = None;
         for (i, n) in self.nodes.iter().enumerate() {
-            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let text = strip_ansi(&std::fs::read_to_string(&n.log).unwrap_or_default());
             let w = text.lines().filter(|l| l.contains("WARN")).count();
             let e = text.lines().filter(|l| l.contains("ERROR")).count();
             if first.is_none() {
@@ -204,6 +205,24 @@ impl Cluster {
             None => parts.join(", "),
         }
     }
+}
+
+/// Removes ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            for c in it.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------- engine
@@ -409,6 +428,7 @@ pub(crate) async fn redis_publish_calls(engine: Engine) -> Option<u64> {
 pub(crate) struct CpuWatch {
     procs: Vec<(String, u32, u64)>,
     t0: Instant,
+    machine0: u64,
 }
 
 impl CpuWatch {
@@ -422,21 +442,32 @@ impl CpuWatch {
                 })
                 .collect(),
             t0: Instant::now(),
+            machine0: machine_busy_ns(),
         }
     }
 
-    /// `name 1.23 s (61%)` per process: CPU seconds and share of one core over the window.
+    /// `name 1.23 s (61%)` per process: CPU seconds and share of one core over the window;
+    /// then the whole machine's busy time and what of it is not ours (e.g. another build).
     pub(crate) fn report(&self) -> String {
         let secs = self.t0.elapsed().as_secs_f64();
+        let mut ours = 0.0;
         let parts: Vec<String> = self
             .procs
             .iter()
             .map(|(n, p, c0)| {
                 let c = cpu_ns(*p).saturating_sub(*c0) as f64 / 1e9;
+                ours += c;
                 format!("{n} {c:.1}s ({:.0}%)", c / secs * 100.0)
             })
             .collect();
-        format!("over {secs:.1} s: {}", parts.join(", "))
+        let machine = machine_busy_ns().saturating_sub(self.machine0) as f64 / 1e9;
+        format!(
+            "over {secs:.1} s: {}; machine busy {machine:.1}s of {:.1}s available ({} cores), not ours {:.1}s (kernel softirq, other processes)",
+            parts.join(", "),
+            secs * std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+            (machine - ours).max(0.0)
+        )
     }
 }
 

@@ -176,7 +176,9 @@ pub(crate) async fn cluster_fanout(o: &Opts) -> anyhow::Result<()> {
         tap.snapshot(),
         idle_t0.elapsed().as_secs_f64(),
     );
-    // Paced broadcasts.
+    // Paced broadcasts, on a fresh connection (the server closes keep-alive connections that
+    // stay idle, as the trigger did during the idle period).
+    let mut trig = Trigger::connect(cluster.nodes[0].addr).await?;
     let cpu = CpuWatch::start(procs(&cluster, &[&workers]));
     let (pub0, tap0, run_t0) = (
         redis_publish_calls(o.engine).await,

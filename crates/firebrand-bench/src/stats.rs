@@ -176,8 +176,30 @@ pub(crate) fn find_pid(comm: &str) -> Option<u32> {
     })
 }
 
-/// utime + stime of a process (all threads), ns.
-pub(crate) fn cpu_ns(pid: u32) -> u64 {
+/// Busy time of the whole machine (all CPUs, everything but idle and iowait), ns.
+pub(crate) fn machine_busy_ns() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let Some(line) = s.lines().next() else {
+        return 0;
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    busy * 1_000_000_000 / clk_tck()
+}
+
+fn clk_tck() -> u64 {
     static TCK: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
         std::process::Command::new("getconf")
             .arg("CLK_TCK")
@@ -186,6 +208,11 @@ pub(crate) fn cpu_ns(pid: u32) -> u64 {
             .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
             .unwrap_or(100)
     });
+    *TCK
+}
+
+/// utime + stime of a process (all threads), ns.
+pub(crate) fn cpu_ns(pid: u32) -> u64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0;
     };
@@ -195,7 +222,7 @@ pub(crate) fn cpu_ns(pid: u32) -> u64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    ticks * 1_000_000_000 / *TCK
+    ticks * 1_000_000_000 / clk_tck()
 }
 
 #[cfg(test)]
