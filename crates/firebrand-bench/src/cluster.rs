@@ -17,7 +17,7 @@ use memchr::memmem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::stats::{cpu_ns, epoch_ns, find_pid, machine_busy_ns, now_ns};
+use crate::stats::{cpu_split_ns, epoch_ns, find_pid, machine_busy_ns, now_ns};
 use crate::ws::Ws;
 use crate::{Opts, Trigger};
 
@@ -426,9 +426,9 @@ pub(crate) async fn redis_publish_calls(engine: Engine) -> Option<u64> {
 
 /// CPU time of a set of processes over a window.
 pub(crate) struct CpuWatch {
-    procs: Vec<(String, u32, u64)>,
+    procs: Vec<(String, u32, (u64, u64))>,
     t0: Instant,
-    machine0: u64,
+    machine0: (u64, u64),
 }
 
 impl CpuWatch {
@@ -437,7 +437,7 @@ impl CpuWatch {
             procs: procs
                 .into_iter()
                 .map(|(n, p)| {
-                    let c = cpu_ns(p);
+                    let c = cpu_split_ns(p);
                     (n, p, c)
                 })
                 .collect(),
@@ -446,7 +446,8 @@ impl CpuWatch {
         }
     }
 
-    /// `name 1.23 s (61%)` per process: CPU seconds and share of one core over the window;
+    /// `name 1.23 s (61%, sys 0.4s)` per process: CPU seconds, share of one core over the
+    /// window, and the part spent in the kernel;
     /// then the whole machine's busy time and what of it is not ours (e.g. another build).
     pub(crate) fn report(&self) -> String {
         let secs = self.t0.elapsed().as_secs_f64();
@@ -454,19 +455,27 @@ impl CpuWatch {
         let parts: Vec<String> = self
             .procs
             .iter()
-            .map(|(n, p, c0)| {
-                let c = cpu_ns(*p).saturating_sub(*c0) as f64 / 1e9;
-                ours += c;
-                format!("{n} {c:.1}s ({:.0}%)", c / secs * 100.0)
+            .map(|(n, p, (u0, s0))| {
+                let (u1, s1) = cpu_split_ns(*p);
+                let u = u1.saturating_sub(*u0) as f64 / 1e9;
+                let s = s1.saturating_sub(*s0) as f64 / 1e9;
+                ours += u + s;
+                format!(
+                    "{n} {:.1}s ({:.0}%, sys {s:.1}s)",
+                    u + s,
+                    (u + s) / secs * 100.0
+                )
             })
             .collect();
-        let machine = machine_busy_ns().saturating_sub(self.machine0) as f64 / 1e9;
+        let (busy, irq) = machine_busy_ns();
+        let machine = busy.saturating_sub(self.machine0.0) as f64 / 1e9;
+        let irq = irq.saturating_sub(self.machine0.1) as f64 / 1e9;
         format!(
-            "over {secs:.1} s: {}; machine busy {machine:.1}s of {:.1}s available ({} cores), not ours {:.1}s (kernel softirq, other processes)",
+            "over {secs:.1} s: {}; machine busy {machine:.1}s of {:.1}s available ({} cores), of which irq/softirq {irq:.1}s (loopback traffic) and other processes {:.1}s",
             parts.join(", "),
             secs * std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
             std::thread::available_parallelism().map_or(1, |n| n.get()),
-            (machine - ours).max(0.0)
+            (machine - ours - irq).max(0.0)
         )
     }
 }

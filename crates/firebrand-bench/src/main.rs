@@ -51,6 +51,7 @@ cluster options:
   --kill K         presence-kill: presences on the killed node (3000)
   --others S       presence-kill: presences on each survivor (500)
   --down-ms MS     presence-kill: PRESENCE_DOWN_MS of the nodes (5000)
+  --heartbeat-ms MS presence scenarios: PRESENCE_HEARTBEAT_MS of the nodes (server default 1000)
   --in-flight J    connects/joins in flight over all generator processes (768)
   --per-worker C   connections per generator process (16000; at most ~19000)";
 
@@ -75,6 +76,7 @@ struct Opts {
     kill: usize,
     others: usize,
     down_ms: u64,
+    heartbeat_ms: Option<u64>,
     in_flight: usize,
     per_worker: usize,
 }
@@ -110,6 +112,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         kill: 3000,
         others: 500,
         down_ms: 5000,
+        heartbeat_ms: None,
         in_flight: 768,
         per_worker: 16_000,
     };
@@ -142,6 +145,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--kill" => o.kill = v()?.parse()?,
             "--others" => o.others = v()?.parse()?,
             "--down-ms" => o.down_ms = v()?.parse()?,
+            "--heartbeat-ms" => o.heartbeat_ms = Some(v()?.parse()?),
             "--in-flight" => o.in_flight = v()?.parse()?,
             "--per-worker" => o.per_worker = v()?.parse()?,
             other => bail!("unknown option {other:?}\n{USAGE}"),

@@ -176,13 +176,14 @@ pub(crate) fn find_pid(comm: &str) -> Option<u32> {
     })
 }
 
-/// Busy time of the whole machine (all CPUs, everything but idle and iowait), ns.
-pub(crate) fn machine_busy_ns() -> u64 {
+/// Busy time of the whole machine (all CPUs, everything but idle and iowait) and the part of it
+/// in interrupts (irq + softirq: loopback traffic is processed there), ns.
+pub(crate) fn machine_busy_ns() -> (u64, u64) {
     let Ok(s) = std::fs::read_to_string("/proc/stat") else {
-        return 0;
+        return (0, 0);
     };
     let Some(line) = s.lines().next() else {
-        return 0;
+        return (0, 0);
     };
     let f: Vec<u64> = line
         .split_whitespace()
@@ -196,7 +197,11 @@ pub(crate) fn machine_busy_ns() -> u64 {
         .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
         .map(|(_, v)| v)
         .sum();
-    busy * 1_000_000_000 / clk_tck()
+    let irq = f.get(5).copied().unwrap_or(0) + f.get(6).copied().unwrap_or(0);
+    (
+        busy * 1_000_000_000 / clk_tck(),
+        irq * 1_000_000_000 / clk_tck(),
+    )
 }
 
 fn clk_tck() -> u64 {
@@ -213,16 +218,24 @@ fn clk_tck() -> u64 {
 
 /// utime + stime of a process (all threads), ns.
 pub(crate) fn cpu_ns(pid: u32) -> u64 {
+    let (u, s) = cpu_split_ns(pid);
+    u + s
+}
+
+/// (utime, stime) of a process (all threads), ns.
+pub(crate) fn cpu_split_ns(pid: u32) -> (u64, u64) {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
+        return (0, 0);
     };
     let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
-        return 0;
+        return (0, 0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    ticks * 1_000_000_000 / clk_tck()
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (
+        t(11) * 1_000_000_000 / clk_tck(),
+        t(12) * 1_000_000_000 / clk_tck(),
+    )
 }
 
 #[cfg(test)]
