@@ -3,7 +3,11 @@
 //! broadcaster in the same invocation. See the crate's README.md.
 
 mod baseline;
+mod cluster;
+mod presence;
+mod scenarios;
 mod stats;
+mod worker;
 mod ws;
 
 use std::io::{BufRead, BufReader};
@@ -26,28 +30,64 @@ use ws::{Ws, stamp};
 
 const USAGE: &str = "usage: firebrand-bench SCENARIO [options]
 scenarios: idle fanout latency connect echo all    (serve-baseline --port P: run the baseline server)
+cluster scenarios (conformance nodes on Redis or NATS, several generator processes):
+           cluster-fanout presence-storm presence-room presence-kill cluster-all
 options:
   --conns N        idle: connections (19000); connect: connections (10000)
   --subs N         fanout: subscribers (10000); latency: comma list (1000,10000)
-  --rate R         paced broadcasts per second (20)
-  --secs S         paced / echo duration in seconds (5)
+  --rate R         paced broadcasts per second (20; cluster-fanout 1)
+  --secs S         paced / echo duration in seconds (5; cluster-fanout 10)
   --bursts B       fanout: bursts (5)        --burst-size M   broadcasts per burst (100)
   --clients C      echo: clients (1000)      --concurrency K  connects in flight (256)
   --server PATH    conformance binary (default: next to this binary)
-  --only firebrand|baseline";
+  --only firebrand|baseline
+cluster options:
+  --engine redis|nats   cluster engine (redis: 127.0.0.1:6379, nats: 127.0.0.1:4222)
+  --nodes N        server nodes (cluster-fanout 5, presence 3; presence-kill always 3)
+  --per-node N     cluster-fanout: subscribers per node (19000)
+  --users U        presence-storm: distinct users (57000)
+  --per-topic P    presence-storm/kill: users per topic (100)
+  --room R         presence-room: users in the room (10000)
+  --kill K         presence-kill: presences on the killed node (3000)
+  --others S       presence-kill: presences on each survivor (500)
+  --down-ms MS     presence-kill: PRESENCE_DOWN_MS of the nodes (5000)
+  --heartbeat-ms MS presence scenarios: PRESENCE_HEARTBEAT_MS of the nodes (server default 1000)
+  --in-flight J    connects/joins in flight over all generator processes (768)
+  --per-worker C   connections per generator process (16000; at most ~19000)";
 
 #[derive(Clone)]
 struct Opts {
     conns: Option<usize>,
     subs: Option<Vec<usize>>,
-    rate: u64,
-    secs: u64,
+    rate: Option<u64>,
+    secs: Option<u64>,
     bursts: usize,
     burst_size: usize,
     clients: usize,
     concurrency: usize,
     server: PathBuf,
     only: Option<String>,
+    engine: cluster::Engine,
+    nodes: Option<usize>,
+    per_node: usize,
+    users: Option<usize>,
+    per_topic: usize,
+    room: usize,
+    kill: usize,
+    others: usize,
+    down_ms: u64,
+    heartbeat_ms: Option<u64>,
+    in_flight: usize,
+    per_worker: usize,
+}
+
+impl Opts {
+    fn rate(&self) -> u64 {
+        self.rate.unwrap_or(20)
+    }
+    fn secs(&self) -> u64 {
+        self.secs.unwrap_or(5)
+    }
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Opts> {
@@ -55,14 +95,26 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
     let mut o = Opts {
         conns: None,
         subs: None,
-        rate: 20,
-        secs: 5,
+        rate: None,
+        secs: None,
         bursts: 5,
         burst_size: 100,
         clients: 1000,
         concurrency: 256,
         server: exe.with_file_name("conformance"),
         only: None,
+        engine: cluster::Engine::Redis,
+        nodes: None,
+        per_node: 19_000,
+        users: None,
+        per_topic: 100,
+        room: 10_000,
+        kill: 3000,
+        others: 500,
+        down_ms: 5000,
+        heartbeat_ms: None,
+        in_flight: 768,
+        per_worker: 16_000,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -70,16 +122,40 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         match a.as_str() {
             "--conns" => o.conns = Some(v()?.parse()?),
             "--subs" => o.subs = Some(v()?.split(',').map(str::parse).collect::<Result<_, _>>()?),
-            "--rate" => o.rate = v()?.parse()?,
-            "--secs" => o.secs = v()?.parse()?,
+            "--rate" => o.rate = Some(v()?.parse()?),
+            "--secs" => o.secs = Some(v()?.parse()?),
             "--bursts" => o.bursts = v()?.parse()?,
             "--burst-size" => o.burst_size = v()?.parse()?,
             "--clients" => o.clients = v()?.parse()?,
             "--concurrency" => o.concurrency = v()?.parse()?,
             "--server" => o.server = v()?.into(),
             "--only" => o.only = Some(v()?.clone()),
+            "--engine" => {
+                o.engine = match v()?.as_str() {
+                    "redis" => cluster::Engine::Redis,
+                    "nats" => cluster::Engine::Nats,
+                    e => bail!("unknown engine {e:?} (redis|nats)"),
+                }
+            }
+            "--nodes" => o.nodes = Some(v()?.parse()?),
+            "--per-node" => o.per_node = v()?.parse()?,
+            "--users" => o.users = Some(v()?.parse()?),
+            "--per-topic" => o.per_topic = v()?.parse()?,
+            "--room" => o.room = v()?.parse()?,
+            "--kill" => o.kill = v()?.parse()?,
+            "--others" => o.others = v()?.parse()?,
+            "--down-ms" => o.down_ms = v()?.parse()?,
+            "--heartbeat-ms" => o.heartbeat_ms = Some(v()?.parse()?),
+            "--in-flight" => o.in_flight = v()?.parse()?,
+            "--per-worker" => o.per_worker = v()?.parse()?,
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
+    }
+    if o.per_topic == 0 || o.per_worker == 0 || o.in_flight == 0 {
+        bail!("--per-topic, --per-worker and --in-flight must be positive");
+    }
+    if o.kill == 0 {
+        bail!("--kill must be positive");
     }
     Ok(o)
 }
@@ -503,13 +579,13 @@ async fn paced(
     subs.wait_delivered(subs.n as u64).await;
     subs.collect().await;
     subs.sink.reset();
-    let count = o.rate * o.secs;
+    let count = o.rate() * o.secs();
     let expected = count * subs.sink.joined.load(Ordering::Relaxed);
     let cpu0 = cpu_ns(server.pid);
     let t0 = tokio::time::Instant::now();
     let first = now_ns();
     for i in 0..count {
-        tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / o.rate as f64)).await;
+        tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / o.rate() as f64)).await;
         trig.broadcast(topic, "bench", &payload(topic)).await?;
     }
     let got = subs.wait_delivered(expected).await;
@@ -595,7 +671,7 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
     let rows = [
         row(
             0,
-            format!("paced {}/s x {} s: deliveries/s", o.rate, o.secs),
+            format!("paced {}/s x {} s: deliveries/s", o.rate(), o.secs()),
             "1/s",
         ),
         row(1, "paced: server CPU per delivery".into(), "ns"),
@@ -656,7 +732,7 @@ async fn latency(o: &Opts) -> anyhow::Result<()> {
         .enumerate()
         {
             rows.push(Row {
-                metric: format!("{n} subs, {}/s: {m}", o.rate),
+                metric: format!("{n} subs, {}/s: {m}", o.rate()),
                 fb: nan_if_empty(&fb, i),
                 base: nan_if_empty(&base, i),
                 unit: u,
@@ -672,7 +748,8 @@ async fn latency(o: &Opts) -> anyhow::Result<()> {
         "latency",
         &format!(
             "paced {}/s for {} s, 150-byte frames, {HTTP_TRIGGER}",
-            o.rate, o.secs
+            o.rate(),
+            o.secs()
         ),
         &rows,
         format!("{} (target at 10k: <= 1.2x)", summary.join("; ")),
@@ -720,7 +797,7 @@ async fn connect(o: &Opts) -> anyhow::Result<()> {
 
 async fn echo(o: &Opts) -> anyhow::Result<()> {
     let c = o.clients;
-    let secs = o.secs;
+    let secs = o.secs();
     let (fb, base) = each(o, |server| async move {
         let sink = Arc::new(Sink::default());
         let sem = Arc::new(Semaphore::new(o.concurrency));
@@ -824,9 +901,14 @@ fn main() -> anyhow::Result<()> {
         println!("{USAGE}");
         return Ok(());
     };
+    // Up to the hard limit of open files (20,000 here): children inherit it.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if scenario == "worker" {
+        return rt.block_on(worker::run());
+    }
     if scenario == "serve-baseline" {
         return rt.block_on(serve_baseline(&args[1..]));
     }
@@ -837,7 +919,7 @@ fn main() -> anyhow::Result<()> {
     let o = parse(&args[1..])?;
     if !o.server.exists() && o.only.as_deref() != Some("baseline") {
         bail!(
-            "conformance binary not found at {} (cargo build --release -p firebrand-conformance, or --server PATH)",
+            "conformance binary not found at {} (cargo build --release -p firebrand-conformance --bin conformance, or --server PATH)",
             o.server.display()
         );
     }
@@ -849,6 +931,16 @@ fn main() -> anyhow::Result<()> {
             "latency" => latency(&o).await,
             "connect" => connect(&o).await,
             "echo" => echo(&o).await,
+            "cluster-fanout" => scenarios::cluster_fanout(&o).await,
+            "presence-storm" => scenarios::presence_storm(&o).await,
+            "presence-room" => scenarios::presence_room(&o).await,
+            "presence-kill" => scenarios::presence_kill(&o).await,
+            "cluster-all" => {
+                scenarios::cluster_fanout(&o).await?;
+                scenarios::presence_storm(&o).await?;
+                scenarios::presence_room(&o).await?;
+                scenarios::presence_kill(&o).await
+            }
             "all" => {
                 connect(&o).await?;
                 echo(&o).await?;

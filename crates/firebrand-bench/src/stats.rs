@@ -2,13 +2,36 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+/// The environment variable that gives worker processes the coordinator's epoch.
+pub(crate) const EPOCH_ENV: &str = "FIREBRAND_BENCH_EPOCH_NS";
 
-/// Nanoseconds since the bench started (the timestamp put in payloads).
+fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The bench's epoch: the coordinator's start (inherited by its workers through `EPOCH_ENV`),
+/// as wall-clock ns, so that timestamps compare across processes.
+static EPOCH: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    std::env::var(EPOCH_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(wall_ns)
+});
+
+/// The epoch (wall-clock ns), to hand to worker processes.
+pub(crate) fn epoch_ns() -> u64 {
+    *EPOCH
+}
+
+/// Nanoseconds since the bench's epoch (the timestamp put in payloads). The same clock in every
+/// process of a run (the system's real-time clock, read through the vDSO).
 pub(crate) fn now_ns() -> u64 {
-    EPOCH.elapsed().as_nanos() as u64
+    wall_ns().saturating_sub(*EPOCH)
 }
 
 /// A log-linear histogram of microseconds (≤ 1.6 % error).
@@ -58,6 +81,28 @@ impl Hist {
     }
     pub(crate) fn max(&self) -> u64 {
         self.max
+    }
+    /// The non-empty buckets as `index:count,…` (empty: `-`), with the max: `max;buckets`.
+    pub(crate) fn to_sparse(&self) -> String {
+        let mut out = format!("{};", self.max);
+        for (i, &c) in self.counts.iter().enumerate() {
+            if c > 0 {
+                out.push_str(&format!("{i}:{c},"));
+            }
+        }
+        out
+    }
+    /// Adds a histogram serialized by [`Hist::to_sparse`].
+    pub(crate) fn merge_sparse(&mut self, s: &str) -> Option<()> {
+        let (max, buckets) = s.split_once(';')?;
+        self.max = self.max.max(max.parse().ok()?);
+        for b in buckets.split(',').filter(|b| !b.is_empty()) {
+            let (i, c) = b.split_once(':')?;
+            let (i, c): (usize, u64) = (i.parse().ok()?, c.parse().ok()?);
+            *self.counts.get_mut(i)? += c;
+            self.n += c;
+        }
+        Some(())
     }
     /// The `q` quantile (0..=1) in µs.
     pub(crate) fn quantile(&self, q: f64) -> u64 {
@@ -122,8 +167,44 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// utime + stime of a process (all threads), ns.
-pub(crate) fn cpu_ns(pid: u32) -> u64 {
+/// The PID of the first process whose command name is `comm` (e.g. `redis-server`), if any.
+pub(crate) fn find_pid(comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let c = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (c.trim() == comm).then_some(pid)
+    })
+}
+
+/// Busy time of the whole machine (all CPUs, everything but idle and iowait) and the part of it
+/// in interrupts (irq + softirq: loopback traffic is processed there), ns.
+pub(crate) fn machine_busy_ns() -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(line) = s.lines().next() else {
+        return (0, 0);
+    };
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = f
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .map(|(_, v)| v)
+        .sum();
+    let irq = f.get(5).copied().unwrap_or(0) + f.get(6).copied().unwrap_or(0);
+    (
+        busy * 1_000_000_000 / clk_tck(),
+        irq * 1_000_000_000 / clk_tck(),
+    )
+}
+
+fn clk_tck() -> u64 {
     static TCK: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
         std::process::Command::new("getconf")
             .arg("CLK_TCK")
@@ -132,16 +213,29 @@ pub(crate) fn cpu_ns(pid: u32) -> u64 {
             .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
             .unwrap_or(100)
     });
+    *TCK
+}
+
+/// utime + stime of a process (all threads), ns.
+pub(crate) fn cpu_ns(pid: u32) -> u64 {
+    let (u, s) = cpu_split_ns(pid);
+    u + s
+}
+
+/// (utime, stime) of a process (all threads), ns.
+pub(crate) fn cpu_split_ns(pid: u32) -> (u64, u64) {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
+        return (0, 0);
     };
     let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else {
-        return 0;
+        return (0, 0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    ticks * 1_000_000_000 / *TCK
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (
+        t(11) * 1_000_000_000 / clk_tck(),
+        t(12) * 1_000_000_000 / clk_tck(),
+    )
 }
 
 #[cfg(test)]
@@ -157,6 +251,12 @@ mod tests {
         let p50 = h.quantile(0.5) as f64;
         assert!((p50 - 5000.0).abs() / 5000.0 < 0.02, "{p50}");
         assert_eq!(h.max(), 10_000);
+        let mut m = Hist::default();
+        m.merge_sparse(&h.to_sparse()).unwrap();
+        m.merge_sparse(&h.to_sparse()).unwrap();
+        assert_eq!(m.count(), 20_000);
+        assert_eq!(m.max(), 10_000);
+        assert_eq!(m.quantile(0.5), h.quantile(0.5));
         for v in [0u64, 1, 127, 128, 255, 256, 1 << 20] {
             let i = index(v);
             assert!(value(i) <= v && v - value(i) <= v / 60 + 1, "{v}");

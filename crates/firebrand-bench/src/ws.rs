@@ -15,11 +15,27 @@ const PER_SOURCE: u64 = 10_000;
 static SERIAL: AtomicU64 = AtomicU64::new(0);
 const BUF: usize = 4096;
 
-/// The next source address: 127.0.0.2, … one per `PER_SOURCE` connections, never reused in a
-/// run (so TIME_WAIT from an earlier phase does not exhaust ports).
+/// The environment variable giving a process its source range `B.C`: its addresses are
+/// 127.B.C.2, 127.B.C.3, … (then 127.B.C+1.2, …). Unset: 127.0.0.x (the coordinator).
+pub(crate) const SOURCE_ENV: &str = "FIREBRAND_BENCH_SOURCE";
+
+static BASE: std::sync::LazyLock<(u8, u8)> = std::sync::LazyLock::new(|| {
+    std::env::var(SOURCE_ENV)
+        .ok()
+        .and_then(|v| {
+            let (b, c) = v.split_once('.')?;
+            Some((b.parse().ok()?, c.parse().ok()?))
+        })
+        .unwrap_or((0, 0))
+});
+
+/// The next source address: 127.B.C.2, … one per `PER_SOURCE` connections, never reused in a
+/// run (so TIME_WAIT from an earlier phase does not exhaust ports). Each process of a run has
+/// its own `B.C` (see [`SOURCE_ENV`]).
 fn next_source() -> Ipv4Addr {
     let n = SERIAL.fetch_add(1, Ordering::Relaxed) / PER_SOURCE;
-    Ipv4Addr::new(127, (n / 250) as u8, 0, (2 + n % 250) as u8)
+    let (b, c) = *BASE;
+    Ipv4Addr::new(127, b, c.wrapping_add((n / 250) as u8), (2 + n % 250) as u8)
 }
 
 /// A TCP connection from the next source address, with `TCP_NODELAY`.
@@ -90,6 +106,8 @@ pub(crate) struct Ws {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Bytes read from the socket after the upgrade response head.
+    pub(crate) read_bytes: u64,
 }
 
 impl Ws {
@@ -106,6 +124,7 @@ impl Ws {
             buf: vec![0; BUF],
             start: 0,
             end: 0,
+            read_bytes: 0,
         };
         loop {
             if let Some(pos) = memmem::find(&ws.buf[..ws.end], b"\r\n\r\n") {
@@ -114,6 +133,7 @@ impl Ws {
                     return Err(invalid(format!("upgrade refused: {head}")));
                 }
                 ws.start = pos + 4;
+                ws.read_bytes = (ws.end - ws.start) as u64;
                 return Ok(ws);
             }
             if ws.end == ws.buf.len() {
@@ -125,6 +145,11 @@ impl Ws {
             }
             ws.end += n;
         }
+    }
+
+    /// Sends bytes already framed (e.g. several frames at once).
+    pub(crate) async fn send_raw(&mut self, frames: &[u8]) -> io::Result<()> {
+        self.stream.write_all(frames).await
     }
 
     /// Sends one text frame.
@@ -151,7 +176,17 @@ impl Ws {
         }
         let n = self.stream.read(&mut self.buf[self.end..]).await?;
         self.end += n;
+        self.read_bytes += n as u64;
         Ok(n > 0)
+    }
+
+    /// Gives back a buffer grown by a large frame once everything buffered was consumed.
+    pub(crate) fn shrink(&mut self) {
+        if self.start == self.end && self.buf.len() > 4 * BUF {
+            self.buf = vec![0; BUF];
+            self.start = 0;
+            self.end = 0;
+        }
     }
 
     /// The next complete frame already buffered: (opcode, range of its data).
