@@ -6,6 +6,7 @@ mod baseline;
 mod cluster;
 mod presence;
 mod scenarios;
+mod slow;
 mod stats;
 mod worker;
 mod ws;
@@ -29,7 +30,7 @@ use stats::{Hist, Sink, cpu_ns, now_ns, rss_kib};
 use ws::{Ws, stamp};
 
 const USAGE: &str = "usage: firebrand-bench SCENARIO [options]
-scenarios: idle fanout latency connect echo all    (serve-baseline --port P: run the baseline server)
+scenarios: idle fanout latency connect echo slow all    (serve-baseline --port P: run the baseline server)
 cluster scenarios (conformance nodes on Redis or NATS, several generator processes):
            cluster-fanout presence-storm presence-room presence-kill cluster-all
 options:
@@ -455,10 +456,21 @@ fn fmt(v: f64) -> String {
 }
 
 fn report(scenario: &str, trigger: &str, rows: &[Row], summary: String) {
+    report_with(
+        scenario,
+        ["firebrand", "baseline", "fb/base"],
+        trigger,
+        rows,
+        summary,
+    );
+}
+
+/// [`report`] with other column names than firebrand / baseline.
+fn report_with(scenario: &str, columns: [&str; 3], trigger: &str, rows: &[Row], summary: String) {
     println!("\n== {scenario} ({trigger})");
     println!(
-        "{:<44} {:>12} {:>12} {:>8}  unit",
-        "metric", "firebrand", "baseline", "fb/base"
+        "{:<44} {:>12} {:>12} {:>12}  unit",
+        "metric", columns[0], columns[1], columns[2]
     );
     for r in rows {
         let ratio = if r.base != 0.0 && !r.fb.is_nan() && !r.base.is_nan() {
@@ -467,7 +479,7 @@ fn report(scenario: &str, trigger: &str, rows: &[Row], summary: String) {
             "-".into()
         };
         println!(
-            "{:<44} {:>12} {:>12} {:>8}  {}",
+            "{:<44} {:>12} {:>12} {:>12}  {}",
             r.metric,
             fmt(r.fb),
             fmt(r.base),
@@ -931,6 +943,7 @@ fn main() -> anyhow::Result<()> {
             "latency" => latency(&o).await,
             "connect" => connect(&o).await,
             "echo" => echo(&o).await,
+            "slow" => slow::slow(&o).await,
             "cluster-fanout" => scenarios::cluster_fanout(&o).await,
             "presence-storm" => scenarios::presence_storm(&o).await,
             "presence-room" => scenarios::presence_room(&o).await,

@@ -29,6 +29,12 @@ use futures_util::StreamExt;
 /// Messages waiting to be published; past this, new ones are dropped and counted as lost.
 const QUEUE: usize = 16 * 1024;
 
+/// At most this many messages go out in one pipeline.
+const MAX_PIPELINE: usize = 256;
+
+/// How long a publish waits for Redis's answer before the connection is given up.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The Redis adapter. See the [crate docs](crate).
 pub struct RedisAdapter {
     client: redis::Client,
@@ -68,42 +74,64 @@ impl Adapter for RedisAdapter {
         let (client, channel) = (self.client.clone(), self.channel.clone());
         let publisher_link = link.clone();
         tokio::spawn(async move {
+            // A long response timeout: the 500 ms default fires when this node is busy (the
+            // reply is there, the task is not polled), and a message Redis did publish would
+            // be counted lost and its connection dropped. A dead Redis closes the connection.
+            let config =
+                redis::AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
             let mut conn = None;
             let mut tries = 0;
+            let mut batch: Vec<Bytes> = Vec::new();
             while let Some(out) = queue.recv().await {
-                let message = match out {
-                    Outgoing::Message(m) => m,
-                    Outgoing::Flush(done) => {
-                        let _ = done.send(());
-                        continue;
+                // What is queued goes out as one pipeline (in order): one round trip for a
+                // burst of broadcasts, however busy the node.
+                let mut flushes = Vec::new();
+                let mut next = Some(out);
+                while let Some(out) = next.take() {
+                    match out {
+                        Outgoing::Message(m) => batch.push(m),
+                        Outgoing::Flush(done) => flushes.push(done),
+                        _ => {}
                     }
-                    _ => continue,
-                };
-                if conn.is_none() {
-                    match client.get_multiplexed_async_connection().await {
-                        Ok(c) => {
-                            tries = 0;
-                            conn = Some(c);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "redis: cannot publish; message lost");
-                            publisher_link.count_lost(1);
-                            tokio::time::sleep(backoff(tries)).await;
-                            tries += 1;
-                            continue;
-                        }
+                    if batch.len() < MAX_PIPELINE {
+                        next = queue.try_recv().ok();
                     }
                 }
-                let Some(c) = conn.as_mut() else { continue };
-                let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(&message[..])
-                    .query_async(c)
-                    .await;
-                if let Err(e) = sent {
-                    tracing::warn!(error = %e, "redis: publish failed; message lost");
-                    publisher_link.count_lost(1);
-                    conn = None;
+                if !batch.is_empty() {
+                    if conn.is_none() {
+                        match client
+                            .get_multiplexed_async_connection_with_config(&config)
+                            .await
+                        {
+                            Ok(c) => {
+                                tries = 0;
+                                conn = Some(c);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, messages = batch.len(), "redis: cannot publish; messages lost");
+                                publisher_link.count_lost(batch.len() as u64);
+                                batch.clear();
+                                tokio::time::sleep(backoff(tries)).await;
+                                tries += 1;
+                            }
+                        }
+                    }
+                    if let Some(c) = conn.as_mut() {
+                        let mut pipe = redis::pipe();
+                        for m in &batch {
+                            pipe.cmd("PUBLISH").arg(&channel).arg(&m[..]).ignore();
+                        }
+                        let sent: redis::RedisResult<()> = pipe.query_async(c).await;
+                        if let Err(e) = sent {
+                            tracing::warn!(error = %e, messages = batch.len(), "redis: publish failed; messages lost");
+                            publisher_link.count_lost(batch.len() as u64);
+                            conn = None;
+                        }
+                        batch.clear();
+                    }
+                }
+                for done in flushes {
+                    let _ = done.send(());
                 }
             }
         });

@@ -360,10 +360,18 @@ impl<S: Socket> Conn<S> {
                 frame.encode(&mut out);
             }
             drop(batch.frames);
+            let write = io.write_all(&out);
+            tokio::pin!(write);
+            // Most writes complete at once: try without arming a timer or a close waiter.
+            match futures_util::FutureExt::now_or_never(write.as_mut()) {
+                Some(Ok(())) => continue,
+                Some(Err(_)) => return Some(End::Gone),
+                None => {}
+            }
             // A client that stops reading blocks the write: give up when its queue overflows
             // meanwhile, or when the write takes longer than the write timeout.
             tokio::select! {
-                result = timeout(write_timeout, io.write_all(&out)) => match result {
+                result = timeout(write_timeout, write) => match result {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return Some(End::Gone),
                     Err(_) => return Some(End::Close(Close::SLOW_CONSUMER)),

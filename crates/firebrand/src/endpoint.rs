@@ -235,24 +235,34 @@ impl EndpointBuilder {
     }
 }
 
-/// A clustered node's presence gossip: every heartbeat period, send the changes since the last
-/// one with this node's clock, and forget nodes not heard from for `down_after`.
+/// How soon a node's presence changes go to the other nodes (at most this often while they
+/// change; otherwise with the heartbeat).
+const DELTA_PERIOD: Duration = Duration::from_millis(50);
+
+/// A clustered node's presence gossip: its changes within [`DELTA_PERIOD`] of being made, a
+/// heartbeat (with whatever changed) at least every heartbeat period, both with this node's
+/// change generations; and nodes not heard from for `down_after` are forgotten.
 async fn gossip(inner: std::sync::Weak<Inner>) {
-    let Some(period) = inner
+    let Some(heartbeat) = inner
         .upgrade()
         .and_then(|i| i.cluster.as_ref().map(|c| c.heartbeat))
     else {
         return;
     };
-    let mut tick = tokio::time::interval(period);
+    let mut tick = tokio::time::interval(DELTA_PERIOD.min(heartbeat));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         let Some(c) = &inner.cluster else { return };
-        let (delta, from, to) = inner.tracker.take_delta();
-        c.send(&Body::Heartbeat { from, to, delta });
         let now = tokio::time::Instant::now();
+        let due = last_sent.is_none_or(|t| now - t >= heartbeat);
+        if due || inner.tracker.has_unsent() {
+            let (delta, from, to) = inner.tracker.take_delta();
+            c.send(&Body::Heartbeat { from, to, delta });
+            last_sent = Some(now);
+        }
         let down: Vec<u64> = {
             let mut peers = c.peers.lock();
             let down = peers

@@ -239,6 +239,12 @@ impl Tracker {
 
     /// The local changes since the last call, as a delta covering generations
     /// `(from, to]`, for the next heartbeat.
+    /// Whether this replica has changes not yet taken by [`Tracker::take_delta`].
+    pub(crate) fn has_unsent(&self) -> bool {
+        let unsent = self.unsent.lock();
+        unsent.generation != unsent.sent
+    }
+
     pub(crate) fn take_delta(&self) -> (State, u64, u64) {
         let mut unsent = self.unsent.lock();
         let to = unsent.generation;
