@@ -23,6 +23,27 @@ fn spawn_workers(first_id: usize, n: usize) -> anyhow::Result<Vec<Worker>> {
         .collect()
 }
 
+/// Has the generator workers join `users` users between them (`in_flight` joins in flight in
+/// all): each runs `users <first> <count> <spec> <in flight> <node addresses>`.
+async fn start_users(
+    gens: &mut [Worker],
+    users: usize,
+    in_flight: usize,
+    spec: &str,
+    cluster: &Cluster,
+) -> anyhow::Result<()> {
+    let chunk = users.div_ceil(gens.len());
+    let conc = (in_flight / gens.len()).max(1);
+    let addrs: Vec<String> = cluster.addrs().iter().map(|a| a.to_string()).collect();
+    let addrs = addrs.join(",");
+    for (w, g) in gens.iter_mut().enumerate() {
+        let (a, b) = (w * chunk, ((w + 1) * chunk).min(users));
+        g.cmd(&format!("users {a} {} {spec} {conc} {addrs}", b - a))
+            .await?;
+    }
+    Ok(())
+}
+
 fn procs(cluster: &Cluster, groups: &[&[Worker]]) -> Vec<(String, u32)> {
     let mut p: Vec<(String, u32)> = cluster
         .nodes
@@ -441,21 +462,12 @@ pub(crate) async fn presence_storm(o: &Opts) -> anyhow::Result<()> {
         "  observers joined {ntopics} topics on each of {nodes} nodes ({} connections)",
         ntopics.div_ceil(100) * nodes
     );
-    let nw = users.div_ceil(o.per_worker).max(1);
-    let chunk = users.div_ceil(nw);
-    let conc = (o.in_flight / nw).max(1);
-    let mut gens = spawn_workers(1, nw)?;
-    let addrs: Vec<String> = cluster.addrs().iter().map(|a| a.to_string()).collect();
+    let mut gens = spawn_workers(1, users.div_ceil(o.per_worker).max(1))?;
     let cpu = CpuWatch::start(procs(&cluster, &[std::slice::from_ref(&obs), &gens]));
-    for (w, g) in gens.iter_mut().enumerate() {
-        let (a, b) = (w * chunk, ((w + 1) * chunk).min(users));
-        g.cmd(&format!(
-            "users {a} {} {ntopics} room:storm none 0 {conc} {}",
-            b - a,
-            addrs.join(",")
-        ))
-        .await?;
-    }
+    let spec = format!("{ntopics} room:storm none 0");
+    start_users(&mut gens, users, o.in_flight, &spec, &cluster).await?;
+    let nw = gens.len();
+    let conc = (o.in_flight / nw).max(1);
     let (up, _) = poll_until(&mut gens, Duration::from_secs(600), "storm", |p| {
         resolved(p) >= users as u64
     })
@@ -564,21 +576,12 @@ pub(crate) async fn presence_room(o: &Opts) -> anyhow::Result<()> {
     let users = o.room;
     let nodes = o.nodes.unwrap_or(3);
     let cluster = Cluster::start(o, nodes, &hb_env(o)).await?;
-    let nw = users.div_ceil(o.per_worker).max(1);
-    let chunk = users.div_ceil(nw);
-    let conc = (o.in_flight / nw).max(1);
-    let mut gens = spawn_workers(1, nw)?;
-    let addrs: Vec<String> = cluster.addrs().iter().map(|a| a.to_string()).collect();
+    let mut gens = spawn_workers(1, users.div_ceil(o.per_worker).max(1))?;
     let cpu = CpuWatch::start(procs(&cluster, &[&gens]));
-    for (w, g) in gens.iter_mut().enumerate() {
-        let (a, b) = (w * chunk, ((w + 1) * chunk).min(users));
-        g.cmd(&format!(
-            "users {a} {} 0 room:big member {users} {conc} {}",
-            b - a,
-            addrs.join(",")
-        ))
-        .await?;
-    }
+    let spec = format!("0 room:big member {users}");
+    start_users(&mut gens, users, o.in_flight, &spec, &cluster).await?;
+    let nw = gens.len();
+    let conc = (o.in_flight / nw).max(1);
     let (jp, _) = poll_until(&mut gens, Duration::from_secs(600), "room joins", |p| {
         resolved(p) >= users as u64
     })
