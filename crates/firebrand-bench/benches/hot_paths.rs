@@ -1,5 +1,8 @@
-//! Criterion benches of hot paths reachable through public APIs: V2 encode of a broadcast and
-//! V2 decode of a client push (`firebrand_protocol::Serializer`).
+//! Criterion benches of the hot paths: V2 encode of a broadcast and decode of a client push
+//! (`firebrand_protocol::Serializer`), topic routing, and a broadcast's fan-out into the
+//! connections' queues (`firebrand::benching`, hidden entry points).
+//!
+//! `cargo bench -p firebrand-bench --bench hot_paths`
 
 // criterion_group! generates an undocumented `pub fn`.
 #![allow(missing_docs)]
@@ -46,5 +49,25 @@ fn protocol(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, protocol);
+fn routing(c: &mut Criterion) {
+    let routes = firebrand::benching::Routes::new(&["notifications", "user:*", "game:*", "room:*"]);
+    c.bench_function("route room:lobby (4th of 4 patterns)", |b| {
+        b.iter(|| routes.serves(black_box("room:lobby")))
+    });
+}
+
+fn fanout(c: &mut Criterion) {
+    let payload = Payload::json(&serde_json::json!({"body": "x".repeat(100)})).unwrap();
+    let mut g = c.benchmark_group("fanout");
+    for n in [100u64, 10_000] {
+        let fanout = firebrand::benching::Fanout::new(n as usize, payload.clone());
+        g.throughput(Throughput::Elements(n));
+        g.bench_function(format!("broadcast into {n} queues"), |b| {
+            b.iter(|| assert_eq!(fanout.broadcast(), n))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, protocol, routing, fanout);
 criterion_main!(benches);

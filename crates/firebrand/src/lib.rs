@@ -109,12 +109,14 @@
 //! - **Bad input** closes only the offending connection, with a close code naming the
 //!   problem: 1007 undecodable frame, 1009 frame too big, 1002 WebSocket protocol error.
 
+#[doc(hidden)]
+#[doc(hidden)]
+pub mod benching;
 mod channel;
 pub mod cluster;
 mod conn;
 mod context;
 mod endpoint;
-#[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
 mod longpoll;
