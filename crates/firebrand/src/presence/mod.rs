@@ -281,13 +281,20 @@ impl Tracker {
     }
 
     /// The topic's presences: `{key: {"metas": [...]}}`, through the fetch hook.
+    ///
+    /// The state lock is held only to copy the topic's entries (reference counts): rendering a
+    /// big room's list takes milliseconds, and every join and gossip message needs the lock.
     pub(crate) fn list(&self, topic: &str) -> Payload {
-        let state = self.state.lock();
+        let entries: Vec<(Dot, Entry)> = self
+            .state
+            .lock()
+            .topic(topic)
+            .map(|(dot, e)| (dot, e.clone()))
+            .collect();
         let mut map = Map::new();
-        for (dot, e) in state.topic(topic) {
-            push_meta(&mut map, dot, e);
+        for (dot, e) in &entries {
+            push_meta(&mut map, *dot, e);
         }
-        drop(state);
         self.finish(topic, map)
     }
 
