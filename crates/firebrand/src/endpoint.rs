@@ -292,6 +292,11 @@ impl Inner {
     fn receive(&self, from: u64, body: Body) {
         let Some(c) = &self.cluster else { return };
         let me = c.link.node();
+        // Any message shows its node alive: a heartbeat queued behind a burst of broadcasts
+        // must not make a busy node look down.
+        if let Some(last) = c.peers.lock().get_mut(&from) {
+            *last = tokio::time::Instant::now();
+        }
         match body {
             Body::Broadcast(b) => self.dispatch_local(&b, None),
             Body::Direct { to, broadcast } if to == me => self.dispatch_local(&broadcast, None),
