@@ -285,12 +285,17 @@ impl Tracker {
     /// The state lock is held only to copy the topic's entries (reference counts): rendering a
     /// big room's list takes milliseconds, and every join and gossip message needs the lock.
     pub(crate) fn list(&self, topic: &str) -> Payload {
-        let entries: Vec<(Dot, Entry)> = self
+        let mut entries: Vec<(Dot, Entry)> = self
             .state
             .lock()
             .topic(topic)
             .map(|(dot, e)| (dot, e.clone()))
             .collect();
+        if self.fetch.is_none()
+            && let Some(rendered) = render_list(&mut entries)
+        {
+            return rendered;
+        }
         let mut map = Map::new();
         for (dot, e) in &entries {
             push_meta(&mut map, *dot, e);
@@ -381,6 +386,62 @@ impl Drop for Tracker {
 }
 
 /// Appends `e`'s meta (with `phx_ref`, and `phx_ref_prev` after an update) under its key.
+/// A topic's list written straight as JSON text, as [`push_meta`] and `serde_json` would write
+/// it (keys sorted, metas in dot order), without building a `Value` per meta: a 10,000-user
+/// room's `presence_state` is rendered for every join, so this is the hot path of a presence
+/// storm. `None` for a meta that is not a plain object without `phx_ref` keys (then the
+/// general path writes it).
+fn render_list(entries: &mut [(Dot, Entry)]) -> Option<Payload> {
+    // Stable: metas of one key stay in dot order.
+    entries.sort_by(|a, b| a.1.key.cmp(&b.1.key));
+    let mut out = String::with_capacity(entries.len() * 96 + 2);
+    out.push('{');
+    let mut i = 0;
+    while i < entries.len() {
+        let key = &entries[i].1.key;
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(&**key).ok()?);
+        out.push_str(r#":{"metas":["#);
+        let mut first = true;
+        while i < entries.len() && entries[i].1.key == *key {
+            let (dot, e) = &entries[i];
+            let inner = e
+                .meta
+                .as_str()
+                .trim()
+                .strip_prefix('{')?
+                .strip_suffix('}')?
+                .trim();
+            if inner.contains("\"phx_ref") {
+                return None;
+            }
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(r#"{"phx_ref":""#);
+            out.push_str(&phx_ref(*dot));
+            out.push('"');
+            if let Some(prev) = e.prev {
+                out.push_str(r#","phx_ref_prev":""#);
+                out.push_str(&phx_ref(prev));
+                out.push('"');
+            }
+            if !inner.is_empty() {
+                out.push(',');
+                out.push_str(inner);
+            }
+            out.push('}');
+            i += 1;
+        }
+        out.push_str("]}");
+    }
+    out.push('}');
+    RawJson::parse(out).ok().map(Payload::Json)
+}
+
 fn push_meta(map: &mut Map<String, Value>, dot: Dot, e: &Entry) {
     let mut meta: Map<String, Value> =
         serde_json::from_slice(e.meta.as_bytes()).unwrap_or_default();
@@ -455,6 +516,53 @@ mod tests {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn lists_written_as_text_equal_the_general_path() {
+        let t = Tracker::new(1, Duration::ZERO, None);
+        let owners: Vec<Owner> = (0..4).map(|_| t.new_owner()).collect();
+        let topic = "room:list";
+        t.track(
+            owners[0],
+            topic,
+            "zoe",
+            serde_json::json!({"n": 1, "s": "a\"b"}),
+        )
+        .unwrap();
+        t.track(owners[1], topic, "al\"ice", serde_json::json!({}))
+            .unwrap();
+        t.track(
+            owners[2],
+            topic,
+            "zoe",
+            serde_json::json!({"device": "phone"}),
+        )
+        .unwrap();
+        t.track(
+            owners[3],
+            topic,
+            "bob",
+            serde_json::json!({"v": [1, {"x": null}]}),
+        )
+        .unwrap();
+        t.update(owners[3], topic, "bob", serde_json::json!({"v": 2}))
+            .unwrap();
+        let mut entries: Vec<(Dot, Entry)> = t
+            .state
+            .lock()
+            .topic(topic)
+            .map(|(d, e)| (d, e.clone()))
+            .collect();
+        let fast = render_list(&mut entries).unwrap().to_value().unwrap();
+        let mut map = Map::new();
+        for (dot, e) in &entries {
+            push_meta(&mut map, *dot, e);
+        }
+        assert_eq!(fast, Value::Object(map));
+        assert_eq!(fast["zoe"]["metas"].as_array().unwrap().len(), 2);
+        assert!(fast["bob"]["metas"][0]["phx_ref_prev"].is_string());
+        assert_eq!(t.list(topic).to_value().unwrap(), fast);
     }
 
     #[test]
