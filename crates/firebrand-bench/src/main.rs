@@ -959,6 +959,7 @@ fn main() -> anyhow::Result<()> {
                 echo(&o).await?;
                 latency(&o).await?;
                 fanout(&o).await?;
+                slow::slow(&o).await?;
                 idle(&o).await
             }
             other => bail!("unknown scenario {other:?}\n{USAGE}"),
