@@ -21,7 +21,7 @@ use crate::pubsub::{SubId, Target};
 use crate::queue::{Close, ConnEvent, Frame, Outbox};
 use crate::runner::{ChannelHandle, InRejected, SpawnArgs};
 use crate::socket::{Shared, Socket};
-use crate::ws::{Incoming, Reader, WsError};
+use crate::ws::{Incoming, Reader};
 
 pub(crate) struct ConnArgs<S: Socket> {
     pub(crate) shared: Arc<Shared<S>>,
@@ -333,11 +333,7 @@ impl<S: Socket> Conn<S> {
         if let Err(e) = fed {
             let (code, reason) = e.close();
             tracing::debug!(code, reason, "closing connection: invalid WebSocket frames");
-            return Some(if e == WsError::TooBig {
-                End::Close(Close::TOO_BIG)
-            } else {
-                End::Invalid(code, reason.to_owned())
-            });
+            return Some(End::Invalid(code, reason.to_owned()));
         }
         end
     }

@@ -50,10 +50,6 @@ impl Close {
         code: 1001,
         reason: "idle timeout",
     };
-    pub(crate) const TOO_BIG: Close = Close {
-        code: 1009,
-        reason: "message too big",
-    };
     /// The connection has ended: nothing is queued any more.
     pub(crate) const ENDED: Close = Close {
         code: 1000,
@@ -145,11 +141,11 @@ impl Frame {
 
     /// Appends the frame as a WebSocket frame.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        use crate::ws::opcode;
+        use crate::ws::{OP_BINARY, OP_PONG, OP_TEXT};
         let (op, data) = match self {
-            Frame::Text(b) => (opcode::TEXT, b),
-            Frame::Binary(b) => (opcode::BINARY, b),
-            Frame::Pong(b) => (opcode::PONG, b),
+            Frame::Text(b) => (OP_TEXT, b),
+            Frame::Binary(b) => (OP_BINARY, b),
+            Frame::Pong(b) => (OP_PONG, b),
         };
         crate::ws::encode_frame(out, op, data);
     }

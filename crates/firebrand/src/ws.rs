@@ -52,11 +52,11 @@ pub(crate) enum Incoming {
 }
 
 const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
+pub(crate) const OP_TEXT: u8 = 0x1;
+pub(crate) const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
+pub(crate) const OP_PONG: u8 = 0xA;
 
 /// The value of `Sec-WebSocket-Accept` for a valid upgrade request, or why it is not one
 /// (the client gets 400).
@@ -102,13 +102,6 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, opcode: u8, data: &[u8]) {
         out.extend_from_slice(&(n as u64).to_be_bytes());
     }
     out.extend_from_slice(data);
-}
-
-/// The opcodes of the frames a server sends.
-pub(crate) mod opcode {
-    pub(crate) const TEXT: u8 = super::OP_TEXT;
-    pub(crate) const BINARY: u8 = super::OP_BINARY;
-    pub(crate) const PONG: u8 = super::OP_PONG;
 }
 
 /// A close frame with `code` and `reason` (cut to the 123 bytes a close frame allows).
