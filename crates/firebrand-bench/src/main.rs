@@ -528,6 +528,24 @@ fn nan_if_empty(v: &[f64], i: usize) -> f64 {
     v.get(i).copied().unwrap_or(f64::NAN)
 }
 
+/// One row per metric: the i-th metric shows the i-th value of each server's results.
+fn rows<const N: usize>(
+    fb: &[f64],
+    base: &[f64],
+    metrics: [(String, &'static str); N],
+) -> Vec<Row> {
+    metrics
+        .into_iter()
+        .enumerate()
+        .map(|(i, (metric, unit))| Row {
+            metric,
+            fb: nan_if_empty(fb, i),
+            base: nan_if_empty(base, i),
+            unit,
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------- scenarios
 
 async fn idle(o: &Opts) -> anyhow::Result<()> {
@@ -545,26 +563,18 @@ async fn idle(o: &Opts) -> anyhow::Result<()> {
         Ok(vec![per, joined as f64, after as f64 / 1024.0])
     })
     .await?;
-    let rows = [
-        Row {
-            metric: format!("server RSS per idle joined connection (n={n})"),
-            fb: nan_if_empty(&fb, 0),
-            base: nan_if_empty(&base, 0),
-            unit: "bytes",
-        },
-        Row {
-            metric: "connections joined".into(),
-            fb: nan_if_empty(&fb, 1),
-            base: nan_if_empty(&base, 1),
-            unit: "",
-        },
-        Row {
-            metric: "server RSS total".into(),
-            fb: nan_if_empty(&fb, 2),
-            base: nan_if_empty(&base, 2),
-            unit: "MiB",
-        },
-    ];
+    let rows = rows(
+        &fb,
+        &base,
+        [
+            (
+                format!("server RSS per idle joined connection (n={n})"),
+                "bytes",
+            ),
+            ("connections joined".into(), ""),
+            ("server RSS total".into(), "MiB"),
+        ],
+    );
     report(
         "idle",
         "one topic per connection, 100 topics, heartbeat every 30 s",
@@ -674,27 +684,23 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
         ])
     })
     .await?;
-    let row = |i: usize, metric: String, unit| Row {
-        metric,
-        fb: nan_if_empty(&fb, i),
-        base: nan_if_empty(&base, i),
-        unit,
-    };
-    let rows = [
-        row(
-            0,
-            format!("paced {}/s x {} s: deliveries/s", o.rate(), o.secs()),
-            "1/s",
-        ),
-        row(1, "paced: server CPU per delivery".into(), "ns"),
-        row(2, "paced: p99 delivery latency".into(), "ms"),
-        row(
-            3,
-            format!("bursts {}x{}: deliveries/s", o.bursts, o.burst_size),
-            "1/s",
-        ),
-        row(4, "bursts: server CPU per delivery".into(), "ns"),
-    ];
+    let rows = rows(
+        &fb,
+        &base,
+        [
+            (
+                format!("paced {}/s x {} s: deliveries/s", o.rate(), o.secs()),
+                "1/s",
+            ),
+            ("paced: server CPU per delivery".into(), "ns"),
+            ("paced: p99 delivery latency".into(), "ms"),
+            (
+                format!("bursts {}x{}: deliveries/s", o.bursts, o.burst_size),
+                "1/s",
+            ),
+            ("bursts: server CPU per delivery".into(), "ns"),
+        ],
+    );
     let eff = |i| nan_if_empty(&base, i) / nan_if_empty(&fb, i) * 100.0;
     report(
         "fanout",
@@ -780,20 +786,17 @@ async fn connect(o: &Opts) -> anyhow::Result<()> {
         Ok(vec![joined as f64 / secs, joined as f64])
     })
     .await?;
-    let rows = [
-        Row {
-            metric: format!("connect + join per second ({} in flight)", o.concurrency),
-            fb: nan_if_empty(&fb, 0),
-            base: nan_if_empty(&base, 0),
-            unit: "1/s",
-        },
-        Row {
-            metric: "connections joined".into(),
-            fb: nan_if_empty(&fb, 1),
-            base: nan_if_empty(&base, 1),
-            unit: "",
-        },
-    ];
+    let rows = rows(
+        &fb,
+        &base,
+        [
+            (
+                format!("connect + join per second ({} in flight)", o.concurrency),
+                "1/s",
+            ),
+            ("connections joined".into(), ""),
+        ],
+    );
     report(
         "connect",
         "WebSocket upgrade + phx_join + ok reply",
@@ -881,18 +884,16 @@ async fn echo(o: &Opts) -> anyhow::Result<()> {
         ])
     })
     .await?;
-    let row = |i: usize, metric: &str, unit| Row {
-        metric: metric.into(),
-        fb: nan_if_empty(&fb, i),
-        base: nan_if_empty(&base, i),
-        unit,
-    };
-    let rows = [
-        row(0, "replies/s", "1/s"),
-        row(1, "round trip p50", "ms"),
-        row(2, "round trip p99", "ms"),
-        row(3, "server CPU per request", "ns"),
-    ];
+    let rows = rows(
+        &fb,
+        &base,
+        [
+            ("replies/s".into(), "1/s"),
+            ("round trip p50".into(), "ms"),
+            ("round trip p99".into(), "ms"),
+            ("server CPU per request".into(), "ns"),
+        ],
+    );
     report(
         "echo",
         &format!("{c} clients, each one `ping` push in flight, {secs} s"),
