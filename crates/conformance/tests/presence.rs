@@ -3,6 +3,9 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+use std::time::Duration;
+
 use common::*;
 use serde_json::{Value, json};
 
@@ -59,8 +62,58 @@ async fn join_with_presence(c: &mut Client, jr: &str, topic: &str) -> Value {
     }
 }
 
+/// The phx_refs of a `{key: {"metas": [...]}}` map, with their keys.
+fn refs(v: &Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for (key, entry) in v.as_object().unwrap() {
+        for m in entry["metas"].as_array().unwrap() {
+            out.insert((key.clone(), m["phx_ref"].as_str().unwrap().to_owned()));
+        }
+    }
+    out
+}
+
+/// What the official client's `Presence` holds: the `presence_state`, then each diff applied
+/// (diffs that came first are applied after it, as phoenix.js does). A join of a meta it
+/// already holds, or a leave of one it does not, is a change seen twice: the test fails.
+#[derive(Default)]
+struct View {
+    metas: BTreeSet<(String, String)>,
+    early: Vec<Value>,
+    synced: bool,
+}
+
+impl View {
+    fn frame(&mut self, f: &Value) {
+        match f[3].as_str() {
+            Some("presence_state") => {
+                self.metas = refs(&f[4]);
+                self.synced = true;
+                for d in std::mem::take(&mut self.early) {
+                    self.diff(&d);
+                }
+            }
+            Some("presence_diff") if !self.synced => self.early.push(f[4].clone()),
+            Some("presence_diff") => self.diff(&f[4]),
+            _ => {}
+        }
+    }
+
+    fn diff(&mut self, d: &Value) {
+        for m in refs(&d["joins"]) {
+            assert!(self.metas.insert(m.clone()), "stale join {m:?} in {d}");
+        }
+        for m in refs(&d["leaves"]) {
+            assert!(
+                self.metas.remove(&m),
+                "leave {m:?} of a meta not known in {d}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
-async fn join_pushes_state_and_broadcasts_a_join_diff() {
+async fn join_pushes_state_and_each_change_is_one_diff() {
     let s = start().await;
     let mut alice = s.presence_client("user=alice").await;
     let state = join_with_presence(&mut alice, "1", "room:p1").await;
@@ -70,16 +123,117 @@ async fn join_pushes_state_and_broadcasts_a_join_diff() {
     assert_eq!(phx_ref.len(), 16);
     let online_at: u64 = m[0]["online_at"].as_str().unwrap().parse().unwrap();
     assert!(online_at > 1_700_000_000);
-    let (joins, _) = diffs_until(&mut alice, |j, _| j.get("alice").is_some()).await;
-    assert_eq!(metas(&joins, "alice"), m);
 
+    // Bob's join: his state holds it, so he gets no diff of it; alice gets exactly one diff,
+    // with his join alone (her own join is in her state: never sent to her as a diff).
     let mut bob = s.presence_client("user=bob").await;
     let state = join_with_presence(&mut bob, "7", "room:p1").await;
     assert_eq!(metas(&state, "alice"), m);
     assert_eq!(metas(&state, "bob").len(), 1);
-    let (joins, leaves) = diffs_until(&mut alice, |j, _| j.get("bob").is_some()).await;
-    assert_eq!(metas(&joins, "bob"), metas(&state, "bob"));
-    assert_eq!(leaves, json!({}));
+    let d = next_diff(&mut alice).await;
+    assert_eq!(
+        d,
+        json!({"joins": {"bob": {"metas": metas(&state, "bob")}}, "leaves": {}})
+    );
+
+    // Bob leaves: one diff with his leave alone, to alice.
+    bob.send(json!(["7", "8", "room:p1", "phx_leave", {}]))
+        .await;
+    let d = next_diff(&mut alice).await;
+    assert_eq!(
+        d,
+        json!({"joins": {}, "leaves": {"bob": {"metas": metas(&state, "bob")}}})
+    );
+}
+
+/// A channel that has no presence of its own and joins after a user was tracked gets no diff
+/// of that earlier join (its join reply and the diff once raced: the diff waited for a batch).
+#[tokio::test]
+async fn a_subscriber_gets_no_diff_of_changes_before_its_join() {
+    let s = start().await;
+    let mut alice = s.presence_client("user=alice").await;
+    join_with_presence(&mut alice, "1", "room:p5").await;
+    let mut watcher = s.presence_client("").await;
+    watcher.join("1", "room:p5", json!({"joined": "p5"})).await;
+    // The next diff the watcher sees is of bob's join, made after its own join.
+    let mut bob = s.presence_client("user=bob").await;
+    join_with_presence(&mut bob, "1", "room:p5").await;
+    let d = next_diff(&mut watcher).await;
+    assert_eq!(
+        d["joins"].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["bob"],
+        "{d}"
+    );
+}
+
+/// With a batch window far longer than the test may wait, a change in a quiet room still
+/// goes out at once: the window only merges changes that come faster than it.
+#[tokio::test]
+async fn a_quiet_rooms_diff_is_not_held_for_the_window() {
+    let endpoint = firebrand::Endpoint::builder()
+        .presence_batch(Duration::from_secs(600))
+        .build();
+    let s = start_endpoint(&Default::default(), endpoint).await;
+    let mut watcher = s.presence_client("").await;
+    watcher
+        .join("1", "room:quiet", json!({"joined": "quiet"}))
+        .await;
+    let mut bob = s.presence_client("user=bob").await;
+    join_with_presence(&mut bob, "1", "room:quiet").await;
+    let d = next_diff(&mut watcher).await;
+    assert!(d["joins"].get("bob").is_some(), "{d}");
+}
+
+/// Many users join at once while others watch and a newcomer joins mid-burst: whatever gets
+/// batched, every client's state plus its diffs is the room's final state, no change twice.
+#[tokio::test]
+async fn a_joiner_during_a_burst_gets_no_stale_diff() {
+    const USERS: usize = 40;
+    let s = start().await;
+    let mut watcher = s.presence_client("user=watcher").await;
+    let mut watcher_view = View::default();
+    watcher
+        .send(json!(["1", "1", "room:burst", "phx_join", {}]))
+        .await;
+    let mut burst = Vec::new();
+    for i in 0..USERS {
+        let mut c = s.presence_client(&format!("user=u{i}")).await;
+        c.send(json!(["1", "1", "room:burst", "phx_join", {}]))
+            .await;
+        burst.push(c);
+    }
+    // The newcomer joins while the burst's diffs are still pending.
+    let mut newcomer = s.presence_client("user=newcomer").await;
+    let mut newcomer_view = View::default();
+    newcomer
+        .send(json!(["1", "1", "room:burst", "phx_join", {}]))
+        .await;
+    // Half the burst leaves again, also while diffs are pending.
+    for c in burst.iter_mut().take(USERS / 2) {
+        c.send(json!(["1", "2", "room:burst", "phx_leave", {}]))
+            .await;
+    }
+    let expected: BTreeSet<String> = (USERS / 2..USERS)
+        .map(|i| format!("u{i}"))
+        .chain(["watcher".into(), "newcomer".into()])
+        .collect();
+    let keys = |v: &View| {
+        v.metas
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect::<BTreeSet<_>>()
+    };
+    for (c, view) in [
+        (&mut watcher, &mut watcher_view),
+        (&mut newcomer, &mut newcomer_view),
+    ] {
+        while !(view.synced && keys(view) == expected) {
+            view.frame(&c.recv_json().await);
+        }
+    }
+    let truth = refs(&s.endpoint.presence_list("room:burst").to_value().unwrap());
+    assert_eq!(watcher_view.metas, truth);
+    assert_eq!(newcomer_view.metas, truth);
 }
 
 #[tokio::test]
@@ -120,7 +274,6 @@ async fn update_sends_a_join_with_phx_ref_prev_and_a_leave() {
     let mut c = s.presence_client("user=upd").await;
     let state = join_with_presence(&mut c, "1", "room:p3").await;
     let old_ref = metas(&state, "upd")[0]["phx_ref"].clone();
-    diffs_until(&mut c, |j, _| j.get("upd").is_some()).await;
     c.send(json!(["1", "2", "room:p3", "update_presence", {"status": "away"}]))
         .await;
     let d = next_diff(&mut c).await;
@@ -131,6 +284,10 @@ async fn update_sends_a_join_with_phx_ref_prev_and_a_leave() {
     assert_ne!(joined[0]["phx_ref"], old_ref);
     assert!(joined[0]["online_at"].is_string());
     assert_eq!(metas(&d["leaves"], "upd")[0]["phx_ref"], old_ref);
+    // One diff, with this change alone.
+    assert_eq!(d["joins"].as_object().unwrap().len(), 1);
+    assert_eq!(d["leaves"].as_object().unwrap().len(), 1);
+    assert_eq!(metas(&d["leaves"], "upd").len(), 1);
 }
 
 #[tokio::test]
@@ -149,11 +306,19 @@ async fn two_tabs_of_one_user_are_two_metas() {
         .find(|r| *r != ref1)
         .unwrap();
     let has = |side: &Value, r: &Value| metas(side, "twin").iter().any(|m| m["phx_ref"] == *r);
-    diffs_until(&mut tab1, |j, _| has(j, &ref2)).await;
-    // The second tab goes away without a close frame: its meta alone leaves.
+    let d = next_diff(&mut tab1).await;
+    assert!(has(&d["joins"], &ref2), "{d}");
+    // The second tab goes away without a close frame: one diff, with its meta's leave alone.
     drop(tab2);
-    let (_, leaves) = diffs_until(&mut tab1, |_, l| has(l, &ref2)).await;
-    assert_eq!(metas(&leaves, "twin").len(), 1);
+    let d = next_diff(&mut tab1).await;
+    assert_eq!(d["joins"], json!({}));
+    assert_eq!(
+        metas(&d["leaves"], "twin")
+            .iter()
+            .map(|m| m["phx_ref"].clone())
+            .collect::<Vec<_>>(),
+        [ref2]
+    );
     let list = s.endpoint.presence_list("room:p4").to_value().unwrap();
     assert_eq!(
         metas(&list, "twin")

@@ -161,6 +161,12 @@ impl ClusterLink {
         }
     }
 
+    /// Counts a message of node `from` that was read but refused (forged or corrupt).
+    pub(crate) fn reject(&self, from: u64, what: &str) {
+        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = from, "cluster message refused: {what}");
+    }
+
     /// Counts messages the adapter could not send (the outage's loss, for metrics).
     pub fn count_lost(&self, n: u64) {
         self.inner.lost.fetch_add(n, Ordering::Relaxed);

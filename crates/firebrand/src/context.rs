@@ -67,6 +67,10 @@ pub(crate) enum ChannelMsg<M> {
 }
 
 impl<M: Send + 'static> Inbox for Mailbox<ChannelMsg<M>> {
+    fn cursor(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.cursor
+    }
+
     fn intercepted(&self, broadcast: Broadcast) {
         if let Delivered::Full(_) = self.push(ChannelMsg::Out(broadcast)) {
             tracing::warn!("channel mailbox full: intercepted broadcast dropped");
@@ -262,8 +266,14 @@ impl<C: Channel> ChannelContext<C> {
     }
 
     /// The presences on this channel's topic, for `push("presence_state", …)`.
+    ///
+    /// From then on this channel's client gets the `presence_diff` of later changes only:
+    /// never a diff of a change the list already holds. List in `after_join` (a channel's
+    /// diffs start at the end of `after_join` if it has not listed by then).
     pub fn presence_list(&self) -> Payload {
-        self.endpoint.presence_list(&self.topic)
+        self.endpoint
+            .tracker()
+            .list_for(&self.topic, &self.mailbox.cursor)
     }
 
     /// Stops the channel once the current callback returns (after its reply, if any).

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use crate::cluster::{Adapter, Body, ClusterLink, LinkInner};
 use crate::limits::Limit;
-use crate::presence::{DiffSink, PresenceFetch, Tracker};
+use crate::presence::{Diff, DiffSink, PresenceFetch, Tracker};
 use crate::pubsub::{Broadcast, PubSub, SubId};
 use crate::queue::{Close, Outbox};
 use crate::socket::{Socket, SocketBuilder};
@@ -186,6 +186,7 @@ impl EndpointBuilder {
         let node = crate::presence::rand_u64();
         let (heartbeat, down_after) = (self.heartbeat, self.down_after);
         let adapter = self.adapter;
+        let clustered = adapter.is_some();
         let endpoint = Endpoint {
             inner: Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| Inner {
                 cluster: adapter.map(|adapter| {
@@ -214,7 +215,12 @@ impl EndpointBuilder {
                     }
                 }),
                 pubsub: PubSub::new(),
-                tracker: Arc::new(Tracker::new(node, self.presence_batch, self.presence_fetch)),
+                tracker: Arc::new(Tracker::new(
+                    node,
+                    self.presence_batch,
+                    self.presence_fetch,
+                    clustered,
+                )),
                 longpoll: Arc::new(crate::longpoll::Sessions::new(node)),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
@@ -310,7 +316,11 @@ impl Inner {
                 if c.peers.lock().insert(from, now).is_none() {
                     tracing::info!(node = from, "cluster node up");
                 }
-                self.tracker.merge_remote(&delta);
+                if !self.tracker.merge_remote(from, &delta) {
+                    c.link
+                        .reject(from, "presence delta of other nodes' elements");
+                    return;
+                }
                 let mut seen = c.seen.lock();
                 let had = seen.get(&from).copied().unwrap_or(0);
                 if had >= gen_from {
@@ -340,7 +350,11 @@ impl Inner {
                 generation,
                 state,
             } if to == me => {
-                self.tracker.merge_remote(&state);
+                if !self.tracker.merge_remote(from, &state) {
+                    c.link
+                        .reject(from, "presence transfer of other nodes' elements");
+                    return;
+                }
                 let mut seen = c.seen.lock();
                 let had = seen.entry(from).or_insert(0);
                 *had = (*had).max(generation);
@@ -385,9 +399,11 @@ impl Inner {
 }
 
 impl DiffSink for Inner {
-    fn publish_diff(&self, b: Broadcast) {
+    fn publish_diff(&self, diff: &Diff<'_>) {
         // Each node broadcasts its own view's diffs to its local subscribers.
-        self.dispatch_local(&b, None);
+        let delivered = self.pubsub.dispatch_sequenced(diff);
+        self.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.deliveries.fetch_add(delivered, Ordering::Relaxed);
     }
 }
 

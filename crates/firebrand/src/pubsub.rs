@@ -61,8 +61,24 @@ impl Broadcast {
     }
 }
 
+/// A broadcast made of numbered changes, of which each subscriber gets only those after its
+/// cursor ([`Inbox::cursor`]): presence diffs. Subscribers whose cursor is before
+/// [`first`](Sequenced::first) share one encoding of the whole.
+pub(crate) trait Sequenced {
+    fn topic(&self) -> &str;
+    /// The first change's number.
+    fn first(&self) -> u64;
+    /// The last change's number.
+    fn last(&self) -> u64;
+    /// The broadcast of the changes after `cursor`, if any is left.
+    fn since(&self, cursor: u64) -> Option<Broadcast>;
+}
+
 /// A channel task's end of a subscription: where intercepted and extra-topic broadcasts go.
 pub(crate) trait Inbox: Send + Sync {
+    /// The last change of a [`Sequenced`] broadcast on the channel's topic that its client
+    /// already knows of.
+    fn cursor(&self) -> &AtomicU64;
     /// An intercepted event of the channel's own topic, for `handle_out`.
     fn intercepted(&self, broadcast: Broadcast);
     /// A broadcast on a topic the channel subscribed to, for `handle_info`.
@@ -178,6 +194,59 @@ impl PubSub {
                         outbox.close(Close::DISCONNECT);
                     }
                 }
+            }
+        }
+        delivered
+    }
+
+    /// Delivers a [`Sequenced`] broadcast to every joined channel of its topic, each getting
+    /// the changes after its cursor (and every extra-topic subscriber the whole).
+    /// Returns the number of frames queued to connections.
+    pub(crate) fn dispatch_sequenced(&self, s: &dyn Sequenced) -> u64 {
+        let (first, last) = (s.first(), s.last());
+        let mut whole: Option<Option<Broadcast>> = None;
+        let mut whole_frames = FrameCache::default();
+        let mut tails: HashMap<u64, (Option<Broadcast>, FrameCache)> = HashMap::new();
+        let mut delivered = 0;
+        let shard = self.shard(s.topic()).read();
+        let Some(subs) = shard.get(s.topic()) else {
+            return delivered;
+        };
+        for sub in subs {
+            match &sub.target {
+                Target::Fastlane {
+                    outbox,
+                    serializer,
+                    intercepts,
+                    inbox,
+                } => {
+                    let cursor = inbox.cursor().load(Ordering::Acquire);
+                    if cursor >= last {
+                        continue;
+                    }
+                    let (b, cache) = if cursor < first {
+                        (whole.get_or_insert_with(|| s.since(0)), &mut whole_frames)
+                    } else {
+                        let (b, cache) = tails
+                            .entry(cursor)
+                            .or_insert_with(|| (s.since(cursor), FrameCache::default()));
+                        (&mut *b, cache)
+                    };
+                    let Some(b) = b else { continue };
+                    if intercepts.contains(&b.event()) {
+                        inbox.intercepted(b.clone());
+                    } else if let Some(frame) = cache.get(*serializer, b)
+                        && outbox.push(frame) == Pushed::Queued
+                    {
+                        delivered += 1;
+                    }
+                }
+                Target::Info(inbox) => {
+                    if let Some(b) = whole.get_or_insert_with(|| s.since(0)) {
+                        inbox.info(b.clone());
+                    }
+                }
+                Target::Socket(_) => {}
             }
         }
         delivered

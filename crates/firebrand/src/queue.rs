@@ -274,6 +274,9 @@ pub(crate) struct Mailbox<T> {
     state: Mutex<MailState<T>>,
     notify: Notify,
     limit: usize,
+    /// The channel's presence cursor ([`Inbox::cursor`](crate::pubsub::Inbox::cursor)): kept
+    /// here, in the allocation the channel and its subscription share anyway.
+    pub(crate) cursor: std::sync::atomic::AtomicU64,
 }
 
 impl<T> Mailbox<T> {
@@ -285,6 +288,7 @@ impl<T> Mailbox<T> {
             }),
             notify: Notify::new(),
             limit,
+            cursor: std::sync::atomic::AtomicU64::new(crate::presence::NOT_LIVE),
         }
     }
 

@@ -295,6 +295,7 @@ impl<C: Channel> Runner<C> {
         close_replaced(ctx, join.replaces.as_deref());
         let channel = self.channel.insert(joined.channel);
         channel.after_join(ctx).await;
+        ctx.endpoint.tracker().go_live(&ctx.mailbox.cursor);
         self.stopped().await
     }
 

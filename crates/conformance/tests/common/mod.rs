@@ -33,6 +33,16 @@ pub async fn start() -> Server {
 
 pub async fn start_with(config: Config) -> Server {
     let (router, endpoint) = app(&config);
+    serve(router, endpoint).await
+}
+
+/// The conformance app on an endpoint built by the test (other presence settings, say).
+pub async fn start_endpoint(config: &Config, endpoint: Endpoint) -> Server {
+    let router = firebrand_conformance::router(config, &endpoint);
+    serve(router, endpoint).await
+}
+
+async fn serve(router: axum::Router, endpoint: Endpoint) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {

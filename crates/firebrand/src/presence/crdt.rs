@@ -65,10 +65,11 @@ impl Context {
         self.max.get(&d.replica).is_some_and(|&m| d.clock <= m) || self.cloud.contains(&d)
     }
 
+    /// Adds one dot: O(log n), whatever the size of the context.
     fn insert(&mut self, d: Dot) {
         if !self.contains(d) {
             self.cloud.insert(d);
-            self.compact();
+            self.compact(d.replica);
         }
     }
 
@@ -78,22 +79,58 @@ impl Context {
             *mine = (*mine).max(m);
         }
         self.cloud.extend(other.cloud.iter().copied());
-        self.compact();
+        let mut replicas: Vec<ReplicaId> = other.max.keys().copied().collect();
+        replicas.extend(other.cloud.iter().map(|d| d.replica));
+        replicas.dedup();
+        for r in replicas {
+            self.compact(r);
+        }
     }
 
-    /// Moves cloud dots that extend their replica's contiguous run into `max`.
-    fn compact(&mut self) {
-        let cloud = std::mem::take(&mut self.cloud);
-        for d in cloud {
-            // BTreeSet order: by replica, then clock, so runs are consumed in order.
-            let m = self.max.entry(d.replica).or_insert(0);
-            if d.clock == *m + 1 {
-                *m = d.clock;
-            } else if d.clock > *m {
-                self.cloud.insert(d);
-            }
+    /// For one replica: drops cloud dots its contiguous maximum covers, and moves the ones that
+    /// extend it into `max`. Costs the dots it moves or drops, not the size of the cloud.
+    fn compact(&mut self, r: ReplicaId) {
+        let mut m = self.max.get(&r).copied().unwrap_or(0);
+        let first = Dot {
+            replica: r,
+            clock: 0,
+        };
+        while let Some(&d) = self.cloud.range(first..).next()
+            && d.replica == r
+            && d.clock <= m + 1
+        {
+            self.cloud.remove(&d);
+            m = m.max(d.clock);
         }
-        self.max.retain(|_, m| *m > 0);
+        if m > 0 {
+            self.max.insert(r, m);
+        } else {
+            self.max.remove(&r);
+        }
+    }
+
+    /// The replicas this context mentions.
+    pub(crate) fn replicas(&self) -> impl Iterator<Item = ReplicaId> + '_ {
+        self.max
+            .keys()
+            .copied()
+            .chain(self.cloud.iter().map(|d| d.replica))
+    }
+
+    /// The highest clock this context mentions for `replica`.
+    pub(crate) fn highest(&self, replica: ReplicaId) -> u64 {
+        let max = self.max.get(&replica).copied().unwrap_or(0);
+        let cloud = self
+            .cloud
+            .range(
+                Dot { replica, clock: 0 }..=Dot {
+                    replica,
+                    clock: u64::MAX,
+                },
+            )
+            .next_back()
+            .map_or(0, |d| d.clock);
+        max.max(cloud)
     }
 
     fn next(&self, replica: ReplicaId) -> Dot {
@@ -116,11 +153,15 @@ pub(crate) struct State {
     context: Context,
     /// topic → dots of its elements (an index; not part of equality of meaning, kept in sync).
     by_topic: HashMap<Arc<str>, BTreeSet<Dot>>,
+    /// owner → dots of its elements (an index, like `by_topic`): a channel's end untracks
+    /// what it tracked without looking at anyone else's presences.
+    by_owner: HashMap<Owner, Vec<Dot>>,
 }
 
 impl State {
     fn insert(&mut self, d: Dot, e: Entry) {
         self.by_topic.entry(e.topic.clone()).or_default().insert(d);
+        self.by_owner.entry(e.owner).or_default().push(d);
         self.values.insert(d, e);
     }
 
@@ -130,6 +171,12 @@ impl State {
             dots.remove(&d);
             if dots.is_empty() {
                 self.by_topic.remove(&e.topic);
+            }
+        }
+        if let Some(dots) = self.by_owner.get_mut(&e.owner) {
+            dots.retain(|x| *x != d);
+            if dots.is_empty() {
+                self.by_owner.remove(&e.owner);
             }
         }
         Some(e)
@@ -164,12 +211,20 @@ impl State {
                 changes.joins.push((d, e.clone()));
             }
         }
-        let removed: Vec<Dot> = self
-            .values
-            .keys()
+        // The elements `other` has seen and no longer holds: looked up from its context (a
+        // delta's context is its own few dots), never by scanning this state.
+        let gone = |d: &Dot| !other.values.contains_key(d);
+        let mut removed: Vec<Dot> = other
+            .context
+            .cloud
+            .iter()
+            .filter(|d| self.values.contains_key(d) && gone(d))
             .copied()
-            .filter(|&d| other.context.contains(d) && !other.values.contains_key(&d))
             .collect();
+        for (&replica, &m) in &other.context.max {
+            let run = Dot { replica, clock: 0 }..=Dot { replica, clock: m };
+            removed.extend(self.values.range(run).map(|(d, _)| *d).filter(gone));
+        }
         for d in removed {
             if let Some(e) = self.take(d) {
                 changes.leaves.push((d, e));
@@ -190,11 +245,28 @@ impl State {
 
     /// The elements tracked by `owner`.
     pub(crate) fn owned_by(&self, owner: Owner) -> Vec<Dot> {
-        self.values
-            .iter()
-            .filter(|(_, e)| e.owner == owner)
-            .map(|(d, _)| *d)
-            .collect()
+        self.by_owner.get(&owner).cloned().unwrap_or_default()
+    }
+
+    /// The element `owner` tracks for `key` on `topic`.
+    pub(crate) fn find(&self, owner: Owner, topic: &str, key: &str) -> Option<Dot> {
+        let dots = self.by_owner.get(&owner)?;
+        dots.iter().copied().find(|d| {
+            self.values
+                .get(d)
+                .is_some_and(|e| &*e.topic == topic && &*e.key == key)
+        })
+    }
+
+    /// The context of this state (the dots it has seen).
+    pub(crate) fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// Whether every element and every dot of this state is `replica`'s.
+    pub(crate) fn only_of(&self, replica: ReplicaId) -> bool {
+        self.values.keys().all(|d| d.replica == replica)
+            && self.context.replicas().all(|r| r == replica)
     }
 
     /// The highest contiguous clock seen of `replica`.
@@ -207,7 +279,11 @@ impl State {
     /// a valid state, to join anywhere (the transfer to a new or lagging node).
     pub(crate) fn slice(&self, replica: ReplicaId) -> State {
         let mut out = State::default();
-        for (d, e) in self.values.iter().filter(|(d, _)| d.replica == replica) {
+        let run = Dot { replica, clock: 0 }..=Dot {
+            replica,
+            clock: u64::MAX,
+        };
+        for (d, e) in self.values.range(run) {
             out.insert(*d, e.clone());
         }
         if let Some(&m) = self.context.max.get(&replica) {
@@ -226,12 +302,11 @@ impl State {
     /// Forgets `replica` entirely (it is gone): its elements, returned, and its context, so
     /// that if it comes back its state is accepted anew.
     pub(crate) fn forget(&mut self, replica: ReplicaId) -> Vec<(Dot, Entry)> {
-        let dots: Vec<Dot> = self
-            .values
-            .keys()
-            .filter(|d| d.replica == replica)
-            .copied()
-            .collect();
+        let run = Dot { replica, clock: 0 }..=Dot {
+            replica,
+            clock: u64::MAX,
+        };
+        let dots: Vec<Dot> = self.values.range(run).map(|(d, _)| *d).collect();
         let gone = dots
             .into_iter()
             .filter_map(|d| self.take(d).map(|e| (d, e)))

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use firebrand_protocol::{Payload, RawJson};
@@ -45,7 +45,7 @@ use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
-use crate::pubsub::Broadcast;
+use crate::pubsub::{Broadcast, Sequenced};
 use crdt::{Dot, Entry, Owner, State};
 
 /// Why a presence operation was refused.
@@ -87,20 +87,40 @@ struct Unsent {
     generation: u64,
 }
 
-/// Changes waiting to be broadcast for one topic.
-#[derive(Default)]
-struct PendingDiff {
-    joins: BTreeMap<Dot, Entry>,
-    leaves: BTreeMap<Dot, Entry>,
+/// One element joining or leaving, as change number `seq` of the tracker.
+#[derive(Clone)]
+struct Change {
+    seq: u64,
+    dot: Dot,
+    entry: Entry,
+    join: bool,
+}
+
+/// A topic's changes not yet broadcast, and when its last diff went out.
+struct TopicDiff {
+    changes: Vec<Change>,
+    /// When the last diff of this topic was sent (`None`: never, or long ago).
+    last: Option<Instant>,
+    /// When the pending changes are due (`None`: nothing pending).
+    due: Option<Instant>,
+}
+
+/// Everything behind the tracker's lock. One lock, so that a change's number, its place in
+/// the state and its place in the pending diff are taken together: a list taken at change
+/// `n` holds exactly the changes numbered up to `n`.
+struct Inner {
+    state: State,
+    /// Changes applied so far (local and remote); the number of the latest.
+    seq: u64,
+    pending: HashMap<Arc<str>, TopicDiff>,
+    /// Local changes for the next gossip round; `None` on a node without a cluster.
+    unsent: Option<Unsent>,
 }
 
 /// The presence tracker of one endpoint.
 pub(crate) struct Tracker {
     replica: crdt::ReplicaId,
-    state: Mutex<State>,
-    /// Local changes not yet sent to other nodes.
-    unsent: Mutex<Unsent>,
-    pending: Mutex<HashMap<Arc<str>, PendingDiff>>,
+    inner: Mutex<Inner>,
     flush: Arc<Notify>,
     flusher_started: std::sync::Once,
     next_owner: AtomicU64,
@@ -110,21 +130,29 @@ pub(crate) struct Tracker {
 
 /// Publishes presence diffs; implemented by the endpoint.
 pub(crate) trait DiffSink: Send + Sync + 'static {
-    fn publish_diff(&self, b: Broadcast);
+    fn publish_diff(&self, diff: &Diff<'_>);
 }
 
+/// A subscriber's presence cursor before it has seen the topic's presences: it gets no diff.
+pub(crate) const NOT_LIVE: u64 = u64::MAX;
+
 impl Tracker {
-    /// A tracker for replica `replica` (the cluster node id, or a random one alone).
+    /// A tracker for replica `replica` (the cluster node id, or a random one alone);
+    /// `gossip` when its changes go to other nodes.
     pub(crate) fn new(
         replica: crdt::ReplicaId,
         batch: Duration,
         fetch: Option<PresenceFetch>,
+        gossip: bool,
     ) -> Self {
         Tracker {
             replica,
-            state: Mutex::new(State::default()),
-            unsent: Mutex::new(Unsent::default()),
-            pending: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Inner {
+                state: State::default(),
+                seq: 0,
+                pending: HashMap::new(),
+                unsent: gossip.then(Unsent::default),
+            }),
             flush: Arc::new(Notify::new()),
             flusher_started: std::sync::Once::new(),
             next_owner: AtomicU64::new(1),
@@ -141,13 +169,6 @@ impl Tracker {
         }
     }
 
-    fn find(state: &State, owner: Owner, topic: &str, key: &str) -> Option<Dot> {
-        state
-            .topic(topic)
-            .find(|(_, e)| e.owner == owner && &*e.key == key)
-            .map(|(d, _)| d)
-    }
-
     pub(crate) fn track(
         &self,
         owner: Owner,
@@ -156,8 +177,8 @@ impl Tracker {
         meta: Value,
     ) -> Result<String, PresenceError> {
         let meta = object(meta)?;
-        let mut state = self.state.lock();
-        if Self::find(&state, owner, topic, key).is_some() {
+        let mut inner = self.inner.lock();
+        if inner.state.find(owner, topic, key).is_some() {
             return Err(PresenceError::AlreadyTracked);
         }
         let entry = Entry {
@@ -167,10 +188,8 @@ impl Tracker {
             meta,
             prev: None,
         };
-        let (dot, delta) = state.add(self.replica, entry.clone());
-        drop(state);
-        self.record([delta]);
-        self.changed(vec![(dot, entry)], Vec::new());
+        let (dot, delta) = inner.state.add(self.replica, entry.clone());
+        self.record(&mut inner, [delta], vec![(dot, entry)], Vec::new());
         Ok(phx_ref(dot))
     }
 
@@ -182,71 +201,86 @@ impl Tracker {
         meta: Value,
     ) -> Result<String, PresenceError> {
         let meta = object(meta)?;
-        let mut state = self.state.lock();
-        let old = Self::find(&state, owner, topic, key).ok_or(PresenceError::NoPresence)?;
-        let (left, removed) = state.remove(old).ok_or(PresenceError::NoPresence)?;
+        let mut inner = self.inner.lock();
+        let old = inner
+            .state
+            .find(owner, topic, key)
+            .ok_or(PresenceError::NoPresence)?;
+        let (left, removed) = inner.state.remove(old).ok_or(PresenceError::NoPresence)?;
         let entry = Entry {
             meta,
             prev: Some(old),
             ..left.clone()
         };
-        let (dot, added) = state.add(self.replica, entry.clone());
-        drop(state);
-        self.record([removed, added]);
-        self.changed(vec![(dot, entry)], vec![(old, left)]);
+        let (dot, added) = inner.state.add(self.replica, entry.clone());
+        self.record(
+            &mut inner,
+            [removed, added],
+            vec![(dot, entry)],
+            vec![(old, left)],
+        );
         Ok(phx_ref(dot))
     }
 
     pub(crate) fn untrack(&self, owner: Owner, topic: &str, key: &str) {
-        let mut state = self.state.lock();
-        let removed = Self::find(&state, owner, topic, key)
-            .and_then(|d| state.remove(d).map(|(e, delta)| (d, e, delta)));
-        drop(state);
-        if let Some((d, e, delta)) = removed {
-            self.record([delta]);
-            self.changed(Vec::new(), vec![(d, e)]);
+        let mut inner = self.inner.lock();
+        let Some(d) = inner.state.find(owner, topic, key) else {
+            return;
+        };
+        if let Some((e, delta)) = inner.state.remove(d) {
+            self.record(&mut inner, [delta], Vec::new(), vec![(d, e)]);
         }
     }
 
-    /// Untracks everything `owner` tracked (its channel has ended).
+    /// Untracks everything `owner` tracked (its channel has ended): costs what it tracked,
+    /// not what the node holds.
     pub(crate) fn untrack_owner(&self, owner: Owner) {
-        let mut state = self.state.lock();
+        let mut inner = self.inner.lock();
         let mut deltas = Vec::new();
-        let leaves: Vec<_> = state
-            .owned_by(owner)
-            .into_iter()
-            .filter_map(|d| {
-                let (e, removed) = state.remove(d)?;
+        let mut leaves = Vec::new();
+        for d in inner.state.owned_by(owner) {
+            if let Some((e, removed)) = inner.state.remove(d) {
                 deltas.push(removed);
-                Some((d, e))
-            })
-            .collect();
-        drop(state);
+                leaves.push((d, e));
+            }
+        }
         if !leaves.is_empty() {
-            self.record(deltas);
-            self.changed(Vec::new(), leaves);
+            self.record(&mut inner, deltas, Vec::new(), leaves);
         }
     }
 
-    /// Records one local change (made of these deltas) for the next heartbeat.
-    fn record(&self, deltas: impl IntoIterator<Item = State>) {
-        let mut unsent = self.unsent.lock();
-        for d in deltas {
-            unsent.delta.join(&d);
+    /// Records one local change (made of these deltas) for the next gossip round and for the
+    /// topics' diffs.
+    fn record(
+        &self,
+        inner: &mut Inner,
+        deltas: impl IntoIterator<Item = State>,
+        joins: Vec<(Dot, Entry)>,
+        leaves: Vec<(Dot, Entry)>,
+    ) {
+        if let Some(unsent) = &mut inner.unsent {
+            for d in deltas {
+                unsent.delta.join(&d);
+            }
+            unsent.generation += 1;
         }
-        unsent.generation += 1;
+        self.changed(inner, joins, leaves);
+    }
+
+    /// Whether this replica has changes not yet taken by [`Tracker::take_delta`].
+    pub(crate) fn has_unsent(&self) -> bool {
+        let inner = self.inner.lock();
+        inner
+            .unsent
+            .as_ref()
+            .is_some_and(|u| u.generation != u.sent)
     }
 
     /// The local changes since the last call, as a delta covering generations
     /// `(from, to]`, for the next heartbeat.
-    /// Whether this replica has changes not yet taken by [`Tracker::take_delta`].
-    pub(crate) fn has_unsent(&self) -> bool {
-        let unsent = self.unsent.lock();
-        unsent.generation != unsent.sent
-    }
-
     pub(crate) fn take_delta(&self) -> (State, u64, u64) {
-        let mut unsent = self.unsent.lock();
+        let mut inner = self.inner.lock();
+        let unsent = inner.unsent.get_or_insert_with(Unsent::default);
         let to = unsent.generation;
         let from = std::mem::replace(&mut unsent.sent, to);
         (std::mem::take(&mut unsent.delta), from, to)
@@ -255,42 +289,93 @@ impl Tracker {
     /// This replica's part of the state and the generation it includes at least, for a node
     /// that is new or lagging.
     pub(crate) fn own_slice(&self) -> (State, u64) {
-        let generation = self.unsent.lock().generation;
-        (self.state.lock().slice(self.replica), generation)
+        let inner = self.inner.lock();
+        let generation = inner.unsent.as_ref().map_or(0, |u| u.generation);
+        (inner.state.slice(self.replica), generation)
     }
 
-    /// Joins a delta or a slice from another node; its joins and leaves go out as diffs.
-    pub(crate) fn merge_remote(&self, remote: &State) {
-        let changes = self.state.lock().join(remote);
-        if !changes.joins.is_empty() || !changes.leaves.is_empty() {
-            self.changed(changes.joins, changes.leaves);
+    /// Joins a delta or a slice from node `from`; its joins and leaves go out as diffs.
+    ///
+    /// Refused (false) when it is not only `from`'s own: a node gossips only its own
+    /// elements and dots, so a message that names another replica (this one, say) or a clock
+    /// that jumps more than `MAX_CLOCK_JUMP` past what is known of `from` is forged or
+    /// corrupt, and joining it could remove other nodes' presences or overflow clocks.
+    pub(crate) fn merge_remote(&self, from: crdt::ReplicaId, remote: &State) -> bool {
+        let mut inner = self.inner.lock();
+        if from == self.replica
+            || !remote.only_of(from)
+            || remote.context().highest(from)
+                > inner
+                    .state
+                    .context()
+                    .highest(from)
+                    .saturating_add(MAX_CLOCK_JUMP)
+        {
+            return false;
         }
+        let changes = inner.state.join(remote);
+        if !changes.joins.is_empty() || !changes.leaves.is_empty() {
+            self.changed(&mut inner, changes.joins, changes.leaves);
+        }
+        true
     }
 
     /// Drops everything of a replica that is gone (node down, or left).
     pub(crate) fn forget(&self, replica: crdt::ReplicaId) {
-        let gone = self.state.lock().forget(replica);
+        let mut inner = self.inner.lock();
+        let gone = inner.state.forget(replica);
         if !gone.is_empty() {
             tracing::info!(
                 replica,
                 presences = gone.len(),
                 "presences of a departed node removed"
             );
-            self.changed(Vec::new(), gone);
+            self.changed(&mut inner, Vec::new(), gone);
         }
     }
 
     /// The topic's presences: `{key: {"metas": [...]}}`, through the fetch hook.
-    ///
-    /// The state lock is held only to copy the topic's entries (reference counts): rendering a
-    /// big room's list takes milliseconds, and every join and gossip message needs the lock.
     pub(crate) fn list(&self, topic: &str) -> Payload {
-        let mut entries: Vec<(Dot, Entry)> = self
+        let entries = self.snapshot(topic, |_| {});
+        self.render(topic, entries)
+    }
+
+    /// The topic's presences for a subscriber whose cursor is `cursor`: from now on it gets
+    /// the diffs of later changes only (see [`Diff`]).
+    pub(crate) fn list_for(&self, topic: &str, cursor: &AtomicU64) -> Payload {
+        let entries = self.snapshot(topic, |seq| {
+            let c = cursor.load(Ordering::Acquire);
+            if c == NOT_LIVE || c < seq {
+                cursor.store(seq, Ordering::Release);
+            }
+        });
+        self.render(topic, entries)
+    }
+
+    /// A subscriber that has not listed the topic's presences starts getting the diffs of
+    /// changes made from now on.
+    pub(crate) fn go_live(&self, cursor: &AtomicU64) {
+        if cursor.load(Ordering::Acquire) == NOT_LIVE {
+            let inner = self.inner.lock();
+            let _ =
+                cursor.compare_exchange(NOT_LIVE, inner.seq, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// The topic's entries (reference counts), with `at` given the number of the last change
+    /// they include, under the same lock. Rendering a big room's list takes milliseconds and
+    /// happens after, outside the lock.
+    fn snapshot(&self, topic: &str, at: impl FnOnce(u64)) -> Vec<(Dot, Entry)> {
+        let inner = self.inner.lock();
+        at(inner.seq);
+        inner
             .state
-            .lock()
             .topic(topic)
             .map(|(dot, e)| (dot, e.clone()))
-            .collect();
+            .collect()
+    }
+
+    fn render(&self, topic: &str, mut entries: Vec<(Dot, Entry)>) -> Payload {
         if self.fetch.is_none()
             && let Some(rendered) = render_list(&mut entries)
         {
@@ -303,85 +388,204 @@ impl Tracker {
         self.finish(topic, map)
     }
 
+    /// Runs the fetch hook. It is user code: a panic leaves the entries as they are (logged),
+    /// and never ends the task that sends diffs.
     fn finish(&self, topic: &str, mut map: Map<String, Value>) -> Payload {
         if let Some(fetch) = &self.fetch {
-            fetch(topic, &mut map);
+            let run = std::panic::AssertUnwindSafe(|| fetch(topic, &mut map));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!(
+                    topic,
+                    "presence fetch hook panicked; entries sent as tracked"
+                );
+            }
         }
         Payload::from(Value::Object(map))
     }
 
-    /// Records changes for the next batched diff and wakes the flusher.
-    fn changed(&self, joins: Vec<(Dot, Entry)>, leaves: Vec<(Dot, Entry)>) {
-        let mut pending = self.pending.lock();
-        for (d, e) in joins {
-            pending
-                .entry(e.topic.clone())
-                .or_default()
-                .joins
-                .insert(d, e);
+    /// Records changes (one change number) for the topics' next diffs and wakes the flusher
+    /// when a topic's diff is due: at once when its last diff went out more than the batch
+    /// window ago, else at the end of that window.
+    fn changed(&self, inner: &mut Inner, joins: Vec<(Dot, Entry)>, leaves: Vec<(Dot, Entry)>) {
+        inner.seq += 1;
+        let seq = inner.seq;
+        let now = Instant::now();
+        let mut wake = false;
+        let all = leaves
+            .into_iter()
+            .map(|(dot, entry)| (dot, entry, false))
+            .chain(joins.into_iter().map(|(dot, entry)| (dot, entry, true)));
+        for (dot, entry, join) in all {
+            let topic = inner
+                .pending
+                .entry(entry.topic.clone())
+                .or_insert_with(|| TopicDiff {
+                    changes: Vec::new(),
+                    last: None,
+                    due: None,
+                });
+            if topic.due.is_none() {
+                let due = match topic.last {
+                    Some(last) if now < last + self.batch => last + self.batch,
+                    _ => now,
+                };
+                topic.due = Some(due);
+                wake = true;
+            }
+            topic.changes.push(Change {
+                seq,
+                dot,
+                entry,
+                join,
+            });
         }
-        // A presence that comes and goes within one batch is announced as both a join and a
-        // leave: a client may have received it in a `presence_state` meanwhile, and clients
-        // apply joins before leaves, so the net effect is right either way.
-        for (d, e) in leaves {
-            pending
-                .entry(e.topic.clone())
-                .or_default()
-                .leaves
-                .insert(d, e);
+        if wake {
+            self.flush.notify_one();
         }
-        drop(pending);
-        self.flush.notify_one();
     }
 
-    /// Starts the task that broadcasts batched diffs (once; needs a Tokio runtime). The task
-    /// holds neither the tracker nor the endpoint, and ends when they are dropped.
+    /// Starts the task that broadcasts diffs (once; needs a Tokio runtime). The task holds
+    /// neither the tracker nor the endpoint, and ends when they are dropped.
     pub(crate) fn start_flusher(self: &Arc<Self>, sink: Weak<dyn DiffSink>) {
         self.flusher_started.call_once(|| {
             let tracker = Arc::downgrade(self);
             let notify = self.flush.clone();
             tokio::spawn(async move {
+                let mut next = None;
                 loop {
-                    notify.notified().await;
-                    let Some(batch) = tracker.upgrade().map(|t| t.batch) else {
-                        return;
-                    };
-                    tokio::time::sleep(batch).await;
+                    match next {
+                        Some(at) => {
+                            tokio::select! {
+                                _ = notify.notified() => {}
+                                _ = tokio::time::sleep_until(at) => {}
+                            }
+                        }
+                        None => notify.notified().await,
+                    }
                     let (Some(t), Some(sink)) = (tracker.upgrade(), sink.upgrade()) else {
                         return;
                     };
-                    t.flush_now(&*sink);
+                    next = t
+                        .flush_due(Instant::now(), &*sink)
+                        .map(tokio::time::Instant::from_std);
                 }
             });
         });
     }
 
-    fn flush_now(&self, sink: &dyn DiffSink) {
-        let pending = std::mem::take(&mut *self.pending.lock());
-        for (topic, diff) in pending {
-            if diff.joins.is_empty() && diff.leaves.is_empty() {
-                continue;
-            }
-            let mut joins = Map::new();
-            for (d, e) in &diff.joins {
-                push_meta(&mut joins, *d, e);
-            }
-            let mut leaves = Map::new();
-            for (d, e) in &diff.leaves {
-                push_meta(&mut leaves, *d, e);
-            }
-            let joins = self.finish(&topic, joins).to_value().unwrap_or_default();
-            let leaves = self.finish(&topic, leaves).to_value().unwrap_or_default();
-            let payload = Payload::from(serde_json::json!({"joins": joins, "leaves": leaves}));
-            sink.publish_diff(Broadcast::new(&*topic, "presence_diff", payload));
+    /// Sends the diffs due at `now`; returns when the next ones are due. Topics whose last
+    /// diff is older than the window and that have nothing pending are forgotten.
+    fn flush_due(&self, now: Instant, sink: &dyn DiffSink) -> Option<Instant> {
+        let mut due = Vec::new();
+        let mut next: Option<Instant> = None;
+        {
+            let mut inner = self.inner.lock();
+            let batch = self.batch;
+            inner.pending.retain(|topic, diff| match diff.due {
+                Some(at) if at <= now => {
+                    due.push((topic.clone(), std::mem::take(&mut diff.changes)));
+                    diff.due = None;
+                    diff.last = Some(now);
+                    true
+                }
+                Some(at) => {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                    true
+                }
+                None => diff.last.is_some_and(|last| now < last + batch),
+            });
         }
+        for (topic, changes) in due {
+            sink.publish_diff(&Diff {
+                tracker: self,
+                topic: &topic,
+                changes,
+            });
+        }
+        next
+    }
+
+    /// Sends every pending diff now (tests).
+    #[cfg(test)]
+    fn flush_now(&self, sink: &dyn DiffSink) {
+        let far = Instant::now() + Duration::from_secs(3600);
+        self.flush_due(far, sink);
     }
 }
+
+/// How far past what is known of a node its gossip may move that node's clock at once.
+const MAX_CLOCK_JUMP: u64 = 1 << 32;
 
 impl Drop for Tracker {
     fn drop(&mut self) {
         // Wakes the flusher so that it sees the tracker gone and ends.
         self.flush.notify_one();
+    }
+}
+
+/// The changes of one topic sent together: numbered `first..=last`.
+///
+/// Every subscriber of the topic has a cursor: the last change its client knows of (from
+/// the `presence_state` it was sent, [`Tracker::list_for`], or from when it started getting
+/// diffs, [`Tracker::go_live`]). It gets only the changes after its cursor: the whole diff
+/// (encoded once for all such subscribers) when its cursor is before `first`, nothing when
+/// it is at `last` or later, and a diff of the later changes, rendered for it, when the
+/// cursor falls inside (it listed the presences while these changes were pending).
+pub(crate) struct Diff<'a> {
+    tracker: &'a Tracker,
+    topic: &'a str,
+    changes: Vec<Change>,
+}
+
+impl Sequenced for Diff<'_> {
+    fn topic(&self) -> &str {
+        self.topic
+    }
+
+    fn first(&self) -> u64 {
+        self.changes.first().map_or(0, |c| c.seq)
+    }
+
+    fn last(&self) -> u64 {
+        self.changes.last().map_or(0, |c| c.seq)
+    }
+
+    /// The `presence_diff` of the changes after `cursor`; `None` when nothing is left.
+    ///
+    /// Each element is announced by what its first and last change say: joined, left,
+    /// or both when it came and went (the client applies joins before leaves, so it ends up
+    /// without it either way). An element that left and came back (a node forgotten and
+    /// heard from again) is unchanged for a client that had it, so it is not announced.
+    fn since(&self, cursor: u64) -> Option<Broadcast> {
+        let mut seen: BTreeMap<Dot, (&Change, &Change)> = BTreeMap::new();
+        for c in self.changes.iter().filter(|c| c.seq > cursor) {
+            seen.entry(c.dot)
+                .and_modify(|(_, last)| *last = c)
+                .or_insert((c, c));
+        }
+        if seen.is_empty() {
+            return None;
+        }
+        let (mut joins, mut leaves) = (Map::new(), Map::new());
+        for (dot, (first, last)) in &seen {
+            match (first.join, last.join) {
+                (true, true) => push_meta(&mut joins, *dot, &last.entry),
+                (false, false) => push_meta(&mut leaves, *dot, &first.entry),
+                (true, false) => {
+                    push_meta(&mut joins, *dot, &first.entry);
+                    push_meta(&mut leaves, *dot, &first.entry);
+                }
+                (false, true) => {}
+            }
+        }
+        if joins.is_empty() && leaves.is_empty() {
+            return None;
+        }
+        let t = self.tracker;
+        let joins = t.finish(self.topic, joins).to_value().unwrap_or_default();
+        let leaves = t.finish(self.topic, leaves).to_value().unwrap_or_default();
+        let payload = Payload::from(serde_json::json!({"joins": joins, "leaves": leaves}));
+        Some(Broadcast::new(self.topic, "presence_diff", payload))
     }
 }
 
@@ -500,10 +704,12 @@ mod tests {
     struct Collect(Mutex<Vec<(String, Value)>>);
 
     impl DiffSink for Collect {
-        fn publish_diff(&self, b: Broadcast) {
-            self.0
-                .lock()
-                .push((b.topic().to_owned(), b.payload().to_value().unwrap()));
+        fn publish_diff(&self, diff: &Diff<'_>) {
+            if let Some(b) = diff.since(0) {
+                self.0
+                    .lock()
+                    .push((b.topic().to_owned(), b.payload().to_value().unwrap()));
+            }
         }
     }
 
@@ -520,7 +726,7 @@ mod tests {
 
     #[test]
     fn lists_written_as_text_equal_the_general_path() {
-        let t = Tracker::new(1, Duration::ZERO, None);
+        let t = Tracker::new(1, Duration::ZERO, None, false);
         let owners: Vec<Owner> = (0..4).map(|_| t.new_owner()).collect();
         let topic = "room:list";
         t.track(
@@ -549,8 +755,9 @@ mod tests {
         t.update(owners[3], topic, "bob", serde_json::json!({"v": 2}))
             .unwrap();
         let mut entries: Vec<(Dot, Entry)> = t
-            .state
+            .inner
             .lock()
+            .state
             .topic(topic)
             .map(|(d, e)| (d, e.clone()))
             .collect();
@@ -567,7 +774,7 @@ mod tests {
 
     #[test]
     fn track_update_untrack_and_their_diffs() {
-        let t = Tracker::new(1, Duration::ZERO, None);
+        let t = Tracker::new(1, Duration::ZERO, None, false);
         let sink = Collect(Mutex::new(Vec::new()));
         let (a, b) = (t.new_owner(), t.new_owner());
         let r1 = t
@@ -628,7 +835,7 @@ mod tests {
     /// client may have seen it in a presence_state meanwhile (otherwise it would keep a ghost).
     #[test]
     fn a_presence_that_comes_and_goes_within_a_batch_is_announced_as_both() {
-        let t = Tracker::new(1, Duration::ZERO, None);
+        let t = Tracker::new(1, Duration::ZERO, None, false);
         let sink = Collect(Mutex::new(Vec::new()));
         let a = t.new_owner();
         let r = t
@@ -652,7 +859,7 @@ mod tests {
                 entry["user"] = serde_json::json!({"name": key.to_uppercase(), "topic": topic});
             }
         });
-        let t = Tracker::new(1, Duration::ZERO, Some(fetch));
+        let t = Tracker::new(1, Duration::ZERO, Some(fetch), false);
         let sink = Collect(Mutex::new(Vec::new()));
         t.track(t.new_owner(), "room:1", "ann", serde_json::json!({}))
             .unwrap();
@@ -665,5 +872,185 @@ mod tests {
             sink.0.lock()[0].1["joins"]["ann"]["user"]["topic"],
             "room:1"
         );
+    }
+
+    /// What the official client does with `presence_state` and `presence_diff` (phoenix.js
+    /// `Presence.syncState` / `syncDiff`), keyed by `phx_ref`, failing on a change seen twice:
+    /// a join of a meta it holds, or a leave of one it does not.
+    #[derive(Default)]
+    struct ClientView {
+        metas: std::collections::BTreeSet<(String, String)>,
+        /// Diffs received before the first state, applied after it (phoenix.js pendingDiffs).
+        pending: Vec<Value>,
+        synced: bool,
+    }
+
+    impl ClientView {
+        fn metas_of(v: &Value) -> Vec<(String, String)> {
+            let mut out = Vec::new();
+            for (key, entry) in v.as_object().unwrap() {
+                for m in entry["metas"].as_array().unwrap() {
+                    out.push((key.clone(), m["phx_ref"].as_str().unwrap().to_owned()));
+                }
+            }
+            out
+        }
+
+        fn state(&mut self, state: &Value) {
+            self.metas = Self::metas_of(state).into_iter().collect();
+            self.synced = true;
+            for diff in std::mem::take(&mut self.pending) {
+                self.diff(&diff).unwrap();
+            }
+        }
+
+        fn diff(&mut self, diff: &Value) -> Result<(), String> {
+            if !self.synced {
+                self.pending.push(diff.clone());
+                return Ok(());
+            }
+            let leaves = Self::metas_of(&diff["leaves"]);
+            for m in Self::metas_of(&diff["joins"]) {
+                // A meta that comes and goes within one diff is announced as both.
+                if !self.metas.insert(m.clone()) {
+                    return Err(format!("join of {m:?}, already known"));
+                }
+            }
+            for m in leaves {
+                if !self.metas.remove(&m) {
+                    return Err(format!("leave of {m:?}, not known"));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// The real PubSub as the sink: diffs reach subscribers through `dispatch_sequenced`.
+    struct Hub(crate::pubsub::PubSub);
+
+    impl DiffSink for Hub {
+        fn publish_diff(&self, diff: &Diff<'_>) {
+            self.0.dispatch_sequenced(diff);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Track(usize, usize),
+        Update(usize),
+        Untrack(usize),
+        /// A new subscriber: 0 lists at once, 1 starts without a list, 2 lists later.
+        Subscribe(u8),
+        List(usize),
+        Flush,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (0usize..6, 0usize..3).prop_map(|(o, k)| Op::Track(o, k)),
+            2 => (0usize..6).prop_map(Op::Update),
+            3 => (0usize..6).prop_map(Op::Untrack),
+            2 => (0u8..3).prop_map(Op::Subscribe),
+            1 => (0usize..8).prop_map(Op::List),
+            3 => Just(Op::Flush),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of changes, joins and flushes: each subscriber's `presence_state`
+        /// plus the diffs it got equals the tracker's state, and no change reaches it twice.
+        #[test]
+        fn state_plus_diffs_equals_the_tracker(ops in proptest::collection::vec(op(), 1..60)) {
+            use crate::context::ChannelMsg;
+            use crate::pubsub::{Inbox, Target};
+            use crate::queue::{Frame, Mailbox, Outbox};
+            use firebrand_protocol::Serializer;
+
+            let topic = "room:p";
+            let t = Tracker::new(1, Duration::ZERO, None, false);
+            let hub = Hub(crate::pubsub::PubSub::new());
+            let owners: Vec<Owner> = (0..6).map(|_| t.new_owner()).collect();
+            struct Sub {
+                outbox: Arc<Outbox>,
+                mailbox: Arc<Mailbox<ChannelMsg<()>>>,
+                view: ClientView,
+                lists_later: bool,
+            }
+            let mut subs: Vec<Sub> = Vec::new();
+            let receive = |sub: &mut Sub| -> Result<(), String> {
+                for frame in sub.outbox.take().frames {
+                    let Frame::Text(text) = frame else { panic!("text frames only") };
+                    let msg: Value = serde_json::from_slice(&text).unwrap();
+                    assert_eq!(msg[3], "presence_diff");
+                    sub.view.diff(&msg[4])?;
+                }
+                Ok(())
+            };
+            for op in ops {
+                match op {
+                    Op::Track(o, k) => {
+                        let _ = t.track(owners[o], topic, &format!("user{k}"), serde_json::json!({"o": o}));
+                        // Another topic's changes never reach these subscribers.
+                        let _ = t.track(owners[o], "room:other", "x", serde_json::json!({}));
+                    }
+                    Op::Update(o) => {
+                        for k in 0..3 {
+                            let _ = t.update(owners[o], topic, &format!("user{k}"), serde_json::json!({"u": o}));
+                        }
+                    }
+                    Op::Untrack(o) => t.untrack_owner(owners[o]),
+                    Op::Subscribe(mode) => {
+                        let outbox = Arc::new(Outbox::new(1 << 20));
+                        let mailbox = Arc::new(Mailbox::<ChannelMsg<()>>::new(16));
+                        let inbox: Arc<dyn Inbox> = mailbox.clone();
+                        hub.0.subscribe(topic, Target::Fastlane {
+                            outbox: outbox.clone(),
+                            serializer: Serializer::V2,
+                            intercepts: &[],
+                            inbox,
+                        });
+                        let mut sub = Sub { outbox, mailbox, view: ClientView::default(), lists_later: mode == 2 };
+                        match mode {
+                            0 => {
+                                let state = t.list_for(topic, &sub.mailbox.cursor).to_value().unwrap();
+                                sub.view.state(&state);
+                            }
+                            1 => {
+                                t.go_live(&sub.mailbox.cursor);
+                                // It knows what was there when it went live.
+                                sub.view.state(&t.list(topic).to_value().unwrap());
+                            }
+                            _ => {}
+                        }
+                        subs.push(sub);
+                    }
+                    Op::List(i) => {
+                        if let Some(sub) = subs.get_mut(i).filter(|s| s.lists_later) {
+                            receive(sub).map_err(proptest::test_runner::TestCaseError::fail)?;
+                            let state = t.list_for(topic, &sub.mailbox.cursor).to_value().unwrap();
+                            sub.view.state(&state);
+                            sub.lists_later = false;
+                        }
+                    }
+                    Op::Flush => t.flush_now(&hub),
+                }
+                for sub in &mut subs {
+                    receive(sub).map_err(proptest::test_runner::TestCaseError::fail)?;
+                }
+            }
+            t.flush_now(&hub);
+            let truth: std::collections::BTreeSet<_> =
+                ClientView::metas_of(&t.list(topic).to_value().unwrap()).into_iter().collect();
+            for sub in &mut subs {
+                receive(sub).map_err(proptest::test_runner::TestCaseError::fail)?;
+                if sub.view.synced {
+                    proptest::prop_assert_eq!(&sub.view.metas, &truth);
+                } else {
+                    // Never listed: it got no diff at all.
+                    proptest::prop_assert!(sub.view.pending.is_empty());
+                }
+            }
+        }
     }
 }
