@@ -76,3 +76,62 @@ test("Presence follows joins, tabs, updates, crashes, leaves and disconnects", a
   assert.deepEqual(Object.keys(state), ["obs"])
   assert.deepEqual(refs(state), await serverList(t))
 })
+
+/**
+ * A Presence whose callbacks are counted per meta (phx_ref): onJoin must announce each real
+ * join once, onLeave each real leave once, and never a leave of a meta it was not told of.
+ */
+function counted(channel) {
+  const presence = new Presence(channel)
+  const joins = new Map(), leaves = new Map(), problems = []
+  presence.onJoin((key, _current, joined) => {
+    for (const {phx_ref} of joined.metas) {
+      joins.set(phx_ref, (joins.get(phx_ref) ?? 0) + 1)
+      if (joins.get(phx_ref) > 1) problems.push(`onJoin twice for ${key} ${phx_ref}`)
+    }
+  })
+  presence.onLeave((key, _current, left) => {
+    for (const {phx_ref} of left.metas) {
+      leaves.set(phx_ref, (leaves.get(phx_ref) ?? 0) + 1)
+      if (leaves.get(phx_ref) > 1) problems.push(`onLeave twice for ${key} ${phx_ref}`)
+      if (!joins.has(phx_ref)) problems.push(`onLeave for ${key} ${phx_ref}, never joined`)
+    }
+  })
+  return {presence, joins, leaves, problems}
+}
+
+test("under a burst, onJoin fires once per real join and onLeave once per real leave", async () => {
+  const USERS = 30
+  const t = topic("burst")
+  const obs = await connect({user: "obs"})
+  const watched = counted(obs.channel(t))
+  await outcome(watched.presence.channel.join())
+
+  const users = await Promise.all(Array.from({length: USERS}, (_, i) => connect({user: `u${i}`})))
+  const joined = users.map((s) => join(s, t))
+  // A newcomer joins in the middle of the burst, while its diffs are pending.
+  const late = await connect({user: "late"})
+  const newcomer = counted(late.channel(t))
+  const lateJoin = outcome(newcomer.presence.channel.join())
+  await Promise.all([...joined, lateJoin])
+  // Half of them leave at once.
+  for (const s of users.slice(0, USERS / 2)) s.disconnect()
+
+  const gone = (s) => users.slice(0, USERS / 2).every((_, i) => !s[`u${i}`])
+  const all = (s) => users.slice(USERS / 2).every((_, i) => s[`u${i + USERS / 2}`]) && s.obs && s.late
+  for (const c of [watched, newcomer]) {
+    const state = await synced(c.presence, (s) => gone(s) && all(s))
+    assert.deepEqual(c.problems, [])
+    // Every meta it lists was announced by exactly one onJoin.
+    for (const {metas} of Object.values(state)) {
+      for (const {phx_ref} of metas) assert.equal(c.joins.get(phx_ref), 1, phx_ref)
+    }
+  }
+  // The watcher saw every user come; the leavers leave once each.
+  assert.equal(watched.leaves.size, USERS / 2)
+  const server = await serverList(t)
+  for (const c of [watched, newcomer]) {
+    const state = await synced(c.presence, (s) => !s.checker)
+    assert.deepEqual(refs(state), server)
+  }
+})

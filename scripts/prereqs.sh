@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs or starts what the tests need, or stops at once saying what is missing and how to
+# install it. Called by scripts/test.sh (the README's test command); safe to run again.
+#
+#   cargo, rustc      the Rust toolchain (rustup)
+#   node, npm         the official phoenix client and the browser tests
+#   chromium          the chat demo's browser tests (Debian's package; never a downloaded build)
+#   Redis, NATS       the cluster tests, on 127.0.0.1:6379 and 127.0.0.1:4222
+set -euo pipefail
+
+missing() {
+  echo "scripts/prereqs.sh: $1 is missing and cannot be installed here (not root, or no apt-get)." >&2
+  echo "  Install it with: $2" >&2
+  exit 1
+}
+
+# apt-get install, as root on a Debian-like machine; `apt-get update` once per run.
+updated=""
+apt_install() {
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+  if [ -z "$updated" ]; then
+    echo "scripts/prereqs.sh: apt-get update" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && updated=1
+  fi
+  echo "scripts/prereqs.sh: installing $*" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
+  . "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null ||
+  missing "the Rust toolchain (cargo)" "curl --proto '=https' -sSf https://sh.rustup.rs | sh"
+
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  apt_install nodejs npm || missing "Node.js 20+ with npm" "sudo apt-get install nodejs npm"
+fi
+
+if ! [ -x /usr/bin/chromium ]; then
+  apt_install chromium || missing "Chromium (/usr/bin/chromium)" "sudo apt-get install chromium"
+fi
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  for _ in $(seq 1 50); do port_open "$1" && return 0; sleep 0.2; done
+  echo "scripts/prereqs.sh: $2 was started but nothing listens on 127.0.0.1:$1" >&2
+  exit 1
+}
+
+if ! port_open 6379; then
+  command -v redis-server >/dev/null || apt_install redis-server ||
+    missing "Redis (redis-server)" "sudo apt-get install redis-server"
+  echo "scripts/prereqs.sh: starting Redis on 127.0.0.1:6379" >&2
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  wait_port 6379 Redis
+fi
+
+if ! port_open 4222; then
+  nats="$(command -v nats-server || echo /usr/sbin/nats-server)"
+  [ -x "$nats" ] || apt_install nats-server ||
+    missing "NATS (nats-server)" "sudo apt-get install nats-server"
+  nats="$(command -v nats-server || echo /usr/sbin/nats-server)"
+  echo "scripts/prereqs.sh: starting NATS on 127.0.0.1:4222" >&2
+  if command -v start-stop-daemon >/dev/null; then
+    start-stop-daemon --start --oknodo --background --exec "$nats" -- -a 127.0.0.1 -p 4222 -js
+  else
+    nohup "$nats" -a 127.0.0.1 -p 4222 -js >/dev/null 2>&1 &
+  fi
+  wait_port 4222 NATS
+fi
