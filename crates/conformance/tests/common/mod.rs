@@ -33,6 +33,11 @@ pub async fn start() -> Server {
 
 pub async fn start_with(config: Config) -> Server {
     let (router, endpoint) = app(&config);
+    serve(router, endpoint).await
+}
+
+/// Serves `router` (whose sockets live on `endpoint`) on 127.0.0.1:0.
+pub async fn serve(router: axum::Router, endpoint: Endpoint) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
