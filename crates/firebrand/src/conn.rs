@@ -11,6 +11,7 @@ use std::task::Poll;
 
 use firebrand_protocol::{Message, Payload, Serializer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::channel::{Reply, StopReason};
@@ -49,36 +50,127 @@ pub(crate) struct Conn<S: Socket> {
     _registered: Registered,
 }
 
-/// A connection's channels by topic: a vector, searched linearly (at most `max_channels`,
+/// A connection's channel tasks by topic: a vector, searched linearly (at most `max_channels`,
 /// 100 by default), sized to what is joined. A hash map holds room for 3 channels from the
 /// first: 300 bytes per connection that joins one topic.
+///
+/// A task stays here until it has ended (`ConnEvent::ChannelExited`), not only while it is the
+/// topic's current channel: one that was left or replaced is [`Slot::Ending`] until its
+/// `terminate` has returned and its `Runner` has unsubscribed. So ending tasks count against
+/// `max_channels`, and a later channel of the same topic starts only once every earlier one is
+/// gone (exactly once across rejoins: the old subscription is gone before the new join is
+/// subscribed).
 #[derive(Default)]
-struct Channels(Vec<(String, ChannelHandle)>);
+struct Channels(Vec<(String, Slot)>);
+
+/// One channel task of the connection.
+enum Slot {
+    /// The topic's current channel: client messages for the topic go to it.
+    Live(ChannelHandle),
+    /// A task left or replaced, still ending. `next` starts its successor, the topic's next
+    /// channel, once this task has ended (if it never started, `next` passes to its own
+    /// predecessor instead: see [`Channels::exited`]).
+    Ending {
+        id: u64,
+        next: Option<(u64, oneshot::Sender<()>)>,
+    },
+}
+
+impl Slot {
+    fn id(&self) -> u64 {
+        match self {
+            Slot::Live(c) => c.id,
+            Slot::Ending { id, .. } => *id,
+        }
+    }
+}
 
 impl Channels {
+    /// The topic's current channel.
     fn get(&self, topic: &str) -> Option<&ChannelHandle> {
-        self.0.iter().find(|(t, _)| t == topic).map(|(_, c)| c)
+        self.0.iter().find_map(|(t, s)| match s {
+            Slot::Live(c) if t == topic => Some(c),
+            _ => None,
+        })
     }
 
-    fn remove(&mut self, topic: &str) -> Option<ChannelHandle> {
-        let i = self.0.iter().position(|(t, _)| t == topic)?;
-        Some(self.0.swap_remove(i).1)
+    /// Marks the topic's current channel as ending; returns it.
+    fn end(&mut self, topic: &str) -> Option<ChannelHandle> {
+        let slot = self
+            .0
+            .iter_mut()
+            .find(|(t, s)| t == topic && matches!(s, Slot::Live(_)))?;
+        let ending = Slot::Ending {
+            id: slot.1.id(),
+            next: None,
+        };
+        match std::mem::replace(&mut slot.1, ending) {
+            Slot::Live(c) => Some(c),
+            Slot::Ending { .. } => None,
+        }
     }
 
-    fn insert(&mut self, topic: String, handle: ChannelHandle) {
-        self.remove(&topic);
+    /// Makes task `id` the successor of the topic's latest task, if one is still ending (after
+    /// [`Channels::end`] of the current one): returns what `id` must await before it starts.
+    fn follow(&mut self, topic: &str, id: u64) -> Option<oneshot::Receiver<()>> {
+        // The topic's latest task (the one with no successor yet) is the new one's predecessor.
+        let before = self.0.iter_mut().find_map(|(t, s)| match s {
+            Slot::Ending { next, .. } if t == topic && next.is_none() => Some(next),
+            _ => None,
+        });
+        before.map(|next| {
+            let (tx, rx) = oneshot::channel();
+            *next = Some((id, tx));
+            rx
+        })
+    }
+
+    /// Adds the topic's new current channel.
+    fn push(&mut self, topic: String, handle: ChannelHandle) {
         if self.0.is_empty() {
             self.0.reserve_exact(1);
         }
-        self.0.push((topic, handle));
+        self.0.push((topic, Slot::Live(handle)));
     }
 
+    /// Forgets the task `id`, which has ended, and starts its successor if it was the last
+    /// task before it. A task that ended without starting (aborted while it waited) hands its
+    /// successor to its own predecessor, which is still running.
+    fn exited(&mut self, id: u64) {
+        let next = match self.0.iter().position(|(_, s)| s.id() == id) {
+            Some(i) => match self.0.swap_remove(i).1 {
+                Slot::Ending { next, .. } => next,
+                Slot::Live(_) => None,
+            },
+            None => None,
+        };
+        let before = self.0.iter_mut().find_map(|(_, s)| match s {
+            Slot::Ending {
+                next: n @ Some(_), ..
+            } if n.as_ref().is_some_and(|(s, _)| *s == id) => Some(n),
+            _ => None,
+        });
+        match (before, next) {
+            (Some(before), next) => *before = next,
+            (None, Some((_, start))) => {
+                let _ = start.send(());
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Channel tasks alive, current or ending.
     fn len(&self) -> usize {
         self.0.len()
     }
 
-    fn drain(&mut self) -> impl Iterator<Item = (String, ChannelHandle)> + '_ {
-        self.0.drain(..)
+    /// Takes every task: the current channels, to be told the socket closed. Ending tasks
+    /// just end; successors still waiting for them do not start.
+    fn drain(&mut self) -> impl Iterator<Item = ChannelHandle> + '_ {
+        self.0.drain(..).filter_map(|(_, s)| match s {
+            Slot::Live(c) => Some(c),
+            Slot::Ending { .. } => None,
+        })
     }
 }
 
@@ -136,7 +228,7 @@ impl<S: Socket> Conn<S> {
     pub(crate) fn end(&mut self, reason: StopReason) {
         self.wire.outbox.close(Close::ENDED);
         drop(self.wire.outbox.take());
-        for (_, ch) in self.channels.drain() {
+        for ch in self.channels.drain() {
             ch.inbox.socket_closed(reason.clone());
         }
         if let (Some(id), Some(sub)) = (&self.socket_id, self.id_sub.take()) {
@@ -379,11 +471,7 @@ impl<S: Socket> Conn<S> {
 
     pub(crate) fn on_event(&mut self, event: ConnEvent) {
         match event {
-            ConnEvent::ChannelExited { topic, id } => {
-                if self.channels.get(&topic).is_some_and(|c| c.id == id) {
-                    self.channels.remove(&topic);
-                }
-            }
+            ConnEvent::ChannelExited { id } => self.channels.exited(id),
         }
     }
 
@@ -441,7 +529,7 @@ impl<S: Socket> Conn<S> {
         }
         if msg.event == "phx_leave" {
             ch.inbox.leave(msg.r#ref);
-            self.channels.remove(&msg.topic);
+            self.channels.end(&msg.topic);
             return;
         }
         let Message {
@@ -456,7 +544,7 @@ impl<S: Socket> Conn<S> {
             Err(rejected) => {
                 let reason = match rejected {
                     InRejected::Closed => {
-                        self.channels.remove(&topic);
+                        self.channels.end(&topic);
                         "unmatched topic"
                     }
                     InRejected::Full => "channel overloaded",
@@ -493,15 +581,19 @@ impl<S: Socket> Conn<S> {
         let Some(factory) = self.shared.routes.find(&msg.topic).cloned() else {
             return self.unmatched(&msg);
         };
+        // Every channel task alive counts against the limit, a leaving one until its
+        // `terminate` has returned; only the channel this join replaces does not (it is
+        // aborted, and ends at once).
+        let replacing = self.channels.get(&msg.topic).is_some();
+        if self.channels.len() - usize::from(replacing) >= self.shared.config.max_channels {
+            return self.error_reply(msg.join_ref.as_deref(), &msg, "too many channels joined");
+        }
         // A second join of a topic replaces its channel (killed without `terminate`); the old
         // channel's phx_close follows the new join's reply.
-        let replaces = self.channels.remove(&msg.topic).map(|old| {
+        let replaces = self.channels.end(&msg.topic).map(|old| {
             old.task.abort();
             old.join_ref
         });
-        if self.channels.len() >= self.shared.config.max_channels {
-            return self.error_reply(msg.join_ref.as_deref(), &msg, "too many channels joined");
-        }
         self.next_channel_id += 1;
         let join_ref: Arc<str> = msg
             .join_ref
@@ -510,8 +602,11 @@ impl<S: Socket> Conn<S> {
             .unwrap_or("")
             .into();
         let topic = msg.topic;
+        // It starts once every earlier task of its topic has ended and unsubscribed.
+        let after = self.channels.follow(&topic, self.next_channel_id);
         let handle = factory.spawn(SpawnArgs {
             id: self.next_channel_id,
+            after,
             topic: topic.as_str().into(),
             join_ref,
             msg_join_ref: msg.join_ref,
@@ -524,6 +619,6 @@ impl<S: Socket> Conn<S> {
             replaces,
             mailbox_limit: self.shared.config.mailbox_limit,
         });
-        self.channels.insert(topic, handle);
+        self.channels.push(topic, handle);
     }
 }

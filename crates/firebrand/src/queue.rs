@@ -71,8 +71,9 @@ impl Close {
 /// Events for the connection task that are not frames.
 #[derive(Debug)]
 pub(crate) enum ConnEvent {
-    /// The channel task `id` for `topic` has ended (any way: stop, leave, crash, refused join).
-    ChannelExited { topic: String, id: u64 },
+    /// The channel task `id` has ended (any way: stop, leave, crash, refused join, abort) and
+    /// its subscriptions are gone.
+    ChannelExited { id: u64 },
 }
 
 /// What [`Outbox::push`] did with a frame.

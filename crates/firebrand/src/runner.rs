@@ -4,6 +4,10 @@
 //! can hold channels of many types). Whatever way the task ends — stop, leave, refused join,
 //! panic, or abort on a duplicate join — dropping the [`Runner`] removes its subscriptions,
 //! answers pushes still queued with `unmatched topic`, and tells the connection.
+//!
+//! A channel that follows another of its topic (a rejoin, or a join right after a leave) waits
+//! for the connection's go, given once every earlier task of the topic has ended, before its
+//! `join`: a broadcast never reaches two subscriptions of one topic on one connection.
 
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
@@ -11,6 +15,7 @@ use std::sync::Arc;
 
 use firebrand_protocol::{Outbound, Payload};
 use futures_util::FutureExt;
+use tokio::sync::oneshot;
 
 use crate::channel::{Channel, Reply, StopReason};
 use crate::context::{ChannelContext, ChannelMsg, JoinContext, Wire};
@@ -22,6 +27,8 @@ use crate::queue::{ConnEvent, Delivered, Mailbox};
 /// Everything a channel task needs to start.
 pub(crate) struct SpawnArgs<A> {
     pub(crate) id: u64,
+    /// Set when an earlier task of the topic is still ending: the join waits for it.
+    pub(crate) after: Option<oneshot::Receiver<()>>,
     pub(crate) topic: Arc<str>,
     /// The channel's join ref (the join's `join_ref`, or its `ref` when that is null).
     pub(crate) join_ref: Arc<str>,
@@ -129,6 +136,7 @@ struct Runner<C: Channel> {
 }
 
 struct JoinMsg {
+    after: Option<oneshot::Receiver<()>>,
     params: Payload,
     join_ref: Option<String>,
     r#ref: Option<String>,
@@ -142,7 +150,13 @@ struct JoinMsg {
 ///
 /// Arguments are boxed: an async fn keeps its arguments for its whole life, besides the
 /// locals they are moved into.
-async fn run<C: Channel>(mut runner: Box<Runner<C>>, join: Box<JoinMsg>) {
+async fn run<C: Channel>(mut runner: Box<Runner<C>>, mut join: Box<JoinMsg>) {
+    // An error: the connection ended before the earlier task did; there is no one to join for.
+    if let Some(after) = join.after.take()
+        && after.await.is_err()
+    {
+        return;
+    }
     if !Box::pin(runner.join_guarded(*join)).await {
         return;
     }
@@ -192,6 +206,7 @@ impl<C: Channel> Runner<C> {
         mailbox: Arc<Mailbox<ChannelMsg<C::Info>>>,
     ) -> (Self, Box<JoinMsg>) {
         let join = Box::new(JoinMsg {
+            after: args.after,
             params: args.params,
             join_ref: args.msg_join_ref,
             r#ref: args.msg_ref,
@@ -383,9 +398,8 @@ impl<C: Channel> Drop for Runner<C> {
                 ctx.wire.reply(None, Some(&r), &ctx.topic, &unmatched);
             }
         }
-        ctx.wire.outbox.event(ConnEvent::ChannelExited {
-            topic: ctx.topic.to_string(),
-            id: self.id,
-        });
+        ctx.wire
+            .outbox
+            .event(ConnEvent::ChannelExited { id: self.id });
     }
 }

@@ -42,7 +42,8 @@ pub async fn start_endpoint(config: &Config, endpoint: Endpoint) -> Server {
     serve(router, endpoint).await
 }
 
-async fn serve(router: axum::Router, endpoint: Endpoint) -> Server {
+/// Serves `router` (whose sockets live on `endpoint`) on 127.0.0.1:0.
+pub async fn serve(router: axum::Router, endpoint: Endpoint) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
