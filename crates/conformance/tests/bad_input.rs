@@ -276,3 +276,80 @@ async fn a_ping_flood_is_answered_and_harms_no_one() {
     }
     w.ping_roundtrip("1", "2", "room:witness").await;
 }
+
+/// Sends a close frame with `payload` on a new connection; asserts the server answers with
+/// `answer` (a close frame with that code) and then closes the TCP connection.
+async fn close_answered_with(s: &Server, payload: &[u8], answer: u16) {
+    let mut raw = Raw::connect(s, "vsn=2.0.0").await;
+    raw.send_close(payload).await;
+    assert_eq!(
+        raw.read_close().await,
+        Some(answer),
+        "answer to {payload:?}"
+    );
+    raw.drain_until_eof().await;
+}
+
+#[tokio::test]
+async fn a_close_with_a_valid_code_is_echoed() {
+    let s = start().await;
+    for code in [
+        1000, 1001, 1002, 1003, 1007, 1010, 1011, 1012, 1014, 3000, 4999,
+    ] {
+        let mut payload = u16::to_be_bytes(code).to_vec();
+        payload.extend_from_slice("au revoir, d\u{e9}j\u{e0}".as_bytes());
+        close_answered_with(&s, &payload, code).await;
+    }
+    // An empty close frame is answered with 1000.
+    close_answered_with(&s, b"", 1000).await;
+}
+
+#[tokio::test]
+async fn a_close_with_a_code_that_may_not_be_sent_gets_1002() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    // RFC 6455 §7.4: unassigned (0–999, 1016–2999, 5000 and up), reserved (1004), and never
+    // on the wire (1005 no status, 1006 abnormal closure, 1015 TLS failure).
+    for code in [
+        0,
+        999,
+        1004,
+        1005,
+        1006,
+        1015,
+        1016,
+        2000,
+        2999,
+        5000,
+        u16::MAX,
+    ] {
+        close_answered_with(&s, &code.to_be_bytes(), 1002).await;
+    }
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+#[tokio::test]
+async fn a_close_with_a_1_byte_payload_gets_1002() {
+    let s = start().await;
+    close_answered_with(&s, &[0x03], 1002).await;
+}
+
+#[tokio::test]
+async fn a_close_reason_that_is_not_utf8_gets_1007() {
+    let s = start().await;
+    close_answered_with(&s, &[0x03, 0xE8, b'o', b'k', 0xFF], 1007).await;
+}
+
+#[tokio::test]
+async fn a_close_between_the_fragments_of_a_message_is_handled() {
+    let s = start().await;
+    let mut raw = Raw::connect(&s, "vsn=2.0.0").await;
+    // Control frames may come between fragments (RFC 6455 §5.4): a ping is answered, and a
+    // close closes, the unfinished message is dropped.
+    raw.send_frame(false, 1, br#"[null,"1","phoe"#, true).await;
+    raw.send_frame(true, 9, b"p", true).await;
+    assert_eq!(raw.read_frame().await, (10, b"p".to_vec()));
+    raw.send_close(&1001u16.to_be_bytes()).await;
+    assert_eq!(raw.read_close().await, Some(1001));
+    raw.drain_until_eof().await;
+}

@@ -21,7 +21,7 @@ use crate::pubsub::{SubId, Target};
 use crate::queue::{Close, ConnEvent, Frame, Outbox};
 use crate::runner::{ChannelHandle, InRejected, SpawnArgs};
 use crate::socket::{Shared, Socket};
-use crate::ws::{Incoming, Reader};
+use crate::ws::{Incoming, Reader, WsError};
 
 pub(crate) struct ConnArgs<S: Socket> {
     pub(crate) shared: Arc<Shared<S>>,
@@ -86,8 +86,8 @@ impl Channels {
 enum End {
     /// The transport failed or the client went away: nothing more to send.
     Gone,
-    /// The client sent a close frame (with this code).
-    ClientClosed(Option<u16>),
+    /// The client sent a close frame: its code, or why the frame is invalid.
+    ClientClosed(Result<Option<u16>, WsError>),
     /// The server closes with this code.
     Close(Close),
     /// A protocol error with a message for the close frame.
@@ -198,8 +198,16 @@ where
 
     let frame = match end {
         End::Gone => None,
-        // Echo the client's close (RFC 6455 §5.5.1); it closes the TCP connection.
-        End::ClientClosed(code) => Some((crate::ws::close_frame(code.unwrap_or(1000), ""), false)),
+        // Echo the client's close (RFC 6455 §5.5.1), or answer an invalid one with the error's
+        // code; either way the client has closed, so no close frame is awaited.
+        End::ClientClosed(Ok(code)) => {
+            Some((crate::ws::close_frame(code.unwrap_or(1000), ""), false))
+        }
+        End::ClientClosed(Err(e)) => {
+            let (code, reason) = e.close();
+            tracing::debug!(code, reason, "closing connection: invalid close frame");
+            Some((crate::ws::close_frame(code, reason), false))
+        }
         End::Close(c) => {
             if c == Close::SLOW_CONSUMER {
                 conn.shared.endpoint.count_slow_consumer();
