@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::*;
 use firebrand_conformance::Config;
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 
 /// A well-behaved client joined to `room:witness`, to show others are unaffected.
 async fn witness(s: &Server) -> Client {
@@ -275,4 +276,155 @@ async fn a_ping_flood_is_answered_and_harms_no_one() {
         assert_eq!(op, 10, "only pongs before the reply");
     }
     w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+/// Sends a close frame with `payload` on a new connection; asserts the server answers with
+/// `answer` (a close frame with that code) and then closes the TCP connection.
+async fn close_answered_with(s: &Server, payload: &[u8], answer: u16) {
+    let mut raw = Raw::connect(s, "vsn=2.0.0").await;
+    raw.send_close(payload).await;
+    assert_eq!(
+        raw.read_close().await,
+        Some(answer),
+        "answer to {payload:?}"
+    );
+    raw.drain_until_eof().await;
+}
+
+#[tokio::test]
+async fn a_close_with_a_valid_code_is_echoed() {
+    let s = start().await;
+    for code in [
+        1000, 1001, 1002, 1003, 1007, 1010, 1011, 1012, 1014, 3000, 4999,
+    ] {
+        let mut payload = u16::to_be_bytes(code).to_vec();
+        payload.extend_from_slice("au revoir, d\u{e9}j\u{e0}".as_bytes());
+        close_answered_with(&s, &payload, code).await;
+    }
+    // An empty close frame is answered with 1000.
+    close_answered_with(&s, b"", 1000).await;
+}
+
+#[tokio::test]
+async fn a_close_with_a_code_that_may_not_be_sent_gets_1002() {
+    let s = start().await;
+    let mut w = witness(&s).await;
+    // RFC 6455 §7.4: unassigned (0–999, 1016–2999, 5000 and up), reserved (1004), and never
+    // on the wire (1005 no status, 1006 abnormal closure, 1015 TLS failure).
+    for code in [
+        0,
+        999,
+        1004,
+        1005,
+        1006,
+        1015,
+        1016,
+        2000,
+        2999,
+        5000,
+        u16::MAX,
+    ] {
+        close_answered_with(&s, &code.to_be_bytes(), 1002).await;
+    }
+    w.ping_roundtrip("1", "2", "room:witness").await;
+}
+
+#[tokio::test]
+async fn a_close_with_a_1_byte_payload_gets_1002() {
+    let s = start().await;
+    close_answered_with(&s, &[0x03], 1002).await;
+}
+
+#[tokio::test]
+async fn a_close_reason_that_is_not_utf8_gets_1007() {
+    let s = start().await;
+    close_answered_with(&s, &[0x03, 0xE8, b'o', b'k', 0xFF], 1007).await;
+}
+
+#[tokio::test]
+async fn a_close_between_the_fragments_of_a_message_is_handled() {
+    let s = start().await;
+    let mut raw = Raw::connect(&s, "vsn=2.0.0").await;
+    // Control frames may come between fragments (RFC 6455 §5.4): a ping is answered, and a
+    // close closes, the unfinished message is dropped.
+    raw.send_frame(false, 1, br#"[null,"1","phoe"#, true).await;
+    raw.send_frame(true, 9, b"p", true).await;
+    assert_eq!(raw.read_frame().await, (10, b"p".to_vec()));
+    raw.send_close(&1001u16.to_be_bytes()).await;
+    assert_eq!(raw.read_close().await, Some(1001));
+    raw.drain_until_eof().await;
+}
+
+/// A client that stops reading in the middle of a big frame, then a close (a `disconnect` of
+/// its socket id, or a drain): once the client reads again it gets whole frames and then the
+/// close frame, never a close frame written into the middle of another frame.
+#[tokio::test]
+async fn a_close_while_a_write_is_blocked_waits_for_the_frame() {
+    for (how, code) in [("disconnect", 1001u16), ("shutdown", 1012)] {
+        // Room for the big frame besides the presence frames that a user's join brings.
+        let s = start_with(Config {
+            outbound_limit: 64 << 20,
+            ..Config::default()
+        })
+        .await;
+        // A small receive buffer: the server's write blocks after a few hundred kilobytes.
+        let mut raw = Raw::connect_with_recv_buffer(&s, "vsn=2.0.0&user=slow", 4096).await;
+        raw.send_text(r#"["1","1","room:big","phx_join",{}]"#).await;
+        let (_, reply) = raw.read_frame().await;
+        assert!(
+            String::from_utf8(reply)
+                .unwrap()
+                .contains(r#""status":"ok""#)
+        );
+
+        // 16 MiB: more than the kernel buffers, so the write stays blocked in its middle.
+        let body = "x".repeat(16 << 20);
+        s.endpoint
+            .broadcast("room:big", "big", json!({ "body": body }));
+        let len = loop {
+            let (op, len) = raw.read_frame_header().await;
+            assert_eq!(op, 1);
+            if len > body.len() {
+                break len;
+            }
+            // A presence frame.
+            let mut skip = vec![0; len];
+            raw.tcp.read_exact(&mut skip).await.unwrap();
+        };
+
+        // The server is now writing the frame and the client reads nothing.
+        match how {
+            "disconnect" => s.endpoint.disconnect("user_socket:slow"),
+            _ => {
+                let endpoint = s.endpoint.clone();
+                tokio::spawn(async move { endpoint.shutdown(WAIT).await });
+            }
+        }
+
+        let mut payload = vec![0; len];
+        tokio::time::timeout(WAIT, raw.tcp.read_exact(&mut payload))
+            .await
+            .expect("the frame's payload")
+            .unwrap_or_else(|e| panic!("{how}: the frame was cut: {e}"));
+        let frame: serde_json::Value = serde_json::from_slice(&payload)
+            .unwrap_or_else(|e| panic!("{how}: the frame was not kept whole: {e}"));
+        assert_eq!(frame[3], "big");
+        assert_eq!(frame[4]["body"].as_str().map(str::len), Some(body.len()));
+        // Whole frames (presence frames queued meanwhile), then the close frame.
+        loop {
+            let (op, payload) = raw.read_frame().await;
+            if op == 8 {
+                assert_eq!(payload[..2], code.to_be_bytes(), "{how}");
+                break;
+            }
+            assert_eq!(op, 1, "{how}");
+            let frame: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            assert!(
+                frame[3].as_str().unwrap().starts_with("presence_"),
+                "{frame}"
+            );
+        }
+        raw.send_close(&code.to_be_bytes()).await;
+        raw.drain_until_eof().await;
+    }
 }

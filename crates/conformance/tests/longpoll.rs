@@ -216,7 +216,10 @@ async fn join_push_and_poll_as_in_the_phoenix_transcript() {
     );
     let batch = "[null,\"2\",\"phoenix\",\"heartbeat\",{}]\n[\"1\",\"3\",\"room:lobby\",\"ping\",{\"lp\":true}]\n";
     assert_eq!(post(&s, &token, true, batch).await, json!({"status": 200}));
-    let got = poll_messages(&s, &token, 5).await;
+    // Phoenix's transcript also holds a presence_diff of lp's own join, before its
+    // presence_state that holds the same meta; firebrand never sends a subscriber the diff of
+    // a change its presence_state holds (phoenix.js would announce that join twice).
+    let got = poll_messages(&s, &token, 4).await;
     let replies: Vec<&Value> = got.iter().filter(|m| m[3] == "phx_reply").collect();
     assert_eq!(
         replies[0],
@@ -231,7 +234,7 @@ async fn join_push_and_poll_as_in_the_phoenix_transcript() {
         got.iter()
             .any(|m| m[3] == "presence_state" && m[4]["lp"]["metas"].is_array())
     );
-    assert!(got.iter().any(|m| m[3] == "presence_diff"));
+    assert!(!got.iter().any(|m| m[3] == "presence_diff"), "{got:?}");
 
     assert_eq!(
         post(

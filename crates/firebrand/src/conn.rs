@@ -12,7 +12,7 @@ use std::task::Poll;
 use firebrand_protocol::{Message, Payload, Serializer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep, timeout, timeout_at};
 
 use crate::channel::{Reply, StopReason};
 use crate::context::Wire;
@@ -22,7 +22,7 @@ use crate::pubsub::{SubId, Target};
 use crate::queue::{Close, ConnEvent, Frame, Outbox};
 use crate::runner::{ChannelHandle, InRejected, SpawnArgs};
 use crate::socket::{Shared, Socket};
-use crate::ws::{Incoming, Reader};
+use crate::ws::{Incoming, Reader, WsError};
 
 pub(crate) struct ConnArgs<S: Socket> {
     pub(crate) shared: Arc<Shared<S>>,
@@ -178,10 +178,14 @@ impl Channels {
 enum End {
     /// The transport failed or the client went away: nothing more to send.
     Gone,
-    /// The client sent a close frame (with this code).
-    ClientClosed(Option<u16>),
+    /// The client sent a close frame: its code, or why the frame is invalid.
+    ClientClosed(Result<Option<u16>, WsError>),
     /// The server closes with this code.
     Close(Close),
+    /// The server closes with this code, but a write to the client did not finish within the
+    /// write timeout: the connection is dropped without a close frame, which would land in the
+    /// middle of the frame being written.
+    Dropped(Close),
     /// A protocol error with a message for the close frame.
     Invalid(u16, String),
 }
@@ -284,21 +288,23 @@ where
         }
     };
     conn.end(match &end {
-        End::Close(c) => c.stop_reason(),
+        End::Close(c) | End::Dropped(c) => c.stop_reason(),
         _ => StopReason::Closed,
     });
 
     let frame = match end {
-        End::Gone => None,
-        // Echo the client's close (RFC 6455 §5.5.1); it closes the TCP connection.
-        End::ClientClosed(code) => Some((crate::ws::close_frame(code.unwrap_or(1000), ""), false)),
-        End::Close(c) => {
-            if c == Close::SLOW_CONSUMER {
-                conn.shared.endpoint.count_slow_consumer();
-                tracing::warn!("closing connection: slow consumer (outbound queue full)");
-            }
-            Some((crate::ws::close_frame(c.code, c.reason), true))
+        End::Gone | End::Dropped(_) => None,
+        // Echo the client's close (RFC 6455 §5.5.1), or answer an invalid one with the error's
+        // code; either way the client has closed, so no close frame is awaited.
+        End::ClientClosed(Ok(code)) => {
+            Some((crate::ws::close_frame(code.unwrap_or(1000), ""), false))
         }
+        End::ClientClosed(Err(e)) => {
+            let (code, reason) = e.close();
+            tracing::debug!(code, reason, "closing connection: invalid close frame");
+            Some((crate::ws::close_frame(code, reason), false))
+        }
+        End::Close(c) => Some((crate::ws::close_frame(c.code, c.reason), true)),
         End::Invalid(code, reason) => Some((crate::ws::close_frame(code, &reason), true)),
     };
     Box::pin(close_handshake(io, frame, max_frame_size)).await;
@@ -432,16 +438,25 @@ impl<S: Socket> Conn<S> {
 
     /// Writes everything queued, handling connection events on the way. Returns how the
     /// connection ends, if it does.
+    ///
+    /// A close requested while a write is blocked (a client that stops reading) waits for
+    /// that write, within the write timeout, so that its close frame follows whole frames.
     async fn flush<T: AsyncWrite + Unpin>(&mut self, io: &mut T) -> Option<End> {
         let outbox = self.wire.outbox.clone();
         let write_timeout = self.shared.config.write_timeout;
+        // The close requested during a blocked write, once seen.
+        let mut closing = None;
         loop {
             let batch = outbox.take();
             for event in batch.events {
                 self.on_event(event);
             }
             if batch.frames.is_empty() {
-                return batch.close.map(End::Close);
+                let close = batch.close?;
+                if closing.is_none() {
+                    self.closing(&close);
+                }
+                return Some(End::Close(close));
             }
             let mut out = Vec::with_capacity(batch.frames.iter().map(|f| f.len() + 10).sum());
             for frame in &batch.frames {
@@ -456,16 +471,40 @@ impl<S: Socket> Conn<S> {
                 Some(Err(_)) => return Some(End::Gone),
                 None => {}
             }
-            // A client that stops reading blocks the write: give up when its queue overflows
-            // meanwhile, or when the write takes longer than the write timeout.
-            tokio::select! {
-                result = timeout(write_timeout, write) => match result {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Some(End::Gone),
-                    Err(_) => return Some(End::Close(Close::SLOW_CONSUMER)),
-                },
-                close = outbox.closing() => return Some(End::Close(close)),
+            // A client that stops reading blocks the write. A close requested meanwhile (its
+            // queue overflowing, a disconnect, a drain) is noted at once, but its close frame
+            // waits for the frames being written: the loop sends it once they are.
+            let deadline = Instant::now() + write_timeout;
+            let written = tokio::select! {
+                written = timeout_at(deadline, write.as_mut()) => written,
+                close = outbox.closing(), if closing.is_none() => {
+                    self.closing(&close);
+                    closing = Some(close);
+                    timeout_at(deadline, write.as_mut()).await
+                }
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Some(End::Gone),
+                // The write takes longer than the write timeout: the client is dropped, with
+                // no close frame in the middle of a frame.
+                Err(_) => {
+                    let close = closing.unwrap_or_else(|| {
+                        self.closing(&Close::SLOW_CONSUMER);
+                        Close::SLOW_CONSUMER
+                    });
+                    return Some(End::Dropped(close));
+                }
             }
+        }
+    }
+
+    /// Notes that the server closes the connection with `close`, as soon as it is known: a
+    /// slow consumer is counted and logged.
+    fn closing(&self, close: &Close) {
+        if *close == Close::SLOW_CONSUMER {
+            self.shared.endpoint.count_slow_consumer();
+            tracing::warn!("closing connection: slow consumer");
         }
     }
 

@@ -37,8 +37,9 @@ pub fn upgrade_request(path_and_query: &str, protocol: &[u8], origin: &[u8]) -> 
     origin_ok && Serializer::from_vsn(vsn).is_ok()
 }
 
-/// A message decoded by [`ws_frames`]: its kind (`t`ext, `b`inary, `p`ing, p`o`ng, `c`lose)
-/// and bytes (a close's code, big-endian).
+/// A message decoded by [`ws_frames`]: its kind (`t`ext, `b`inary, `p`ing, p`o`ng, `c`lose,
+/// invalid close `x`) and bytes (a close's code, big-endian; for an invalid close, the code
+/// it is answered with).
 pub type WsMessage = (u8, Vec<u8>);
 
 /// Feeds a client's byte stream to the WebSocket frame reader `chunk` bytes at a time (as
@@ -59,10 +60,11 @@ pub fn ws_frames(
                 Incoming::Binary(b) => (b'b', b.to_vec()),
                 Incoming::Ping(b) => (b'p', b.to_vec()),
                 Incoming::Pong => (b'o', Vec::new()),
-                Incoming::Close(code) => (
+                Incoming::Close(Ok(code)) => (
                     b'c',
                     code.map(|c| c.to_be_bytes().to_vec()).unwrap_or_default(),
                 ),
+                Incoming::Close(Err(e)) => (b'x', e.close().0.to_be_bytes().to_vec()),
             });
         });
         if let Err(e) = fed {

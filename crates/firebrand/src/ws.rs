@@ -20,7 +20,7 @@ use sha1::{Digest, Sha1};
 pub(crate) enum WsError {
     /// A frame or message over the size limit: 1009.
     TooBig,
-    /// A text message that is not UTF-8: 1007.
+    /// A text message, or a close frame's reason, that is not UTF-8: 1007.
     InvalidUtf8,
     /// A violation of RFC 6455 (unmasked frame, reserved bits or opcodes, bad control frame,
     /// broken fragmentation): 1002.
@@ -32,7 +32,7 @@ impl WsError {
     pub(crate) fn close(&self) -> (u16, &'static str) {
         match self {
             WsError::TooBig => (1009, "message too big"),
-            WsError::InvalidUtf8 => (1007, "invalid UTF-8 in text frame"),
+            WsError::InvalidUtf8 => (1007, "invalid UTF-8"),
             WsError::Protocol(why) => (1002, why),
         }
     }
@@ -47,8 +47,17 @@ pub(crate) enum Incoming {
     /// A ping: answer with a pong carrying the same bytes.
     Ping(Bytes),
     Pong,
-    /// The client closes, with its status code if it gave one.
-    Close(Option<u16>),
+    /// The client closes: `Ok` with its status code if it gave one (echoed in the answer), or
+    /// `Err` when its close frame is invalid (answered with the error's code: 1002 for a
+    /// 1-byte payload or a code that may not be sent, 1007 for a reason that is not UTF-8).
+    Close(Result<Option<u16>, WsError>),
+}
+
+/// Whether `code` may appear in a close frame (RFC 6455 §7.4): the codes defined for use
+/// (1000–1003, 1007–1014) and those for libraries and applications (3000–4999). 1004 is
+/// reserved, 1005, 1006 and 1015 are never sent, the rest are unassigned.
+pub(crate) fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 const OP_CONTINUATION: u8 = 0x0;
@@ -105,7 +114,12 @@ pub(crate) fn encode_frame(out: &mut Vec<u8>, opcode: u8, data: &[u8]) {
 }
 
 /// A close frame with `code` and `reason` (cut to the 123 bytes a close frame allows).
+/// `code` must be one that may be sent ([`close_code_allowed`]).
 pub(crate) fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    debug_assert!(
+        close_code_allowed(code),
+        "close code {code} may not be sent"
+    );
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
@@ -267,15 +281,7 @@ impl Reader {
         match h.opcode {
             OP_PING => on(Incoming::Ping(unmasked().into())),
             OP_PONG => on(Incoming::Pong),
-            OP_CLOSE => {
-                let data = unmasked();
-                let code = match data.len() {
-                    0 => None,
-                    1 => return Err(WsError::Protocol("close frame with a 1-byte payload")),
-                    _ => Some(u16::from_be_bytes([data[0], data[1]])),
-                };
-                on(Incoming::Close(code));
-            }
+            OP_CLOSE => on(Incoming::Close(close_payload(&unmasked()))),
             OP_TEXT | OP_BINARY if self.message_op.is_some() => {
                 return Err(WsError::Protocol("new message inside a fragmented message"));
             }
@@ -300,6 +306,22 @@ impl Reader {
         }
         Ok(())
     }
+}
+
+/// The code of a close frame's payload, checked (RFC 6455 §5.5.1, §7.4).
+fn close_payload(data: &[u8]) -> Result<Option<u16>, WsError> {
+    let (code, reason) = match *data {
+        [] => return Ok(None),
+        [_] => return Err(WsError::Protocol("close frame with a 1-byte payload")),
+        [a, b, ref reason @ ..] => (u16::from_be_bytes([a, b]), reason),
+    };
+    if !close_code_allowed(code) {
+        return Err(WsError::Protocol("invalid close code"));
+    }
+    if std::str::from_utf8(reason).is_err() {
+        return Err(WsError::InvalidUtf8);
+    }
+    Ok(Some(code))
 }
 
 fn complete(opcode: u8, data: Vec<u8>) -> Result<Incoming, WsError> {
@@ -362,7 +384,7 @@ mod tests {
             Incoming::Binary(Bytes::from_static(&[1, 2, 3])),
             Incoming::Text(Bytes::from(big.clone())),
             Incoming::Text(Bytes::from("h\u{e9}".repeat(100))),
-            Incoming::Close(Some(1000)),
+            Incoming::Close(Ok(Some(1000))),
         ];
         for step in [1, 3, 7, 4096, stream.len()] {
             let mut r = Reader::new(1 << 20);
@@ -413,10 +435,6 @@ mod tests {
                 WsError::Protocol("new message inside a fragmented message"),
             ),
             (client(true, OP_TEXT, &[0xff, 0xfe]), WsError::InvalidUtf8),
-            (
-                client(true, OP_CLOSE, &[3]),
-                WsError::Protocol("close frame with a 1-byte payload"),
-            ),
             (client(true, OP_BINARY, &[0; 101]), WsError::TooBig),
             (
                 {
@@ -433,6 +451,34 @@ mod tests {
             let mut r = Reader::new(100);
             assert_eq!(feed_all(&mut r, &bytes, 1), Err(err));
         }
+    }
+
+    #[test]
+    fn close_frames_are_checked() {
+        let close = |payload: &[u8]| {
+            let mut r = Reader::new(100);
+            let mut got = feed_all(&mut r, &client(true, OP_CLOSE, payload), 1).unwrap();
+            assert_eq!(got.len(), 1);
+            match got.pop() {
+                Some(Incoming::Close(c)) => c,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(close(b""), Ok(None));
+        for code in [1000, 1001, 1003, 1007, 1011, 1014, 3000, 4999] {
+            let mut p = u16::to_be_bytes(code).to_vec();
+            p.extend_from_slice("bye \u{e9}".as_bytes());
+            assert_eq!(close(&p), Ok(Some(code)), "{code}");
+        }
+        let invalid = WsError::Protocol("invalid close code");
+        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, u16::MAX] {
+            assert_eq!(close(&code.to_be_bytes()), Err(invalid.clone()), "{code}");
+        }
+        assert_eq!(
+            close(&[3]),
+            Err(WsError::Protocol("close frame with a 1-byte payload"))
+        );
+        assert_eq!(close(&[0x03, 0xE8, 0xFF]), Err(WsError::InvalidUtf8));
     }
 
     #[test]

@@ -271,7 +271,20 @@ pub struct Raw {
 
 impl Raw {
     pub async fn connect(server: &Server, query: &str) -> Raw {
-        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        Raw::upgrade(TcpStream::connect(server.addr).await.unwrap(), query).await
+    }
+
+    /// [`Raw::connect`] with a receive buffer of about `bytes`: a client that stops reading
+    /// then fills the server's socket buffer after a few kilobytes, whatever the kernel's
+    /// buffer autotuning would allow.
+    pub async fn connect_with_recv_buffer(server: &Server, query: &str, bytes: u32) -> Raw {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        Raw::upgrade(socket.connect(server.addr).await.unwrap(), query).await
+    }
+
+    /// Upgrades a connection to the socket endpoint with `query`.
+    async fn upgrade(mut tcp: TcpStream, query: &str) -> Raw {
         let req = format!(
             "GET /socket/websocket?{query} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         );
@@ -325,11 +338,23 @@ impl Raw {
 
     /// Reads one server frame (unmasked): `(opcode, payload)`.
     pub async fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        let (opcode, len) = self.read_frame_header().await;
+        let mut payload = vec![0; len];
+        tokio::time::timeout(WAIT, self.tcp.read_exact(&mut payload))
+            .await
+            .unwrap()
+            .unwrap();
+        (opcode, payload)
+    }
+
+    /// Reads the header of the next server frame (unmasked): `(opcode, payload length)`.
+    pub async fn read_frame_header(&mut self) -> (u8, usize) {
         let mut h = [0u8; 2];
         tokio::time::timeout(WAIT, self.tcp.read_exact(&mut h))
             .await
             .unwrap()
             .unwrap();
+        assert_eq!(h[0] & 0x80, 0x80, "a server frame is final");
         let len = match h[1] & 0x7f {
             126 => {
                 let mut b = [0u8; 2];
@@ -343,9 +368,23 @@ impl Raw {
             }
             n => n as usize,
         };
-        let mut payload = vec![0; len];
-        self.tcp.read_exact(&mut payload).await.unwrap();
-        (h[0] & 0x0f, payload)
+        (h[0] & 0x0f, len)
+    }
+
+    /// Sends a close frame with `payload` (a code and reason, or anything).
+    pub async fn send_close(&mut self, payload: &[u8]) {
+        self.send_frame(true, 8, payload, true).await;
+    }
+
+    /// Reads the next frame, which must be a close frame; returns its code (`None`: empty).
+    pub async fn read_close(&mut self) -> Option<u16> {
+        let (op, payload) = self.read_frame().await;
+        assert_eq!(op, 8, "expected a close frame, got opcode {op}");
+        match *payload {
+            [] => None,
+            [a, b, ..] => Some(u16::from_be_bytes([a, b])),
+            [_] => panic!("close frame with a 1-byte payload"),
+        }
     }
 
     /// Reads frames until a close frame; returns its code.
