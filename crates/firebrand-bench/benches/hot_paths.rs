@@ -69,5 +69,17 @@ fn fanout(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, protocol, routing, fanout);
+/// One channel's track and end, beside 1,000 and 100,000 other presences: the same cost.
+fn presence(c: &mut Criterion) {
+    let mut g = c.benchmark_group("presence");
+    for n in [1_000, 100_000] {
+        let presences = firebrand::benching::Presences::new(n);
+        g.bench_function(format!("track + channel end beside {n} presences"), |b| {
+            b.iter(|| presences.track_and_end())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, protocol, routing, fanout, presence);
 criterion_main!(benches);

@@ -77,3 +77,31 @@ impl Fanout {
         queued
     }
 }
+
+/// A node's presence tracker holding `n` presences (100 per topic, one per channel), to time
+/// one channel's track and end: its cost must not grow with `n` (issue: every ending channel
+/// once scanned all of the node's presences under the tracker's lock).
+pub struct Presences {
+    tracker: crate::presence::Tracker,
+}
+
+impl Presences {
+    /// A tracker (alone, no cluster) holding `n` presences.
+    pub fn new(n: usize) -> Self {
+        let tracker = crate::presence::Tracker::new(1, std::time::Duration::ZERO, None, false);
+        for i in 0..n {
+            let owner = tracker.new_owner();
+            let meta = serde_json::json!({"online_at": "1700000000"});
+            let _ = tracker.track(owner, &format!("room:{}", i / 100), &format!("u{i}"), meta);
+        }
+        Presences { tracker }
+    }
+
+    /// One more channel tracks a user on a busy topic, then ends (untracks all it tracked).
+    pub fn track_and_end(&self) {
+        let owner = self.tracker.new_owner();
+        let meta = serde_json::json!({"online_at": "1700000000"});
+        let _ = self.tracker.track(owner, "room:0", "visitor", meta);
+        self.tracker.untrack_owner(owner);
+    }
+}

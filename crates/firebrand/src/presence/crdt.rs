@@ -194,6 +194,13 @@ impl State {
         (d, delta)
     }
 
+    /// Adds `entry` with a given dot, as a delta of another replica would hold it (tests).
+    #[cfg(test)]
+    pub(crate) fn add_at(&mut self, d: Dot, entry: Entry) {
+        self.context.insert(d);
+        self.insert(d, entry);
+    }
+
     /// Removes the element `d`. Returns it and the delta, or `None` when it is not held.
     pub(crate) fn remove(&mut self, d: Dot) -> Option<(Entry, State)> {
         let e = self.take(d)?;

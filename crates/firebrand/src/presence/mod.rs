@@ -874,6 +874,93 @@ mod tests {
         );
     }
 
+    /// The fetch hook is user code: a panic in it is logged and the diff goes out as tracked;
+    /// the flusher (a node-wide task) keeps sending diffs.
+    #[tokio::test]
+    async fn a_panicking_fetch_hook_does_not_stop_diffs() {
+        let fetch: PresenceFetch = Arc::new(|_, map| {
+            if map.contains_key("boom") {
+                panic!("fetch hook failed");
+            }
+        });
+        let t = Arc::new(Tracker::new(1, Duration::ZERO, Some(fetch), false));
+        let sink: Arc<Collect> = Arc::new(Collect(Mutex::new(Vec::new())));
+        let weak: Weak<dyn DiffSink> = Arc::downgrade(&sink) as _;
+        t.start_flusher(weak);
+        t.track(t.new_owner(), "room:f", "boom", serde_json::json!({}))
+            .unwrap();
+        t.track(t.new_owner(), "room:f", "fine", serde_json::json!({}))
+            .unwrap();
+        // Both diffs arrive: the flusher survived the panic of the first one.
+        let both = async {
+            loop {
+                let keys: Vec<String> = sink
+                    .0
+                    .lock()
+                    .iter()
+                    .flat_map(|(_, d)| {
+                        d["joins"]
+                            .as_object()
+                            .unwrap()
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                if keys.len() == 2 {
+                    return keys;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let keys = tokio::time::timeout(Duration::from_secs(5), both)
+            .await
+            .expect("the diff after the panic never came");
+        assert_eq!(keys, ["boom", "fine"]);
+    }
+
+    /// A node gossips only its own elements and dots: anything else is refused whole.
+    #[test]
+    fn gossip_naming_other_replicas_or_jumping_clocks_is_refused() {
+        let here = Tracker::new(1, Duration::ZERO, None, true);
+        let mine = here.new_owner();
+        here.track(mine, "room:g", "local", serde_json::json!({}))
+            .unwrap();
+        // Node 2's honest delta is taken.
+        let two = Tracker::new(2, Duration::ZERO, None, true);
+        two.track(two.new_owner(), "room:g", "remote", serde_json::json!({}))
+            .unwrap();
+        let (delta, _, _) = two.take_delta();
+        assert!(here.merge_remote(2, &delta));
+        // Node 1's own slice, replayed by someone claiming to be node 2: it names replica 1
+        // (this one), whose presences it could remove.
+        let (own, _) = here.own_slice();
+        assert!(!here.merge_remote(2, &own));
+        // A message claiming to come from this node itself.
+        assert!(!here.merge_remote(1, &delta));
+        // A clock far past anything node 2 has sent: refused (it would overflow clocks).
+        let mut far = crdt::State::default();
+        let entry = crdt::Entry {
+            topic: "room:g".into(),
+            key: "forged".into(),
+            owner: Owner { replica: 2, id: 1 },
+            meta: RawJson::parse("{}".to_owned()).unwrap(),
+            prev: None,
+        };
+        far.add_at(
+            Dot {
+                replica: 2,
+                clock: u64::MAX,
+            },
+            entry,
+        );
+        assert!(!here.merge_remote(2, &far));
+        let list = here.list("room:g").to_value().unwrap();
+        let mut keys: Vec<&String> = list.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["local", "remote"]);
+    }
+
     /// What the official client does with `presence_state` and `presence_diff` (phoenix.js
     /// `Presence.syncState` / `syncDiff`), keyed by `phx_ref`, failing on a change seen twice:
     /// a join of a meta it holds, or a leave of one it does not.
