@@ -82,14 +82,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let endpoint = builder.build();
     let router = router(&config, &endpoint);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+    let server = firebrand::Server::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
-    println!("listening on 127.0.0.1:{}", listener.local_addr()?.port());
-    // Like axum::serve, plus a deadline on handshakes (see firebrand::Server).
-    firebrand::Server::new(listener)
-        .serve(router, shutdown_signal())
-        .await?;
+    println!("listening on 127.0.0.1:{}", server.local_addr()?.port());
+    // Like axum::serve, plus a deadline on handshakes and a large listen backlog (see
+    // firebrand::Server).
+    server.serve(router, shutdown_signal()).await?;
     // Drain: close the sockets (1012) in batches spread over DRAIN_MS (default 1 s), so that
     // clients reconnect gradually; give up on stragglers after 30 s.
     let period = match std::env::var("DRAIN_MS") {

@@ -226,7 +226,11 @@ async fn serve_baseline(args: &[String]) -> anyhow::Result<()> {
         [] => 4100,
         _ => bail!("usage: firebrand-bench serve-baseline [--port P]"),
     };
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    // The outside instrument's raw baseline listens with a backlog of 4096, as the binaries do.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
+    let listener = socket.listen(4096)?;
     println!("listening on {}", listener.local_addr()?);
     baseline::serve(listener).await?;
     Ok(())

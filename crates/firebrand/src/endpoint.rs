@@ -142,9 +142,11 @@ impl Cluster {
 }
 
 impl EndpointBuilder {
-    /// How long presence changes are collected before one `presence_diff` per topic is
-    /// broadcast. Longer batches cost fewer messages in busy rooms; shorter ones show changes
-    /// sooner. Default 20 ms.
+    /// The presence batch window. A topic whose last `presence_diff` went out longer ago than
+    /// this sends the next change's diff at once (one diff per change, as Phoenix does);
+    /// changes that come faster are merged into one diff at the end of the window, so a room
+    /// where thousands join at once costs a few diffs per window, not one per join. Default
+    /// 20 ms.
     pub fn presence_batch(mut self, window: Duration) -> Self {
         self.presence_batch = window;
         self

@@ -76,8 +76,9 @@
 //!     let endpoint = Endpoint::new();
 //!     let socket = endpoint.socket(UserSocket).channel::<Room>("room:*").into_router();
 //!     let app = axum::Router::new().nest("/socket", socket);
-//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await.unwrap();
-//!     axum::serve(listener, app).await.unwrap();
+//!     // Like axum::serve, with a handshake deadline and a listen backlog for reconnect storms.
+//!     let server = firebrand::Server::bind("127.0.0.1:4000").await.unwrap();
+//!     server.serve(app, std::future::pending()).await.unwrap();
 //! }
 //! ```
 //!
@@ -141,6 +142,6 @@ pub use firebrand_protocol::{DecodeError, Payload, RawJson};
 pub use origin::CheckOrigin;
 pub use presence::PresenceError;
 pub use pubsub::Broadcast;
-pub use server::Server;
+pub use server::{LISTEN_BACKLOG, Server};
 pub use socket::{ConnectError, ConnectInfo, Socket, SocketBuilder};
 pub use token::{TokenError, TokenSigner};

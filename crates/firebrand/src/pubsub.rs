@@ -100,6 +100,33 @@ pub(crate) enum Target {
     Socket(Arc<Outbox>),
 }
 
+impl Target {
+    /// A joined channel's delivery: an intercepted event to its task, anything else as the
+    /// frame encoded for its serializer (once per broadcast, in `cache`) to its connection.
+    /// Returns the frames queued (0 or 1).
+    fn fastlane(&self, b: &Broadcast, cache: &mut FrameCache) -> u64 {
+        let Target::Fastlane {
+            outbox,
+            serializer,
+            intercepts,
+            inbox,
+        } = self
+        else {
+            return 0;
+        };
+        if intercepts.contains(&b.event()) {
+            inbox.intercepted(b.clone());
+            0
+        } else if let Some(frame) = cache.get(*serializer, b)
+            && outbox.push(frame) == Pushed::Queued
+        {
+            1
+        } else {
+            0
+        }
+    }
+}
+
 struct Subscriber {
     id: u64,
     target: Target,
@@ -174,20 +201,7 @@ impl PubSub {
                 continue;
             }
             match &sub.target {
-                Target::Fastlane {
-                    outbox,
-                    serializer,
-                    intercepts,
-                    inbox,
-                } => {
-                    if intercepts.contains(&b.event()) {
-                        inbox.intercepted(b.clone());
-                    } else if let Some(frame) = cache.get(*serializer, b)
-                        && outbox.push(frame) == Pushed::Queued
-                    {
-                        delivered += 1;
-                    }
-                }
+                Target::Fastlane { .. } => delivered += sub.target.fastlane(b, &mut cache),
                 Target::Info(inbox) => inbox.info(b.clone()),
                 Target::Socket(outbox) => {
                     if b.event() == "disconnect" {
@@ -214,12 +228,7 @@ impl PubSub {
         };
         for sub in subs {
             match &sub.target {
-                Target::Fastlane {
-                    outbox,
-                    serializer,
-                    intercepts,
-                    inbox,
-                } => {
+                Target::Fastlane { inbox, .. } => {
                     let cursor = inbox.cursor().load(Ordering::Acquire);
                     if cursor >= last {
                         continue;
@@ -232,13 +241,8 @@ impl PubSub {
                             .or_insert_with(|| (s.since(cursor), FrameCache::default()));
                         (&mut *b, cache)
                     };
-                    let Some(b) = b else { continue };
-                    if intercepts.contains(&b.event()) {
-                        inbox.intercepted(b.clone());
-                    } else if let Some(frame) = cache.get(*serializer, b)
-                        && outbox.push(frame) == Pushed::Queued
-                    {
-                        delivered += 1;
+                    if let Some(b) = b {
+                        delivered += sub.target.fastlane(b, cache);
                     }
                 }
                 Target::Info(inbox) => {

@@ -9,8 +9,17 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket, ToSocketAddrs};
 use tower::ServiceExt;
+
+/// The listen backlog [`Server::bind`] asks for: how many connections the kernel queues while
+/// the accept loop catches up (Linux caps it at `net.core.somaxconn`, 4096 by default).
+///
+/// Tokio's `TcpListener::bind` asks for 1024. In a reconnect storm (every client of a drained
+/// node, a deploy) that queue overflows, the kernel drops the SYNs, and each dropped client
+/// retries only after a second: measured with 5k → 19k clients connecting at once, 4096 took
+/// connect + join from 6.2k/s to 18.4k/s and the connect → join reply p99 from 1.02 s to 64 ms.
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Serves an axum [`Router`] (with your sockets nested in it) on a TCP listener.
 ///
@@ -24,11 +33,14 @@ use tower::ServiceExt;
 /// - **Accept errors** (out of file descriptors) are logged and retried after a pause instead
 ///   of ending the server.
 ///
+/// - **A large listen backlog** with [`Server::bind`] ([`LISTEN_BACKLOG`]): a reconnect storm
+///   does not have its connections dropped at the listen queue.
+///
 /// ```no_run
 /// # async fn f(app: axum::Router, endpoint: firebrand::Endpoint) -> std::io::Result<()> {
 /// use std::time::Duration;
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
-/// firebrand::Server::new(listener)
+/// firebrand::Server::bind("127.0.0.1:4000")
+///     .await?
 ///     .serve(app, async { tokio::signal::ctrl_c().await.ok(); })
 ///     .await?;
 /// // Stopped accepting: now close the sockets gradually.
@@ -42,7 +54,34 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server accepting on `listener`.
+    /// A server listening on `addr` with a backlog of [`LISTEN_BACKLOG`] (the first address
+    /// that binds, as `TcpListener::bind` does). Prefer it to [`Server::new`] with a listener
+    /// of tokio's default backlog.
+    pub async fn bind(addr: impl ToSocketAddrs) -> std::io::Result<Server> {
+        let mut last = None;
+        for addr in tokio::net::lookup_host(addr).await? {
+            let socket = match addr {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            // As std and tokio do for listeners: a restarted server rebinds at once.
+            socket.set_reuseaddr(true)?;
+            match socket.bind(addr) {
+                Ok(()) => return Ok(Server::new(socket.listen(LISTEN_BACKLOG)?)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+        }))
+    }
+
+    /// The address it listens on (its port, after binding port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A server accepting on `listener` (its backlog is the listener's: see [`Server::bind`]).
     pub fn new(listener: TcpListener) -> Self {
         Server {
             listener,

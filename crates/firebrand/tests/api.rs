@@ -387,3 +387,25 @@ async fn pending_async_replies_are_bounded_per_connection() {
     expect_reply(&mut ws, "6", "ok", json!({"released": true})).await;
     assert_eq!(h.endpoint.stats().replies_refused, 1);
 }
+
+/// `Server::bind` listens with a backlog of `LISTEN_BACKLOG` (4096), not tokio's 1024: the
+/// kernel's own report (`ss`: a listening socket's Send-Q is its backlog) says so.
+#[tokio::test]
+async fn server_bind_listens_with_the_large_backlog() {
+    let server = firebrand::Server::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2) reports listen backlogs; install iproute2");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let backlog: u32 = report
+        .split_whitespace()
+        .nth(2)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or_else(|| panic!("no listening socket on port {port} in: {report}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .map_or(firebrand::LISTEN_BACKLOG, |s| s.trim().parse().unwrap());
+    // Tokio's TcpListener::bind would show 1024 here.
+    assert_eq!(backlog, firebrand::LISTEN_BACKLOG.min(somaxconn));
+}

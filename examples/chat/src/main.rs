@@ -181,17 +181,16 @@ async fn main() -> anyhow::Result<()> {
         }
         Err(_) => Endpoint::new(),
     };
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+    let server = firebrand::Server::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{port}"))?;
     println!(
         "chat listening on http://127.0.0.1:{}",
-        listener.local_addr()?.port()
+        server.local_addr()?.port()
     );
-    // Like axum::serve, plus a deadline on handshakes (see firebrand::Server).
-    firebrand::Server::new(listener)
-        .serve(app(&endpoint), shutdown_signal())
-        .await?;
+    // Like axum::serve, plus a deadline on handshakes and a large listen backlog (see
+    // firebrand::Server).
+    server.serve(app(&endpoint), shutdown_signal()).await?;
     // Close the sockets gradually (code 1012: the page reconnects) before exiting.
     endpoint
         .drain(Duration::from_secs(2), Duration::from_secs(10))

@@ -7,11 +7,13 @@
 //!
 //! Subscribers of the topic receive the changes as `presence_diff` broadcasts,
 //! `{"joins": {key: {"metas": [...]}}, "leaves": {...}}`, exactly as Phoenix sends them, so the
-//! official client's `Presence` class stays in sync. Diffs are **batched**: changes within a
-//! short window (20 ms by default, [`EndpointBuilder::presence_batch`](crate::EndpointBuilder::presence_batch))
-//! go out as one diff per topic, so a room where N users join at once costs N × (a few diffs),
-//! not N² messages. A channel pushes the current list (`presence_state`) itself after joining
-//! — Phoenix's after-join idiom:
+//! official client's `Presence` class stays in sync: one diff per change, at once, while a
+//! topic's changes come further apart than the batch window (20 ms by default,
+//! [`EndpointBuilder::presence_batch`](crate::EndpointBuilder::presence_batch)); changes that come
+//! faster are merged into one diff per window, so a room where N users join at once costs a few
+//! diffs, not N² messages. A channel pushes the current list (`presence_state`) itself after
+//! joining — Phoenix's after-join idiom — and from then on its client gets the diffs of later
+//! changes only: never a diff of a change the list already holds, none missed, none twice.
 //!
 //! ```
 //! # use firebrand::*;
@@ -27,9 +29,12 @@
 //! # }
 //! ```
 //!
+//! List in `after_join` as above: a channel that has not listed by the end of `after_join`
+//! gets the diffs of changes made from then on.
+//!
 //! The state is the replicated structure of Phoenix.Tracker (a delta-state observed-remove set,
-//! see `crdt.rs`), kept by one tracker per endpoint. On one node nothing is replicated yet; the
-//! cluster adapters will gossip its deltas.
+//! see `crdt.rs`), kept by one tracker per endpoint; with a cluster adapter, nodes gossip their
+//! deltas.
 
 pub(crate) mod crdt;
 
