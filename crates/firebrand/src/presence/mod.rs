@@ -571,14 +571,14 @@ impl Sequenced for Diff<'_> {
         if seen.is_empty() {
             return None;
         }
-        let (mut joins, mut leaves) = (Map::new(), Map::new());
+        let (mut joins, mut leaves) = (Vec::new(), Vec::new());
         for (dot, (first, last)) in &seen {
             match (first.join, last.join) {
-                (true, true) => push_meta(&mut joins, *dot, &last.entry),
-                (false, false) => push_meta(&mut leaves, *dot, &first.entry),
+                (true, true) => joins.push((*dot, &last.entry)),
+                (false, false) => leaves.push((*dot, &first.entry)),
                 (true, false) => {
-                    push_meta(&mut joins, *dot, &first.entry);
-                    push_meta(&mut leaves, *dot, &first.entry);
+                    joins.push((*dot, &first.entry));
+                    leaves.push((*dot, &first.entry));
                 }
                 (false, true) => {}
             }
@@ -587,9 +587,24 @@ impl Sequenced for Diff<'_> {
             return None;
         }
         let t = self.tracker;
-        let joins = t.finish(self.topic, joins).to_value().unwrap_or_default();
-        let leaves = t.finish(self.topic, leaves).to_value().unwrap_or_default();
-        let payload = Payload::from(serde_json::json!({"joins": joins, "leaves": leaves}));
+        let fast = t
+            .fetch
+            .is_none()
+            .then(|| render_diff(&mut joins, &mut leaves));
+        let payload = match fast.flatten() {
+            Some(payload) => payload,
+            None => {
+                let side = |entries: &[(Dot, &Entry)]| {
+                    let mut map = Map::new();
+                    for (dot, e) in entries {
+                        push_meta(&mut map, *dot, e);
+                    }
+                    t.finish(self.topic, map).to_value().unwrap_or_default()
+                };
+                let (joins, leaves) = (side(&joins), side(&leaves));
+                Payload::from(serde_json::json!({"joins": joins, "leaves": leaves}))
+            }
+        };
         Some(Broadcast::new(self.topic, "presence_diff", payload))
     }
 }
@@ -601,9 +616,31 @@ impl Sequenced for Diff<'_> {
 /// storm. `None` for a meta that is not a plain object without `phx_ref` keys (then the
 /// general path writes it).
 fn render_list(entries: &mut [(Dot, Entry)]) -> Option<Payload> {
+    let mut refs: Vec<(Dot, &Entry)> = entries.iter().map(|(d, e)| (*d, e)).collect();
+    let mut out = String::with_capacity(entries.len() * 96 + 2);
+    write_entries(&mut out, &mut refs)?;
+    RawJson::parse(out).ok().map(Payload::Json)
+}
+
+/// A `presence_diff` payload written straight as JSON text, like [`render_list`]: a diff is
+/// rendered once per flush, and once more for each subscriber that listed the topic while its
+/// changes were pending (a storm's joiners), so this is a hot path too.
+fn render_diff(joins: &mut [(Dot, &Entry)], leaves: &mut [(Dot, &Entry)]) -> Option<Payload> {
+    let mut out = String::with_capacity((joins.len() + leaves.len()) * 96 + 24);
+    out.push_str(r#"{"joins":"#);
+    write_entries(&mut out, joins)?;
+    out.push_str(r#","leaves":"#);
+    write_entries(&mut out, leaves)?;
+    out.push('}');
+    RawJson::parse(out).ok().map(Payload::Json)
+}
+
+/// Writes `{key: {"metas": [...]}}` as `serde_json` would write what [`push_meta`] builds
+/// (keys sorted, metas in dot order). `None` for a meta that is not a plain object without
+/// `phx_ref` keys (then the general path writes it).
+fn write_entries(out: &mut String, entries: &mut [(Dot, &Entry)]) -> Option<()> {
     // Stable: metas of one key stay in dot order.
     entries.sort_by(|a, b| a.1.key.cmp(&b.1.key));
-    let mut out = String::with_capacity(entries.len() * 96 + 2);
     out.push('{');
     let mut i = 0;
     while i < entries.len() {
@@ -615,7 +652,7 @@ fn render_list(entries: &mut [(Dot, Entry)]) -> Option<Payload> {
         out.push_str(r#":{"metas":["#);
         let mut first = true;
         while i < entries.len() && entries[i].1.key == *key {
-            let (dot, e) = &entries[i];
+            let (dot, e) = entries[i];
             let inner = e
                 .meta
                 .as_str()
@@ -631,7 +668,7 @@ fn render_list(entries: &mut [(Dot, Entry)]) -> Option<Payload> {
             }
             first = false;
             out.push_str(r#"{"phx_ref":""#);
-            out.push_str(&phx_ref(*dot));
+            out.push_str(&phx_ref(dot));
             out.push('"');
             if let Some(prev) = e.prev {
                 out.push_str(r#","phx_ref_prev":""#);
@@ -648,7 +685,7 @@ fn render_list(entries: &mut [(Dot, Entry)]) -> Option<Payload> {
         out.push_str("]}");
     }
     out.push('}');
-    RawJson::parse(out).ok().map(Payload::Json)
+    Some(())
 }
 
 fn push_meta(map: &mut Map<String, Value>, dot: Dot, e: &Entry) {
@@ -772,6 +809,21 @@ mod tests {
             push_meta(&mut map, *dot, e);
         }
         assert_eq!(fast, Value::Object(map));
+        // A diff written as text equals the general path too.
+        let mut joins: Vec<(Dot, &Entry)> = entries.iter().map(|(d, e)| (*d, e)).collect();
+        let mut leaves: Vec<(Dot, &Entry)> = joins[..2].to_vec();
+        let mut general_leaves = Map::new();
+        for (dot, e) in &leaves {
+            push_meta(&mut general_leaves, *dot, e);
+        }
+        let diff = render_diff(&mut joins, &mut leaves)
+            .unwrap()
+            .to_value()
+            .unwrap();
+        assert_eq!(
+            diff,
+            serde_json::json!({"joins": fast.clone(), "leaves": Value::Object(general_leaves)})
+        );
         assert_eq!(fast["zoe"]["metas"].as_array().unwrap().len(), 2);
         assert!(fast["bob"]["metas"][0]["phx_ref_prev"].is_string());
         assert_eq!(t.list(topic).to_value().unwrap(), fast);
