@@ -577,6 +577,19 @@ mod tests {
         assert_eq!(body(post(&session, &frame, false).await), 410);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_poll_counts_as_the_last_poll() {
+        let (session, _held) = session();
+        let sessions = Sessions::new(1);
+        let started = Instant::now();
+        // The request is dropped (its client went away) 30 ms into the 100 ms window.
+        let polled = timeout(Duration::from_millis(30), poll(&sessions, 1, &session)).await;
+        assert!(polled.is_err());
+        let st = session.state.lock();
+        assert_eq!(st.polls, 0);
+        assert_eq!(st.last_poll, started + Duration::from_millis(30));
+    }
+
     #[test]
     fn bodies_split_on_newlines_and_stop_at_100_lines() {
         let body: Vec<u8> = (0..150)
