@@ -140,6 +140,27 @@ async fn poll_messages(s: &Server, token: &str, n: usize) -> Vec<Value> {
     got
 }
 
+/// Whether `frame` is a `presence_diff` in which `key` `joins` or `leaves`.
+fn presence_change(frame: &Value, change: &str, key: &str) -> bool {
+    frame[3] == "presence_diff" && frame[4][change].get(key).is_some()
+}
+
+/// Reads `watcher`'s frames until `key` `joins` or `leaves` its topic.
+async fn await_presence(watcher: &mut Client, change: &str, key: &str) {
+    while !presence_change(&watcher.recv_json().await, change, key) {}
+}
+
+/// A watcher (seeing presence) and a long-poll session of user `key`, both joined to `topic`
+/// (the watcher has seen the session's user join); returns the session's token.
+async fn watched_session(s: &Server, watcher: &mut Client, topic: &str, key: &str) -> String {
+    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let token = session(s, &format!("&user={key}")).await;
+    let join = format!(r#"["1","1","{topic}","phx_join",{{}}]"#);
+    assert_eq!(post(s, &token, false, &join).await, json!({"status": 200}));
+    await_presence(watcher, "joins", key).await;
+    token
+}
+
 fn config(window_ms: u64) -> Config {
     Config {
         longpoll_window: Duration::from_millis(window_ms),
@@ -316,23 +337,9 @@ async fn only_the_first_100_lines_of_a_post_are_processed() {
 async fn a_session_that_is_not_polled_ends_and_its_presence_leaves() {
     let s = start_with(config(200)).await;
     let mut watcher = s.presence_client("user=watcher").await;
-    watcher
-        .send(json!(["1", "1", "room:lp", "phx_join", {}]))
-        .await;
-    let token = session(&s, "&user=ghost").await;
-    post(&s, &token, false, r#"["1","1","room:lp","phx_join",{}]"#).await;
-    // The watcher sees the long-poll user join, then leave once the session times out (300 ms).
-    let mut joined = false;
-    loop {
-        let f = watcher.recv_json().await;
-        if f[3] == "presence_diff" && f[4]["joins"].get("ghost").is_some() {
-            joined = true;
-        }
-        if f[3] == "presence_diff" && f[4]["leaves"].get("ghost").is_some() {
-            break;
-        }
-    }
-    assert!(joined);
+    let token = watched_session(&s, &mut watcher, "room:lp", "ghost").await;
+    // The watcher sees the long-poll user leave once the session times out (300 ms).
+    await_presence(&mut watcher, "leaves", "ghost").await;
     assert_eq!(
         post(&s, &token, false, r#"[null,"2","phoenix","heartbeat",{}]"#).await,
         json!({"status": 410})
@@ -359,4 +366,124 @@ async fn undecodable_lines_are_refused_with_400() {
     .await;
     assert_eq!(r.status, 400);
     assert!(r.body.contains("malformed frame"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_session_that_stops_polling_ends_as_a_slow_consumer() {
+    // The session times out after 15 s, later than any wait below.
+    let s = start_with(Config {
+        outbound_limit: 64 * 1024,
+        ..Config::default()
+    })
+    .await;
+    let mut watcher = s.presence_client("user=watcher").await;
+    let token = watched_session(&s, &mut watcher, "room:lp", "sleeper").await;
+    // 1 KB broadcasts: the watcher (WebSocket) reads each one; the session never polls.
+    let body = "x".repeat(1000);
+    let mut left = false;
+    for n in 0..1000 {
+        s.endpoint
+            .broadcast("room:lp", "tick", json!({"n": n, "body": body}));
+        loop {
+            let f = watcher.recv_json().await;
+            left |= presence_change(&f, "leaves", "sleeper");
+            if f[3] == "tick" {
+                assert_eq!(f[4]["n"], n);
+                break;
+            }
+        }
+        if s.endpoint.stats().slow_consumers == 1 {
+            break;
+        }
+    }
+    assert_eq!(s.endpoint.stats().slow_consumers, 1);
+    // Its channel terminated: its presence leaves.
+    if !left {
+        await_presence(&mut watcher, "leaves", "sleeper").await;
+    }
+    assert_eq!(
+        post(&s, &token, false, r#"[null,"2","phoenix","heartbeat",{}]"#).await,
+        json!({"status": 410})
+    );
+    // Its next poll starts a new session, as for any ended session.
+    let v = http(&s, "GET", &format!("{LP}&token={token}"), &[], "")
+        .await
+        .json();
+    assert_eq!(v["status"], 410, "{v}");
+    assert_ne!(v["token"], token.as_str());
+    watcher.ping_roundtrip("1", "2", "room:lp").await;
+    assert_eq!(s.endpoint.stats().slow_consumers, 1);
+}
+
+#[tokio::test]
+async fn a_session_whose_client_leaves_mid_poll_still_ends() {
+    let s = start_with(config(1000)).await;
+    let mut watcher = s.presence_client("user=watcher").await;
+    let token = watched_session(&s, &mut watcher, "room:lp", "gone").await;
+    // Its join reply and presence_state are polled; then a poll whose client closes the
+    // connection after 200 ms of the 1 s window and never polls again: the server drops the
+    // request.
+    poll_messages(&s, &token, 2).await;
+    let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+    let get = format!("GET {LP}&token={token} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    tcp.write_all(get.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tcp);
+    // The session times out 1.5 s later (within the watcher's 5 s wait).
+    await_presence(&mut watcher, "leaves", "gone").await;
+    assert_eq!(
+        post(&s, &token, false, r#"[null,"2","phoenix","heartbeat",{}]"#).await,
+        json!({"status": 410})
+    );
+}
+
+#[tokio::test]
+async fn a_post_body_over_8_mb_is_refused_with_413_before_it_is_read() {
+    let s = start_with(config(2000)).await;
+    let token = session(&s, "").await;
+    // Only the head is sent: the answer comes from the declared length.
+    let head = format!(
+        "POST {LP} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-phoenix-longpoll-token: {token}\r\n\
+         content-length: 8000001\r\n\r\n"
+    );
+    assert_eq!(s.http_status(&head).await, 413);
+
+    // A chunked body is refused once its bytes pass 8 MB, while the client is still sending.
+    let tcp = TcpStream::connect(s.addr).await.unwrap();
+    let (mut rx, mut tx) = tcp.into_split();
+    let head = format!(
+        "POST {LP} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-phoenix-longpoll-token: {token}\r\n\
+         transfer-encoding: chunked\r\n\r\n"
+    );
+    let sender = tokio::spawn(async move {
+        tx.write_all(head.as_bytes()).await?;
+        let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+        // Up to 100 MiB; the server answers, and stops reading, after about 8 MB.
+        for _ in 0..1600 {
+            tx.write_all(chunk.as_bytes()).await?;
+        }
+        std::io::Result::Ok(())
+    });
+    let mut head = [0; 12];
+    tokio::time::timeout(WAIT, rx.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+    sender.abort();
+
+    // A body under the limit is read as usual.
+    let heartbeats: String = (0..100)
+        .map(|i| {
+            format!(
+                "[null,\"{i}\",\"phoenix\",\"heartbeat\",{{\"pad\":\"{}\"}}]\n",
+                "x".repeat(70_000)
+            )
+        })
+        .collect();
+    assert!(heartbeats.len() < 8_000_000);
+    assert_eq!(
+        post(&s, &token, true, &heartbeats).await,
+        json!({"status": 200})
+    );
 }

@@ -501,7 +501,7 @@ impl<S: Socket> Conn<S> {
 
     /// Notes that the server closes the connection with `close`, as soon as it is known: a
     /// slow consumer is counted and logged.
-    fn closing(&self, close: &Close) {
+    pub(crate) fn closing(&self, close: &Close) {
         if *close == Close::SLOW_CONSUMER {
             self.shared.endpoint.count_slow_consumer();
             tracing::warn!("closing connection: slow consumer");

@@ -105,7 +105,9 @@
 //! - **Broadcasts** are encoded once per serializer and the same bytes queued to every
 //!   subscriber; only [intercepted](Channel::INTERCEPTS) events pass through channel tasks.
 //! - **Bounded memory.** Each connection's outbound queue is bounded in bytes; a client that
-//!   cannot keep up is disconnected with code 1008 (see [`SocketBuilder::outbound_limit`]).
+//!   cannot keep up is disconnected with code 1008 (see [`SocketBuilder::outbound_limit`]),
+//!   a long-poll session that stops polling is ended the same way, and long-poll POST bodies
+//!   are bounded ([`SocketBuilder::max_longpoll_body`]).
 //!   Each channel's mailbox is bounded in messages ([`SocketBuilder::mailbox_limit`]).
 //! - **Bad input** closes only the offending connection, with a close code naming the
 //!   problem: 1007 undecodable frame, 1009 frame too big, 1002 WebSocket protocol error.

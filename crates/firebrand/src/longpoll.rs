@@ -13,6 +13,17 @@
 //!   unknown or expired session;
 //! - the session ends when it has not been polled for 1.5 windows; its channels terminate.
 //!
+//! **Bounds.** A session's frames wait for the next poll in its connection's `Outbox`
+//! (queue.rs), under the socket's
+//! [`outbound_limit`](crate::SocketBuilder::outbound_limit): a session that stops polling while
+//! frames keep coming ends as a slow consumer, as a WebSocket client that stops reading does
+//! (its queue is dropped, its channels terminate, [`Stats::slow_consumers`](crate::Stats)
+//! counts it), and its next poll starts a new session (`410`). A poll counts as the session's
+//! last one however it ends, also when the client goes away mid-poll and its request is
+//! dropped. A POST body is read up to
+//! [`max_longpoll_body`](crate::SocketBuilder::max_longpoll_body) (8 MB, as Phoenix) and
+//! answered HTTP 413 past it, before it is buffered whole or forwarded to another node.
+//!
 //! Every answer is HTTP 200 with the logical status in the body, as Phoenix does (except OPTIONS
 //! and malformed requests: 400).
 //!
@@ -22,7 +33,7 @@
 //! over its PubSub. A token naming a node that is gone is treated as no session: a poll starts a
 //! new one here (`410` with a new token), a post answers `410`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -38,7 +49,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::conn::{Conn, ConnArgs};
-use crate::queue::Frame;
+use crate::queue::{Frame, Outbox};
 use crate::socket::{Shared, Socket, query_params};
 use crate::token::TokenSigner;
 
@@ -108,20 +119,44 @@ impl Answer {
     }
 }
 
-/// One long-poll client: its frames waiting to be polled, and the way to its connection.
+/// One long-poll client: the way to its connection, and to the frames waiting to be polled.
 struct Session {
     serializer: Serializer,
     window: Duration,
     to_conn: mpsc::UnboundedSender<(Message, oneshot::Sender<()>)>,
-    buf: Mutex<Buffer>,
+    /// The connection's outbox, where its frames wait for the next poll (bounded in bytes).
+    outbox: Arc<Outbox>,
+    state: Mutex<PollState>,
+    /// Woken when frames arrive in the outbox, and when the session ends.
     arrived: Notify,
 }
 
-struct Buffer {
-    frames: VecDeque<String>,
+struct PollState {
     ended: bool,
-    polling: bool,
+    /// Polls in progress.
+    polls: usize,
+    /// When the last poll ended.
     last_poll: Instant,
+}
+
+impl Session {
+    /// Marks the session as being polled until the returned guard is dropped, which counts
+    /// as its last poll: when the poll is answered, and also when its request is dropped (the
+    /// client went away mid-poll), so that the session still expires.
+    fn polling(&self) -> Polling<'_> {
+        self.state.lock().polls += 1;
+        Polling(self)
+    }
+}
+
+struct Polling<'a>(&'a Session);
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock();
+        st.polls -= 1;
+        st.last_poll = Instant::now();
+    }
 }
 
 impl Sessions {
@@ -244,9 +279,19 @@ pub(crate) async fn handle<S: Socket>(
     let request = if parts.method == Method::GET {
         Request::Poll
     } else {
-        let Ok(body) = axum::body::to_bytes(body, shared.config.max_frame_size * MAX_LINES).await
-        else {
-            return (StatusCode::PAYLOAD_TOO_LARGE, "long-poll body too large").into_response();
+        // Read here, before the request may be forwarded: a body over the limit is refused
+        // from its `content-length`, or as soon as its bytes pass the limit.
+        let limit = shared.config.max_longpoll_body;
+        let too_large = || (StatusCode::PAYLOAD_TOO_LARGE, "long-poll body too large");
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return too_large().into_response();
+        }
+        let Ok(body) = axum::body::to_bytes(body, limit).await else {
+            return too_large().into_response();
         };
         let ndjson = parts
             .headers
@@ -315,32 +360,33 @@ async fn start<S: Socket>(
     let sessions = shared.endpoint.longpoll().clone();
     let id = sessions.next_id.fetch_add(1, Ordering::Relaxed);
     let (to_conn, from_clients) = mpsc::unbounded_channel();
-    let session = Arc::new(Session {
-        serializer: accepted.serializer,
-        window,
-        to_conn,
-        buf: Mutex::new(Buffer {
-            frames: VecDeque::new(),
-            ended: false,
-            polling: false,
-            last_poll: Instant::now(),
-        }),
-        arrived: Notify::new(),
-    });
-    sessions.map.lock().insert(id, session.clone());
     let conn = Conn::open(ConnArgs {
         shared: shared.clone(),
         assigns: Arc::new(accepted.assigns),
         socket_id: accepted.socket_id,
         serializer: accepted.serializer,
     });
+    let session = Arc::new(Session {
+        serializer: accepted.serializer,
+        window,
+        to_conn,
+        outbox: conn.outbox().clone(),
+        state: Mutex::new(PollState {
+            ended: false,
+            polls: 0,
+            last_poll: Instant::now(),
+        }),
+        arrived: Notify::new(),
+    });
+    sessions.map.lock().insert(id, session.clone());
     let token = sessions.token(id);
     tokio::spawn(run(conn, sessions, id, session, from_clients));
     Answer::json(json!({"status": 410, "token": token, "messages": []})).into_response()
 }
 
-/// Drives a session's connection until it ends: frames go to the poll buffer, POSTed
-/// messages to the connection, and a session not polled for 1.5 windows ends.
+/// Drives a session's connection until it ends: frames wait in its outbox for a poll (which
+/// is woken), POSTed messages go to the connection, and a session not polled for 1.5 windows,
+/// or whose outbox overflows, ends.
 async fn run<S: Socket>(
     mut conn: Conn<S>,
     sessions: Arc<Sessions>,
@@ -348,35 +394,27 @@ async fn run<S: Socket>(
     session: Arc<Session>,
     mut from_clients: mpsc::UnboundedReceiver<(Message, oneshot::Sender<()>)>,
 ) {
-    let outbox = conn.outbox().clone();
+    let outbox = session.outbox.clone();
     let inactive = session.window * 3 / 2;
     let mut reason = crate::StopReason::Closed;
     loop {
         let deadline = {
-            let buf = session.buf.lock();
-            if buf.polling {
+            let st = session.state.lock();
+            if st.polls > 0 {
                 Instant::now() + inactive
             } else {
-                buf.last_poll + inactive
+                st.last_poll + inactive
             }
         };
         tokio::select! {
             () = outbox.ready() => {
-                let batch = outbox.take();
-                for event in batch.events {
+                let (events, close) = outbox.take_events();
+                for event in events {
                     conn.on_event(event);
                 }
-                let mut buf = session.buf.lock();
-                for frame in batch.frames {
-                    match frame {
-                        Frame::Text(t) => buf.frames.push_back(String::from_utf8_lossy(&t).into_owned()),
-                        // phoenix.js's LongPoll decodes every message as JSON text.
-                        _ => tracing::debug!("binary frame not sent over long-poll"),
-                    }
-                }
-                drop(buf);
                 session.arrived.notify_waiters();
-                if let Some(close) = batch.close {
+                if let Some(close) = close {
+                    conn.closing(&close);
                     reason = close.stop_reason();
                     break;
                 }
@@ -389,8 +427,8 @@ async fn run<S: Socket>(
                 None => break,
             },
             () = sleep_until(deadline) => {
-                let buf = session.buf.lock();
-                if !buf.polling && buf.last_poll + inactive <= Instant::now() {
+                let st = session.state.lock();
+                if st.polls == 0 && st.last_poll + inactive <= Instant::now() {
                     tracing::debug!("long-poll session ended: not polled");
                     break;
                 }
@@ -398,7 +436,7 @@ async fn run<S: Socket>(
         }
     }
     sessions.map.lock().remove(&id);
-    session.buf.lock().ended = true;
+    session.state.lock().ended = true;
     session.arrived.notify_waiters();
     conn.end(reason);
 }
@@ -407,30 +445,35 @@ async fn run<S: Socket>(
 async fn poll(sessions: &Sessions, id: u64, session: &Session) -> Answer {
     let token = sessions.token(id);
     let deadline = Instant::now() + session.window;
-    session.buf.lock().polling = true;
-    let answer = loop {
+    let _polling = session.polling();
+    loop {
         let arrived = session.arrived.notified();
-        {
-            let mut buf = session.buf.lock();
-            if !buf.frames.is_empty() {
-                let messages: Vec<String> = buf.frames.drain(..).collect();
-                break Answer::json(json!({"status": 200, "token": token, "messages": messages}));
-            }
-            if buf.ended {
-                break Answer::status(410);
-            }
+        let messages: Vec<String> = session
+            .outbox
+            .take_frames()
+            .into_iter()
+            .filter_map(|frame| match frame {
+                Frame::Text(t) => Some(String::from_utf8_lossy(&t).into_owned()),
+                // phoenix.js's LongPoll decodes every message as JSON text.
+                _ => {
+                    tracing::debug!("binary frame not sent over long-poll");
+                    None
+                }
+            })
+            .collect();
+        if !messages.is_empty() {
+            return Answer::json(json!({"status": 200, "token": token, "messages": messages}));
+        }
+        if session.state.lock().ended {
+            return Answer::status(410);
         }
         if timeout(deadline.saturating_duration_since(Instant::now()), arrived)
             .await
             .is_err()
         {
-            break Answer::json(json!({"status": 204, "token": token, "messages": []}));
+            return Answer::json(json!({"status": 204, "token": token, "messages": []}));
         }
-    };
-    let mut buf = session.buf.lock();
-    buf.polling = false;
-    buf.last_poll = Instant::now();
-    answer
+    }
 }
 
 /// The frames of a POST body: its first 100 ndjson lines (`\n` or `\r\n`), or the whole
@@ -499,10 +542,10 @@ mod tests {
             serializer: Serializer::V2,
             window: Duration::from_millis(100),
             to_conn,
-            buf: Mutex::new(Buffer {
-                frames: VecDeque::new(),
+            outbox: Arc::new(Outbox::new(1 << 20)),
+            state: Mutex::new(PollState {
                 ended: false,
-                polling: false,
+                polls: 0,
                 last_poll: Instant::now(),
             }),
             arrived: Notify::new(),
@@ -532,6 +575,19 @@ mod tests {
         drop(from_clients);
         let frame = Bytes::from_static(br#"[null,"1","phoenix","heartbeat",{}]"#);
         assert_eq!(body(post(&session, &frame, false).await), 410);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_poll_counts_as_the_last_poll() {
+        let (session, _held) = session();
+        let sessions = Sessions::new(1);
+        let started = Instant::now();
+        // The request is dropped (its client went away) 30 ms into the 100 ms window.
+        let polled = timeout(Duration::from_millis(30), poll(&sessions, 1, &session)).await;
+        assert!(polled.is_err());
+        let st = session.state.lock();
+        assert_eq!(st.polls, 0);
+        assert_eq!(st.last_poll, started + Duration::from_millis(30));
     }
 
     #[test]

@@ -242,6 +242,23 @@ impl Outbox {
         })
     }
 
+    /// Takes the events and the requested close, leaving the frames queued, and counted
+    /// against the limit, for [`Outbox::take_frames`]. The long-poll transport keeps a
+    /// session's frames here until the client polls, so a client that stops polling is a slow
+    /// consumer like a WebSocket client that stops reading. After this, [`Outbox::ready`]
+    /// wakes for the next event or close, and for the next frame once the queue was emptied.
+    pub(crate) fn take_events(&self) -> (Vec<ConnEvent>, Option<Close>) {
+        let mut st = self.state.lock();
+        (std::mem::take(&mut st.events), st.close.clone())
+    }
+
+    /// Takes the queued frames, leaving events and the close to [`Outbox::take_events`].
+    pub(crate) fn take_frames(&self) -> VecDeque<Frame> {
+        let mut st = self.state.lock();
+        st.bytes = 0;
+        std::mem::take(&mut st.frames)
+    }
+
     /// Takes everything queued.
     pub(crate) fn take(&self) -> Batch {
         let mut st = self.state.lock();
@@ -370,6 +387,18 @@ mod tests {
         assert_eq!(out.push(text(500)), Pushed::Queued);
         assert_eq!(out.take().frames.len(), 1);
         assert_eq!(out.push(text(10)), Pushed::Queued);
+    }
+
+    #[test]
+    fn frames_left_queued_count_against_the_limit() {
+        let out = Outbox::new(1000);
+        assert_eq!(out.push(text(500)), Pushed::Queued);
+        out.event(ConnEvent::ChannelExited { id: 1 });
+        let (events, close) = out.take_events();
+        assert_eq!((events.len(), close), (1, None));
+        assert_eq!(out.push(text(500)), Pushed::Overflow);
+        assert!(out.take_frames().is_empty());
+        assert_eq!(out.take_events().1, Some(Close::SLOW_CONSUMER));
     }
 
     #[test]

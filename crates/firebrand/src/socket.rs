@@ -184,6 +184,7 @@ pub(crate) struct SocketConfig {
     pub(crate) write_timeout: Duration,
     /// The long-poll poll window, when long-poll is on.
     pub(crate) longpoll: Option<Duration>,
+    pub(crate) max_longpoll_body: usize,
     pub(crate) message_rate: Option<u32>,
     pub(crate) join_rate: Option<u32>,
     pub(crate) max_payload: usize,
@@ -202,6 +203,7 @@ impl Default for SocketConfig {
             mailbox_limit: 1024,
             write_timeout: Duration::from_secs(10),
             longpoll: None,
+            max_longpoll_body: 8_000_000,
             message_rate: Some(500),
             join_rate: Some(100),
             max_payload: 256 * 1024,
@@ -300,6 +302,9 @@ impl<S: Socket> SocketBuilder<S> {
     /// logged and [`Stats::slow_consumers`](crate::Stats::slow_consumers) counts it. Other
     /// clients are not slowed. The official client reconnects and rejoins. Default 4 MiB. (The
     /// batch being written is not counted: a connection holds at most about twice this.)
+    ///
+    /// A long-poll session's frames waiting for its next poll count the same way: past the
+    /// limit the session ends as a slow consumer and its next poll starts a new session.
     pub fn outbound_limit(mut self, bytes: usize) -> Self {
         self.config.outbound_limit = bytes;
         self
@@ -368,6 +373,14 @@ impl<S: Socket> SocketBuilder<S> {
     /// up to `window` for frames (Phoenix: 10 s); a session not polled for 1.5 windows ends.
     pub fn longpoll(mut self, window: Duration) -> Self {
         self.config.longpoll = Some(window);
+        self
+    }
+
+    /// The largest long-poll POST body read, in bytes. A larger one is answered HTTP 413
+    /// (payload too large) as soon as its `content-length`, or its bytes read so far, pass the
+    /// limit: it is never buffered whole. Default 8 MB (8,000,000 bytes, as Phoenix).
+    pub fn max_longpoll_body(mut self, bytes: usize) -> Self {
+        self.config.max_longpoll_body = bytes;
         self
     }
 
