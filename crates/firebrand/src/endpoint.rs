@@ -350,8 +350,10 @@ impl Inner {
                     tracing::info!(node = from, "cluster node up");
                 }
                 if !self.tracker.merge_remote(from, &delta) {
-                    c.link
-                        .reject(from, "presence delta of other nodes' elements");
+                    c.link.reject(
+                        from,
+                        "presence delta of other nodes' elements, or a clock far ahead",
+                    );
                     return;
                 }
                 let mut seen = c.seen.lock();
@@ -384,8 +386,10 @@ impl Inner {
                 state,
             } if to == me => {
                 if !self.tracker.merge_remote(from, &state) {
-                    c.link
-                        .reject(from, "presence transfer of other nodes' elements");
+                    c.link.reject(
+                        from,
+                        "presence transfer of other nodes' elements, or a clock far ahead",
+                    );
                     return;
                 }
                 let mut seen = c.seen.lock();
