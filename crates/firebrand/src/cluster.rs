@@ -158,13 +158,15 @@ pub(crate) const REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_
 /// (for replay checks).
 pub(crate) struct Auth {
     key: Hmac<Sha256>,
+    /// Taken, with the counter, from sealing to queueing: messages are queued in counter order.
+    order: parking_lot::Mutex<()>,
     counter: AtomicU64,
     replay: parking_lot::Mutex<std::collections::HashMap<u64, Replay>>,
 }
 
 /// What a node has seen of another's sealed messages: the highest counter, and which of the
-/// 64 below it (bit `i`: `highest - 1 - i`), as in IPsec's anti-replay window. Messages of
-/// one node may be reordered a little: several threads publish.
+/// 64 below it (bit `i`: `highest - 1 - i`), as in IPsec's anti-replay window. A node queues
+/// its messages in counter order; the window tolerates an engine reordering a few.
 struct Replay {
     highest: u64,
     below: u64,
@@ -182,6 +184,7 @@ impl Auth {
     pub(crate) fn new(secret: &[u8]) -> Auth {
         Auth {
             key: <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key size"),
+            order: parking_lot::Mutex::new(()),
             counter: AtomicU64::new(1),
             replay: parking_lot::Mutex::default(),
         }
@@ -305,11 +308,15 @@ impl ClusterLink {
         }
     }
 
-    /// Seals `message` with the cluster secret, if there is one.
-    pub(crate) fn seal(&self, message: Bytes) -> Bytes {
+    /// Publishes `message` through `adapter`, sealed with the cluster secret if there is one.
+    pub(crate) fn publish(&self, adapter: &dyn Adapter, message: Bytes) {
         match &self.inner.auth {
-            Some(auth) => auth.seal(&message),
-            None => message,
+            Some(auth) => {
+                // Publishing does not wait: this lock is held for the time of one HMAC.
+                let _order = auth.order.lock();
+                adapter.publish(auth.seal(&message));
+            }
+            None => adapter.publish(message),
         }
     }
 
@@ -823,33 +830,38 @@ mod tests {
 
     #[test]
     fn with_a_secret_only_sealed_fresh_messages_pass() {
+        let sealed = |link: &ClusterLink, m: Bytes| link.inner.auth.as_ref().unwrap().seal(&m);
         let (a, _) = link(1, Some(b"secret"));
         let (b, got) = link(2, Some(b"secret"));
         let (open, open_got) = link(3, None);
         let goodbye = || encode(1, &Body::Goodbye);
-        let sealed = a.seal(goodbye());
-        b.receive(&sealed);
+        let sealed_bye = sealed(&a, goodbye());
+        b.receive(&sealed_bye);
         assert_eq!(*got.lock(), [1]);
         // A replay, a forged or unsealed message, another secret's: all refused and counted.
-        b.receive(&sealed);
+        b.receive(&sealed_bye);
         b.receive(&goodbye());
-        let mut tampered = sealed.to_vec();
+        let mut tampered = sealed_bye.to_vec();
         tampered[AUTH_HEADER + 2] ^= 1;
         b.receive(&tampered);
         let (other, _) = link(1, Some(b"other secret"));
-        b.receive(&other.seal(goodbye()));
-        b.receive(&sealed[..sealed.len() - 1]);
+        b.receive(&sealed(&other, goodbye()));
+        b.receive(&sealed_bye[..sealed_bye.len() - 1]);
         assert_eq!(*got.lock(), [1]);
         assert_eq!(b.inner.rejected.load(Ordering::Relaxed), 5);
         // Reordered messages within the window pass once each; far behind, they are refused.
-        let (m1, m2, m3) = (a.seal(goodbye()), a.seal(goodbye()), a.seal(goodbye()));
+        let (m1, m2, m3) = (
+            sealed(&a, goodbye()),
+            sealed(&a, goodbye()),
+            sealed(&a, goodbye()),
+        );
         for m in [&m3, &m1, &m2, &m1] {
             b.receive(m);
         }
         assert_eq!(got.lock().len(), 4);
-        let old = a.seal(goodbye());
+        let old = sealed(&a, goodbye());
         for _ in 0..65 {
-            b.receive(&a.seal(goodbye()));
+            b.receive(&sealed(&a, goodbye()));
         }
         b.receive(&old);
         assert_eq!(got.lock().len(), 4 + 65);
@@ -868,7 +880,7 @@ mod tests {
         assert_eq!(b.inner.rejected.load(Ordering::Relaxed), 8);
         // Without a secret: unsealed messages pass as before, sealed ones are refused.
         open.receive(&goodbye());
-        open.receive(&sealed);
+        open.receive(&sealed_bye);
         assert_eq!(*open_got.lock(), [1]);
         assert_eq!(open.inner.rejected.load(Ordering::Relaxed), 1);
     }

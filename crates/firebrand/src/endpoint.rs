@@ -155,7 +155,7 @@ impl Cluster {
 
 /// Encodes `body`, seals it with the cluster secret if there is one, and publishes it.
 fn send(adapter: &dyn Adapter, link: &ClusterLink, body: &Body) {
-    adapter.publish(link.seal(crate::cluster::encode(link.node(), body)));
+    link.publish(adapter, crate::cluster::encode(link.node(), body));
 }
 
 impl EndpointBuilder {
