@@ -295,7 +295,10 @@ impl ClusterLink {
                 if opened
                     .is_some_and(|(auth, counter, time)| !auth.fresh(msg.node, counter, time)) =>
             {
-                self.reject(msg.node, "replayed, or sent more than a minute from now");
+                self.reject(
+                    msg.node,
+                    "replayed, or stamped more than a minute off this node's clock",
+                );
             }
             Ok(msg) => {
                 self.inner.received.fetch_add(1, Ordering::Relaxed);

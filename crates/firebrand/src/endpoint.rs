@@ -78,7 +78,9 @@ pub struct Stats {
     pub cluster_received: u64,
     /// Messages the adapter could not send to other nodes (engine outage, full queue).
     pub cluster_lost: u64,
-    /// Messages from other nodes dropped as undecodable or of another format version.
+    /// Messages from other nodes dropped: undecodable or of another format version; with a
+    /// cluster secret, without a valid tag or replayed; presence gossip of other nodes'
+    /// presences; long-poll answers from a node that was not asked.
     pub cluster_rejected: u64,
 }
 
