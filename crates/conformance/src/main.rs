@@ -80,6 +80,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         builder
     };
+    // CLUSTER_SECRET: node-to-node messages are authenticated with it (the same on every node);
+    // without it, whoever can publish on the engine is trusted as a node.
+    let builder = match std::env::var("CLUSTER_SECRET") {
+        Ok(secret) if !secret.is_empty() => builder.cluster_secret(secret),
+        _ => builder,
+    };
     let endpoint = builder.build();
     let router = router(&config, &endpoint);
     let server = firebrand::Server::bind(("127.0.0.1", port))

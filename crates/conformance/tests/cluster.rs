@@ -620,3 +620,123 @@ async fn long_poll_requests_reach_their_session_from_any_redis_node() {
 async fn long_poll_requests_reach_their_session_from_any_nats_node() {
     long_poll_across_nodes(("NATS_URL", NATS)).await;
 }
+
+/// Publishes `message` on the Redis channel of cluster `namespace`, as anyone who can reach
+/// the engine can (RESP by hand); waits for Redis's answer, so later messages come after it.
+async fn redis_publish(namespace: &str, message: &[u8]) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let channel = format!("firebrand:{namespace}");
+    let mut req = b"*3\r\n$7\r\nPUBLISH\r\n".to_vec();
+    for arg in [channel.as_bytes(), message] {
+        req.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        req.extend_from_slice(arg);
+        req.extend_from_slice(b"\r\n");
+    }
+    let addr = REDIS.trim_start_matches("redis://");
+    let mut tcp = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    tcp.get_mut().write_all(&req).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_line(&mut answer).await.unwrap();
+    assert!(answer.starts_with(':'), "{answer:?}");
+}
+
+/// A node's id in its cluster, read from a long-poll session token it signs.
+async fn node_id(node: &Node) -> u64 {
+    use base64::Engine;
+    let start = http_json(node.port, "GET", LP, "", "").await;
+    let token = start["token"].as_str().unwrap();
+    let data = token.split_once('.').unwrap().0;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(data)
+        .unwrap();
+    serde_json::from_slice::<Value>(&json).unwrap()["d"][0]
+        .as_u64()
+        .unwrap()
+}
+
+/// A node-to-node message as firebrand's format 1 writes it: version, kind, node, JSON body.
+fn node_message(kind: u8, node: u64, body: Value) -> Vec<u8> {
+    let mut m = vec![1, kind];
+    m.extend_from_slice(&node.to_be_bytes());
+    m.extend_from_slice(body.to_string().as_bytes());
+    m
+}
+
+/// A presence heartbeat of `node` carrying one presence `key` at `dot`, of `owner`'s replica.
+fn forged_presence(node: u64, topic: &str, key: &str, dot: (u64, u64), owner: u64) -> Vec<u8> {
+    let entry = json!({"dot": [dot.0, dot.1], "topic": topic, "key": key,
+        "owner": [owner, 1], "meta": "{\"phx_ref\":\"forged\"}", "prev": null});
+    let state = json!({"values": [entry], "max": [[dot.0, dot.1]], "cloud": []});
+    node_message(2, node, json!({"from": 0, "generation": 1, "state": state}))
+}
+
+/// Forged messages published on the cluster's Redis channel: presence gossip naming another
+/// node's presences, or a clock far ahead, is refused by the tracker; a goodbye in the name of
+/// node 2 and a presence from a node that does not exist are taken as genuine without a
+/// cluster secret (the bus is trusted), and refused with one. Returns whether node 2's
+/// presence vanished from node 1 and whether the invented one appeared.
+async fn forged_messages(secret: Option<&str>) -> (bool, bool) {
+    let ns = format!("forged-{}-{}", std::process::id(), secret.is_some());
+    let mut env = vec![
+        ("PRESENCE_HEARTBEAT_MS", "200"),
+        ("PRESENCE_DOWN_MS", "60000"),
+    ];
+    env.extend(secret.map(|s| ("CLUSTER_SECRET", s)));
+    let engine = ("REDIS_URL", REDIS);
+    let (n1, n2) = (
+        node_with(engine, &ns, &env).await,
+        node_with(engine, &ns, &env).await,
+    );
+    let topic = "room:forged";
+    let mut watcher = n1.presence_client("user=watcher").await;
+    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut dana = n2.presence_client("user=dana").await;
+    dana.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut view = serde_json::Map::new();
+    presence_until(&mut watcher, &mut view, |v| v.contains_key("dana")).await;
+
+    let n2_id = node_id(&n2).await;
+    let forger = 0x5EED_u64;
+    // Another node's presences, and node 2's own clock pushed to its end.
+    redis_publish(
+        &ns,
+        &forged_presence(forger, topic, "mallory", (n2_id, 9), n2_id),
+    )
+    .await;
+    let far = (n2_id, u64::MAX);
+    redis_publish(&ns, &forged_presence(n2_id, topic, "mallory", far, n2_id)).await;
+    // A presence of the forger's own, and node 2's goodbye.
+    redis_publish(
+        &ns,
+        &forged_presence(forger, topic, "ghost", (forger, 1), forger),
+    )
+    .await;
+    redis_publish(&ns, &node_message(5, n2_id, json!({}))).await;
+
+    // Node 2's next change reaches node 1 after all of them.
+    let mut later = n2.presence_client("user=later").await;
+    later.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let vanished = std::cell::Cell::new(false);
+    presence_until(&mut watcher, &mut view, |v| {
+        vanished.set(vanished.get() || !v.contains_key("dana"));
+        v.contains_key("later")
+    })
+    .await;
+    assert!(!view.contains_key("mallory"), "{view:?}");
+    let ghost = view.contains_key("ghost");
+    drop((n1, n2, dana, later));
+    (vanished.get(), ghost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_cluster_secret_the_bus_is_trusted_but_presence_gossip_is_checked() {
+    assert_eq!(forged_messages(None).await, (true, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_secret_forged_messages_are_dropped() {
+    assert_eq!(
+        forged_messages(Some("a shared cluster secret")).await,
+        (false, false)
+    );
+}

@@ -11,6 +11,11 @@
 //! (and counts) messages of a version it does not know, so mixed-version clusters fail loudly
 //! in the logs rather than garbling frames.
 //!
+//! Without a cluster secret, whoever can publish on the engine is trusted as a node (as Phoenix
+//! trusts its distribution). With [`EndpointBuilder::cluster_secret`](crate::EndpointBuilder::cluster_secret),
+//! every message is sealed with HMAC-SHA256, its sender's id, a counter and its time, and
+//! messages without a valid tag, replayed or a minute off are dropped and counted.
+//!
 //! Adapters are chosen when the endpoint is built, behind a trait object: no type parameter
 //! reaches your types.
 //!
@@ -28,9 +33,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use firebrand_protocol::{Payload, RawJson};
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
 use crate::longpoll::{Answer, Request};
 use crate::presence::crdt::{State, WireState};
 use crate::pubsub::Broadcast;
+use crate::token::Proof;
 
 /// The version of the node-to-node message format written by this build.
 pub const FORMAT_VERSION: u8 = 1;
@@ -129,6 +138,127 @@ pub(crate) struct LinkInner {
     pub(crate) received: AtomicU64,
     pub(crate) lost: AtomicU64,
     pub(crate) rejected: AtomicU64,
+    /// With a cluster secret: how messages are sealed and checked.
+    pub(crate) auth: Option<Auth>,
+}
+
+/// Marks a sealed message: `AUTH_MARKER, counter u64, time u64 (ms since the Unix epoch), the
+/// message, HMAC-SHA256 of all that (32 bytes)`. Not a format version, so that a node without a
+/// secret says why it drops it.
+const AUTH_MARKER: u8 = 0xA5;
+const AUTH_HEADER: usize = 17;
+const TAG_LEN: usize = 32;
+
+/// How far a sealed message's time may be from the receiver's clock (node clocks must agree
+/// within this). A message is refused once this old, and a message seen within it is refused
+/// a second time, so a captured message cannot be replayed.
+pub(crate) const REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A cluster secret's key, this node's message counter, and what was received of each node
+/// (for replay checks).
+pub(crate) struct Auth {
+    key: Hmac<Sha256>,
+    /// Taken, with the counter, from sealing to queueing: messages are queued in counter order.
+    order: parking_lot::Mutex<()>,
+    counter: AtomicU64,
+    replay: parking_lot::Mutex<std::collections::HashMap<u64, Replay>>,
+}
+
+/// What a node has seen of another's sealed messages: the highest counter, and which of the
+/// 64 below it (bit `i`: `highest - 1 - i`), as in IPsec's anti-replay window. A node queues
+/// its messages in counter order; the window tolerates an engine reordering a few.
+struct Replay {
+    highest: u64,
+    below: u64,
+    last: std::time::Instant,
+}
+
+fn unix_ms() -> u64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Auth {
+    pub(crate) fn new(secret: &[u8]) -> Auth {
+        Auth {
+            key: <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key size"),
+            order: parking_lot::Mutex::new(()),
+            counter: AtomicU64::new(1),
+            replay: parking_lot::Mutex::default(),
+        }
+    }
+
+    fn seal(&self, message: &[u8]) -> Bytes {
+        let mut buf = BytesMut::with_capacity(AUTH_HEADER + message.len() + TAG_LEN);
+        buf.put_u8(AUTH_MARKER);
+        buf.put_u64(self.counter.fetch_add(1, Ordering::Relaxed));
+        buf.put_u64(unix_ms());
+        buf.put_slice(message);
+        let mut mac = self.key.clone();
+        mac.update(&buf);
+        buf.put_slice(&mac.finalize().into_bytes());
+        buf.freeze()
+    }
+
+    /// The message inside `sealed`, its counter and time, if the tag is right.
+    fn open<'a>(&self, sealed: &'a [u8]) -> Result<(u64, u64, &'a [u8]), &'static str> {
+        if sealed.first() != Some(&AUTH_MARKER) {
+            return Err("no authentication tag (is the sender's cluster secret set?)");
+        }
+        if sealed.len() < AUTH_HEADER + TAG_LEN {
+            return Err("sealed message too short");
+        }
+        let (signed, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let mut mac = self.key.clone();
+        mac.update(signed);
+        mac.verify_slice(tag)
+            .map_err(|_| "wrong authentication tag (another cluster secret, or forged)")?;
+        let mut header = &signed[1..AUTH_HEADER];
+        Ok((header.get_u64(), header.get_u64(), &signed[AUTH_HEADER..]))
+    }
+
+    /// Whether node `node`'s message `counter` sent at `time` is fresh (and records it).
+    fn fresh(&self, node: u64, counter: u64, time: u64) -> bool {
+        let window = REPLAY_WINDOW.as_millis() as u64;
+        if unix_ms().abs_diff(time) > window {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let mut replay = self.replay.lock();
+        let r = replay.entry(node).or_insert(Replay {
+            highest: 0,
+            below: 0,
+            last: now,
+        });
+        r.last = now;
+        if counter > r.highest {
+            let shift = counter - r.highest;
+            r.below = match shift {
+                1..=63 => (r.below << shift) | (1 << (shift - 1)),
+                64 => 1 << 63,
+                _ => 0,
+            };
+            r.highest = counter;
+            return true;
+        }
+        let back = r.highest - counter;
+        if back == 0 || back > 64 || r.below & (1 << (back - 1)) != 0 {
+            return false;
+        }
+        r.below |= 1 << (back - 1);
+        true
+    }
+
+    /// Forgets nodes not heard from for two windows: a message of theirs replayed now is older
+    /// than the window and refused on its time.
+    fn prune(&self) {
+        let now = std::time::Instant::now();
+        self.replay
+            .lock()
+            .retain(|_, r| now.duration_since(r.last) < 2 * REPLAY_WINDOW);
+    }
 }
 
 impl fmt::Debug for ClusterLink {
@@ -146,10 +276,30 @@ impl ClusterLink {
     }
 
     /// Hands a message from the engine to the endpoint. Messages from this node are ignored;
-    /// undecodable ones (or of an unknown format version) are logged and counted.
+    /// undecodable ones (or of an unknown format version), and with a cluster secret those
+    /// without a valid tag or seen before, are logged and counted.
     pub fn receive(&self, message: &[u8]) {
+        let (opened, message) = match &self.inner.auth {
+            None if message.first() == Some(&AUTH_MARKER) => {
+                return self.refuse("sealed with a cluster secret, and this node has none");
+            }
+            None => (None, message),
+            Some(auth) => match auth.open(message) {
+                Ok((counter, time, message)) => (Some((auth, counter, time)), message),
+                Err(why) => return self.refuse(why),
+            },
+        };
         match decode(message) {
             Ok(msg) if msg.node == self.inner.node => {}
+            Ok(msg)
+                if opened
+                    .is_some_and(|(auth, counter, time)| !auth.fresh(msg.node, counter, time)) =>
+            {
+                self.reject(
+                    msg.node,
+                    "replayed, or stamped more than a minute off this node's clock",
+                );
+            }
             Ok(msg) => {
                 self.inner.received.fetch_add(1, Ordering::Relaxed);
                 (self.inner.deliver)(msg.node, msg.body);
@@ -159,6 +309,30 @@ impl ClusterLink {
                 tracing::warn!(error = %e, "cluster message dropped");
             }
         }
+    }
+
+    /// Publishes `message` through `adapter`, sealed with the cluster secret if there is one.
+    pub(crate) fn publish(&self, adapter: &dyn Adapter, message: Bytes) {
+        match &self.inner.auth {
+            Some(auth) => {
+                // Publishing does not wait: this lock is held for the time of one HMAC.
+                let _order = auth.order.lock();
+                adapter.publish(auth.seal(&message));
+            }
+            None => adapter.publish(message),
+        }
+    }
+
+    /// Forgets replay state no longer needed (called with the heartbeat).
+    pub(crate) fn prune(&self) {
+        if let Some(auth) = &self.inner.auth {
+            auth.prune();
+        }
+    }
+
+    fn refuse(&self, why: &str) {
+        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("cluster message dropped: {why}");
     }
 
     /// Counts a message of node `from` that was read but refused (forged or corrupt).
@@ -235,10 +409,11 @@ pub(crate) enum Body {
     /// The node is shutting down: forget its presences now.
     Goodbye,
     /// A long-poll request that reached this node for a session of node `to`; answer `id`.
+    /// It carries the client's session token as a [`Proof`], never the token itself.
     LongPoll {
         to: u64,
         id: u64,
-        token: String,
+        proof: Proof,
         request: Request,
     },
     /// Node `to`'s forwarded long-poll request `id`, answered.
@@ -274,7 +449,7 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
         Body::LongPoll {
             to,
             id,
-            token,
+            proof,
             request,
         } => {
             buf.put_u8(KIND_LONGPOLL);
@@ -291,9 +466,10 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
             };
             buf.put_u8(op);
             // Tokens are short; a longer one is no token of ours and is cut, failing to verify.
-            let token = &token.as_bytes()[..token.len().min(u16::MAX as usize)];
-            buf.put_u16(token.len() as u16);
-            buf.put_slice(token);
+            let data = &proof.body.as_bytes()[..proof.body.len().min(u16::MAX as usize)];
+            buf.put_u16(data.len() as u16);
+            buf.put_slice(data);
+            buf.put_slice(&proof.digest);
             buf.put_slice(body);
             return buf.freeze();
         }
@@ -462,10 +638,16 @@ fn decode_longpoll(node: u64, kind: u8, mut m: &[u8]) -> Result<NodeMessage, Mes
         if m.len() < len {
             return Err(MessageError::Malformed);
         }
-        let token = std::str::from_utf8(&m[..len])
+        let data = std::str::from_utf8(&m[..len])
             .map_err(|_| MessageError::Malformed)?
             .to_owned();
         m.advance(len);
+        if m.len() < 32 {
+            return Err(MessageError::Malformed);
+        }
+        let mut digest = [0; 32];
+        m.copy_to_slice(&mut digest);
+        let proof = Proof { body: data, digest };
         let body = Bytes::copy_from_slice(m);
         let request = match tag {
             LONGPOLL_POLL => Request::Poll,
@@ -479,7 +661,7 @@ fn decode_longpoll(node: u64, kind: u8, mut m: &[u8]) -> Result<NodeMessage, Mes
         Body::LongPoll {
             to,
             id,
-            token,
+            proof,
             request,
         }
     } else {
@@ -596,18 +778,20 @@ mod tests {
                 ndjson: false,
             },
         ] {
+            let proof = Proof::of("tok.en").unwrap();
             let body = Body::LongPoll {
                 to: 5,
                 id: 9,
-                token: "tok.en".into(),
+                proof: proof.clone(),
                 request: request.clone(),
             };
             let msg = encode(3, &body);
+            assert!(!msg.windows(2).any(|w| w == b"en"), "the signature travels");
             let got = decode(&msg).unwrap();
             assert!(
-                matches!(got.body, Body::LongPoll { to: 5, id: 9, ref token, request: ref r } if token == "tok.en" && *r == request)
+                matches!(got.body, Body::LongPoll { to: 5, id: 9, proof: ref p, request: ref r } if *p == proof && *r == request)
             );
-            for cut in 0..19 {
+            for cut in 0..19 + 3 + 32 {
                 assert!(decode(&msg[..cut]).is_err(), "cut at {cut}");
             }
         }
@@ -628,5 +812,79 @@ mod tests {
                 matches!(got.body, Body::LongPollAnswer { to: 3, id: 9, answer: ref a } if *a == answer)
             );
         }
+    }
+
+    /// A link of node `node` with `secret`, and the messages it delivers.
+    fn link(node: u64, secret: Option<&[u8]>) -> (ClusterLink, Arc<parking_lot::Mutex<Vec<u64>>>) {
+        let got = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let link = ClusterLink {
+            inner: Arc::new(LinkInner {
+                node,
+                deliver: Box::new(move |from, _| sink.lock().push(from)),
+                received: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                auth: secret.map(Auth::new),
+            }),
+        };
+        (link, got)
+    }
+
+    #[test]
+    fn with_a_secret_only_sealed_fresh_messages_pass() {
+        let sealed = |link: &ClusterLink, m: Bytes| link.inner.auth.as_ref().unwrap().seal(&m);
+        let (a, _) = link(1, Some(b"secret"));
+        let (b, got) = link(2, Some(b"secret"));
+        let (open, open_got) = link(3, None);
+        let goodbye = || encode(1, &Body::Goodbye);
+        let sealed_bye = sealed(&a, goodbye());
+        b.receive(&sealed_bye);
+        assert_eq!(*got.lock(), [1]);
+        // A replay, a forged or unsealed message, another secret's: all refused and counted.
+        b.receive(&sealed_bye);
+        b.receive(&goodbye());
+        let mut tampered = sealed_bye.to_vec();
+        tampered[AUTH_HEADER + 2] ^= 1;
+        b.receive(&tampered);
+        let (other, _) = link(1, Some(b"other secret"));
+        b.receive(&sealed(&other, goodbye()));
+        b.receive(&sealed_bye[..sealed_bye.len() - 1]);
+        assert_eq!(*got.lock(), [1]);
+        assert_eq!(b.inner.rejected.load(Ordering::Relaxed), 5);
+        // Reordered messages within the window pass once each; far behind, they are refused.
+        let (m1, m2, m3) = (
+            sealed(&a, goodbye()),
+            sealed(&a, goodbye()),
+            sealed(&a, goodbye()),
+        );
+        for m in [&m3, &m1, &m2, &m1] {
+            b.receive(m);
+        }
+        assert_eq!(got.lock().len(), 4);
+        let old = sealed(&a, goodbye());
+        for _ in 0..65 {
+            b.receive(&sealed(&a, goodbye()));
+        }
+        b.receive(&old);
+        assert_eq!(got.lock().len(), 4 + 65);
+        assert_eq!(b.inner.rejected.load(Ordering::Relaxed), 7);
+        // A message stamped outside the window is refused, however new its counter.
+        let auth = a.inner.auth.as_ref().unwrap();
+        let mut stale = BytesMut::new();
+        stale.put_u8(AUTH_MARKER);
+        stale.put_u64(1 << 40);
+        stale.put_u64(unix_ms() - REPLAY_WINDOW.as_millis() as u64 - 1000);
+        stale.put_slice(&goodbye());
+        let mut mac = auth.key.clone();
+        mac.update(&stale);
+        stale.put_slice(&mac.finalize().into_bytes());
+        b.receive(&stale);
+        assert_eq!(b.inner.rejected.load(Ordering::Relaxed), 8);
+        // Without a secret: unsealed messages pass as before, sealed ones are refused.
+        open.receive(&goodbye());
+        open.receive(&sealed_bye);
+        assert_eq!(*open_got.lock(), [1]);
+        assert_eq!(open.inner.rejected.load(Ordering::Relaxed), 1);
     }
 }

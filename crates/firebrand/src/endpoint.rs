@@ -78,7 +78,9 @@ pub struct Stats {
     pub cluster_received: u64,
     /// Messages the adapter could not send to other nodes (engine outage, full queue).
     pub cluster_lost: u64,
-    /// Messages from other nodes dropped as undecodable or of another format version.
+    /// Messages from other nodes dropped: undecodable or of another format version; with a
+    /// cluster secret, without a valid tag or replayed; presence gossip of other nodes'
+    /// presences; long-poll answers from a node that was not asked.
     pub cluster_rejected: u64,
 }
 
@@ -118,7 +120,12 @@ pub struct EndpointBuilder {
     adapter: Option<Arc<dyn Adapter>>,
     heartbeat: Duration,
     down_after: Duration,
+    cluster_secret: Option<Vec<u8>>,
 }
+
+/// Forwarded long-poll bodies are refused past this size (Phoenix's default body limit) rather
+/// than published whole to every node.
+pub(crate) const MAX_FORWARD: usize = 8_000_000;
 
 /// An endpoint's adapter and its side of the link.
 struct Cluster {
@@ -135,10 +142,22 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn send(&self, body: &Body) {
-        self.adapter
-            .publish(crate::cluster::encode(self.link.node(), body));
+    /// Forgets what is kept of nodes no longer counted as up: what was seen of their changes
+    /// and when a transfer was asked of them (else both grow by one entry per node restart).
+    fn prune(&self) {
+        let peers = self.peers.lock();
+        self.seen.lock().retain(|r, _| peers.contains_key(r));
+        self.asked.lock().retain(|r, _| peers.contains_key(r));
     }
+
+    fn send(&self, body: &Body) {
+        send(&*self.adapter, &self.link, body);
+    }
+}
+
+/// Encodes `body`, seals it with the cluster secret if there is one, and publishes it.
+fn send(adapter: &dyn Adapter, link: &ClusterLink, body: &Body) {
+    link.publish(adapter, crate::cluster::encode(link.node(), body));
 }
 
 impl EndpointBuilder {
@@ -183,12 +202,30 @@ impl EndpointBuilder {
         self
     }
 
+    /// Authenticates the node-to-node messages with `secret` (the same on every node; 32
+    /// random bytes or more): each is sealed with HMAC-SHA256, its sender's id, a counter and
+    /// its time, and messages without a valid tag, replayed, or more than a minute off this
+    /// node's clock are dropped and counted in [`Stats::cluster_rejected`]. Node clocks must
+    /// agree within that minute.
+    ///
+    /// Without a secret, whoever can publish on the adapter's channel is trusted as a node (as
+    /// Phoenix trusts its distribution): keep the engine private. The secret authenticates; it
+    /// does not encrypt: broadcasts and presences still travel in clear.
+    pub fn cluster_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.cluster_secret = Some(secret.into());
+        self
+    }
+
     /// The endpoint. With an adapter, call this inside a Tokio runtime: the adapter starts.
     pub fn build(self) -> Endpoint {
         let node = crate::presence::rand_u64();
         let (heartbeat, down_after) = (self.heartbeat, self.down_after);
         let adapter = self.adapter;
         let clustered = adapter.is_some();
+        let auth = self
+            .cluster_secret
+            .as_deref()
+            .map(crate::cluster::Auth::new);
         let endpoint = Endpoint {
             inner: Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| Inner {
                 cluster: adapter.map(|adapter| {
@@ -204,6 +241,7 @@ impl EndpointBuilder {
                             received: AtomicU64::new(0),
                             lost: AtomicU64::new(0),
                             rejected: AtomicU64::new(0),
+                            auth,
                         }),
                     };
                     Cluster {
@@ -283,11 +321,8 @@ async fn gossip(inner: std::sync::Weak<Inner>) {
             }
             down
         };
-        let mut seen = c.seen.lock();
-        for r in &down {
-            seen.remove(r);
-        }
-        drop(seen);
+        c.prune();
+        c.link.prune();
         for replica in down {
             tracing::warn!(node = replica, "cluster node down: no heartbeat");
             inner.tracker.forget(replica);
@@ -319,8 +354,10 @@ impl Inner {
                     tracing::info!(node = from, "cluster node up");
                 }
                 if !self.tracker.merge_remote(from, &delta) {
-                    c.link
-                        .reject(from, "presence delta of other nodes' elements");
+                    c.link.reject(
+                        from,
+                        "presence delta of other nodes' elements, or a clock far ahead",
+                    );
                     return;
                 }
                 let mut seen = c.seen.lock();
@@ -353,8 +390,10 @@ impl Inner {
                 state,
             } if to == me => {
                 if !self.tracker.merge_remote(from, &state) {
-                    c.link
-                        .reject(from, "presence transfer of other nodes' elements");
+                    c.link.reject(
+                        from,
+                        "presence transfer of other nodes' elements, or a clock far ahead",
+                    );
                     return;
                 }
                 let mut seen = c.seen.lock();
@@ -365,28 +404,35 @@ impl Inner {
             Body::LongPoll {
                 to,
                 id,
-                token,
+                proof,
                 request,
             } if to == me => {
                 let sessions = self.longpoll.clone();
-                let (adapter, node) = (c.adapter.clone(), me);
+                let (adapter, link) = (c.adapter.clone(), c.link.clone());
                 tokio::spawn(async move {
-                    let answer = sessions.answer(&token, request).await;
+                    // Only this node can turn the proof back into the client's token.
+                    let answer = match sessions.redeem(&proof) {
+                        Some(token) => sessions.answer(&token, request).await,
+                        None => crate::longpoll::Answer::NoSession,
+                    };
                     let body = Body::LongPollAnswer {
                         to: from,
                         id,
                         answer,
                     };
-                    adapter.publish(crate::cluster::encode(node, &body));
+                    send(&*adapter, &link, &body);
                 });
             }
             Body::LongPollAnswer { to, id, answer } if to == me => {
-                self.longpoll.answered(id, answer);
+                if !self.longpoll.answered(from, id, answer) {
+                    c.link
+                        .reject(from, "long-poll answer from a node it was not asked of");
+                }
             }
             Body::LongPoll { .. } | Body::LongPollAnswer { .. } => {}
             Body::Goodbye => {
                 c.peers.lock().remove(&from);
-                c.seen.lock().remove(&from);
+                c.prune();
                 self.tracker.forget(from);
             }
         }
@@ -423,6 +469,7 @@ impl Endpoint {
             adapter: None,
             heartbeat: Duration::from_secs(1),
             down_after: Duration::from_secs(5),
+            cluster_secret: None,
         }
     }
 
@@ -592,8 +639,20 @@ impl Endpoint {
         wait: Duration,
     ) -> Option<crate::longpoll::Answer> {
         let c = self.inner.cluster.as_ref()?;
+        if let crate::longpoll::Request::Post { body, .. } = &request
+            && body.len() > MAX_FORWARD
+        {
+            return Some(crate::longpoll::Answer::Reply {
+                http: 413,
+                body: "long-poll body too large to forward to its session's node".into(),
+            });
+        }
+        // The token stays here: the session's node gets its data and a digest of its signature.
+        let Some(proof) = crate::token::Proof::of(token) else {
+            return Some(crate::longpoll::Answer::NoSession);
+        };
         let sessions = &self.inner.longpoll;
-        let (id, answer) = sessions.expect_answer();
+        let (id, answer) = sessions.expect_answer(node);
         // Forgets the request however this ends (answered, timed out, or the client gone).
         struct Forget<'a>(&'a crate::longpoll::Sessions, u64);
         impl Drop for Forget<'_> {
@@ -605,7 +664,7 @@ impl Endpoint {
         c.send(&Body::LongPoll {
             to: node,
             id,
-            token: token.to_owned(),
+            proof,
             request,
         });
         let answer = tokio::time::timeout(wait, answer).await.ok()?.ok();
@@ -666,5 +725,166 @@ impl Drop for Registered {
         if conns.is_empty() {
             self.endpoint.inner.all_closed.notify_waiters();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::tests_only::Loopback;
+    use crate::longpoll::{Answer, Request};
+    use crate::presence::crdt::State;
+    use bytes::Bytes;
+
+    fn clustered() -> Endpoint {
+        Endpoint::builder().adapter(Loopback::default()).build()
+    }
+
+    /// Keeps what an endpoint publishes.
+    #[derive(Clone, Default)]
+    struct Record(Arc<Mutex<Vec<Bytes>>>);
+
+    impl Adapter for Record {
+        fn start(&self, _: ClusterLink) {}
+
+        fn publish(&self, message: Bytes) {
+            self.0.lock().push(message);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn departed_nodes_leave_nothing_behind() {
+        let e = clustered();
+        let (inner, c) = (&e.inner, e.inner.cluster.as_ref().unwrap());
+        let me = c.link.node();
+        // Ten nodes (or restarts) with changes this node missed: each is asked for its state.
+        for peer in 1..=10 {
+            let delta = State::default();
+            inner.receive(
+                peer,
+                Body::Heartbeat {
+                    from: 3,
+                    to: 4,
+                    delta,
+                },
+            );
+            let state = State::default();
+            inner.receive(
+                peer,
+                Body::Transfer {
+                    to: me,
+                    generation: 4,
+                    state,
+                },
+            );
+        }
+        let sizes = || {
+            (
+                c.peers.lock().len(),
+                c.asked.lock().len(),
+                c.seen.lock().len(),
+            )
+        };
+        assert_eq!(sizes(), (10, 10, 10));
+        for peer in 1..=5 {
+            inner.receive(peer, Body::Goodbye);
+        }
+        assert_eq!(sizes(), (5, 5, 5));
+        // The others go silent: once they count as down, nothing of them is left.
+        tokio::time::sleep(c.down_after + c.heartbeat).await;
+        assert_eq!(sizes(), (0, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn long_poll_answers_count_only_from_the_node_asked() {
+        let e = clustered();
+        let me = e.node().unwrap();
+        let (id, mut rx) = e.inner.longpoll.expect_answer(5);
+        let answer = || Answer::Reply {
+            http: 200,
+            body: "{}".into(),
+        };
+        e.inner.receive(
+            6,
+            Body::LongPollAnswer {
+                to: me,
+                id,
+                answer: answer(),
+            },
+        );
+        assert!(rx.try_recv().is_err());
+        assert_eq!(e.stats().cluster_rejected, 1);
+        e.inner.receive(
+            5,
+            Body::LongPollAnswer {
+                to: me,
+                id,
+                answer: answer(),
+            },
+        );
+        assert_eq!(rx.try_recv().ok(), Some(answer()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forwarding_keeps_the_token_and_refuses_huge_bodies() {
+        let bus = Record::default();
+        let e = Endpoint::builder().adapter(bus.clone()).build();
+        let wait = Duration::from_millis(10);
+        let poll = e.forward_longpoll(5, "eyJkYXRhIjoxfQ.SIGNATURE", Request::Poll, wait);
+        assert_eq!(poll.await, None);
+        // Format 1, kind 7: the forwarded request (the others are heartbeats).
+        let sent = bus
+            .0
+            .lock()
+            .iter()
+            .find(|m| m[..2] == [1, 7])
+            .cloned()
+            .unwrap();
+        assert!(sent.windows(9).all(|w| w != b"SIGNATURE"));
+        assert!(sent.windows(14).any(|w| w == b"eyJkYXRhIjoxfQ"));
+
+        let post = |len| Request::Post {
+            body: Bytes::from(vec![b'x'; len]),
+            ndjson: false,
+        };
+        let huge = e
+            .forward_longpoll(5, "a.b", post(MAX_FORWARD + 1), wait)
+            .await;
+        assert!(
+            matches!(huge, Some(Answer::Reply { http: 413, .. })),
+            "{huge:?}"
+        );
+        assert!(bus.0.lock().iter().all(|m| m.len() < MAX_FORWARD));
+        assert_eq!(
+            e.forward_longpoll(5, "a.b", post(MAX_FORWARD), wait).await,
+            None
+        );
+        assert!(bus.0.lock().iter().any(|m| m.len() > MAX_FORWARD));
+    }
+
+    #[tokio::test]
+    async fn nodes_hear_only_nodes_with_their_secret() {
+        let bus = Loopback::default();
+        let with = |secret: Option<&str>| {
+            let b = Endpoint::builder().adapter(bus.clone());
+            match secret {
+                Some(s) => b.cluster_secret(s),
+                None => b,
+            }
+            .build()
+        };
+        let (a, b, other, open) = (
+            with(Some("s")),
+            with(Some("s")),
+            with(Some("t")),
+            with(None),
+        );
+        a.broadcast("t", "e", serde_json::json!({}));
+        open.broadcast("t", "e", serde_json::json!({}));
+        let counts = |e: &Endpoint| (e.stats().cluster_received, e.stats().cluster_rejected);
+        assert_eq!(counts(&b), (1, 1));
+        assert_eq!(counts(&other), (0, 2));
+        assert_eq!(counts(&open), (0, 1));
+        assert_eq!(counts(&a), (0, 1));
     }
 }

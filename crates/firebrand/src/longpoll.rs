@@ -69,7 +69,8 @@ pub(crate) struct Sessions {
     map: Mutex<HashMap<u64, Arc<Session>>>,
     signer: TokenSigner,
     next_id: AtomicU64,
-    forwarded: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    /// Requests forwarded to another node: the node asked, and where its answer goes.
+    forwarded: Mutex<HashMap<u64, (u64, oneshot::Sender<Answer>)>>,
     next_forward: AtomicU64,
 }
 
@@ -205,12 +206,17 @@ impl Sessions {
         }
     }
 
-    /// Registers a request about to be forwarded to another node: its id, and where the
+    /// The token a forwarded request's proof stands for, if this node signed it.
+    pub(crate) fn redeem(&self, proof: &crate::token::Proof) -> Option<String> {
+        self.signer.redeem(proof)
+    }
+
+    /// Registers a request about to be forwarded to node `node`: its id, and where the
     /// answer arrives.
-    pub(crate) fn expect_answer(&self) -> (u64, oneshot::Receiver<Answer>) {
+    pub(crate) fn expect_answer(&self, node: u64) -> (u64, oneshot::Receiver<Answer>) {
         let id = self.next_forward.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.forwarded.lock().insert(id, tx);
+        self.forwarded.lock().insert(id, (node, tx));
         (id, rx)
     }
 
@@ -219,10 +225,19 @@ impl Sessions {
         self.forwarded.lock().remove(&id);
     }
 
-    /// Hands another node's answer to the request waiting for it.
-    pub(crate) fn answered(&self, id: u64, answer: Answer) {
-        if let Some(tx) = self.forwarded.lock().remove(&id) {
-            let _ = tx.send(answer);
+    /// Hands node `from`'s answer to the request waiting for it; `false` if that request was
+    /// not asked of `from` (the answer is dropped, the request still waits).
+    pub(crate) fn answered(&self, from: u64, id: u64, answer: Answer) -> bool {
+        let mut forwarded = self.forwarded.lock();
+        match forwarded.get(&id) {
+            Some((node, _)) if *node != from => false,
+            Some(_) => {
+                if let Some((_, tx)) = forwarded.remove(&id) {
+                    let _ = tx.send(answer);
+                }
+                true
+            }
+            None => true,
         }
     }
 }

@@ -127,6 +127,45 @@ impl TokenSigner {
     }
 }
 
+/// A token as it travels between nodes (a long-poll request forwarded to its session's node):
+/// its data in clear and a digest of its signature. Only the signer can turn it back into the
+/// token ([`TokenSigner::redeem`]); whoever reads it off the cluster's bus has no bearer token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Proof {
+    /// The token's data part (`base64url(json)`), as it is in the token.
+    pub(crate) body: String,
+    /// SHA-256 of the token's signature part.
+    pub(crate) digest: [u8; 32],
+}
+
+impl Proof {
+    /// The proof of `token` (`None`: not of the token form).
+    pub(crate) fn of(token: &str) -> Option<Proof> {
+        let (body, sig) = token.split_once('.')?;
+        Some(Proof {
+            body: body.to_owned(),
+            digest: <Sha256 as sha2::Digest>::digest(sig.as_bytes()).into(),
+        })
+    }
+}
+
+impl TokenSigner {
+    /// The token `proof` stands for, if this signer signed it (its age is not checked: verify
+    /// the token).
+    pub(crate) fn redeem(&self, proof: &Proof) -> Option<String> {
+        let mut mac = self.mac();
+        mac.update(proof.body.as_bytes());
+        let sig = B64.encode(mac.finalize().into_bytes());
+        let digest: [u8; 32] = <Sha256 as sha2::Digest>::digest(sig.as_bytes()).into();
+        // In constant time: the digest is of a secret value.
+        let diff = digest
+            .iter()
+            .zip(&proof.digest)
+            .fold(0, |acc, (a, b)| acc | (a ^ b));
+        (diff == 0).then(|| format!("{}.{sig}", proof.body))
+    }
+}
+
 /// The data of a token of any signer, **not verified**: for routing only (the long-poll
 /// token's node), never for trusting.
 pub(crate) fn peek<T: DeserializeOwned>(token: &str) -> Option<T> {
@@ -169,5 +208,18 @@ mod tests {
             s.verify::<String>(&format!("{body}.!!"), Duration::from_secs(50))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_proof_is_no_token_but_its_signer_recovers_the_token() {
+        let s = TokenSigner::new(b"k", "salt");
+        let token = s.sign(&(1u64, 2u64));
+        let proof = Proof::of(&token).unwrap();
+        assert!(!token.ends_with(&B64.encode(proof.digest)));
+        assert_eq!(s.redeem(&proof).as_deref(), Some(token.as_str()));
+        assert_eq!(TokenSigner::new(b"k", "other").redeem(&proof), None);
+        let forged = Proof::of(&format!("{}.AAAA", proof.body)).unwrap();
+        assert_eq!(s.redeem(&forged), None);
+        assert_eq!(Proof::of("no dot"), None);
     }
 }
