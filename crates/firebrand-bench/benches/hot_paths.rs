@@ -78,6 +78,15 @@ fn presence(c: &mut Criterion) {
             b.iter(|| presences.track_and_end())
         });
     }
+    // A drain of a node holding 100,000 presences: every channel ends (the tracker's work).
+    g.sample_size(10);
+    g.bench_function("every channel of 100000 presences ends (a drain)", |b| {
+        b.iter_batched(
+            || firebrand::benching::Presences::new(100_000),
+            |presences| presences.end_all(),
+            criterion::BatchSize::PerIteration,
+        )
+    });
     g.finish();
 }
 

@@ -83,18 +83,21 @@ impl Fanout {
 /// once scanned all of the node's presences under the tracker's lock).
 pub struct Presences {
     tracker: crate::presence::Tracker,
+    owners: Vec<crate::presence::crdt::Owner>,
 }
 
 impl Presences {
     /// A tracker (alone, no cluster) holding `n` presences.
     pub fn new(n: usize) -> Self {
         let tracker = crate::presence::Tracker::new(1, std::time::Duration::ZERO, None, false);
+        let mut owners = Vec::with_capacity(n);
         for i in 0..n {
             let owner = tracker.new_owner();
             let meta = serde_json::json!({"online_at": "1700000000"});
             let _ = tracker.track(owner, &format!("room:{}", i / 100), &format!("u{i}"), meta);
+            owners.push(owner);
         }
-        Presences { tracker }
+        Presences { tracker, owners }
     }
 
     /// One more channel tracks a user on a busy topic, then ends (untracks all it tracked).
@@ -103,5 +106,12 @@ impl Presences {
         let meta = serde_json::json!({"online_at": "1700000000"});
         let _ = self.tracker.track(owner, "room:0", "visitor", meta);
         self.tracker.untrack_owner(owner);
+    }
+
+    /// Every channel ends, as in a drain of the node: the tracker's part of it.
+    pub fn end_all(self) {
+        for owner in self.owners {
+            self.tracker.untrack_owner(owner);
+        }
     }
 }
