@@ -277,6 +277,36 @@ async fn presence_across_nats_nodes_and_a_killed_node() {
     presence_across_nodes(("NATS_URL", NATS)).await;
 }
 
+/// Two nodes on Redis; on `topic`, a watcher on node 1 whose view holds dana, joined on node 2.
+struct Watched {
+    n1: Node,
+    n2: Node,
+    watcher: Client,
+    view: serde_json::Map<String, Value>,
+    dana: Client,
+}
+
+async fn watched_pair(ns: &str, env: &[(&str, &str)], topic: &str) -> Watched {
+    let engine = ("REDIS_URL", REDIS);
+    let (n1, n2) = (
+        node_with(engine, ns, env).await,
+        node_with(engine, ns, env).await,
+    );
+    let mut watcher = n1.presence_client("user=watcher").await;
+    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut dana = n2.presence_client("user=dana").await;
+    dana.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut view = serde_json::Map::new();
+    presence_until(&mut watcher, &mut view, |v| v.contains_key("dana")).await;
+    Watched {
+        n1,
+        n2,
+        watcher,
+        view,
+        dana,
+    }
+}
+
 /// A node that stops gracefully says goodbye: its presences leave the others at once, long
 /// before they would notice it missing (PRESENCE_DOWN_MS is 60 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,18 +317,13 @@ async fn a_graceful_stop_removes_presences_at_once() {
         ("PRESENCE_DOWN_MS", "60000"),
         ("DRAIN_MS", "0"),
     ];
-    let engine = ("REDIS_URL", REDIS);
-    let (n1, n2) = (
-        node_with(engine, &ns, &slow).await,
-        node_with(engine, &ns, &slow).await,
-    );
-    let topic = "room:goodbye";
-    let mut watcher = n1.presence_client("user=watcher").await;
-    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
-    let mut dana = n2.presence_client("user=dana").await;
-    dana.send(json!(["1", "1", topic, "phx_join", {}])).await;
-    let mut view = serde_json::Map::new();
-    presence_until(&mut watcher, &mut view, |v| v.contains_key("dana")).await;
+    let Watched {
+        n1,
+        n2,
+        mut watcher,
+        mut view,
+        dana,
+    } = watched_pair(&ns, &slow, "room:goodbye").await;
     n2.signal("-TERM");
     presence_until(&mut watcher, &mut view, |v| !v.contains_key("dana")).await;
     drop((n1, n2, dana));
@@ -682,18 +707,14 @@ async fn forged_messages(secret: Option<&str>) -> (bool, bool) {
         ("PRESENCE_DOWN_MS", "60000"),
     ];
     env.extend(secret.map(|s| ("CLUSTER_SECRET", s)));
-    let engine = ("REDIS_URL", REDIS);
-    let (n1, n2) = (
-        node_with(engine, &ns, &env).await,
-        node_with(engine, &ns, &env).await,
-    );
     let topic = "room:forged";
-    let mut watcher = n1.presence_client("user=watcher").await;
-    watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
-    let mut dana = n2.presence_client("user=dana").await;
-    dana.send(json!(["1", "1", topic, "phx_join", {}])).await;
-    let mut view = serde_json::Map::new();
-    presence_until(&mut watcher, &mut view, |v| v.contains_key("dana")).await;
+    let Watched {
+        n1,
+        n2,
+        mut watcher,
+        mut view,
+        dana,
+    } = watched_pair(&ns, &env, topic).await;
 
     let n2_id = node_id(&n2).await;
     let forger = 0x5EED_u64;
