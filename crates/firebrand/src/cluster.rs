@@ -49,8 +49,11 @@ pub const FORMAT_VERSION: u8 = 1;
 /// Implementations publish on an engine every node subscribes to, and hand every message that
 /// arrives to [`ClusterLink::receive`] — including the node's own, which the link drops.
 pub trait Adapter: Send + Sync + 'static {
-    /// Starts the adapter (subscribing, connecting in the background). Called once, from
-    /// within a Tokio runtime, when the endpoint is built.
+    /// Starts the adapter (subscribing, connecting in the background). Called once, when the
+    /// endpoint is built, on the node's cluster thread: a single-threaded Tokio runtime of its
+    /// own, which `tokio::spawn` here puts the adapter's tasks on. The engine's I/O and the
+    /// heartbeats then keep time however busy the app's runtime is. Messages handed to
+    /// [`ClusterLink::receive`] are dispatched on the calling task: keep it one task.
     fn start(&self, link: ClusterLink);
 
     /// Sends one message to every node. Must not block or wait: queue it and send it in the

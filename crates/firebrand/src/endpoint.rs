@@ -139,6 +139,42 @@ struct Cluster {
     seen: Mutex<HashMap<u64, u64>>,
     heartbeat: Duration,
     down_after: Duration,
+    /// The thread the adapter and the gossip run on.
+    runtime: ClusterRuntime,
+}
+
+/// A thread of the cluster's own, with a single-threaded Tokio runtime, for the adapter's I/O
+/// and the presence gossip. Liveness must not depend on the app's runtime: a node whose
+/// workers are saturated (a 10,000-user room where each join renders the whole list) still
+/// sends and reads heartbeats on time, so the other nodes do not count it down and drop its
+/// presences (which would flood every member with leaves and re-joins).
+struct ClusterRuntime {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the endpoint: the thread ends and its tasks with it.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ClusterRuntime {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("firebrand: cannot build the cluster's Tokio runtime");
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("firebrand-cluster".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .expect("firebrand: cannot start the cluster thread");
+        ClusterRuntime {
+            handle,
+            _stop: stop,
+        }
+    }
 }
 
 impl Cluster {
@@ -252,6 +288,7 @@ impl EndpointBuilder {
                         seen: Mutex::default(),
                         heartbeat,
                         down_after,
+                        runtime: ClusterRuntime::start(),
                     }
                 }),
                 pubsub: PubSub::new(),
@@ -273,8 +310,10 @@ impl EndpointBuilder {
             }),
         };
         if let Some(c) = &endpoint.inner.cluster {
+            let _on_cluster_thread = c.runtime.handle.enter();
             c.adapter.start(c.link.clone());
             tokio::spawn(gossip(Arc::downgrade(&endpoint.inner)));
+            drop(_on_cluster_thread);
             endpoint.tracker();
         }
         endpoint
@@ -301,14 +340,27 @@ async fn gossip(inner: std::sync::Weak<Inner>) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        let Some(c) = &inner.cluster else { return };
         let now = tokio::time::Instant::now();
         let due = last_sent.is_none_or(|t| now - t >= heartbeat);
         if due || inner.tracker.has_unsent() {
-            let (delta, from, to) = inner.tracker.take_delta();
-            c.send(&Body::Heartbeat { from, to, delta });
+            inner.send_heartbeat();
             last_sent = Some(now);
         }
+        inner.forget_silent_nodes(now);
+    }
+}
+
+impl Inner {
+    /// Sends this node's presence changes since the last heartbeat, with their generations.
+    fn send_heartbeat(&self) {
+        let Some(c) = &self.cluster else { return };
+        let (delta, from, to) = self.tracker.take_delta();
+        c.send(&Body::Heartbeat { from, to, delta });
+    }
+
+    /// Forgets the nodes not heard from for `down_after` before `now`, and their presences.
+    fn forget_silent_nodes(&self, now: tokio::time::Instant) {
+        let Some(c) = &self.cluster else { return };
         let down: Vec<u64> = {
             let mut peers = c.peers.lock();
             let down = peers
@@ -325,12 +377,10 @@ async fn gossip(inner: std::sync::Weak<Inner>) {
         c.link.prune();
         for replica in down {
             tracing::warn!(node = replica, "cluster node down: no heartbeat");
-            inner.tracker.forget(replica);
+            self.tracker.forget(replica);
         }
     }
-}
 
-impl Inner {
     /// Handles a message from another node.
     fn receive(&self, from: u64, body: Body) {
         let Some(c) = &self.cluster else { return };
@@ -752,7 +802,7 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn departed_nodes_leave_nothing_behind() {
         let e = clustered();
         let (inner, c) = (&e.inner, e.inner.cluster.as_ref().unwrap());
@@ -791,8 +841,42 @@ mod tests {
         }
         assert_eq!(sizes(), (5, 5, 5));
         // The others go silent: once they count as down, nothing of them is left.
-        tokio::time::sleep(c.down_after + c.heartbeat).await;
+        inner.forget_silent_nodes(tokio::time::Instant::now() + c.down_after + c.heartbeat);
         assert_eq!(sizes(), (0, 0, 0));
+    }
+
+    /// A node whose app runtime is saturated (here: its only thread blocked) keeps its
+    /// heartbeats going: the others never count it down.
+    #[test]
+    fn a_saturated_node_is_not_counted_down() {
+        let bus = Loopback::default();
+        let node = || {
+            Endpoint::builder()
+                .adapter(bus.clone())
+                .presence_heartbeat(Duration::from_millis(20))
+                .presence_down_after(Duration::from_millis(200))
+        };
+        let busy = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let a = busy.block_on(async { node().build() });
+        let (a_id, watcher_rt) = (a.node().unwrap(), tokio::runtime::Runtime::new().unwrap());
+        let b = watcher_rt.block_on(async { node().build() });
+        // Heartbeats are the event, and no hook announces them: look until `b` has heard `a`.
+        let start = std::time::Instant::now();
+        while !b.nodes().contains(&a_id) {
+            assert!(start.elapsed() < Duration::from_secs(5), "b never heard a");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        busy.block_on(async {
+            // Five times the down period without yielding to `a`'s runtime.
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(1) {
+                assert!(b.nodes().contains(&a_id), "a counted down while busy");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
     }
 
     #[tokio::test]
