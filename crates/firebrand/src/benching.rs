@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use firebrand_protocol::{Payload, Serializer};
 
-use crate::context::ChannelMsg;
-use crate::pubsub::{Broadcast, Inbox, PubSub, Target};
-use crate::queue::{Mailbox, Outbox};
-use crate::runner::{ChannelFactory, ChannelHandle, SpawnArgs};
+use crate::model::context::ChannelMsg;
+use crate::model::runner::{ChannelFactory, ChannelHandle, SpawnArgs};
+use crate::node::pubsub::{Broadcast, Inbox, PubSub, Target};
+use crate::node::queue::{Mailbox, Outbox};
 
 /// A socket's routes, to time which one serves a topic.
-pub struct Routes(crate::router::Routes<()>);
+pub struct Routes(crate::model::router::Routes<()>);
 
 /// Stands in for a channel type: routes are only looked up here, never joined.
 struct Unjoined;
@@ -25,7 +25,7 @@ impl ChannelFactory<()> for Unjoined {
 impl Routes {
     /// Routes with `patterns` (`"room:*"`, `"notifications"`), first match wins.
     pub fn new(patterns: &[&str]) -> Self {
-        let mut routes = crate::router::Routes::new();
+        let mut routes = crate::model::router::Routes::new();
         for p in patterns {
             routes.add(p, Arc::new(Unjoined));
         }
@@ -82,14 +82,15 @@ impl Fanout {
 /// one channel's track and end: its cost must not grow with `n` (issue: every ending channel
 /// once scanned all of the node's presences under the tracker's lock).
 pub struct Presences {
-    tracker: crate::presence::Tracker,
-    owners: Vec<crate::presence::crdt::Owner>,
+    tracker: crate::node::presence::Tracker,
+    owners: Vec<crate::node::presence::crdt::Owner>,
 }
 
 impl Presences {
     /// A tracker (alone, no cluster) holding `n` presences.
     pub fn new(n: usize) -> Self {
-        let tracker = crate::presence::Tracker::new(1, std::time::Duration::ZERO, None, false);
+        let tracker =
+            crate::node::presence::Tracker::new(1, std::time::Duration::ZERO, None, false);
         let mut owners = Vec::with_capacity(n);
         for i in 0..n {
             let owner = tracker.new_owner();

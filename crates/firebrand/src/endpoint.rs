@@ -11,10 +11,9 @@ use tokio::sync::Notify;
 
 use crate::cluster::{Adapter, Body, ClusterLink, LinkInner};
 use crate::limits::Limit;
-use crate::presence::{Diff, DiffSink, PresenceFetch, Tracker};
-use crate::pubsub::{Broadcast, PubSub, SubId};
-use crate::queue::{Close, Outbox};
-use crate::socket::{Socket, SocketBuilder};
+use crate::node::presence::{Diff, DiffSink, PresenceFetch, Tracker};
+use crate::node::pubsub::{Broadcast, PubSub, SubId};
+use crate::node::queue::{Close, Outbox};
 
 /// A node's sockets and PubSub. Cheap to clone: keep one in your app state and broadcast from
 /// anywhere (an HTTP handler, a background job).
@@ -38,7 +37,7 @@ struct Inner {
     /// This node in its cluster, when an adapter is set.
     cluster: Option<Cluster>,
     tracker: Arc<Tracker>,
-    longpoll: Arc<crate::longpoll::Sessions>,
+    longpoll: Arc<crate::transport::longpoll::Sessions>,
     conns: Mutex<HashMap<u64, Arc<Outbox>>>,
     next_conn: AtomicU64,
     all_closed: Notify,
@@ -254,7 +253,7 @@ impl EndpointBuilder {
 
     /// The endpoint. With an adapter, call this inside a Tokio runtime: the adapter starts.
     pub fn build(self) -> Endpoint {
-        let node = crate::presence::rand_u64();
+        let node = crate::node::presence::rand_u64();
         let (heartbeat, down_after) = (self.heartbeat, self.down_after);
         let adapter = self.adapter;
         let clustered = adapter.is_some();
@@ -298,7 +297,7 @@ impl EndpointBuilder {
                     self.presence_fetch,
                     clustered,
                 )),
-                longpoll: Arc::new(crate::longpoll::Sessions::new(node)),
+                longpoll: Arc::new(crate::transport::longpoll::Sessions::new(node)),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 all_closed: Notify::new(),
@@ -463,7 +462,7 @@ impl Inner {
                     // Only this node can turn the proof back into the client's token.
                     let answer = match sessions.redeem(&proof) {
                         Some(token) => sessions.answer(&token, request).await,
-                        None => crate::longpoll::Answer::NoSession,
+                        None => crate::transport::longpoll::Answer::NoSession,
                     };
                     let body = Body::LongPollAnswer {
                         to: from,
@@ -533,12 +532,6 @@ impl Endpoint {
         let weak: std::sync::Weak<dyn DiffSink> = Arc::downgrade(&self.inner) as _;
         self.inner.tracker.start_flusher(weak);
         &self.inner.tracker
-    }
-
-    /// Starts building a socket served by `handler`: add channel routes, then mount its
-    /// router. See [`SocketBuilder`].
-    pub fn socket<S: Socket>(&self, handler: S) -> SocketBuilder<S> {
-        SocketBuilder::new(self.clone(), handler)
     }
 
     /// Broadcasts `event` with `payload` to every subscriber of `topic` (Phoenix's
@@ -675,7 +668,7 @@ impl Endpoint {
     }
 
     /// This node's long-poll sessions.
-    pub(crate) fn longpoll(&self) -> &Arc<crate::longpoll::Sessions> {
+    pub(crate) fn longpoll(&self) -> &Arc<crate::transport::longpoll::Sessions> {
         &self.inner.longpoll
     }
 
@@ -685,26 +678,26 @@ impl Endpoint {
         &self,
         node: u64,
         token: &str,
-        request: crate::longpoll::Request,
+        request: crate::transport::longpoll::Request,
         wait: Duration,
-    ) -> Option<crate::longpoll::Answer> {
+    ) -> Option<crate::transport::longpoll::Answer> {
         let c = self.inner.cluster.as_ref()?;
-        if let crate::longpoll::Request::Post { body, .. } = &request
+        if let crate::transport::longpoll::Request::Post { body, .. } = &request
             && body.len() > MAX_FORWARD
         {
-            return Some(crate::longpoll::Answer::Reply {
+            return Some(crate::transport::longpoll::Answer::Reply {
                 http: 413,
                 body: "long-poll body too large to forward to its session's node".into(),
             });
         }
         // The token stays here: the session's node gets its data and a digest of its signature.
         let Some(proof) = crate::token::Proof::of(token) else {
-            return Some(crate::longpoll::Answer::NoSession);
+            return Some(crate::transport::longpoll::Answer::NoSession);
         };
         let sessions = &self.inner.longpoll;
         let (id, answer) = sessions.expect_answer(node);
         // Forgets the request however this ends (answered, timed out, or the client gone).
-        struct Forget<'a>(&'a crate::longpoll::Sessions, u64);
+        struct Forget<'a>(&'a crate::transport::longpoll::Sessions, u64);
         impl Drop for Forget<'_> {
             fn drop(&mut self) {
                 self.0.forget_forward(self.1);
@@ -782,8 +775,8 @@ impl Drop for Registered {
 mod tests {
     use super::*;
     use crate::cluster::tests_only::Loopback;
-    use crate::longpoll::{Answer, Request};
-    use crate::presence::crdt::State;
+    use crate::node::presence::crdt::State;
+    use crate::transport::longpoll::{Answer, Request};
     use bytes::Bytes;
 
     fn clustered() -> Endpoint {

@@ -8,9 +8,9 @@ use crate::CheckOrigin;
 
 /// Decodes a long-poll POST body as the transport does; returns how many frames decoded.
 pub fn longpoll_body(serializer: Serializer, body: &[u8], ndjson: bool) -> usize {
-    crate::longpoll::body_lines(body, ndjson)
+    crate::transport::longpoll::body_lines(body, ndjson)
         .into_iter()
-        .filter(|line| crate::longpoll::decode_line(serializer, line).is_ok())
+        .filter(|line| crate::transport::longpoll::decode_line(serializer, line).is_ok())
         .count()
 }
 
@@ -21,14 +21,14 @@ pub fn upgrade_request(path_and_query: &str, protocol: &[u8], origin: &[u8]) -> 
     let Ok(uri) = path_and_query.parse::<Uri>() else {
         return false;
     };
-    let Some(params) = crate::socket::query_params(&uri) else {
+    let Some(params) = crate::transport::http::query_params(&uri) else {
         return false;
     };
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_bytes(protocol) {
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
     }
-    let _token = crate::socket::auth_token(&headers);
+    let _token = crate::transport::http::auth_token(&headers);
     let origin_ok = std::str::from_utf8(origin).is_ok_and(|o| CheckOrigin::default().allows(o));
     let vsn = params
         .iter()
@@ -50,7 +50,7 @@ pub fn ws_frames(
     chunk: usize,
     max_size: usize,
 ) -> (Vec<WsMessage>, Option<(u16, &'static str)>) {
-    use crate::ws::{Incoming, Reader};
+    use crate::transport::ws::{Incoming, Reader};
     let mut reader = Reader::new(max_size);
     let mut got = Vec::new();
     for part in stream.chunks(chunk.max(1)) {

@@ -113,37 +113,28 @@
 //!   problem: 1007 undecodable frame, 1009 frame too big, 1002 WebSocket protocol error.
 
 #[doc(hidden)]
-#[doc(hidden)]
 pub mod benching;
-mod channel;
 pub mod cluster;
-mod conn;
-mod context;
 mod endpoint;
 pub mod fuzzing;
 pub mod limits;
-mod longpoll;
-mod origin;
-pub mod presence;
-mod pubsub;
-mod queue;
-mod router;
-mod runner;
-mod server;
-mod socket;
-#[cfg(feature = "testing")]
-pub mod testing;
+mod model;
+mod node;
 mod token;
-mod ws;
+mod transport;
 
-pub use channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};
-pub use context::{ChannelContext, ChannelSender, JoinContext, ReplyRef, SendError};
 pub use endpoint::{Endpoint, EndpointBuilder, Stats};
 #[doc(inline)]
 pub use firebrand_protocol::{DecodeError, Payload, RawJson};
-pub use origin::CheckOrigin;
-pub use presence::PresenceError;
-pub use pubsub::Broadcast;
-pub use server::{LISTEN_BACKLOG, Server};
-pub use socket::{ConnectError, ConnectInfo, Socket, SocketBuilder};
+pub use model::channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};
+pub use model::context::{ChannelContext, ChannelSender, JoinContext, ReplyRef, SendError};
+pub use model::socket::{ConnectError, ConnectInfo, Socket};
+pub use node::presence;
+pub use node::presence::PresenceError;
+pub use node::pubsub::Broadcast;
 pub use token::{TokenError, TokenSigner};
+pub use transport::http::SocketBuilder;
+pub use transport::origin::CheckOrigin;
+pub use transport::server::{LISTEN_BACKLOG, Server};
+#[cfg(feature = "testing")]
+pub use transport::testing;

@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use firebrand_protocol::{Outbound, Payload, Serializer};
 
-use crate::channel::{Channel, Info, Reply, StopReason};
 use crate::endpoint::Endpoint;
 use crate::limits::{Pending, PendingSlot};
-use crate::presence::PresenceError;
-use crate::presence::crdt::Owner;
-use crate::pubsub::{Broadcast, Inbox, SubId, Target};
-use crate::queue::Frame;
-use crate::queue::{Delivered, Mailbox, Outbox};
+use crate::model::channel::{Channel, Info, Reply, StopReason};
+use crate::node::presence::PresenceError;
+use crate::node::presence::crdt::Owner;
+use crate::node::pubsub::{Broadcast, Inbox, SubId, Target};
+use crate::node::queue::Frame;
+use crate::node::queue::{Delivered, Mailbox, Outbox};
 
 /// What [`Channel::join`] knows about the joining client.
 pub struct JoinContext<'a, A> {
@@ -238,7 +238,7 @@ impl<C: Channel> ChannelContext<C> {
 
     /// Tracks `key` (a user id, say) with `meta` (a JSON object) on this channel's topic, for
     /// as long as the channel lives. Returns the meta's `phx_ref`. Subscribers get a
-    /// `presence_diff`. See [the presence docs](crate::presence).
+    /// `presence_diff`. See [the presence docs](crate::node::presence).
     pub fn track(&mut self, key: &str, meta: serde_json::Value) -> Result<String, PresenceError> {
         let tracker = self.endpoint.tracker();
         let owner = *self.owner.get_or_insert_with(|| tracker.new_owner());

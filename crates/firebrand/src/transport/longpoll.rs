@@ -48,10 +48,11 @@ use serde_json::json;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use crate::conn::{Conn, ConnArgs};
-use crate::queue::{Frame, Outbox};
-use crate::socket::{Shared, Socket, query_params};
+use crate::model::socket::Socket;
+use crate::node::queue::{Frame, Outbox};
 use crate::token::TokenSigner;
+use crate::transport::conn::{Conn, ConnArgs};
+use crate::transport::http::{Shared, query_params};
 
 /// At most this many ndjson lines of one POST are processed (Phoenix's limit).
 const MAX_LINES: usize = 100;
@@ -167,7 +168,7 @@ impl Sessions {
             node,
             map: Mutex::new(HashMap::new()),
             signer: TokenSigner::new(
-                &crate::presence::random_bytes(),
+                &crate::node::presence::random_bytes(),
                 "firebrand long-poll session",
             ),
             next_id: AtomicU64::new(1),

@@ -36,10 +36,10 @@ use firebrand_protocol::{Payload, RawJson};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::longpoll::{Answer, Request};
-use crate::presence::crdt::{State, WireState};
-use crate::pubsub::Broadcast;
+use crate::node::presence::crdt::{State, WireState};
+use crate::node::pubsub::Broadcast;
 use crate::token::Proof;
+use crate::transport::longpoll::{Answer, Request};
 
 /// The version of the node-to-node message format written by this build.
 pub const FORMAT_VERSION: u8 = 1;

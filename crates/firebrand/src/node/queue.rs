@@ -142,13 +142,13 @@ impl Frame {
 
     /// Appends the frame as a WebSocket frame.
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        use crate::ws::{OP_BINARY, OP_PONG, OP_TEXT};
+        use crate::transport::ws::{OP_BINARY, OP_PONG, OP_TEXT};
         let (op, data) = match self {
             Frame::Text(b) => (OP_TEXT, b),
             Frame::Binary(b) => (OP_BINARY, b),
             Frame::Pong(b) => (OP_PONG, b),
         };
-        crate::ws::encode_frame(out, op, data);
+        crate::transport::ws::encode_frame(out, op, data);
     }
 }
 
@@ -292,7 +292,7 @@ pub(crate) struct Mailbox<T> {
     state: Mutex<MailState<T>>,
     notify: Notify,
     limit: usize,
-    /// The channel's presence cursor ([`Inbox::cursor`](crate::pubsub::Inbox::cursor)): kept
+    /// The channel's presence cursor ([`Inbox::cursor`](crate::node::pubsub::Inbox::cursor)): kept
     /// here, in the allocation the channel and its subscription share anyway.
     pub(crate) cursor: std::sync::atomic::AtomicU64,
 }
@@ -306,7 +306,7 @@ impl<T> Mailbox<T> {
             }),
             notify: Notify::new(),
             limit,
-            cursor: std::sync::atomic::AtomicU64::new(crate::presence::NOT_LIVE),
+            cursor: std::sync::atomic::AtomicU64::new(crate::node::presence::NOT_LIVE),
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::runner::ChannelFactory;
+use crate::model::runner::ChannelFactory;
 
 /// A topic pattern: `"room:lobby"` matches exactly; `"room:*"` matches every topic that starts
 /// with `"room:"`, including `"room:"` itself. `*` may only be the last character.

@@ -50,7 +50,7 @@ use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
-use crate::pubsub::{Broadcast, Sequenced};
+use crate::node::pubsub::{Broadcast, Sequenced};
 use crdt::{Dot, Entry, Owner, State};
 
 /// Why a presence operation was refused.
@@ -1070,7 +1070,7 @@ mod tests {
     }
 
     /// The real PubSub as the sink: diffs reach subscribers through `dispatch_sequenced`.
-    struct Hub(crate::pubsub::PubSub);
+    struct Hub(crate::node::pubsub::PubSub);
 
     impl DiffSink for Hub {
         fn publish_diff(&self, diff: &Diff<'_>) {
@@ -1106,14 +1106,14 @@ mod tests {
         /// plus the diffs it got equals the tracker's state, and no change reaches it twice.
         #[test]
         fn state_plus_diffs_equals_the_tracker(ops in proptest::collection::vec(op(), 1..60)) {
-            use crate::context::ChannelMsg;
-            use crate::pubsub::{Inbox, Target};
-            use crate::queue::{Frame, Mailbox, Outbox};
+            use crate::model::context::ChannelMsg;
+            use crate::node::pubsub::{Inbox, Target};
+            use crate::node::queue::{Frame, Mailbox, Outbox};
             use firebrand_protocol::Serializer;
 
             let topic = "room:p";
             let t = Tracker::new(1, Duration::ZERO, None, false);
-            let hub = Hub(crate::pubsub::PubSub::new());
+            let hub = Hub(crate::node::pubsub::PubSub::new());
             let owners: Vec<Owner> = (0..6).map(|_| t.new_owner()).collect();
             struct Sub {
                 outbox: Arc<Outbox>,

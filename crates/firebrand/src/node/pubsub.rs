@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use firebrand_protocol::{Outbound, Payload, Serializer};
 use parking_lot::RwLock;
 
-use crate::queue::{Close, Frame, Outbox, Pushed};
+use crate::node::queue::{Close, Frame, Outbox, Pushed};
 
 const SHARDS: usize = 32;
 

@@ -83,10 +83,11 @@ use firebrand_protocol::{Encoded, Message, Payload, Serializer, ServerMessage};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::channel::{Reply, StopReason};
-use crate::conn::{Conn, ConnArgs};
-use crate::queue::Frame;
-use crate::socket::{ConnectError, ConnectInfo, Shared, Socket, SocketBuilder};
+use crate::model::channel::{Reply, StopReason};
+use crate::model::socket::{ConnectError, ConnectInfo, Socket};
+use crate::node::queue::Frame;
+use crate::transport::conn::{Conn, ConnArgs};
+use crate::transport::http::{Shared, SocketBuilder};
 
 /// A socket to test: connect in-process clients to it. See the [module docs](self).
 pub struct TestSocket<S: Socket> {

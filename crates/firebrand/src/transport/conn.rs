@@ -14,15 +14,16 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 
-use crate::channel::{Reply, StopReason};
-use crate::context::Wire;
 use crate::endpoint::Registered;
 use crate::limits::{Bucket, Limit};
-use crate::pubsub::{SubId, Target};
-use crate::queue::{Close, ConnEvent, Frame, Outbox};
-use crate::runner::{ChannelHandle, InRejected, SpawnArgs};
-use crate::socket::{Shared, Socket};
-use crate::ws::{Incoming, Reader, WsError};
+use crate::model::channel::{Reply, StopReason};
+use crate::model::context::Wire;
+use crate::model::runner::{ChannelHandle, InRejected, SpawnArgs};
+use crate::model::socket::Socket;
+use crate::node::pubsub::{SubId, Target};
+use crate::node::queue::{Close, ConnEvent, Frame, Outbox};
+use crate::transport::http::Shared;
+use crate::transport::ws::{Incoming, Reader, WsError};
 
 pub(crate) struct ConnArgs<S: Socket> {
     pub(crate) shared: Arc<Shared<S>>,
@@ -249,7 +250,7 @@ impl<S: Socket> Drop for Conn<S> {
 
 /// Serves one WebSocket connection until it ends.
 ///
-/// Reads use a buffer on the stack of each read (see [`crate::ws`]): an idle connection holds
+/// Reads use a buffer on the stack of each read (see [`crate::transport::ws`]): an idle connection holds
 /// no read buffer. Everything queued in the outbox is written with one write per batch.
 ///
 /// This task is the largest per-connection cost, so its state is kept small: the connection,
@@ -296,16 +297,19 @@ where
         End::Gone | End::Dropped(_) => None,
         // Echo the client's close (RFC 6455 §5.5.1), or answer an invalid one with the error's
         // code; either way the client has closed, so no close frame is awaited.
-        End::ClientClosed(Ok(code)) => {
-            Some((crate::ws::close_frame(code.unwrap_or(1000), ""), false))
-        }
+        End::ClientClosed(Ok(code)) => Some((
+            crate::transport::ws::close_frame(code.unwrap_or(1000), ""),
+            false,
+        )),
         End::ClientClosed(Err(e)) => {
             let (code, reason) = e.close();
             tracing::debug!(code, reason, "closing connection: invalid close frame");
-            Some((crate::ws::close_frame(code, reason), false))
+            Some((crate::transport::ws::close_frame(code, reason), false))
         }
-        End::Close(c) => Some((crate::ws::close_frame(c.code, c.reason), true)),
-        End::Invalid(code, reason) => Some((crate::ws::close_frame(code, &reason), true)),
+        End::Close(c) => Some((crate::transport::ws::close_frame(c.code, c.reason), true)),
+        End::Invalid(code, reason) => {
+            Some((crate::transport::ws::close_frame(code, &reason), true))
+        }
     };
     Box::pin(close_handshake(io, frame, max_frame_size)).await;
     // Unregistered only now, so that a shutdown waits for the close handshakes.

@@ -17,12 +17,12 @@ use firebrand_protocol::{Outbound, Payload};
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
-use crate::channel::{Channel, Reply, StopReason};
-use crate::context::{ChannelContext, ChannelMsg, JoinContext, Wire};
 use crate::endpoint::Endpoint;
 use crate::limits::Limit;
-use crate::pubsub::{Inbox, Target};
-use crate::queue::{ConnEvent, Delivered, Mailbox};
+use crate::model::channel::{Channel, Reply, StopReason};
+use crate::model::context::{ChannelContext, ChannelMsg, JoinContext, Wire};
+use crate::node::pubsub::{Inbox, Target};
+use crate::node::queue::{ConnEvent, Delivered, Mailbox};
 
 /// Everything a channel task needs to start.
 pub(crate) struct SpawnArgs<A> {

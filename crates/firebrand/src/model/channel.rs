@@ -5,8 +5,8 @@ use std::future::Future;
 
 use firebrand_protocol::{DecodeError, Payload};
 
-use crate::context::{ChannelContext, JoinContext};
-use crate::pubsub::Broadcast;
+use crate::model::context::{ChannelContext, JoinContext};
+use crate::node::pubsub::Broadcast;
 
 /// A channel: the server side of one joined topic on one connection.
 ///
