@@ -21,14 +21,14 @@ pub fn upgrade_request(path_and_query: &str, protocol: &[u8], origin: &[u8]) -> 
     let Ok(uri) = path_and_query.parse::<Uri>() else {
         return false;
     };
-    let Some(params) = crate::transport::http::query_params(&uri) else {
+    let Some(params) = crate::transport::accept::query_params(&uri) else {
         return false;
     };
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_bytes(protocol) {
         headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
     }
-    let _token = crate::transport::http::auth_token(&headers);
+    let _token = crate::transport::accept::auth_token(&headers);
     let origin_ok = std::str::from_utf8(origin).is_ok_and(|o| CheckOrigin::default().allows(o));
     let vsn = params
         .iter()
@@ -107,6 +107,16 @@ pub fn cluster_message(bytes: &[u8]) -> bool {
     let Ok(msg) = crate::cluster::decode(bytes) else {
         return false;
     };
+    // What travels inside requests and answers is the feature's own: long-poll's, here.
+    match &msg.body {
+        crate::cluster::Body::Request { body, .. } => {
+            let _ = crate::transport::longpoll::decode_request(body);
+        }
+        crate::cluster::Body::Answer { body, .. } => {
+            let _ = crate::transport::longpoll::decode_answer(body);
+        }
+        _ => {}
+    }
     let again = crate::cluster::encode(msg.node, &msg.body);
     let back = crate::cluster::decode(&again).expect("a re-encoded message decodes");
     let twice = crate::cluster::encode(back.node, &back.body);

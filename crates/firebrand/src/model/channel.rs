@@ -7,6 +7,7 @@ use firebrand_protocol::{DecodeError, Payload};
 
 use crate::model::context::{ChannelContext, JoinContext};
 use crate::node::pubsub::Broadcast;
+use crate::node::queue::Close;
 
 /// A channel: the server side of one joined topic on one connection.
 ///
@@ -258,4 +259,15 @@ pub enum StopReason {
     /// Stopped by the channel with an error: the client gets `phx_error`
     /// `{"reason":"channel_crash"}` and the official client rejoins.
     Error(String),
+}
+
+impl StopReason {
+    /// How a connection's channels see its close: `Shutdown` when the server drains.
+    pub(crate) fn of(close: &Close) -> Self {
+        if *close == Close::SHUTDOWN {
+            StopReason::Shutdown
+        } else {
+            StopReason::Closed
+        }
+    }
 }

@@ -217,7 +217,11 @@ impl<C: Channel> ChannelContext<C> {
             return;
         }
         let inbox: Arc<dyn Inbox> = self.mailbox.clone();
-        let id = self.endpoint.pubsub().subscribe(topic, Target::Info(inbox));
+        let id = self
+            .endpoint
+            .hub()
+            .pubsub()
+            .subscribe(topic, Target::Info(inbox));
         self.extra.push((topic.to_owned(), id));
     }
 
@@ -225,7 +229,7 @@ impl<C: Channel> ChannelContext<C> {
     pub fn unsubscribe(&mut self, topic: &str) {
         if let Some(i) = self.extra.iter().position(|(t, _)| t == topic) {
             let (t, id) = self.extra.swap_remove(i);
-            self.endpoint.pubsub().unsubscribe(&t, id);
+            self.endpoint.hub().pubsub().unsubscribe(&t, id);
         }
     }
 
@@ -240,7 +244,7 @@ impl<C: Channel> ChannelContext<C> {
     /// as long as the channel lives. Returns the meta's `phx_ref`. Subscribers get a
     /// `presence_diff`. See [the presence docs](crate::node::presence).
     pub fn track(&mut self, key: &str, meta: serde_json::Value) -> Result<String, PresenceError> {
-        let tracker = self.endpoint.tracker();
+        let tracker = self.endpoint.hub().tracker();
         let owner = *self.owner.get_or_insert_with(|| tracker.new_owner());
         tracker.track(owner, &self.topic, key, meta)
     }
@@ -254,6 +258,7 @@ impl<C: Channel> ChannelContext<C> {
     ) -> Result<String, PresenceError> {
         let owner = self.owner.ok_or(PresenceError::NoPresence)?;
         self.endpoint
+            .hub()
             .tracker()
             .update(owner, &self.topic, key, meta)
     }
@@ -261,7 +266,10 @@ impl<C: Channel> ChannelContext<C> {
     /// Stops tracking `key` (nothing happens when it is not tracked).
     pub fn untrack(&mut self, key: &str) {
         if let Some(owner) = self.owner {
-            self.endpoint.tracker().untrack(owner, &self.topic, key);
+            self.endpoint
+                .hub()
+                .tracker()
+                .untrack(owner, &self.topic, key);
         }
     }
 
@@ -272,6 +280,7 @@ impl<C: Channel> ChannelContext<C> {
     /// diffs start at the end of `after_join` if it has not listed by then).
     pub fn presence_list(&self) -> Payload {
         self.endpoint
+            .hub()
             .tracker()
             .list_for(&self.topic, &self.mailbox.cursor)
     }

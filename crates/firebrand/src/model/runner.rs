@@ -305,12 +305,12 @@ impl<C: Channel> Runner<C> {
             intercepts: C::INTERCEPTS,
             inbox,
         };
-        ctx.sub_id = Some(ctx.endpoint.pubsub().subscribe(&ctx.topic, target));
+        ctx.sub_id = Some(ctx.endpoint.hub().pubsub().subscribe(&ctx.topic, target));
         ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(joined.reply));
         close_replaced(ctx, join.replaces.as_deref());
         let channel = self.channel.insert(joined.channel);
         channel.after_join(ctx).await;
-        ctx.endpoint.tracker().go_live(&ctx.mailbox.cursor);
+        ctx.endpoint.hub().tracker().go_live(&ctx.mailbox.cursor);
         self.stopped().await
     }
 
@@ -332,7 +332,7 @@ impl<C: Channel> Runner<C> {
                 let refused = std::mem::take(&mut ctx.reply_refused);
                 let result = match result {
                     Ok(None) if refused => {
-                        ctx.endpoint.count_limit(Limit::PendingReplies);
+                        ctx.endpoint.hub().count_limit(Limit::PendingReplies);
                         Err(Reply::error(
                             serde_json::json!({"reason": Limit::PendingReplies.reason()}),
                         ))
@@ -382,7 +382,7 @@ impl<C: Channel> Runner<C> {
 impl<C: Channel> Drop for Runner<C> {
     fn drop(&mut self) {
         let ctx = &mut self.ctx;
-        let pubsub = ctx.endpoint.pubsub();
+        let pubsub = ctx.endpoint.hub().pubsub();
         if let Some(id) = ctx.sub_id.take() {
             pubsub.unsubscribe(&ctx.topic, id);
         }
@@ -390,7 +390,7 @@ impl<C: Channel> Drop for Runner<C> {
             pubsub.unsubscribe(&topic, id);
         }
         if let Some(owner) = ctx.owner {
-            ctx.endpoint.tracker().untrack_owner(owner);
+            ctx.endpoint.hub().tracker().untrack_owner(owner);
         }
         let unmatched = Reply::error(serde_json::json!({"reason": "unmatched topic"}));
         for msg in ctx.mailbox.close() {

@@ -1,7 +1,170 @@
 //! The node's shared machinery, under every connection and channel: topics and their
 //! subscribers ([`pubsub`]), the bounded queues between tasks ([`queue`]), the presence tracker
-//! ([`presence`]). Nothing here knows sockets, channels, transports or the cluster.
+//! ([`presence`]), and the [`Hub`] that holds them with the connection registry and the
+//! counters. Nothing here knows sockets, channels, transports or the cluster: what sits above
+//! gets a [`Hub`] handed down.
 
 pub mod presence;
 pub(crate) mod pubsub;
 pub(crate) mod queue;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::limits::Limit;
+use presence::{Diff, DiffSink, PresenceFetch, Tracker};
+use pubsub::{Broadcast, PubSub, SubId};
+use queue::Outbox;
+
+/// One node's PubSub, presence tracker, live connections and counters: what connections,
+/// channel tasks and the cluster share. One per [`Endpoint`](crate::Endpoint).
+pub(crate) struct Hub {
+    /// This node's id: its presence replica, its long-poll tokens, its cluster messages.
+    id: u64,
+    pubsub: PubSub,
+    tracker: Arc<Tracker>,
+    /// Itself, for the presence flusher (which must not keep it alive).
+    me: Weak<Hub>,
+    conns: Mutex<HashMap<u64, Arc<Outbox>>>,
+    next_conn: AtomicU64,
+    all_closed: Notify,
+    counters: Counters,
+}
+
+/// The counters behind [`Stats`](crate::Stats) that this layer keeps.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) broadcasts: AtomicU64,
+    pub(crate) deliveries: AtomicU64,
+    pub(crate) slow_consumers: AtomicU64,
+    pub(crate) protocol_errors: AtomicU64,
+    /// Per [`Limit`], in its declaration order.
+    pub(crate) limits: [AtomicU64; 4],
+}
+
+impl Hub {
+    /// The hub of node `id`; `gossip` when its presence changes go to other nodes.
+    pub(crate) fn new(
+        id: u64,
+        presence_batch: Duration,
+        presence_fetch: Option<PresenceFetch>,
+        gossip: bool,
+    ) -> Arc<Hub> {
+        Arc::new_cyclic(|me| Hub {
+            id,
+            pubsub: PubSub::new(),
+            tracker: Arc::new(Tracker::new(id, presence_batch, presence_fetch, gossip)),
+            me: me.clone(),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            all_closed: Notify::new(),
+            counters: Counters::default(),
+        })
+    }
+
+    /// This node's id (random, new on every start).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn pubsub(&self) -> &PubSub {
+        &self.pubsub
+    }
+
+    /// The presence tracker, its diff flusher started (which needs a Tokio runtime).
+    pub(crate) fn tracker(&self) -> &Arc<Tracker> {
+        let sink: Weak<dyn DiffSink> = self.me.clone();
+        self.tracker.start_flusher(sink);
+        &self.tracker
+    }
+
+    /// Delivers `b` to this node's subscribers (except `from`) and counts it.
+    pub(crate) fn dispatch_local(&self, b: &Broadcast, from: Option<SubId>) {
+        let delivered = self.pubsub.dispatch(b, from);
+        self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub(crate) fn count_slow_consumer(&self) {
+        self.counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_limit(&self, limit: Limit) {
+        self.counters.limits[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_protocol_error(&self) {
+        self.counters
+            .protocol_errors
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Registers a live connection until the guard drops.
+    pub(crate) fn register(self: &Arc<Self>, outbox: Arc<Outbox>) -> Registered {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.conns.lock().insert(id, outbox);
+        Registered {
+            hub: self.clone(),
+            id,
+        }
+    }
+
+    /// The live connections' outboxes.
+    pub(crate) fn connections(&self) -> Vec<Arc<Outbox>> {
+        self.conns.lock().values().cloned().collect()
+    }
+
+    pub(crate) fn connection_count(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// Resolves once no connection is left (re-check the registry after arming it).
+    pub(crate) fn all_closed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.all_closed.notified()
+    }
+}
+
+impl DiffSink for Hub {
+    fn publish_diff(&self, diff: &Diff<'_>) {
+        // Each node broadcasts its own view's diffs to its local subscribers.
+        let delivered = self.pubsub.dispatch_sequenced(diff);
+        self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+}
+
+/// A connection's registration with its node; dropping it unregisters.
+pub(crate) struct Registered {
+    hub: Arc<Hub>,
+    id: u64,
+}
+
+impl Registered {
+    /// The node the connection is registered with.
+    pub(crate) fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        let mut conns = self.hub.conns.lock();
+        conns.remove(&self.id);
+        if conns.is_empty() {
+            self.hub.all_closed.notify_waiters();
+        }
+    }
+}

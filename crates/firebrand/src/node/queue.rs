@@ -57,17 +57,6 @@ impl Close {
     };
 }
 
-impl Close {
-    /// How the connection's channels see this close: `Shutdown` when the server drains.
-    pub(crate) fn stop_reason(&self) -> crate::StopReason {
-        if *self == Close::SHUTDOWN {
-            crate::StopReason::Shutdown
-        } else {
-            crate::StopReason::Closed
-        }
-    }
-}
-
 /// Events for the connection task that are not frames.
 #[derive(Debug)]
 pub(crate) enum ConnEvent {
@@ -138,17 +127,6 @@ impl Frame {
         match self {
             Frame::Text(b) | Frame::Binary(b) | Frame::Pong(b) => b.len(),
         }
-    }
-
-    /// Appends the frame as a WebSocket frame.
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
-        use crate::transport::ws::{OP_BINARY, OP_PONG, OP_TEXT};
-        let (op, data) = match self {
-            Frame::Text(b) => (OP_TEXT, b),
-            Frame::Binary(b) => (OP_BINARY, b),
-            Frame::Pong(b) => (OP_PONG, b),
-        };
-        crate::transport::ws::encode_frame(out, op, data);
     }
 }
 
@@ -287,6 +265,9 @@ struct MailState<T> {
     closed: bool,
 }
 
+/// A subscriber's presence cursor before it has seen the topic's presences: it gets no diff.
+pub(crate) const NOT_LIVE: u64 = u64::MAX;
+
 /// A bounded multi-producer, single-consumer queue of messages for one channel task.
 pub(crate) struct Mailbox<T> {
     state: Mutex<MailState<T>>,
@@ -306,7 +287,7 @@ impl<T> Mailbox<T> {
             }),
             notify: Notify::new(),
             limit,
-            cursor: std::sync::atomic::AtomicU64::new(crate::node::presence::NOT_LIVE),
+            cursor: std::sync::atomic::AtomicU64::new(NOT_LIVE),
         }
     }
 

@@ -14,15 +14,15 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 
-use crate::endpoint::Registered;
 use crate::limits::{Bucket, Limit};
 use crate::model::channel::{Reply, StopReason};
 use crate::model::context::Wire;
 use crate::model::runner::{ChannelHandle, InRejected, SpawnArgs};
 use crate::model::socket::Socket;
+use crate::node::Registered;
 use crate::node::pubsub::{SubId, Target};
 use crate::node::queue::{Close, ConnEvent, Frame, Outbox};
-use crate::transport::http::Shared;
+use crate::transport::accept::Shared;
 use crate::transport::ws::{Incoming, Reader, WsError};
 
 pub(crate) struct ConnArgs<S: Socket> {
@@ -48,7 +48,8 @@ pub(crate) struct Conn<S: Socket> {
     /// Rate limits on inbound messages and joins.
     messages: Option<Bucket>,
     joins: Option<Bucket>,
-    _registered: Registered,
+    /// Its registration with the node, and the way to the node's PubSub and counters.
+    registered: Registered,
 }
 
 /// A connection's channel tasks by topic: a vector, searched linearly (at most `max_channels`,
@@ -194,14 +195,13 @@ enum End {
 impl<S: Socket> Conn<S> {
     /// Opens a connection: registers it with the endpoint and subscribes its socket id.
     pub(crate) fn open(args: ConnArgs<S>) -> Self {
-        let endpoint = &args.shared.endpoint;
+        let hub = args.shared.endpoint.hub().clone();
         let outbox = Arc::new(Outbox::new(args.shared.config.outbound_limit));
-        let registered = endpoint.register(outbox.clone());
-        let id_sub = args.socket_id.as_ref().map(|id| {
-            endpoint
-                .pubsub()
-                .subscribe(id, Target::Socket(outbox.clone()))
-        });
+        let registered = hub.register(outbox.clone());
+        let id_sub = args
+            .socket_id
+            .as_ref()
+            .map(|id| hub.pubsub().subscribe(id, Target::Socket(outbox.clone())));
         Conn {
             assigns: args.assigns,
             socket_id: args.socket_id,
@@ -216,7 +216,7 @@ impl<S: Socket> Conn<S> {
             channels: Channels::default(),
             next_channel_id: 0,
             id_sub,
-            _registered: registered,
+            registered,
             shared: args.shared,
         }
     }
@@ -237,7 +237,7 @@ impl<S: Socket> Conn<S> {
             ch.inbox.socket_closed(reason.clone());
         }
         if let (Some(id), Some(sub)) = (&self.socket_id, self.id_sub.take()) {
-            self.shared.endpoint.pubsub().unsubscribe(id, sub);
+            self.registered.hub().pubsub().unsubscribe(id, sub);
         }
     }
 }
@@ -289,7 +289,7 @@ where
         }
     };
     conn.end(match &end {
-        End::Close(c) | End::Dropped(c) => c.stop_reason(),
+        End::Close(c) | End::Dropped(c) => StopReason::of(c),
         _ => StopReason::Closed,
     });
 
@@ -427,7 +427,7 @@ impl<S: Socket> Conn<S> {
                 Ok(msg) => self.on_message(msg),
                 Err(e) => {
                     tracing::warn!(error = %e, "closing connection: undecodable frame");
-                    self.shared.endpoint.count_protocol_error();
+                    self.registered.hub().count_protocol_error();
                     end = Some(End::Invalid(1007, e.to_string()));
                 }
             }
@@ -464,7 +464,7 @@ impl<S: Socket> Conn<S> {
             }
             let mut out = Vec::with_capacity(batch.frames.iter().map(|f| f.len() + 10).sum());
             for frame in &batch.frames {
-                frame.encode(&mut out);
+                crate::transport::ws::encode_queued(frame, &mut out);
             }
             drop(batch.frames);
             let write = io.write_all(&out);
@@ -507,7 +507,7 @@ impl<S: Socket> Conn<S> {
     /// slow consumer is counted and logged.
     pub(crate) fn closing(&self, close: &Close) {
         if *close == Close::SLOW_CONSUMER {
-            self.shared.endpoint.count_slow_consumer();
+            self.registered.hub().count_slow_consumer();
             tracing::warn!("closing connection: slow consumer");
         }
     }
@@ -546,7 +546,7 @@ impl<S: Socket> Conn<S> {
     /// Handles one decoded client message.
     pub(crate) fn on_message(&mut self, msg: Message) {
         if let Some(limit) = self.check_limits(&msg) {
-            self.shared.endpoint.count_limit(limit);
+            self.registered.hub().count_limit(limit);
             tracing::debug!(topic = %msg.topic, event = %msg.event, reason = limit.reason(), "message refused");
             return self.error_reply(msg.join_ref.as_deref(), &msg, limit.reason());
         }

@@ -14,7 +14,7 @@
 //! - the session ends when it has not been polled for 1.5 windows; its channels terminate.
 //!
 //! **Bounds.** A session's frames wait for the next poll in its connection's `Outbox`
-//! (queue.rs), under the socket's
+//! (node/queue.rs), under the socket's
 //! [`outbound_limit`](crate::SocketBuilder::outbound_limit): a session that stops polling while
 //! frames keep coming ends as a slow consumer, as a WebSocket client that stops reading does
 //! (its queue is dropped, its channels terminate, [`Stats::slow_consumers`](crate::Stats)
@@ -48,11 +48,13 @@ use serde_json::json;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 
+use crate::Endpoint;
 use crate::model::socket::Socket;
 use crate::node::queue::{Frame, Outbox};
+use crate::token::Proof;
 use crate::token::TokenSigner;
+use crate::transport::accept::{Shared, query_params};
 use crate::transport::conn::{Conn, ConnArgs};
-use crate::transport::http::{Shared, query_params};
 
 /// At most this many ndjson lines of one POST are processed (Phoenix's limit).
 const MAX_LINES: usize = 100;
@@ -63,16 +65,13 @@ const TOKEN_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 /// How much longer than the poll window a node waits for a forwarded request's answer.
 const FORWARD_MARGIN: Duration = Duration::from_secs(5);
 
-/// The long-poll sessions of one node (of all its sockets), and its requests waiting for
-/// another node's answer. One per [`Endpoint`](crate::Endpoint).
+/// The long-poll sessions of one node (of all its sockets). One per
+/// [`Endpoint`](crate::Endpoint), made with [`Sessions::of`].
 pub(crate) struct Sessions {
     node: u64,
     map: Mutex<HashMap<u64, Arc<Session>>>,
     signer: TokenSigner,
     next_id: AtomicU64,
-    /// Requests forwarded to another node: the node asked, and where its answer goes.
-    forwarded: Mutex<HashMap<u64, (u64, oneshot::Sender<Answer>)>>,
-    next_forward: AtomicU64,
 }
 
 /// What a long-poll request asks of its session.
@@ -162,6 +161,20 @@ impl Drop for Polling<'_> {
 }
 
 impl Sessions {
+    /// The endpoint's sessions, made on first use; in a cluster they answer the requests other
+    /// nodes forward.
+    pub(crate) fn of(endpoint: &Endpoint) -> Arc<Sessions> {
+        let mut made = false;
+        let sessions = endpoint.local(|| {
+            made = true;
+            Sessions::new(endpoint.hub().id())
+        });
+        if made && let Some(cluster) = endpoint.cluster() {
+            cluster.serve(SERVICE, Arc::new(Forwarded(sessions.clone())));
+        }
+        sessions
+    }
+
     /// The sessions of node `node`, with tokens signed by a key of this process.
     pub(crate) fn new(node: u64) -> Self {
         Sessions {
@@ -172,8 +185,6 @@ impl Sessions {
                 "firebrand long-poll session",
             ),
             next_id: AtomicU64::new(1),
-            forwarded: Mutex::new(HashMap::new()),
-            next_forward: AtomicU64::new(1),
         }
     }
 
@@ -211,35 +222,151 @@ impl Sessions {
     pub(crate) fn redeem(&self, proof: &crate::token::Proof) -> Option<String> {
         self.signer.redeem(proof)
     }
+}
 
-    /// Registers a request about to be forwarded to node `node`: its id, and where the
-    /// answer arrives.
-    pub(crate) fn expect_answer(&self, node: u64) -> (u64, oneshot::Receiver<Answer>) {
-        let id = self.next_forward.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.forwarded.lock().insert(id, (node, tx));
-        (id, rx)
+/// The long-poll service's id among the cluster's request kinds (the kind byte its forwarded
+/// requests have always had on the wire).
+const SERVICE: u8 = 7;
+
+/// Forwarded long-poll bodies are refused past this size (Phoenix's default body limit) rather
+/// than published whole to every node.
+const MAX_FORWARD: usize = 8_000_000;
+
+/// Answers the requests other nodes forward to this node's sessions.
+struct Forwarded(Arc<Sessions>);
+
+impl crate::cluster::Service for Forwarded {
+    fn answer(
+        &self,
+        _from: u64,
+        request: Bytes,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Bytes> + Send>> {
+        let sessions = self.0.clone();
+        Box::pin(async move {
+            let answer = match decode_request(&request) {
+                // Only this node can turn the proof back into the client's token.
+                Some((proof, request)) => match sessions.redeem(&proof) {
+                    Some(token) => sessions.answer(&token, request).await,
+                    None => Answer::NoSession,
+                },
+                None => Answer::NoSession,
+            };
+            encode_answer(&answer)
+        })
     }
+}
 
-    /// Forgets a forwarded request (answered or given up).
-    pub(crate) fn forget_forward(&self, id: u64) {
-        self.forwarded.lock().remove(&id);
+/// Sends a long-poll request to the node holding its session and waits up to `wait` for the
+/// answer (`None`: no answer in time, or no cluster). The token stays here: the session's node
+/// gets its data and a digest of its signature ([`Proof`]).
+async fn forward(
+    endpoint: &Endpoint,
+    node: u64,
+    token: &str,
+    request: Request,
+    wait: Duration,
+) -> Option<Answer> {
+    let cluster = endpoint.cluster()?;
+    if let Request::Post { body, .. } = &request
+        && body.len() > MAX_FORWARD
+    {
+        return Some(Answer::Reply {
+            http: 413,
+            body: "long-poll body too large to forward to its session's node".into(),
+        });
     }
+    let Some(proof) = Proof::of(token) else {
+        return Some(Answer::NoSession);
+    };
+    let asked = encode_request(&proof, &request);
+    let answer = cluster.request(node, SERVICE, asked, wait).await;
+    let answer = answer.as_deref().map(decode_answer);
+    if !matches!(answer, Some(Some(_))) {
+        tracing::warn!(
+            node,
+            "long-poll request forwarded to another node: no answer, or an unreadable one"
+        );
+    }
+    answer.flatten()
+}
 
-    /// Hands node `from`'s answer to the request waiting for it; `false` if that request was
-    /// not asked of `from` (the answer is dropped, the request still waits).
-    pub(crate) fn answered(&self, from: u64, id: u64, answer: Answer) -> bool {
-        let mut forwarded = self.forwarded.lock();
-        match forwarded.get(&id) {
-            Some((node, _)) if *node != from => false,
-            Some(_) => {
-                if let Some((_, tx)) = forwarded.remove(&id) {
-                    let _ = tx.send(answer);
-                }
-                true
-            }
-            None => true,
+const POLL: u8 = 0;
+const POST: u8 = 1;
+const POST_NDJSON: u8 = 2;
+const ANSWER_NO_SESSION: u8 = 0;
+const ANSWER_REPLY: u8 = 1;
+
+/// `op u8, proof data (u16 len), proof digest (32 bytes), POST body`.
+fn encode_request(proof: &Proof, request: &Request) -> Bytes {
+    let (op, body): (u8, &[u8]) = match request {
+        Request::Poll => (POLL, b""),
+        Request::Post {
+            body,
+            ndjson: false,
+        } => (POST, body),
+        Request::Post { body, ndjson: true } => (POST_NDJSON, body),
+    };
+    // Tokens are short; a longer one is no token of ours and is cut, failing to verify.
+    let data = &proof.body.as_bytes()[..proof.body.len().min(u16::MAX as usize)];
+    let mut buf = Vec::with_capacity(3 + data.len() + 32 + body.len());
+    buf.push(op);
+    buf.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    buf.extend_from_slice(data);
+    buf.extend_from_slice(&proof.digest);
+    buf.extend_from_slice(body);
+    Bytes::from(buf)
+}
+
+/// The proof and request of [`encode_request`]'s bytes, if they are well formed.
+pub(crate) fn decode_request(m: &[u8]) -> Option<(Proof, Request)> {
+    let (&op, m) = m.split_first()?;
+    let (len, m) = m.split_first_chunk::<2>()?;
+    let len = usize::from(u16::from_be_bytes(*len));
+    let (data, m) = m.split_at_checked(len)?;
+    let (digest, body) = m.split_first_chunk::<32>()?;
+    let proof = Proof {
+        body: std::str::from_utf8(data).ok()?.to_owned(),
+        digest: *digest,
+    };
+    let body = Bytes::copy_from_slice(body);
+    let request = match op {
+        POLL => Request::Poll,
+        POST => Request::Post {
+            body,
+            ndjson: false,
+        },
+        POST_NDJSON => Request::Post { body, ndjson: true },
+        _ => return None,
+    };
+    Some((proof, request))
+}
+
+/// `ANSWER_NO_SESSION`, or `ANSWER_REPLY, http u16, body`.
+fn encode_answer(answer: &Answer) -> Bytes {
+    match answer {
+        Answer::NoSession => Bytes::from_static(&[ANSWER_NO_SESSION]),
+        Answer::Reply { http, body } => {
+            let mut buf = Vec::with_capacity(3 + body.len());
+            buf.push(ANSWER_REPLY);
+            buf.extend_from_slice(&http.to_be_bytes());
+            buf.extend_from_slice(body.as_bytes());
+            Bytes::from(buf)
         }
+    }
+}
+
+/// The answer of [`encode_answer`]'s bytes, if they are well formed.
+pub(crate) fn decode_answer(m: &[u8]) -> Option<Answer> {
+    match m.split_first()? {
+        (&ANSWER_NO_SESSION, _) => Some(Answer::NoSession),
+        (&ANSWER_REPLY, rest) => {
+            let (http, body) = rest.split_first_chunk::<2>()?;
+            Some(Answer::Reply {
+                http: u16::from_be_bytes(*http),
+                body: String::from_utf8(body.to_vec()).ok()?,
+            })
+        }
+        _ => None,
     }
 }
 
@@ -316,14 +443,19 @@ pub(crate) async fn handle<S: Socket>(
         Request::Post { body, ndjson }
     };
     let endpoint = &shared.endpoint;
-    let sessions = endpoint.longpoll();
+    let sessions = Sessions::of(endpoint);
     let answer = match &token {
         None => Answer::NoSession,
         Some(token) => match Sessions::node_of(token) {
-            Some(node) if node != sessions.node && endpoint.nodes().contains(&node) => endpoint
-                .forward_longpoll(node, token, request.clone(), window + FORWARD_MARGIN)
-                .await
-                .unwrap_or(Answer::NoSession),
+            Some(node) if node != sessions.node && endpoint.nodes().contains(&node) => forward(
+                endpoint,
+                node,
+                token,
+                request.clone(),
+                window + FORWARD_MARGIN,
+            )
+            .await
+            .unwrap_or(Answer::NoSession),
             _ => sessions.answer(token, request.clone()).await,
         },
     };
@@ -373,7 +505,7 @@ async fn start<S: Socket>(
             return status(403);
         }
     };
-    let sessions = shared.endpoint.longpoll().clone();
+    let sessions = Sessions::of(&shared.endpoint);
     let id = sessions.next_id.fetch_add(1, Ordering::Relaxed);
     let (to_conn, from_clients) = mpsc::unbounded_channel();
     let conn = Conn::open(ConnArgs {
@@ -431,7 +563,7 @@ async fn run<S: Socket>(
                 session.arrived.notify_waiters();
                 if let Some(close) = close {
                     conn.closing(&close);
-                    reason = close.stop_reason();
+                    reason = crate::StopReason::of(&close);
                     break;
                 }
             }
@@ -604,6 +736,86 @@ mod tests {
         let st = session.state.lock();
         assert_eq!(st.polls, 0);
         assert_eq!(st.last_poll, started + Duration::from_millis(30));
+    }
+
+    #[test]
+    fn forwarded_requests_and_answers_round_trip() {
+        for request in [
+            Request::Poll,
+            Request::Post {
+                body: Bytes::from_static(b"[1]\n[2]"),
+                ndjson: true,
+            },
+            Request::Post {
+                body: Bytes::from_static(b"[1]"),
+                ndjson: false,
+            },
+        ] {
+            let proof = Proof::of("tok.en").unwrap();
+            let bytes = encode_request(&proof, &request);
+            assert!(
+                !bytes.windows(2).any(|w| w == b"en"),
+                "the signature travels"
+            );
+            assert_eq!(decode_request(&bytes), Some((proof, request)));
+            for cut in 0..3 + 3 + 32 {
+                assert_eq!(decode_request(&bytes[..cut]), None, "cut at {cut}");
+            }
+        }
+        for answer in [
+            Answer::NoSession,
+            Answer::Reply {
+                http: 200,
+                body: r#"{"status":204}"#.into(),
+            },
+        ] {
+            assert_eq!(decode_answer(&encode_answer(&answer)), Some(answer));
+        }
+        assert_eq!(decode_answer(&[ANSWER_REPLY, 1]), None);
+    }
+
+    /// Keeps what an endpoint publishes.
+    #[derive(Clone, Default)]
+    struct Record(Arc<Mutex<Vec<Bytes>>>);
+
+    impl crate::cluster::Adapter for Record {
+        fn start(&self, _: crate::cluster::ClusterLink) {}
+
+        fn publish(&self, message: Bytes) {
+            self.0.lock().push(message);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forwarding_keeps_the_token_and_refuses_huge_bodies() {
+        let bus = Record::default();
+        let e = Endpoint::builder().adapter(bus.clone()).build();
+        let wait = Duration::from_millis(10);
+        let poll = forward(&e, 5, "eyJkYXRhIjoxfQ.SIGNATURE", Request::Poll, wait);
+        assert_eq!(poll.await, None);
+        // Format 1, kind 7: the forwarded request (the others are heartbeats).
+        let sent = bus
+            .0
+            .lock()
+            .iter()
+            .find(|m| m[..2] == [1, SERVICE])
+            .cloned()
+            .unwrap();
+        assert!(sent.windows(9).all(|w| w != b"SIGNATURE"));
+        assert!(sent.windows(14).any(|w| w == b"eyJkYXRhIjoxfQ"));
+
+        let post = |len| Request::Post {
+            body: Bytes::from(vec![b'x'; len]),
+            ndjson: false,
+        };
+        let huge = forward(&e, 5, "a.b", post(MAX_FORWARD + 1), wait).await;
+        assert!(
+            matches!(huge, Some(Answer::Reply { http: 413, .. })),
+            "{huge:?}"
+        );
+        assert!(bus.0.lock().iter().all(|m| m.len() < MAX_FORWARD));
+        assert_eq!(forward(&e, 5, "a.b", post(MAX_FORWARD), wait).await, None);
+        assert!(bus.0.lock().iter().any(|m| m.len() > MAX_FORWARD));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! RFC 6455 framing ([`ws`]), long-poll ([`longpoll`]), the in-process test client
 //! (`testing`), and the accept loop ([`server`]).
 
+pub(crate) mod accept;
 pub(crate) mod conn;
 pub(crate) mod http;
 pub(crate) mod longpoll;

@@ -86,8 +86,9 @@ use tokio::sync::mpsc;
 use crate::model::channel::{Reply, StopReason};
 use crate::model::socket::{ConnectError, ConnectInfo, Socket};
 use crate::node::queue::Frame;
+use crate::transport::accept::Shared;
 use crate::transport::conn::{Conn, ConnArgs};
-use crate::transport::http::{Shared, SocketBuilder};
+use crate::transport::http::SocketBuilder;
 
 /// A socket to test: connect in-process clients to it. See the [module docs](self).
 pub struct TestSocket<S: Socket> {
@@ -162,7 +163,7 @@ async fn drive<S: Socket>(
                     }
                 }
                 if let Some(close) = batch.close {
-                    reason = close.stop_reason();
+                    reason = crate::StopReason::of(&close);
                     let _ = to_client.send(Received::Closed { code: close.code, reason: close.reason.to_owned() });
                     break;
                 }

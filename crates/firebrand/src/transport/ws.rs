@@ -15,6 +15,8 @@ use base64::Engine;
 use bytes::Bytes;
 use sha1::{Digest, Sha1};
 
+use crate::node::queue::Frame;
+
 /// Why a client's frames end its connection, and the close code it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum WsError {
@@ -95,6 +97,16 @@ pub(crate) fn accept_key(headers: &HeaderMap) -> Result<String, &'static str> {
     sha.update(key.as_bytes());
     sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     Ok(base64::engine::general_purpose::STANDARD.encode(sha.finalize()))
+}
+
+/// Appends a queued frame as a WebSocket frame.
+pub(crate) fn encode_queued(frame: &Frame, out: &mut Vec<u8>) {
+    let (op, data) = match frame {
+        Frame::Text(b) => (OP_TEXT, b),
+        Frame::Binary(b) => (OP_BINARY, b),
+        Frame::Pong(b) => (OP_PONG, b),
+    };
+    encode_frame(out, op, data);
 }
 
 /// Appends a server frame (final, unmasked) to `out`.

@@ -138,8 +138,7 @@ pub(crate) trait DiffSink: Send + Sync + 'static {
     fn publish_diff(&self, diff: &Diff<'_>);
 }
 
-/// A subscriber's presence cursor before it has seen the topic's presences: it gets no diff.
-pub(crate) const NOT_LIVE: u64 = u64::MAX;
+pub(crate) use crate::node::queue::NOT_LIVE;
 
 impl Tracker {
     /// A tracker for replica `replica` (the cluster node id, or a random one alone);

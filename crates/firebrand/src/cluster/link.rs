@@ -1,0 +1,226 @@
+//! [`ClusterLink`]: an endpoint's side of its adapter — where received messages go (checked,
+//! decoded, its own dropped), how messages go out (sealed), and the counters.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use super::Adapter;
+use super::auth::{AUTH_MARKER, Auth};
+use super::wire::{Body, decode};
+
+/// An endpoint's side of its adapter: where received messages go, and its counters.
+#[derive(Clone)]
+pub struct ClusterLink {
+    pub(crate) inner: Arc<LinkInner>,
+}
+
+pub(crate) struct LinkInner {
+    pub(crate) node: u64,
+    pub(crate) deliver: Box<dyn Fn(u64, Body) + Send + Sync>,
+    pub(crate) received: AtomicU64,
+    pub(crate) lost: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    /// With a cluster secret: how messages are sealed and checked.
+    pub(crate) auth: Option<Auth>,
+}
+
+impl fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterLink")
+            .field("node", &self.inner.node)
+            .finish()
+    }
+}
+
+impl ClusterLink {
+    /// The link of node `node`: received messages go to `deliver`.
+    pub(crate) fn new(
+        node: u64,
+        deliver: Box<dyn Fn(u64, Body) + Send + Sync>,
+        auth: Option<Auth>,
+    ) -> Self {
+        ClusterLink {
+            inner: Arc::new(LinkInner {
+                node,
+                deliver,
+                received: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                auth,
+            }),
+        }
+    }
+
+    /// Messages received from other nodes, lost on the way out, and refused.
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
+        let i = &self.inner;
+        (
+            i.received.load(Ordering::Relaxed),
+            i.lost.load(Ordering::Relaxed),
+            i.rejected.load(Ordering::Relaxed),
+        )
+    }
+
+    /// This node's id (random, new on every start).
+    pub fn node(&self) -> u64 {
+        self.inner.node
+    }
+
+    /// Hands a message from the engine to the endpoint. Messages from this node are ignored;
+    /// undecodable ones (or of an unknown format version), and with a cluster secret those
+    /// without a valid tag or seen before, are logged and counted.
+    pub fn receive(&self, message: &[u8]) {
+        let (opened, message) = match &self.inner.auth {
+            None if message.first() == Some(&AUTH_MARKER) => {
+                return self.refuse("sealed with a cluster secret, and this node has none");
+            }
+            None => (None, message),
+            Some(auth) => match auth.open(message) {
+                Ok((counter, time, message)) => (Some((auth, counter, time)), message),
+                Err(why) => return self.refuse(why),
+            },
+        };
+        match decode(message) {
+            Ok(msg) if msg.node == self.inner.node => {}
+            Ok(msg)
+                if opened
+                    .is_some_and(|(auth, counter, time)| !auth.fresh(msg.node, counter, time)) =>
+            {
+                self.reject(
+                    msg.node,
+                    "replayed, or stamped more than a minute off this node's clock",
+                );
+            }
+            Ok(msg) => {
+                self.inner.received.fetch_add(1, Ordering::Relaxed);
+                (self.inner.deliver)(msg.node, msg.body);
+            }
+            Err(e) => {
+                self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "cluster message dropped");
+            }
+        }
+    }
+
+    /// Publishes `message` through `adapter`, sealed with the cluster secret if there is one.
+    pub(crate) fn publish(&self, adapter: &dyn Adapter, message: Bytes) {
+        match &self.inner.auth {
+            Some(auth) => {
+                // Publishing does not wait: this lock is held for the time of one HMAC.
+                let _order = auth.order.lock();
+                adapter.publish(auth.seal(&message));
+            }
+            None => adapter.publish(message),
+        }
+    }
+
+    /// Forgets replay state no longer needed (called with the heartbeat).
+    pub(crate) fn prune(&self) {
+        if let Some(auth) = &self.inner.auth {
+            auth.prune();
+        }
+    }
+
+    fn refuse(&self, why: &str) {
+        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("cluster message dropped: {why}");
+    }
+
+    /// Counts a message of node `from` that was read but refused (forged or corrupt).
+    pub(crate) fn reject(&self, from: u64, what: &str) {
+        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = from, "cluster message refused: {what}");
+    }
+
+    /// Counts messages the adapter could not send (the outage's loss, for metrics).
+    pub fn count_lost(&self, n: u64) {
+        self.inner.lost.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, BytesMut};
+    use hmac::Mac;
+
+    use super::*;
+    use crate::cluster::auth::{AUTH_HEADER, REPLAY_WINDOW, unix_ms};
+    use crate::cluster::wire::encode;
+
+    /// A link of node `node` with `secret`, and the messages it delivers.
+    fn link(node: u64, secret: Option<&[u8]>) -> (ClusterLink, Arc<parking_lot::Mutex<Vec<u64>>>) {
+        let got = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = got.clone();
+        let link = ClusterLink {
+            inner: Arc::new(LinkInner {
+                node,
+                deliver: Box::new(move |from, _| sink.lock().push(from)),
+                received: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+                rejected: AtomicU64::new(0),
+                auth: secret.map(Auth::new),
+            }),
+        };
+        (link, got)
+    }
+
+    #[test]
+    fn with_a_secret_only_sealed_fresh_messages_pass() {
+        let sealed = |link: &ClusterLink, m: Bytes| link.inner.auth.as_ref().unwrap().seal(&m);
+        let (a, _) = link(1, Some(b"secret"));
+        let (b, got) = link(2, Some(b"secret"));
+        let (open, open_got) = link(3, None);
+        let goodbye = || encode(1, &Body::Goodbye);
+        let sealed_bye = sealed(&a, goodbye());
+        b.receive(&sealed_bye);
+        assert_eq!(*got.lock(), [1]);
+        // A replay, a forged or unsealed message, another secret's: all refused and counted.
+        b.receive(&sealed_bye);
+        b.receive(&goodbye());
+        let mut tampered = sealed_bye.to_vec();
+        tampered[AUTH_HEADER + 2] ^= 1;
+        b.receive(&tampered);
+        let (other, _) = link(1, Some(b"other secret"));
+        b.receive(&sealed(&other, goodbye()));
+        b.receive(&sealed_bye[..sealed_bye.len() - 1]);
+        assert_eq!(*got.lock(), [1]);
+        assert_eq!(b.inner.rejected.load(Ordering::Relaxed), 5);
+        // Reordered messages within the window pass once each; far behind, they are refused.
+        let (m1, m2, m3) = (
+            sealed(&a, goodbye()),
+            sealed(&a, goodbye()),
+            sealed(&a, goodbye()),
+        );
+        for m in [&m3, &m1, &m2, &m1] {
+            b.receive(m);
+        }
+        assert_eq!(got.lock().len(), 4);
+        let old = sealed(&a, goodbye());
+        for _ in 0..65 {
+            b.receive(&sealed(&a, goodbye()));
+        }
+        b.receive(&old);
+        assert_eq!(got.lock().len(), 4 + 65);
+        assert_eq!(b.inner.rejected.load(Ordering::Relaxed), 7);
+        // A message stamped outside the window is refused, however new its counter.
+        let auth = a.inner.auth.as_ref().unwrap();
+        let mut stale = BytesMut::new();
+        stale.put_u8(AUTH_MARKER);
+        stale.put_u64(1 << 40);
+        stale.put_u64(unix_ms() - REPLAY_WINDOW.as_millis() as u64 - 1000);
+        stale.put_slice(&goodbye());
+        let mut mac = auth.key.clone();
+        mac.update(&stale);
+        stale.put_slice(&mac.finalize().into_bytes());
+        b.receive(&stale);
+        assert_eq!(b.inner.rejected.load(Ordering::Relaxed), 8);
+        // Without a secret: unsealed messages pass as before, sealed ones are refused.
+        open.receive(&goodbye());
+        open.receive(&sealed_bye);
+        assert_eq!(*open_got.lock(), [1]);
+        assert_eq!(open.inner.rejected.load(Ordering::Relaxed), 1);
+    }
+}
