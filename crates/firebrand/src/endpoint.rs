@@ -262,7 +262,7 @@ impl Endpoint {
         }
     }
 
-    /// Closes every connection whose [`Socket::id`] is `socket_id`, with code 1001: the
+    /// Closes every connection whose [`Socket::id`](crate::Socket::id) is `socket_id`, with code 1001: the
     /// `"disconnect"` broadcast of Phoenix. Their channels terminate with
     /// [`StopReason::Closed`](crate::StopReason::Closed) and get no `phx_close`.
     pub fn disconnect(&self, socket_id: &str) {

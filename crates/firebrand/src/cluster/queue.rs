@@ -7,8 +7,8 @@ use bytes::Bytes;
 
 use super::ClusterLink;
 
-/// The queue between [`Adapter::publish`] (which must not wait) and an adapter's publishing
-/// task, with [`Adapter::flush`] support and loss counting. Adapters hold one.
+/// The queue between [`Adapter::publish`](super::Adapter::publish) (which must not wait) and an adapter's publishing
+/// task, with [`Adapter::flush`](super::Adapter::flush) support and loss counting. Adapters hold one.
 pub struct PublishQueue {
     tx: tokio::sync::mpsc::Sender<Outgoing>,
     rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Outgoing>>>,
@@ -37,14 +37,14 @@ impl PublishQueue {
         }
     }
 
-    /// For [`Adapter::start`]: remembers the link (to count losses) and hands over the
+    /// For [`Adapter::start`](super::Adapter::start): remembers the link (to count losses) and hands over the
     /// receiving end, once (`None` on a second start).
     pub fn start(&self, link: &ClusterLink) -> Option<tokio::sync::mpsc::Receiver<Outgoing>> {
         *self.link.lock() = Some(link.clone());
         self.rx.lock().take()
     }
 
-    /// For [`Adapter::publish`]: queues without waiting.
+    /// For [`Adapter::publish`](super::Adapter::publish): queues without waiting.
     pub fn push(&self, message: Bytes) {
         if self.tx.try_send(Outgoing::Message(message)).is_err()
             && let Some(link) = &*self.link.lock()
@@ -53,7 +53,7 @@ impl PublishQueue {
         }
     }
 
-    /// For [`Adapter::flush`].
+    /// For [`Adapter::flush`](super::Adapter::flush).
     pub async fn flush(&self) {
         let (done, flushed) = tokio::sync::oneshot::channel();
         if self.tx.send(Outgoing::Flush(done)).await.is_ok() {

@@ -48,7 +48,7 @@ pub trait Socket: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Assigns, ConnectError>> + Send;
 
     /// The socket id: every connection of one id can be closed at once by broadcasting
-    /// `"disconnect"` on it ([`Endpoint::disconnect`]). `None` (the default) for anonymous ones.
+    /// `"disconnect"` on it ([`Endpoint::disconnect`](crate::Endpoint::disconnect)). `None` (the default) for anonymous ones.
     fn id(&self, assigns: &Self::Assigns) -> Option<String> {
         let _ = assigns;
         None
