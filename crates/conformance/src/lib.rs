@@ -13,8 +13,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use firebrand::{
     Broadcast, Channel, ChannelContext, CheckOrigin, ConnectError, ConnectInfo, Endpoint,
-    HandleResult, JoinContext, JoinError, Joined, Payload, Reply, Socket, SocketBuilder,
-    StopReason,
+    EndpointBuilder, HandleResult, JoinContext, JoinError, Joined, Payload, Reply, Socket,
+    SocketBuilder, StopReason,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -32,6 +32,10 @@ pub struct Config {
     pub message_rate: Option<u32>,
     /// Joins per second one client may send (default: no limit, as Phoenix).
     pub join_rate: Option<u32>,
+    /// Broadcasts kept per stream topic for recovery on rejoin (`STREAM_HISTORY`, default 1000).
+    pub stream_history: usize,
+    /// How long they are kept (`STREAM_HISTORY_TTL_MS`, default 300 s).
+    pub stream_history_ttl: Duration,
 }
 
 impl Default for Config {
@@ -42,15 +46,19 @@ impl Default for Config {
             longpoll_window: Duration::from_secs(10),
             message_rate: None,
             join_rate: None,
+            stream_history: 1000,
+            stream_history_ttl: Duration::from_secs(300),
         }
     }
 }
 
-/// The app's socket: [`UserSocket`] with `room:*` routed to [`RoomChannel`].
+/// The app's socket: [`UserSocket`] with `room:*` routed to [`RoomChannel`] and `stream:*` to
+/// [`StreamChannel`].
 pub fn socket(endpoint: &Endpoint, config: &Config) -> SocketBuilder<UserSocket> {
     endpoint
         .socket(UserSocket)
         .channel::<RoomChannel>("room:*")
+        .channel::<StreamChannel>("stream:*")
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
         .idle_timeout(config.idle_timeout)
         .outbound_limit(config.outbound_limit)
@@ -60,9 +68,15 @@ pub fn socket(endpoint: &Endpoint, config: &Config) -> SocketBuilder<UserSocket>
         .max_channels(100)
 }
 
+/// The app's endpoint settings: stream topics keep their history (add an adapter for a
+/// cluster).
+pub fn endpoint(config: &Config) -> EndpointBuilder {
+    Endpoint::builder().history("stream:*", config.stream_history, config.stream_history_ttl)
+}
+
 /// The app's router and its endpoint (for shutdown and stats), on a single node.
 pub fn app(config: &Config) -> (Router, Endpoint) {
-    let endpoint = Endpoint::new();
+    let endpoint = endpoint(config).build();
     (router(config, &endpoint), endpoint)
 }
 
@@ -162,56 +176,7 @@ impl Channel for RoomChannel {
         payload: Payload,
         ctx: &mut ChannelContext<Self>,
     ) -> HandleResult {
-        match event {
-            "new_msg" => ctx.broadcast("new_msg", payload),
-            "new_msg_from" => ctx.broadcast_from("new_msg", payload),
-            "ping" => return Ok(Some(Reply::ok(payload))),
-            "sleep" => {
-                let Sleep { ms } = payload.decode()?;
-                tokio::time::sleep(Duration::from_millis(ms.min(5000))).await;
-                return Ok(Some(Reply::ok(json!({}))));
-            }
-            "error_reply" => return Err(Reply::error(json!({"reason": "requested"}))),
-            "push_me" => {
-                ctx.push("pushed", payload);
-                return Ok(Some(Reply::ok(json!({}))));
-            }
-            "async_reply" => {
-                if let Some(reply) = ctx.reply_later() {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        reply.send(Reply::ok(payload));
-                    });
-                }
-            }
-            "stop" => {
-                ctx.stop(StopReason::Shutdown);
-                return Ok(Some(Reply::ok(json!({}))));
-            }
-            "crash" => panic!("handle_in crashed on purpose"),
-            "shout" => ctx.broadcast("shout", payload),
-            "disconnect_me" => {
-                if let Some(user) = ctx.assigns() {
-                    ctx.endpoint().disconnect(&format!("user_socket:{user}"));
-                }
-            }
-            "update_presence" => {
-                let mut meta = serde_json::Map::new();
-                meta.insert("online_at".into(), json!(online_at()));
-                if let Some(Value::Object(fields)) = payload.to_value() {
-                    meta.extend(fields);
-                }
-                if let Some(user) = ctx.assigns().clone() {
-                    ctx.update_presence(&user, Value::Object(meta))
-                        .map_err(|e| Reply::error(json!({ "reason": e.to_string() })))?;
-                }
-                return Ok(Some(Reply::ok(json!({}))));
-            }
-            "binary_echo" => return Ok(Some(Reply::ok(payload))),
-            "binary_broadcast" => ctx.broadcast("binary_broadcast", payload),
-            _ => {}
-        }
-        Ok(None)
+        handle_in(event, payload, ctx).await
     }
 
     /// With a user: track it in Presence and push `presence_state` (Phoenix's after-join idiom).
@@ -228,11 +193,111 @@ impl Channel for RoomChannel {
 
     /// `shout` goes to each subscriber with `"to"` set to that subscriber's user.
     async fn handle_out(&mut self, broadcast: Broadcast, ctx: &mut ChannelContext<Self>) {
-        let mut body = match broadcast.payload().to_value() {
-            Some(Value::Object(map)) => map,
-            _ => serde_json::Map::new(),
-        };
-        body.insert("to".into(), json!(ctx.assigns()));
-        ctx.push(broadcast.event(), Value::Object(body));
+        shout_to(broadcast, ctx);
+    }
+}
+
+/// The contract's events (RoomChannel's table; StreamChannel's too).
+async fn handle_in<C: Channel<Assigns = Option<String>>>(
+    event: &str,
+    payload: Payload,
+    ctx: &mut ChannelContext<C>,
+) -> HandleResult {
+    match event {
+        "new_msg" => ctx.broadcast("new_msg", payload),
+        "new_msg_from" => ctx.broadcast_from("new_msg", payload),
+        "ping" => return Ok(Some(Reply::ok(payload))),
+        "sleep" => {
+            let Sleep { ms } = payload.decode()?;
+            tokio::time::sleep(Duration::from_millis(ms.min(5000))).await;
+            return Ok(Some(Reply::ok(json!({}))));
+        }
+        "error_reply" => return Err(Reply::error(json!({"reason": "requested"}))),
+        "push_me" => {
+            ctx.push("pushed", payload);
+            return Ok(Some(Reply::ok(json!({}))));
+        }
+        "async_reply" => {
+            if let Some(reply) = ctx.reply_later() {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    reply.send(Reply::ok(payload));
+                });
+            }
+        }
+        "stop" => {
+            ctx.stop(StopReason::Shutdown);
+            return Ok(Some(Reply::ok(json!({}))));
+        }
+        "crash" => panic!("handle_in crashed on purpose"),
+        "shout" => ctx.broadcast("shout", payload),
+        "disconnect_me" => {
+            if let Some(user) = ctx.assigns() {
+                ctx.endpoint().disconnect(&format!("user_socket:{user}"));
+            }
+        }
+        "update_presence" => {
+            let mut meta = serde_json::Map::new();
+            meta.insert("online_at".into(), json!(online_at()));
+            if let Some(Value::Object(fields)) = payload.to_value() {
+                meta.extend(fields);
+            }
+            if let Some(user) = ctx.assigns().clone() {
+                ctx.update_presence(&user, Value::Object(meta))
+                    .map_err(|e| Reply::error(json!({ "reason": e.to_string() })))?;
+            }
+            return Ok(Some(Reply::ok(json!({}))));
+        }
+        "binary_echo" => return Ok(Some(Reply::ok(payload))),
+        "binary_broadcast" => ctx.broadcast("binary_broadcast", payload),
+        _ => {}
+    }
+    Ok(None)
+}
+
+/// `shout`, pushed with `"to"` set to this subscriber's user.
+fn shout_to<C: Channel<Assigns = Option<String>>>(
+    broadcast: Broadcast,
+    ctx: &mut ChannelContext<C>,
+) {
+    let mut body = match broadcast.payload().to_value() {
+        Some(Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    body.insert("to".into(), json!(ctx.assigns()));
+    ctx.push(broadcast.event(), Value::Object(body));
+}
+
+/// `stream:*`, as the contract's StreamChannel section says: broadcasts on it are recorded in
+/// the topic's history ([`endpoint`]), delivered with their position, and replayed to a client
+/// that rejoins with `{"since": P}`. firebrand adds `"position"` and `"recovered"` to the join
+/// reply.
+pub struct StreamChannel;
+
+impl Channel for StreamChannel {
+    type Assigns = Option<String>;
+    type Info = ();
+    const INTERCEPTS: &'static [&'static str] = &["shout"];
+
+    async fn join(
+        topic: &str,
+        _params: Payload,
+        _ctx: &JoinContext<'_, Self::Assigns>,
+    ) -> Result<Joined<Self>, JoinError> {
+        let name = topic.strip_prefix("stream:").unwrap_or(topic);
+        Ok(Joined::new(StreamChannel).reply(json!({ "joined": name })))
+    }
+
+    async fn handle_in(
+        &mut self,
+        event: &str,
+        payload: Payload,
+        ctx: &mut ChannelContext<Self>,
+    ) -> HandleResult {
+        handle_in(event, payload, ctx).await
+    }
+
+    async fn handle_out(&mut self, broadcast: Broadcast, ctx: &mut ChannelContext<Self>) {
+        shout_to(broadcast, ctx);
     }
 }

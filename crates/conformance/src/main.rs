@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use firebrand::Endpoint;
 use firebrand_conformance::{Config, router};
 
 fn parse_port() -> anyhow::Result<u16> {
@@ -68,7 +67,15 @@ async fn main() -> anyhow::Result<()> {
     config.longpoll_window = ms("LONGPOLL_WINDOW_MS", 10_000)?;
     // In a cluster, a node not heard from for PRESENCE_DOWN_MS (default 5 s) has its presences
     // removed; nodes gossip presence every PRESENCE_HEARTBEAT_MS (default 1 s).
-    let builder = Endpoint::builder()
+    // Stream topics keep STREAM_HISTORY broadcasts (default 1000) for STREAM_HISTORY_TTL_MS
+    // (default 300 s).
+    if let Ok(n) = std::env::var("STREAM_HISTORY") {
+        config.stream_history = n
+            .parse()
+            .with_context(|| format!("invalid STREAM_HISTORY {n:?}"))?;
+    }
+    config.stream_history_ttl = ms("STREAM_HISTORY_TTL_MS", 300_000)?;
+    let builder = firebrand_conformance::endpoint(&config)
         .presence_heartbeat(ms("PRESENCE_HEARTBEAT_MS", 1000)?)
         .presence_down_after(ms("PRESENCE_DOWN_MS", 5000)?);
     let builder = if let Ok(url) = std::env::var("REDIS_URL") {

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use crate::cluster::{Adapter, Cluster, Settings};
 use crate::limits::Limit;
 use crate::node::Hub;
+use crate::node::history::{History, Retention};
 use crate::node::presence::PresenceFetch;
 use crate::node::pubsub::{Broadcast, SubId};
 use crate::node::queue::Close;
@@ -110,9 +111,47 @@ pub struct EndpointBuilder {
     heartbeat: Duration,
     down_after: Duration,
     cluster_secret: Option<Vec<u8>>,
+    history: Vec<(Box<str>, Retention)>,
 }
 
 impl EndpointBuilder {
+    /// Makes the topics matching `pattern` (`"stream:*"`, or one topic) **recoverable**: their
+    /// last `size` broadcasts (none older than `max_age`) are kept, each with a position that
+    /// travels in the message's `ref` slot, and a client that rejoins with the last position it
+    /// saw (`{"since": P}` in its join params) gets what it missed, in order and once, before
+    /// newer broadcasts. The join reply carries the topic's `"position"` and, with `since`,
+    /// `"recovered"`: `true` when the history still held everything after it (replayed right
+    /// after the reply), `false` when it did not (too old, from a lost history, not a position):
+    /// then nothing is replayed and the client knows to reload. Binary payloads are not recorded
+    /// (the V2 binary broadcast frame has no `ref` slot).
+    ///
+    /// The official client, unmodified: its join params may be a function, evaluated on every
+    /// rejoin.
+    ///
+    /// ```js
+    /// let last = null
+    /// const ch = socket.channel("stream:news", () => (last ? {since: last} : {}))
+    /// ch.on("new_msg", (msg, position) => { last = position; show(msg) })
+    /// ch.join().receive("ok", ({recovered}) => { if (recovered === false) reload() })
+    /// ```
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let endpoint = firebrand::Endpoint::builder()
+    ///     .history("stream:*", 1000, Duration::from_secs(300))
+    ///     .build();
+    /// # drop(endpoint);
+    /// ```
+    ///
+    /// The history lives in the process: on a node alone. With an [`adapter`](Self::adapter)
+    /// it is not kept yet (a position must be the same on every node; the engine will hold
+    /// it): topics are not recoverable, and `build` logs a warning.
+    pub fn history(mut self, pattern: &str, size: usize, max_age: Duration) -> Self {
+        self.history
+            .push((pattern.into(), Retention { size, max_age }));
+        self
+    }
+
     /// The presence batch window. A topic whose last `presence_diff` went out longer ago than
     /// this sends the next change's diff at once (one diff per change, as Phoenix does);
     /// changes that come faster are merged into one diff at the end of the window, so a room
@@ -170,11 +209,22 @@ impl EndpointBuilder {
     /// The endpoint. With an adapter, call this inside a Tokio runtime: the adapter starts
     /// (on a thread of the cluster's own; see [`crate::cluster::Adapter::start`]).
     pub fn build(self) -> Endpoint {
+        let history = match (self.history.is_empty(), self.adapter.is_some()) {
+            (true, _) => None,
+            (false, false) => Some(History::new(self.history)),
+            (false, true) => {
+                tracing::warn!(
+                    "topic history is not kept on a clustered endpoint yet: topics are not recoverable"
+                );
+                None
+            }
+        };
         let hub = Hub::new(
             crate::node::presence::rand_u64(),
             self.presence_batch,
             self.presence_fetch,
             self.adapter.is_some(),
+            history,
         );
         let cluster = self.adapter.map(|adapter| {
             // The diff flusher runs on the app's runtime: start it here, not on the cluster's.
@@ -211,6 +261,7 @@ impl Endpoint {
             heartbeat: Duration::from_secs(1),
             down_after: Duration::from_secs(5),
             cluster_secret: None,
+            history: Vec::new(),
         }
     }
 

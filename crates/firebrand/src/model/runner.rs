@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use firebrand_protocol::{Outbound, Payload};
 use futures_util::FutureExt;
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::endpoint::Endpoint;
@@ -187,6 +188,20 @@ fn control<'a, C: Channel>(
     }
 }
 
+/// A recoverable topic's join reply: the app's, with the topic's `"position"` and, when the
+/// client sent `since`, `"recovered"` (unless the app set them; a reply that is not an object is
+/// left as it is).
+fn with_position(reply: Payload, position: String, recovered: Option<bool>) -> Payload {
+    let Some(Value::Object(mut fields)) = reply.to_value() else {
+        return reply;
+    };
+    fields.entry("position").or_insert(Value::String(position));
+    if let Some(recovered) = recovered {
+        fields.entry("recovered").or_insert(Value::Bool(recovered));
+    }
+    Payload::from(Value::Object(fields))
+}
+
 fn close_replaced<C: Channel>(ctx: &ChannelContext<C>, replaces: Option<&str>) {
     if let Some(old) = replaces {
         let empty = Payload::empty();
@@ -277,6 +292,19 @@ impl<C: Channel> Runner<C> {
 
     async fn join(&mut self, join: JoinMsg) -> bool {
         let ctx = &mut self.ctx;
+        let hub = ctx.endpoint.hub().clone();
+        let recoverable = hub
+            .history()
+            .and_then(|h| Some((h, h.retention(&ctx.topic)?)));
+        // On a recoverable topic, the position the client last saw (anything but a string:
+        // not a position, so not recovered).
+        let since = recoverable.is_some().then(|| match join.params.to_value() {
+            Some(Value::Object(params)) => params.get("since").map(|s| match s {
+                Value::String(s) => s.clone(),
+                _ => String::new(),
+            }),
+            _ => None,
+        });
         let joined = {
             let jc = JoinContext {
                 topic: &ctx.topic,
@@ -298,15 +326,34 @@ impl<C: Channel> Runner<C> {
             }
         };
         // Subscribe before replying, so a broadcast sent after the client saw "ok" reaches it.
-        let inbox: Arc<dyn Inbox> = ctx.mailbox.clone();
-        let target = Target::Fastlane {
+        let target = || Target::Fastlane {
             outbox: ctx.wire.outbox.clone(),
             serializer: ctx.wire.serializer,
             intercepts: C::INTERCEPTS,
-            inbox,
+            inbox: ctx.mailbox.clone() as Arc<dyn Inbox>,
         };
-        ctx.sub_id = Some(ctx.endpoint.hub().pubsub().subscribe(&ctx.topic, target));
-        ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(joined.reply));
+        match recoverable {
+            None => {
+                ctx.sub_id = Some(hub.pubsub().subscribe(&ctx.topic, target()));
+                ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(joined.reply));
+            }
+            Some((history, retention)) => {
+                // Under the topic's history lock: subscribe, reply with the position, replay
+                // what the client missed. Broadcasts of the topic wait, then come live.
+                let since = since.flatten();
+                let sub_id = history.catch_up(&ctx.topic, retention, since.as_deref(), |c| {
+                    let sub_id = hub.pubsub().subscribe(&ctx.topic, target());
+                    let reply = with_position(joined.reply, c.position, c.recovered);
+                    ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(reply));
+                    let replay = target();
+                    for b in &c.replay {
+                        replay.fastlane(b);
+                    }
+                    sub_id
+                });
+                ctx.sub_id = Some(sub_id);
+            }
+        }
         close_replaced(ctx, join.replaces.as_deref());
         let channel = self.channel.insert(joined.channel);
         channel.after_join(ctx).await;

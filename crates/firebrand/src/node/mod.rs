@@ -4,6 +4,7 @@
 //! counters. Nothing here knows sockets, channels, transports or the cluster: what sits above
 //! gets a [`Hub`] handed down.
 
+pub(crate) mod history;
 pub mod presence;
 pub(crate) mod pubsub;
 pub(crate) mod queue;
@@ -17,6 +18,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::limits::Limit;
+use history::History;
 use presence::{Diff, DiffSink, PresenceFetch, Tracker};
 use pubsub::{Broadcast, PubSub, SubId};
 use queue::Outbox;
@@ -28,6 +30,8 @@ pub(crate) struct Hub {
     id: u64,
     pubsub: PubSub,
     tracker: Arc<Tracker>,
+    /// The histories of recoverable topics, if any topic is.
+    history: Option<History>,
     /// Itself, for the presence flusher (which must not keep it alive).
     me: Weak<Hub>,
     conns: Mutex<HashMap<u64, Arc<Outbox>>>,
@@ -54,11 +58,13 @@ impl Hub {
         presence_batch: Duration,
         presence_fetch: Option<PresenceFetch>,
         gossip: bool,
+        history: Option<History>,
     ) -> Arc<Hub> {
         Arc::new_cyclic(|me| Hub {
             id,
             pubsub: PubSub::new(),
             tracker: Arc::new(Tracker::new(id, presence_batch, presence_fetch, gossip)),
+            history,
             me: me.clone(),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
@@ -83,9 +89,28 @@ impl Hub {
         &self.tracker
     }
 
-    /// Delivers `b` to this node's subscribers (except `from`) and counts it.
+    /// The histories of recoverable topics.
+    pub(crate) fn history(&self) -> Option<&History> {
+        self.history.as_ref()
+    }
+
+    /// Delivers `b` to this node's subscribers (except `from`) and counts it. On a recoverable
+    /// topic it is recorded first, and delivered with its position (a binary payload is not:
+    /// the V2 binary broadcast frame has no slot for it).
     pub(crate) fn dispatch_local(&self, b: &Broadcast, from: Option<SubId>) {
-        let delivered = self.pubsub.dispatch(b, from);
+        let recorded = self
+            .history
+            .as_ref()
+            .filter(|_| !matches!(b.payload(), firebrand_protocol::Payload::Binary(_)))
+            .and_then(|h| Some((h, h.retention(b.topic())?)));
+        let delivered = match recorded {
+            Some((history, retention)) => {
+                let mut delivered = 0;
+                history.append(b, retention, |b| delivered = self.pubsub.dispatch(b, from));
+                delivered
+            }
+            None => self.pubsub.dispatch(b, from),
+        };
         self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
         self.counters
             .deliveries

@@ -10,8 +10,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use firebrand_protocol::{Outbound, Payload, Serializer};
 use parking_lot::RwLock;
@@ -33,6 +33,11 @@ struct BroadcastInner {
     topic: Box<str>,
     event: Box<str>,
     payload: Payload,
+    /// Its position in its topic's history, on a recoverable topic (the frame's `ref`).
+    position: Option<Box<str>>,
+    /// Its frame per serializer (V1, V2), encoded on first use: once per broadcast, however
+    /// many subscribers (and replays) it has.
+    frames: [OnceLock<Option<Frame>>; 2],
 }
 
 impl Broadcast {
@@ -42,7 +47,54 @@ impl Broadcast {
             topic: topic.into(),
             event: event.into(),
             payload,
+            position: None,
+            frames: Default::default(),
         }))
+    }
+
+    /// Its position in its topic's history: on a recoverable topic, the opaque string the
+    /// client receives in the message's `ref` slot and rejoins with (`{"since": P}`).
+    pub fn position(&self) -> Option<&str> {
+        self.0.position.as_deref()
+    }
+
+    /// The same broadcast at `position` in its topic's history.
+    pub(crate) fn with_position(&self, position: String) -> Broadcast {
+        let b = &self.0;
+        Broadcast(Arc::new(BroadcastInner {
+            topic: b.topic.clone(),
+            event: b.event.clone(),
+            payload: b.payload.clone(),
+            position: Some(position.into()),
+            frames: Default::default(),
+        }))
+    }
+
+    /// Its frame for `serializer`, encoded once (`None`: not encodable for it, e.g. a binary
+    /// payload with a position).
+    fn frame(&self, serializer: Serializer) -> Option<Frame> {
+        let slot = &self.0.frames[match serializer {
+            Serializer::V1 => 0,
+            Serializer::V2 => 1,
+        }];
+        slot.get_or_init(|| {
+            let out = Outbound::Event {
+                join_ref: None,
+                r#ref: self.position(),
+                topic: self.topic(),
+                event: self.event(),
+                payload: self.payload(),
+            };
+            match serializer.encode(&out) {
+                Ok(encoded) => Some(Frame::from_encoded(encoded)),
+                Err(e) => {
+                    tracing::debug!(topic = self.topic(), event = self.event(), error = %e,
+                        "broadcast not delivered to {serializer:?} subscribers");
+                    None
+                }
+            }
+        })
+        .clone()
     }
 
     /// The topic it was broadcast on.
@@ -102,9 +154,9 @@ pub(crate) enum Target {
 
 impl Target {
     /// A joined channel's delivery: an intercepted event to its task, anything else as the
-    /// frame encoded for its serializer (once per broadcast, in `cache`) to its connection.
+    /// frame encoded for its serializer (once per broadcast) to its connection.
     /// Returns the frames queued (0 or 1).
-    fn fastlane(&self, b: &Broadcast, cache: &mut FrameCache) -> u64 {
+    pub(crate) fn fastlane(&self, b: &Broadcast) -> u64 {
         let Target::Fastlane {
             outbox,
             serializer,
@@ -117,7 +169,7 @@ impl Target {
         if intercepts.contains(&b.event()) {
             inbox.intercepted(b.clone());
             0
-        } else if let Some(frame) = cache.get(*serializer, b)
+        } else if let Some(frame) = b.frame(*serializer)
             && outbox.push(frame) == Pushed::Queued
         {
             1
@@ -190,7 +242,6 @@ impl PubSub {
     /// Delivers `b` to every local subscriber of its topic except `from`.
     /// Returns the number of frames queued to connections.
     pub(crate) fn dispatch(&self, b: &Broadcast, from: Option<SubId>) -> u64 {
-        let mut cache = FrameCache::default();
         let mut delivered = 0;
         let shard = self.shard(b.topic()).read();
         let Some(subs) = shard.get(b.topic()) else {
@@ -201,7 +252,7 @@ impl PubSub {
                 continue;
             }
             match &sub.target {
-                Target::Fastlane { .. } => delivered += sub.target.fastlane(b, &mut cache),
+                Target::Fastlane { .. } => delivered += sub.target.fastlane(b),
                 Target::Info(inbox) => inbox.info(b.clone()),
                 Target::Socket(outbox) => {
                     if b.event() == "disconnect" {
@@ -219,8 +270,7 @@ impl PubSub {
     pub(crate) fn dispatch_sequenced(&self, s: &dyn Sequenced) -> u64 {
         let (first, last) = (s.first(), s.last());
         let mut whole: Option<Option<Broadcast>> = None;
-        let mut whole_frames = FrameCache::default();
-        let mut tails: HashMap<u64, (Option<Broadcast>, FrameCache)> = HashMap::new();
+        let mut tails: HashMap<u64, Option<Broadcast>> = HashMap::new();
         let mut delivered = 0;
         let shard = self.shard(s.topic()).read();
         let Some(subs) = shard.get(s.topic()) else {
@@ -233,16 +283,13 @@ impl PubSub {
                     if cursor >= last {
                         continue;
                     }
-                    let (b, cache) = if cursor < first {
-                        (whole.get_or_insert_with(|| s.since(0)), &mut whole_frames)
+                    let b = if cursor < first {
+                        whole.get_or_insert_with(|| s.since(0))
                     } else {
-                        let (b, cache) = tails
-                            .entry(cursor)
-                            .or_insert_with(|| (s.since(cursor), FrameCache::default()));
-                        (&mut *b, cache)
+                        tails.entry(cursor).or_insert_with(|| s.since(cursor))
                     };
                     if let Some(b) = b {
-                        delivered += sub.target.fastlane(b, cache);
+                        delivered += sub.target.fastlane(b);
                     }
                 }
                 Target::Info(inbox) => {
@@ -254,33 +301,5 @@ impl PubSub {
             }
         }
         delivered
-    }
-}
-
-/// A broadcast's frame, encoded at most once per serializer.
-#[derive(Default)]
-struct FrameCache {
-    v1: Option<Option<Frame>>,
-    v2: Option<Option<Frame>>,
-}
-
-impl FrameCache {
-    fn get(&mut self, serializer: Serializer, b: &Broadcast) -> Option<Frame> {
-        let slot = match serializer {
-            Serializer::V1 => &mut self.v1,
-            Serializer::V2 => &mut self.v2,
-        };
-        slot.get_or_insert_with(|| {
-            let out = Outbound::broadcast(b.topic(), b.event(), b.payload());
-            match serializer.encode(&out) {
-                Ok(encoded) => Some(Frame::from_encoded(encoded)),
-                Err(e) => {
-                    tracing::debug!(topic = b.topic(), event = b.event(), error = %e,
-                        "broadcast not delivered to {serializer:?} subscribers");
-                    None
-                }
-            }
-        })
-        .clone()
     }
 }
