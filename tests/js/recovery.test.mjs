@@ -4,9 +4,8 @@
 // published gets them all, in order and once, when phoenix.js reconnects and rejoins by itself.
 import {test, afterEach} from "node:test"
 import assert from "node:assert/strict"
-import {Socket} from "phoenix"
 import WebSocket from "ws"
-import {URL_, HTTP, once, outcome, disconnectAll} from "./lib.mjs"
+import {HTTP, connect, once, outcome, disconnectAll} from "./lib.mjs"
 
 afterEach(disconnectAll)
 
@@ -23,12 +22,12 @@ async function publish(topic, n) {
 
 /** Resolves once `cond()` holds, checked now and whenever the function given to `register`
  *  is called; fails after 5 s. */
-function until(what, cond, register) {
+function until(what, cond, register, ms) {
   return once(what, (done) => {
     const check = () => { if (cond()) done() }
     register(check)
     check()
-  })
+  }, ms)
 }
 
 test("a dropped connection rejoins with its last position and misses nothing", async () => {
@@ -37,10 +36,8 @@ test("a dropped connection rejoins with its last position and misses nothing", a
   class Network extends WebSocket {
     constructor(url, protocols) { super(offline ? "ws://127.0.0.1:1/" : url, protocols) }
   }
-  const socket = new Socket(URL_, {transport: Network, reconnectAfterMs: () => 50})
-  const opened = once("the socket to open", (cb) => socket.onOpen(cb))
-  socket.connect()
-  await opened
+  // (`connect` registers the socket, so that it is disconnected after the test however it ends.)
+  const socket = await connect({}, {transport: Network})
 
   const topic = streamTopic("drop")
   let last = null
@@ -84,14 +81,57 @@ test("a dropped connection rejoins with its last position and misses nothing", a
 })
 
 test("a position the server cannot resume from is answered recovered: false", async () => {
-  const socket = new Socket(URL_, {transport: WebSocket})
-  const opened = once("the socket to open", (cb) => socket.onOpen(cb))
-  socket.connect()
-  await opened
+  const socket = await connect()
   const channel = socket.channel(streamTopic("stale"), () => ({since: "not a position"}))
   const [status, resp] = await outcome(channel.join())
   assert.equal(status, "ok")
   assert.equal(resp.recovered, false)
   assert.equal(typeof resp.position, "string")
+  socket.disconnect()
+})
+
+test("a client closed as a slow consumer (1008) heals on its rejoin", async () => {
+  const socket = await connect()
+  const topic = streamTopic("slow")
+  let last = null
+  const seen = []
+  const notify = new Set()
+  const replies = []
+  const channel = socket.channel(topic, () => (last ? {since: last} : {}))
+  channel.on("new_msg", (msg, position) => {
+    seen.push(msg.n)
+    last = position
+    for (const f of notify) f()
+  })
+  const [status] = await outcome(channel.join().receive("ok", (resp) => {
+    replies.push(resp)
+    for (const f of notify) f()
+  }))
+  assert.equal(status, "ok")
+
+  // The client stops reading; 300 messages of 64 KB (19 MB) overflow the server's 4 MiB queue
+  // for it plus the kernel's buffers: the server gives up on it.
+  const closed = once("the server to close the slow client", (cb) => socket.onClose(cb), 20000)
+  socket.conn._socket.pause()
+  const pad = "x".repeat(64 * 1024)
+  const total = 300
+  for (let n = 1; n <= total; n++) {
+    const res = await fetch(`${HTTP}/api/broadcast`, {
+      method: "POST",
+      headers: {"content-type": "application/json"},
+      body: JSON.stringify({topic, event: "new_msg", payload: {n, pad}}),
+    })
+    assert.equal(res.status, 200)
+  }
+  socket.conn._socket.resume()
+  const [event] = await closed
+  assert.ok([1008, 1006].includes(event.code), `closed with ${event.code}`)
+
+  // It reconnects, rejoins with the last position it read, and gets the rest: each once.
+  const state = () => `seen ${seen.length} (last ${seen.at(-1)}), replies ${JSON.stringify(replies)}, closed with ${event.code}`
+  await until("every message", () => seen.length >= total && replies.length >= 2, (f) => notify.add(f), 15000)
+    .catch((e) => { throw new Error(`${e.message}: ${state()}`) })
+  assert.equal(replies[1].recovered, true)
+  assert.deepEqual(seen, Array.from({length: total}, (_, i) => i + 1))
   socket.disconnect()
 })

@@ -139,6 +139,8 @@ pub struct ChannelContext<C: Channel> {
     pub(crate) owner: Option<Owner>,
     /// `reply_later` was refused during the current `handle_in`.
     pub(crate) reply_refused: bool,
+    /// On a recoverable topic joined with `since`: whether it was recovered.
+    pub(crate) recovered: Option<bool>,
 }
 
 impl<C: Channel> ChannelContext<C> {
@@ -160,6 +162,30 @@ impl<C: Channel> ChannelContext<C> {
     /// The endpoint, to broadcast on other topics.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    /// On a [recoverable](crate::EndpointBuilder::history) topic joined with `{"since": P}`:
+    /// `Some(true)` when everything after `P` was replayed to the client, `Some(false)` when the
+    /// history no longer reached back (then nothing was replayed, and the client was told
+    /// `recovered: false`). `None` on other joins. Set before
+    /// [`after_join`](crate::Channel::after_join), where a channel can push a fresh snapshot to
+    /// a client that could not be recovered.
+    ///
+    /// ```
+    /// # use firebrand::{Channel, ChannelContext, JoinContext, JoinError, Joined, Payload};
+    /// # struct Feed;
+    /// # impl Channel for Feed {
+    /// #   type Assigns = (); type Info = ();
+    /// #   async fn join(_: &str, _: Payload, _: &JoinContext<'_, ()>) -> Result<Joined<Self>, JoinError> { Ok(Joined::new(Feed)) }
+    /// async fn after_join(&mut self, ctx: &mut ChannelContext<Self>) {
+    ///     if ctx.recovered() == Some(false) {
+    ///         ctx.push("snapshot", serde_json::json!({"items": []}));
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn recovered(&self) -> Option<bool> {
+        self.recovered
     }
 
     /// Pushes `event` to this client only: `[join_ref, null, topic, event, payload]`.

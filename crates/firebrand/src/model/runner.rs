@@ -243,6 +243,7 @@ impl<C: Channel> Runner<C> {
                 stop: None,
                 owner: None,
                 reply_refused: false,
+                recovered: None,
             },
             channel: None,
         };
@@ -341,17 +342,20 @@ impl<C: Channel> Runner<C> {
                 // Under the topic's history lock: subscribe, reply with the position, replay
                 // what the client missed. Broadcasts of the topic wait, then come live.
                 let since = since.flatten();
-                let sub_id = history.catch_up(&ctx.topic, retention, since.as_deref(), |c| {
-                    let sub_id = hub.pubsub().subscribe(&ctx.topic, target());
-                    let reply = with_position(joined.reply, c.position, c.recovered);
-                    ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(reply));
-                    let replay = target();
-                    for b in &c.replay {
-                        replay.fastlane(b);
-                    }
-                    sub_id
-                });
+                let (sub_id, recovered) =
+                    history.catch_up(&ctx.topic, retention, since.as_deref(), |c| {
+                        let sub_id = hub.pubsub().subscribe(&ctx.topic, target());
+                        let recovered = c.recovered;
+                        let reply = with_position(joined.reply, c.position, c.recovered);
+                        ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(reply));
+                        let replay = target();
+                        for b in &c.replay {
+                            replay.replay(b);
+                        }
+                        (sub_id, recovered)
+                    });
                 ctx.sub_id = Some(sub_id);
+                ctx.recovered = recovered;
             }
         }
         close_replaced(ctx, join.replaces.as_deref());

@@ -156,7 +156,7 @@ impl Target {
     /// A joined channel's delivery: an intercepted event to its task, anything else as the
     /// frame encoded for its serializer (once per broadcast) to its connection.
     /// Returns the frames queued (0 or 1).
-    pub(crate) fn fastlane(&self, b: &Broadcast) -> u64 {
+    fn fastlane(&self, b: &Broadcast) -> u64 {
         let Target::Fastlane {
             outbox,
             serializer,
@@ -175,6 +175,28 @@ impl Target {
             1
         } else {
             0
+        }
+    }
+}
+
+impl Target {
+    /// Replays `b` (from its topic's history) to a channel that is joining: as
+    /// [`fastlane`](Target::fastlane) does, outside its connection's byte limit
+    /// ([`Outbox::push_replayed`]).
+    pub(crate) fn replay(&self, b: &Broadcast) {
+        let Target::Fastlane {
+            outbox,
+            serializer,
+            intercepts,
+            inbox,
+        } = self
+        else {
+            return;
+        };
+        if intercepts.contains(&b.event()) {
+            inbox.intercepted(b.clone());
+        } else if let Some(frame) = b.frame(*serializer) {
+            outbox.push_replayed(frame);
         }
     }
 }

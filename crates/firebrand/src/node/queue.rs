@@ -168,6 +168,24 @@ impl Outbox {
         Pushed::Queued
     }
 
+    /// Queues a frame replayed from a topic's history, outside the byte limit: the frame is
+    /// shared with the history (it costs the queue a handle, not its bytes), and a client that
+    /// rejoins after a slow-consumer close would otherwise be closed again by the replay of
+    /// what it missed, over and over. Live frames queued behind it are counted as usual.
+    pub(crate) fn push_replayed(&self, frame: Frame) -> Pushed {
+        let mut st = self.state.lock();
+        if st.close.is_some() {
+            return Pushed::Closed;
+        }
+        let was_empty = st.frames.is_empty();
+        st.frames.push_back(frame);
+        drop(st);
+        if was_empty {
+            self.signal();
+        }
+        Pushed::Queued
+    }
+
     /// Queues an event for the connection task. Events are never dropped while it runs.
     pub(crate) fn event(&self, event: ConnEvent) {
         self.state.lock().events.push(event);
