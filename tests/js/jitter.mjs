@@ -35,7 +35,7 @@
 // usage error. Loopback only, bounded in clients (<= 5000) and time (a hard deadline of
 // duration + settle + 120 s).
 import {spawn} from "node:child_process"
-import {readFileSync} from "node:fs"
+import {accessSync, constants as fsConstants, readFileSync} from "node:fs"
 import {createRequire} from "node:module"
 import net from "node:net"
 import path from "node:path"
@@ -127,6 +127,12 @@ function freePort() {
 }
 
 async function startServer(bin) {
+  try {
+    accessSync(bin, fsConstants.X_OK)
+  } catch {
+    throw new Error(`no executable conformance binary at ${bin} (build it with: cargo build --release --bin conformance; ` +
+      "or pass its path as the last argument, --bin or $CONFORMANCE_BIN)")
+  }
   const port = await freePort()
   const proc = spawn(bin, ["--port", String(port)], {stdio: ["ignore", "pipe", "pipe"]})
   const tail = []
