@@ -12,6 +12,7 @@
 //   transport is a subclass of `ws`'s WebSocket that only adds the network fault below. Each client joins
 //   every --topic (repeatable, or comma-separated; default room:jitter) with the params closure
 //   `() => last ? {since: last} : {}`, where `last` is the ref of the last broadcast it saw on that channel
+//   (or the join reply's `position`, before the first one)
 //   (phoenix.js hands it to `channel.on` callbacks as the 2nd argument; it is null on room: topics and a
 //   position on stream: topics, see /work/shared/conformance/APP.md, "StreamChannel"). phoenix.js
 //   re-evaluates the closure on every rejoin.
@@ -258,6 +259,11 @@ class ChannelRecord {
     else if (r === false) this.recovered.false++
     else this.recovered.absent++
     if (this.dropAt !== null) { this.gaps.push(t - this.dropAt); this.dropAt = null }
+    // A recoverable topic's reply carries its position: the client resumes from there if it
+    // drops before its first broadcast (and after `recovered: false`, where an app reloads).
+    if (resp && typeof resp.position === "string" && (this.last === null || r === false)) {
+      this.last = resp.position
+    }
   }
 
   onMessage(payload, ref) {

@@ -132,7 +132,10 @@ impl EndpointBuilder {
     /// let last = null
     /// const ch = socket.channel("stream:news", () => (last ? {since: last} : {}))
     /// ch.on("new_msg", (msg, position) => { last = position; show(msg) })
-    /// ch.join().receive("ok", ({recovered}) => { if (recovered === false) reload() })
+    /// ch.join().receive("ok", ({position, recovered}) => {
+    ///   if (recovered === false) reload()
+    ///   if (last === null || recovered === false) last = position // resume from here
+    /// })
     /// ```
     ///
     /// ```

@@ -104,6 +104,10 @@
 //!   traffic.
 //! - **Broadcasts** are encoded once per serializer and the same bytes queued to every
 //!   subscriber; only [intercepted](Channel::INTERCEPTS) events pass through channel tasks.
+//! - **Recovery on rejoin.** Topics made recoverable with
+//!   [`EndpointBuilder::history`] keep their last broadcasts, each with a position in the
+//!   frame's `ref` slot; a client that rejoins with `{"since": P}` gets what it missed, in
+//!   order and once, and the reply says whether it was `recovered`.
 //! - **Bounded memory.** Each connection's outbound queue is bounded in bytes; a client that
 //!   cannot keep up is disconnected with code 1008 (see [`SocketBuilder::outbound_limit`]),
 //!   a long-poll session that stops polling is ended the same way, and long-poll POST bodies
