@@ -39,6 +39,24 @@ pub enum ChannelEvent {
     Closed,
 }
 
+impl ChannelEvent {
+    /// For [`Joined`](ChannelEvent::Joined) on a recoverable topic (a server with recovery on
+    /// rejoin, such as firebrand's `EndpointBuilder::history`): whether the server replayed
+    /// everything missed since the last broadcast this channel saw (`Some(true)`; the replayed
+    /// broadcasts follow as [`Message`](ChannelEvent::Message)s) or could not (`Some(false)`:
+    /// reload what you show). `None` for other events and other joins. The client sends the
+    /// last position it saw as `since` on every rejoin by itself.
+    pub fn recovered(&self) -> Option<bool> {
+        match self {
+            ChannelEvent::Joined { response } => match response.to_value()? {
+                serde_json::Value::Object(r) => r.get("recovered")?.as_bool(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 /// Why a channel errored. It rejoins by itself in every case.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

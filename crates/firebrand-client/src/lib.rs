@@ -18,6 +18,10 @@
 //! - [`Channel::events`] streams what the server sends on the topic (pushes, broadcasts) and what
 //!   happens to the channel (joined, errored, closed), in order. Frames left over from an earlier
 //!   join of the topic (another `join_ref`) are dropped, as phoenix.js's `isMember` does.
+//! - **Recovery on rejoin**: on a topic whose broadcasts carry positions (a firebrand server's
+//!   recoverable topics), the channel keeps the last position it saw and sends it as `since`
+//!   on every rejoin, so the server replays what was missed; [`ChannelEvent::recovered`] on
+//!   the `Joined` event says whether it could.
 //! - [`Presence`] turns a channel's `presence_state` / `presence_diff` events into the presence
 //!   list, with the results of phoenix.js's `Presence` class.
 //!

@@ -10,6 +10,7 @@ use std::time::Duration;
 use firebrand_protocol::{Encoded, Payload, Serializer, ServerMessage};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -108,6 +109,9 @@ struct Chan {
     id: ChanId,
     topic: String,
     params: Params,
+    /// On a recoverable topic: the position of the last broadcast seen (or the join reply's),
+    /// sent as `since` on every rejoin so that the server replays what was missed.
+    position: Option<String>,
     state: State,
     joined_once: bool,
     /// The ref of the current join push: frames with another join_ref are stale.
@@ -461,7 +465,7 @@ impl Task {
                     payload,
                     ..
                 } => self.reply(id, r#ref.as_deref(), status, payload),
-                ServerMessage::Event(m) => self.event(id, &m.event, &m.payload),
+                ServerMessage::Event(m) => self.event(id, &m.event, &m.payload, m.r#ref.as_deref()),
             }
         }
     }
@@ -472,6 +476,15 @@ impl Task {
         if c.state == State::Joining && c.join_ref.as_deref() == Some(r) {
             c.join_deadline = None;
             if status == "ok" {
+                if let Some(Value::Object(response)) = payload.to_value()
+                    && let Some(Value::String(position)) = response.get("position")
+                    && (c.position.is_none()
+                        || response.get("recovered") == Some(&Value::Bool(false)))
+                {
+                    // Resume from the topic's position at this join (before a first
+                    // broadcast, or when the server could not recover).
+                    c.position = Some(position.clone());
+                }
                 c.state = State::Joined;
                 c.rejoin_tries = 0;
                 c.rejoin_at = None;
@@ -530,8 +543,12 @@ impl Task {
         }
     }
 
-    fn event(&mut self, id: ChanId, event: &str, payload: &Payload) {
+    fn event(&mut self, id: ChanId, event: &str, payload: &Payload, r#ref: Option<&str>) {
         let Some(c) = self.chan(id) else { return };
+        if let Some(position) = r#ref.filter(|_| !event.starts_with("phx_")) {
+            // A broadcast of a recoverable topic carries its position as its ref.
+            c.position = Some(position.to_owned());
+        }
         match event {
             "phx_close" => {
                 if let Some(leave) = c.leave.take() {
@@ -596,7 +613,7 @@ impl Task {
         c.join_sent = true;
         c.rejoin_at = None;
         c.join_deadline = Some(Instant::now() + c.join_timeout);
-        let payload = (c.params)();
+        let payload = with_since((c.params)(), c.position.as_deref());
         tracing::debug!(%topic, join_ref = %r, "joining");
         if let Err(e) = self.send_frame(Some(&r), &r, &topic, "phx_join", &payload) {
             tracing::warn!(%topic, error = %e, "join params cannot be encoded");
@@ -693,6 +710,7 @@ impl Task {
                 params,
                 state: State::Closed,
                 joined_once: false,
+                position: None,
                 join_ref: None,
                 join_sent: false,
                 join_timeout: self.cfg.timeout,
@@ -930,4 +948,19 @@ fn close_frame(code: u16, reason: &str) -> WsMessage {
         code: CloseCode::from(code),
         reason: reason.into(),
     }))
+}
+
+/// The join params with `since` (the last position seen on a recoverable topic), unless the
+/// params set it or are not an object.
+fn with_since(params: Payload, since: Option<&str>) -> Payload {
+    let Some(since) = since else { return params };
+    match params.to_value() {
+        Some(Value::Object(mut fields)) => {
+            fields
+                .entry("since")
+                .or_insert_with(|| Value::String(since.to_owned()));
+            Payload::from(Value::Object(fields))
+        }
+        _ => params,
+    }
 }

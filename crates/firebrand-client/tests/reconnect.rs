@@ -192,3 +192,47 @@ async fn a_heartbeat_without_reply_closes_and_reconnects() {
     }
     assert!(socket.is_connected());
 }
+
+/// On a recoverable topic the client sends the last position it saw as `since` on its rejoin by
+/// itself: what was broadcast while it was away arrives after the rejoin, once, in order.
+#[tokio::test]
+async fn rejoins_with_the_last_position_and_gets_what_it_missed() {
+    let s = start().await;
+    let socket = s.socket(&[("user", "recover")]);
+    let ch = socket.channel("stream:client", j!({}));
+    let mut events = ch.events();
+    ch.join().await.unwrap();
+    let joined = next(&mut events).await;
+    assert!(matches!(joined, ChannelEvent::Joined { .. }));
+    assert_eq!(joined.recovered(), None, "a first join has no since");
+    let n = |e: &ChannelEvent| match e {
+        ChannelEvent::Message { event, payload } if event == "new_msg" => {
+            payload.to_value().and_then(|v| v["n"].as_u64())
+        }
+        _ => None,
+    };
+    s.endpoint
+        .broadcast("stream:client", "new_msg", j!({"n": 1}));
+    assert_eq!(until(&mut events, |e| n(&e)).await, 1);
+
+    // The server closes the connection; 2 and 3 are published before the client is back.
+    s.endpoint.disconnect("user_socket:recover");
+    s.endpoint
+        .broadcast("stream:client", "new_msg", j!({"n": 2}));
+    s.endpoint
+        .broadcast("stream:client", "new_msg", j!({"n": 3}));
+    let rejoined = until(&mut events, |e| match e {
+        e @ ChannelEvent::Joined { .. } => Some(e),
+        ChannelEvent::Message { .. } => panic!("a message before the rejoin: {e:?}"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(rejoined.recovered(), Some(true));
+    s.endpoint
+        .broadcast("stream:client", "new_msg", j!({"n": 4}));
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.push(until(&mut events, |e| n(&e)).await);
+    }
+    assert_eq!(got, [2, 3, 4]);
+}

@@ -157,6 +157,17 @@ impl Target {
     /// frame encoded for its serializer (once per broadcast) to its connection.
     /// Returns the frames queued (0 or 1).
     fn fastlane(&self, b: &Broadcast) -> u64 {
+        self.deliver(b, Outbox::push)
+    }
+
+    /// Replays `b` (from its topic's history) to a channel that is joining: as
+    /// [`fastlane`](Target::fastlane) does, outside its connection's byte limit
+    /// ([`Outbox::push_replayed`]).
+    pub(crate) fn replay(&self, b: &Broadcast) {
+        self.deliver(b, Outbox::push_replayed);
+    }
+
+    fn deliver(&self, b: &Broadcast, push: impl Fn(&Outbox, Frame) -> Pushed) -> u64 {
         let Target::Fastlane {
             outbox,
             serializer,
@@ -170,33 +181,11 @@ impl Target {
             inbox.intercepted(b.clone());
             0
         } else if let Some(frame) = b.frame(*serializer)
-            && outbox.push(frame) == Pushed::Queued
+            && push(outbox, frame) == Pushed::Queued
         {
             1
         } else {
             0
-        }
-    }
-}
-
-impl Target {
-    /// Replays `b` (from its topic's history) to a channel that is joining: as
-    /// [`fastlane`](Target::fastlane) does, outside its connection's byte limit
-    /// ([`Outbox::push_replayed`]).
-    pub(crate) fn replay(&self, b: &Broadcast) {
-        let Target::Fastlane {
-            outbox,
-            serializer,
-            intercepts,
-            inbox,
-        } = self
-        else {
-            return;
-        };
-        if intercepts.contains(&b.event()) {
-            inbox.intercepted(b.clone());
-        } else if let Some(frame) = b.frame(*serializer) {
-            outbox.push_replayed(frame);
         }
     }
 }
