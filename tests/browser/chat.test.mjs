@@ -142,6 +142,54 @@ test("two chat nodes sharing Redis: messages and presence cross nodes", async ()
   }
 })
 
+test("a tab whose network goes away and comes back shows every message sent meanwhile, once", async () => {
+  // Dave's network: the page's WebSockets pass through this route; "offline", the open one is
+  // cut and new ones are refused, as when the network goes (Chromium's offline mode alone
+  // leaves open WebSockets up).
+  const context = await browser.newContext()
+  let offline = false
+  const open_ = new Set()
+  await context.routeWebSocket(/\/socket\/websocket/, (ws) => {
+    if (offline) return ws.close({code: 4000, reason: "offline"})
+    ws.connectToServer()
+    open_.add(ws)
+  })
+  const dave = await open("dave", context)
+  const erin = await open("erin")
+  await erin.fill("#body", "before the outage")
+  await erin.press("#body", "Enter")
+  await dave.locator("#messages li", {hasText: "before the outage"}).waitFor(WAIT)
+
+  offline = true
+  await context.setOffline(true)
+  for (const ws of open_) await ws.close({code: 4000, reason: "offline"})
+  open_.clear()
+  await dave.locator("#status.reconnecting").waitFor(WAIT)
+  for (const body of ["while away 1", "while away 2"]) {
+    await erin.fill("#body", body)
+    await erin.press("#body", "Enter")
+    await erin.locator("#messages li", {hasText: body}).waitFor(WAIT)
+  }
+
+  offline = false
+  await context.setOffline(false)
+  await dave.locator("#status.connected").waitFor(WAIT)
+  await dave.locator("#messages li", {hasText: "while away 2"}).waitFor(WAIT)
+  await erin.fill("#body", "after the outage")
+  await erin.press("#body", "Enter")
+  await dave.locator("#messages li", {hasText: "after the outage"}).waitFor(WAIT)
+  const shown = await dave.locator("#messages li").allTextContents()
+  const ours = shown.filter((t) => /outage|while away/.test(t))
+  assert.deepEqual(ours, ["erinbefore the outage", "erinwhile away 1", "erinwhile away 2", "erinafter the outage"])
+  await dave.screenshot({path: `${ARTIFACTS}/chat-recovered.png`})
+  // Someone entering the room now sees its recent messages.
+  const frank = await open("frank")
+  await frank.locator("#messages li", {hasText: "after the outage"}).waitFor(WAIT)
+  await frank.context().close()
+  await context.close()
+  await erin.context().close()
+})
+
 test("the page shows that it is reconnecting when the server goes away", async () => {
   const carol = await open("carol")
   server.kill("SIGTERM")

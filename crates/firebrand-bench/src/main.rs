@@ -42,6 +42,7 @@ options:
   --clients C      echo: clients (1000)      --concurrency K  connects in flight (256)
   --server PATH    conformance binary (default: next to this binary)
   --only firebrand|baseline
+  --topic T        fanout: the topic (room:fanout; stream:fanout is recoverable: history kept)
 cluster options:
   --engine redis|nats   cluster engine (redis: 127.0.0.1:6379, nats: 127.0.0.1:4222)
   --nodes N        server nodes (cluster-fanout 5, presence 3; presence-kill always 3)
@@ -68,6 +69,8 @@ struct Opts {
     concurrency: usize,
     server: PathBuf,
     only: Option<String>,
+    /// fanout: the topic (a `stream:` topic is recoverable in the conformance app).
+    topic: String,
     engine: cluster::Engine,
     nodes: Option<usize>,
     per_node: usize,
@@ -104,6 +107,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         concurrency: 256,
         server: exe.with_file_name("conformance"),
         only: None,
+        topic: "room:fanout".into(),
         engine: cluster::Engine::Redis,
         nodes: None,
         per_node: 19_000,
@@ -131,6 +135,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--concurrency" => o.concurrency = v()?.parse()?,
             "--server" => o.server = v()?.into(),
             "--only" => o.only = Some(v()?.clone()),
+            "--topic" => o.topic = v()?.clone(),
             "--engine" => {
                 o.engine = match v()?.as_str() {
                     "redis" => cluster::Engine::Redis,
@@ -633,7 +638,8 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
         .and_then(|v| v.first().copied())
         .unwrap_or(10_000);
     let (fb, base) = each(o, |server| async move {
-        let topic = "room:fanout";
+        // Leaked once per run: the burst tasks need a 'static topic.
+        let topic: &'static str = Box::leak(o.topic.clone().into_boxed_str());
         let subs = Subs::spawn(server.addr, n, |_| topic.to_string(), o);
         subs.wait_joined(Instant::now()).await?;
         let (got, _exp, secs, cpu, hist) = paced(&subs, &server, topic, o).await?;
@@ -708,7 +714,10 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
     let eff = |i| nan_if_empty(&base, i) / nan_if_empty(&fb, i) * 100.0;
     report(
         "fanout",
-        &format!("{n} subscribers on one topic, 150-byte frames, {HTTP_TRIGGER}"),
+        &format!(
+            "{n} subscribers on {}, 150-byte frames (+28 for a position), {HTTP_TRIGGER}",
+            o.topic
+        ),
         &rows,
         format!(
             "paced: firebrand CPU/delivery at {:.0}% of baseline efficiency (target >= 90%); bursts: {:.2} M deliveries/s (target >= 3 M), {:.0}% of baseline throughput, CPU efficiency {:.0}% of baseline (target >= 80%)",

@@ -36,14 +36,27 @@ function start(user) {
     if (channel) channel.leave()
     $("messages").replaceChildren()
     $("online").replaceChildren()
-    channel = socket.channel(`room:${room}`)
+    // The position of the last message shown: phoenix.js re-evaluates the params on every
+    // rejoin, so a tab that lost its connection asks for what it missed (`since`), and gets it
+    // before newer messages, each once.
+    let last = null
+    channel = socket.channel(`room:${room}`, () => (last ? {since: last} : {}))
     // Presence merges presence_state and presence_diff into a list of users with their metas
     // (one meta per open tab).
     const presence = new Presence(channel)
     presence.onSync(() => renderOnline(presence))
-    channel.on("new_msg", ({user, body}) => addMessage(user, body))
+    channel.on("new_msg", ({user, body}, position) => {
+      last = position
+      addMessage(user, body)
+    })
     channel.join()
-      .receive("ok", () => renderRooms(room))
+      .receive("ok", ({position, recovered}) => {
+        // Not recovered: the server restarted, or the tab was away for longer than the room's
+        // history reaches. Say so, and go on from now.
+        if (recovered === false) addMessage("server", "messages sent while you were away are missing", true)
+        if (last === null || recovered === false) last = position
+        renderRooms(room)
+      })
       .receive("error", ({reason}) => addMessage("server", `cannot join ${room}: ${reason}`, true))
   }
 

@@ -67,7 +67,9 @@ impl Channel for Room {
         _ctx: &JoinContext<'_, String>,
     ) -> Result<Joined<Self>, JoinError> {
         match topic.strip_prefix("room:") {
-            Some(name) if valid_room(name) => Ok(Joined::new(Room)),
+            // A newcomer sees the room's last 50 messages; a tab that comes back after losing
+            // its connection gets what it missed (the page rejoins with `since`).
+            Some(name) if valid_room(name) => Ok(Joined::new(Room).recent(50)),
             _ => Err(JoinError::reason("rooms are named with a-z, 0-9, - and _")),
         }
     }
@@ -179,7 +181,11 @@ async fn main() -> anyhow::Result<()> {
                 .adapter(adapter.namespace("chat"))
                 .build()
         }
-        Err(_) => Endpoint::new(),
+        // Alone, the rooms keep their last 100 messages for an hour. (A clustered endpoint
+        // keeps no history yet.)
+        Err(_) => Endpoint::builder()
+            .history("room:*", 100, Duration::from_secs(3600))
+            .build(),
     };
     let server = firebrand::Server::bind(("127.0.0.1", port))
         .await

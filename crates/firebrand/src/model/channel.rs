@@ -206,6 +206,7 @@ impl From<DecodeError> for Reply {
 pub struct Joined<C> {
     pub(crate) channel: C,
     pub(crate) reply: Payload,
+    pub(crate) recent: usize,
 }
 
 impl<C> Joined<C> {
@@ -214,7 +215,17 @@ impl<C> Joined<C> {
         Joined {
             channel,
             reply: Payload::empty(),
+            recent: 0,
         }
+    }
+
+    /// On a [recoverable](crate::EndpointBuilder::history) topic, a join without `since` (a
+    /// newcomer) gets the topic's last `n` broadcasts (at most what the history holds) right
+    /// after its reply, with their positions, before any newer one: a chat room's recent
+    /// messages. A join with `since` gets what it missed instead.
+    pub fn recent(mut self, n: usize) -> Self {
+        self.recent = n;
+        self
     }
 
     /// Sets the join reply's payload.

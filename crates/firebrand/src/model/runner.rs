@@ -340,10 +340,11 @@ impl<C: Channel> Runner<C> {
             }
             Some((history, retention)) => {
                 // Under the topic's history lock: subscribe, reply with the position, replay
-                // what the client missed. Broadcasts of the topic wait, then come live.
-                let since = since.flatten();
+                // what the client missed (a newcomer: the recent ones the app asked for).
+                // Broadcasts of the topic wait, then come live.
+                let (since, recent) = (since.flatten(), joined.recent);
                 let (sub_id, recovered) =
-                    history.catch_up(&ctx.topic, retention, since.as_deref(), |c| {
+                    history.catch_up(&ctx.topic, retention, since.as_deref(), recent, |c| {
                         let sub_id = hub.pubsub().subscribe(&ctx.topic, target());
                         let recovered = c.recovered;
                         let reply = with_position(joined.reply, c.position, c.recovered);

@@ -139,13 +139,14 @@ impl History {
 
     /// A join of `topic` with `since` (the position its client last saw, if it sent one): runs
     /// `f` under the topic's lock with the topic's position, whether `since` was recovered, and
-    /// the broadcasts after it. `f` subscribes, replies and queues the replay; no broadcast of
-    /// the topic is dispatched meanwhile.
+    /// the broadcasts after it (without `since`: the last `recent` ones). `f` subscribes,
+    /// replies and queues the replay; no broadcast of the topic is dispatched meanwhile.
     pub(crate) fn catch_up<R>(
         &self,
         topic: &str,
         retention: Retention,
         since: Option<&str>,
+        recent: usize,
         f: impl FnOnce(CatchUp) -> R,
     ) -> R {
         let ring = self.ring(topic);
@@ -155,7 +156,11 @@ impl History {
         r.last_used = now;
         let tag = tag(topic);
         let (recovered, replay) = match since.map(Position::decode) {
-            None => (None, Vec::new()),
+            None => {
+                let skip = r.entries.len().saturating_sub(recent);
+                let replay = r.entries.iter().skip(skip).map(|(_, _, b)| b.clone());
+                (None, replay.collect())
+            }
             Some(Some(p)) if p.tag == tag && p.epoch == r.epoch && p.offset <= r.top => {
                 // Everything after `since` is still here: nothing after it was trimmed.
                 let oldest = r.entries.front().map_or(r.top + 1, |(o, _, _)| *o);
@@ -298,7 +303,7 @@ mod tests {
     }
 
     fn catch_up(h: &History, topic: &str, since: Option<&str>) -> (Option<bool>, Vec<u64>, String) {
-        h.catch_up(topic, h.retention(topic).unwrap(), since, |c| {
+        h.catch_up(topic, h.retention(topic).unwrap(), since, 0, |c| {
             let ns = c
                 .replay
                 .iter()
@@ -370,6 +375,27 @@ mod tests {
             catch_up(&h, "stream:a", Some(&future.encode())).0,
             Some(false)
         );
+    }
+
+    #[test]
+    fn a_newcomer_gets_the_recent_ones_it_asks_for() {
+        let h = history();
+        for n in 1..=4 {
+            publish(&h, "stream:a", n);
+        }
+        let recent = |n| {
+            h.catch_up("stream:a", retention(3), None, n, |c| {
+                let ns: Vec<u64> = c
+                    .replay
+                    .iter()
+                    .map(|b| b.payload().to_value().unwrap()["n"].as_u64().unwrap())
+                    .collect();
+                (c.recovered, ns)
+            })
+        };
+        assert_eq!(recent(0), (None, vec![]));
+        assert_eq!(recent(2), (None, vec![3, 4]));
+        assert_eq!(recent(10), (None, vec![2, 3, 4]));
     }
 
     #[tokio::test(start_paused = true)]
