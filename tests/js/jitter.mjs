@@ -53,6 +53,8 @@ const USAGE = `usage: node jitter.mjs [options] [path/to/conformance]
   --duration S         seconds of publishing (default 120)
   --rate R             broadcasts per second per topic (default 2)
   --period S           each client's network drops every S seconds (default 15)
+  --together           every client drops at the same moment (a reconnect storm): at half the period,
+                       then every period; reports when the last client has caught up
   --outage S           ... for S seconds (default 2)
   --settle S           at most S seconds for every channel to rejoin after the last broadcast (default 20)
   --event E            event name of the broadcasts (default tick)
@@ -63,7 +65,7 @@ const USAGE = `usage: node jitter.mjs [options] [path/to/conformance]
 
 function parseArgs(argv) {
   const o = {
-    topics: [], clients: 200, duration: 120, rate: 2, period: 15, outage: 2, settle: 20, event: "tick",
+    topics: [], clients: 200, duration: 120, rate: 2, period: 15, outage: 2, settle: 20, event: "tick", together: false,
     bin: process.env.CONFORMANCE_BIN || path.join(here, "../../target/release/conformance"),
     url: null, expectDelivered: null, label: null,
   }
@@ -80,7 +82,8 @@ function parseArgs(argv) {
     }
     switch (a) {
       case "--topic": o.topics.push(...val().split(",").map((s) => s.trim()).filter(Boolean)); break
-      case "--clients": o.clients = Math.floor(num(a, val(), 1, 5000)); break
+      case "--clients": o.clients = Math.floor(num(a, val(), 1, 10000)); break
+      case "--together": o.together = true; break
       case "--duration": o.duration = num(a, val(), 1, 3600); break
       case "--rate": o.rate = num(a, val(), 0.01, 1000); break
       case "--period": o.period = num(a, val(), 0.1, 3600); break
@@ -254,6 +257,7 @@ class ChannelRecord {
     const t = now()
     this.joins++
     if (this.firstJoinAt === null) { this.firstJoinAt = t; this.resolveJoined() }
+    this.lastJoinAt = t
     const r = resp && resp.recovered
     if (r === true) this.recovered.true++
     else if (r === false) this.recovered.false++
@@ -271,6 +275,7 @@ class ChannelRecord {
     const seq = payload && payload.seq
     if (!Number.isInteger(seq)) return
     this.received++
+    this.lastAt = t
     if (ref !== null && ref !== undefined) this.last = ref
     if (typeof payload.t === "number") this.latencies.push(t - payload.t)
     if (this.seen.has(seq)) { this.duplicates++; return }
@@ -345,7 +350,7 @@ async function main() {
     timers.add(h)
   }
   for (const c of clients) {
-    const phase = ((c.index + 0.5) * opts.period * 1000) / clients.length
+    const phase = opts.together ? (opts.period * 1000) / 2 : ((c.index + 0.5) * opts.period * 1000) / clients.length
     const schedule = (start) => {
       if (start >= tEnd) return
       at(start, () => {
@@ -440,7 +445,12 @@ async function main() {
     const t = setTimeout(resolve, 2000)
     c.socket.disconnect(() => { clearTimeout(t); resolve() })
   })))
+  let serverCpuMs = null
   if (server) {
+    try {
+      const f = readFileSync(`/proc/${server.proc.pid}/stat`, "utf8").split(") ")[1].split(" ")
+      serverCpuMs = ((Number(f[11]) + Number(f[12])) * 1000) / 100 // utime + stime, in 100 Hz ticks
+    } catch { /* not Linux: no figure */ }
     const code = await stopServer()
     if (code !== 0) failures.push(`the conformance server exited with ${code} on SIGTERM (expected 0)`)
   }
@@ -461,6 +471,21 @@ async function main() {
   const widths = head.map((_, i) => Math.max(...table.map((row) => row[i].length)))
   for (const row of table) console.log(row.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join("  "))
 
+  if (opts.together) {
+    // The storm: every client dropped at t0 + period/2 (+ k periods). Once publishing has
+    // stopped, each channel's last message is the last it had missed: how long after the last
+    // outage ended the slowest client had caught up, and the server's CPU over the whole run.
+    const lastDrop = Math.floor((opts.duration * 1000 - (opts.period * 1000) / 2) / (opts.period * 1000))
+    const outageEnd = t0 + (opts.period * 1000) / 2 + lastDrop * opts.period * 1000 + opts.outage * 1000
+    const channels = clients.flatMap((c) => [...c.channels.values()])
+    const caughtUp = Math.max(...channels.map((ch) => ch.lastAt ?? 0))
+    const afterRejoin = Math.max(...channels.map((ch) => (ch.lastAt ?? 0) - (ch.lastJoinAt ?? 0)))
+    const lastRejoin = Math.max(...channels.map((ch) => ch.lastJoinAt ?? 0))
+    console.log(`storm: the last client rejoined ${f1(lastRejoin - outageEnd)} ms after the network came back ` +
+      `(phoenix.js's reconnect backoff) and had caught up ${f1(caughtUp - outageEnd)} ms after it; ` +
+      `the longest from a rejoin reply to its last missed message: ${f1(afterRejoin)} ms` +
+      (serverCpuMs !== null ? `; server CPU over the run ${f1(serverCpuMs)} ms` : ""))
+  }
   if (opts.expectDelivered !== null) {
     for (const r of rows) {
       if (!(r.pct >= opts.expectDelivered)) failures.push(`${r.topic}: ${r.pct.toFixed(2)}% delivered < ${opts.expectDelivered}%`)
