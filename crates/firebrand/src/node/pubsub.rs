@@ -339,3 +339,23 @@ impl PubSub {
         delivered
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Intercepted;
+
+    #[test]
+    fn the_intercept_check_is_remembered_per_list_only() {
+        static SHOUT: &[&str] = &["shout"];
+        static OTHER: &[&str] = &["shout"];
+        static NONE: &[&str] = &[];
+        let mut memo = Intercepted::default();
+        assert!(memo.check(SHOUT, "shout"));
+        assert!(memo.check(SHOUT, "shout"));
+        assert!(!memo.check(NONE, "shout"), "another list is checked anew");
+        assert!(memo.check(OTHER, "shout"));
+        let mut memo = Intercepted::default();
+        assert!(!memo.check(SHOUT, "bench"));
+        assert!(!memo.check(SHOUT, "bench"));
+    }
+}
