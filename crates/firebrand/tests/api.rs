@@ -410,73 +410,83 @@ async fn server_bind_listens_with_the_large_backlog() {
     assert_eq!(backlog, firebrand::LISTEN_BACKLOG.min(somaxconn));
 }
 
-/// A recoverable channel that tells its client, in `after_join`, what `recovered()` said.
-struct Feed;
+/// Recovery on rejoin through the in-process test client (feature `testing`).
+#[cfg(feature = "testing")]
+mod recovery {
+    use super::*;
 
-impl Channel for Feed {
-    type Assigns = ();
-    type Info = ();
+    /// A recoverable channel that tells its client, in `after_join`, what `recovered()` said.
+    struct Feed;
 
-    async fn join(_: &str, _: Payload, _: &JoinContext<'_, ()>) -> Result<Joined<Self>, JoinError> {
-        Ok(Joined::new(Feed))
+    impl Channel for Feed {
+        type Assigns = ();
+        type Info = ();
+
+        async fn join(
+            _: &str,
+            _: Payload,
+            _: &JoinContext<'_, ()>,
+        ) -> Result<Joined<Self>, JoinError> {
+            Ok(Joined::new(Feed))
+        }
+
+        async fn after_join(&mut self, ctx: &mut ChannelContext<Self>) {
+            ctx.push("recovered", json!({ "recovered": ctx.recovered() }));
+        }
     }
 
-    async fn after_join(&mut self, ctx: &mut ChannelContext<Self>) {
-        ctx.push("recovered", json!({ "recovered": ctx.recovered() }));
+    struct Anyone;
+
+    impl Socket for Anyone {
+        type Assigns = ();
+
+        async fn connect(&self, _: &ConnectInfo) -> Result<(), ConnectError> {
+            Ok(())
+        }
     }
-}
 
-struct Anyone;
+    #[tokio::test]
+    async fn a_recoverable_channel_knows_whether_its_client_was_recovered() {
+        let endpoint = Endpoint::builder()
+            .history("feed:*", 10, Duration::from_secs(60))
+            .build();
+        let socket =
+            firebrand::testing::TestSocket::new(endpoint.socket(Anyone).channel::<Feed>("feed:*"));
+        let mut c = socket.connect(&[]).await.unwrap();
+        let reply = c.join("feed:a", json!({})).await.unwrap();
+        assert_eq!(
+            c.assert_push("feed:a", "recovered").await,
+            json!({"recovered": null})
+        );
+        endpoint.broadcast("feed:a", "item", json!({"n": 1}));
+        c.assert_broadcast("feed:a", "item").await;
 
-impl Socket for Anyone {
-    type Assigns = ();
+        let since = reply["position"].clone();
+        let mut back = socket.connect(&[]).await.unwrap();
+        let reply = back
+            .join("feed:a", json!({ "since": since }))
+            .await
+            .unwrap();
+        assert_eq!(reply["recovered"], true);
+        assert_eq!(
+            back.assert_broadcast("feed:a", "item").await,
+            json!({"n": 1})
+        );
+        assert_eq!(
+            back.assert_push("feed:a", "recovered").await,
+            json!({"recovered": true})
+        );
 
-    async fn connect(&self, _: &ConnectInfo) -> Result<(), ConnectError> {
-        Ok(())
+        let mut stale = socket.connect(&[]).await.unwrap();
+        let huge = "A".repeat(100_000);
+        let reply = stale
+            .join("feed:a", json!({ "since": huge }))
+            .await
+            .unwrap();
+        assert_eq!(reply["recovered"], false);
+        assert_eq!(
+            stale.assert_push("feed:a", "recovered").await,
+            json!({"recovered": false})
+        );
     }
-}
-
-#[tokio::test]
-async fn a_recoverable_channel_knows_whether_its_client_was_recovered() {
-    let endpoint = Endpoint::builder()
-        .history("feed:*", 10, Duration::from_secs(60))
-        .build();
-    let socket =
-        firebrand::testing::TestSocket::new(endpoint.socket(Anyone).channel::<Feed>("feed:*"));
-    let mut c = socket.connect(&[]).await.unwrap();
-    let reply = c.join("feed:a", json!({})).await.unwrap();
-    assert_eq!(
-        c.assert_push("feed:a", "recovered").await,
-        json!({"recovered": null})
-    );
-    endpoint.broadcast("feed:a", "item", json!({"n": 1}));
-    c.assert_broadcast("feed:a", "item").await;
-
-    let since = reply["position"].clone();
-    let mut back = socket.connect(&[]).await.unwrap();
-    let reply = back
-        .join("feed:a", json!({ "since": since }))
-        .await
-        .unwrap();
-    assert_eq!(reply["recovered"], true);
-    assert_eq!(
-        back.assert_broadcast("feed:a", "item").await,
-        json!({"n": 1})
-    );
-    assert_eq!(
-        back.assert_push("feed:a", "recovered").await,
-        json!({"recovered": true})
-    );
-
-    let mut stale = socket.connect(&[]).await.unwrap();
-    let huge = "A".repeat(100_000);
-    let reply = stale
-        .join("feed:a", json!({ "since": huge }))
-        .await
-        .unwrap();
-    assert_eq!(reply["recovered"], false);
-    assert_eq!(
-        stale.assert_push("feed:a", "recovered").await,
-        json!({"recovered": false})
-    );
 }
