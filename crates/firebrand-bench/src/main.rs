@@ -517,6 +517,7 @@ where
 {
     let (mut fb, mut base) = (T::default(), T::default());
     for k in kinds(o) {
+        settle_time_wait().await;
         let server = Server::start(k, o)?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let r = f(Target {
@@ -531,6 +532,30 @@ where
         }
     }
     Ok((fb, base))
+}
+
+/// Sockets in TIME_WAIT (`/proc/net/sockstat`), if the kernel says.
+fn time_wait() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let tcp = stat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = tcp.split_whitespace();
+    words.find(|w| *w == "tw")?;
+    words.next()?.parse().ok()
+}
+
+/// Waits (up to 70 s) until few sockets are left in TIME_WAIT from an earlier run: with tens of
+/// thousands of them, loopback connects slow down to a few hundred per second for any server,
+/// and figures of back-to-back runs mean nothing. The kernel announces no event: it is polled.
+async fn settle_time_wait() {
+    const FEW: u64 = 4000;
+    let Some(n) = time_wait().filter(|n| *n > FEW) else {
+        return;
+    };
+    println!("  waiting for {n} sockets in TIME_WAIT (from an earlier run) to expire");
+    let deadline = Instant::now() + Duration::from_secs(70);
+    while time_wait().is_some_and(|n| n > FEW) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn nan_if_empty(v: &[f64], i: usize) -> f64 {
