@@ -22,17 +22,14 @@ async fn join(c: &mut Client, jr: &str, topic: &str, params: Value) -> Value {
     f[4]["response"].clone()
 }
 
-/// Publishes `new_msg {n}` on `topic` through a client of its own, and waits for `watcher`
-/// (joined to it) to receive it; returns the frame.
+/// Publishes `new_msg {n}` on `topic` with `POST /api/broadcast`.
 async fn publish(server: &Server, topic: &str, n: u64) {
-    let status = server
-        .http_status(&format!(
-            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n{body}",
-            len = json!({"topic": topic, "event": "new_msg", "payload": {"n": n}}).to_string().len(),
-            body = json!({"topic": topic, "event": "new_msg", "payload": {"n": n}}),
-        ))
-        .await;
-    assert_eq!(status, 200);
+    let body = json!({"topic": topic, "event": "new_msg", "payload": {"n": n}}).to_string();
+    let request = format!(
+        "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(server.http_status(&request).await, 200);
 }
 
 /// Receives `count` broadcasts of `new_msg`: `(n, position)` each.

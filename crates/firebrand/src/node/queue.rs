@@ -144,12 +144,30 @@ impl Outbox {
 
     /// Queues a frame. Never blocks; see [`Pushed`] for the outcomes.
     pub(crate) fn push(&self, frame: Frame) -> Pushed {
-        let cost = frame.len() + FRAME_OVERHEAD;
+        self.push_inner(frame, true)
+    }
+
+    /// Queues a frame replayed from a topic's history, outside the byte limit: the frame is
+    /// shared with the history (it costs the queue a handle, not its bytes), and a client that
+    /// rejoins after a slow-consumer close would otherwise be closed again by the replay of
+    /// what it missed, over and over. Live frames queued behind it are counted as usual.
+    pub(crate) fn push_replayed(&self, frame: Frame) -> Pushed {
+        self.push_inner(frame, false)
+    }
+
+    /// Queues `frame`; `counted`: against the byte limit (as [`Mailbox`]'s `push_inner`).
+    #[inline]
+    fn push_inner(&self, frame: Frame, counted: bool) -> Pushed {
+        let cost = if counted {
+            frame.len() + FRAME_OVERHEAD
+        } else {
+            0
+        };
         let mut st = self.state.lock();
         if st.close.is_some() {
             return Pushed::Closed;
         }
-        if st.bytes + cost > self.limit && !st.frames.is_empty() {
+        if counted && st.bytes + cost > self.limit && !st.frames.is_empty() {
             st.close = Some(Close::SLOW_CONSUMER);
             st.frames = VecDeque::new();
             st.bytes = 0;
@@ -160,24 +178,6 @@ impl Outbox {
         }
         let was_empty = st.frames.is_empty();
         st.bytes += cost;
-        st.frames.push_back(frame);
-        drop(st);
-        if was_empty {
-            self.signal();
-        }
-        Pushed::Queued
-    }
-
-    /// Queues a frame replayed from a topic's history, outside the byte limit: the frame is
-    /// shared with the history (it costs the queue a handle, not its bytes), and a client that
-    /// rejoins after a slow-consumer close would otherwise be closed again by the replay of
-    /// what it missed, over and over. Live frames queued behind it are counted as usual.
-    pub(crate) fn push_replayed(&self, frame: Frame) -> Pushed {
-        let mut st = self.state.lock();
-        if st.close.is_some() {
-            return Pushed::Closed;
-        }
-        let was_empty = st.frames.is_empty();
         st.frames.push_back(frame);
         drop(st);
         if was_empty {
