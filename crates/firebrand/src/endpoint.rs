@@ -209,6 +209,7 @@ impl EndpointBuilder {
         self.cluster_secret = Some(secret.into());
         self
     }
+
     /// The endpoint. With an adapter, call this inside a Tokio runtime: the adapter starts
     /// (on a thread of the cluster's own; see [`crate::cluster::Adapter::start`]).
     pub fn build(self) -> Endpoint {
