@@ -761,3 +761,115 @@ async fn with_a_cluster_secret_forged_messages_are_dropped() {
         (false, false)
     );
 }
+
+/// Joins `topic` with `params` on `c`; the reply's response.
+async fn join_stream(c: &mut Client, topic: &str, params: Value) -> Value {
+    c.send(json!(["1", "1", topic, "phx_join", params])).await;
+    loop {
+        let f = c.recv_json().await;
+        if f[3] == "phx_reply" {
+            assert_eq!(f[4]["status"], "ok", "{f}");
+            return f[4]["response"].clone();
+        }
+    }
+}
+
+/// The next `count` `new_msg` broadcasts on `c`: `(n, position)` each.
+async fn stream_messages(c: &mut Client, count: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let f = c.recv_json().await;
+        if f[3] == "new_msg" {
+            let position = f[1].as_str().expect("a position").to_owned();
+            got.push((f[4]["n"].as_u64().unwrap(), position));
+        }
+    }
+    got
+}
+
+/// Recovery across a cluster whose history is in the engine: positions are the same on every
+/// node; a client whose node was SIGKILLed rejoins another with the last position it saw and
+/// gets what it missed, once, in order; a node started later (which never saw those
+/// broadcasts) recovers them from the engine.
+async fn recovery_across_nodes(engine: (&str, &str)) {
+    let ns = format!("recovery-{}-{}", std::process::id(), engine.0);
+    let secret = [("CLUSTER_SECRET", "a-long-enough-cluster-secret-for-tests")];
+    let (n1, n2) = (
+        node_with(engine, &ns, &secret).await,
+        node_with(engine, &ns, &secret).await,
+    );
+    let topic = "stream:everywhere";
+    let (mut a, mut b) = (n1.client("").await, n2.client("").await);
+    let start = join_stream(&mut a, topic, json!({})).await["position"].clone();
+    assert!(start.is_string(), "{start}");
+    join_stream(&mut b, topic, json!({})).await;
+    // The engine subscriptions are made in the background: wait until both nodes hear.
+    let mut probe = n2.client("").await;
+    probe
+        .join("1", "room:probe", json!({"joined": "probe"}))
+        .await;
+    await_link(&n1, &mut probe, "room:probe").await;
+    let mut probe = n1.client("").await;
+    probe
+        .join("1", "room:probe", json!({"joined": "probe"}))
+        .await;
+    await_link(&n2, &mut probe, "room:probe").await;
+
+    for n in 1..=5 {
+        let node = if n % 2 == 0 { &n2 } else { &n1 };
+        node.broadcast(topic, "new_msg", json!({ "n": n })).await;
+    }
+    let seen_a = stream_messages(&mut a, 5).await;
+    let seen_b = stream_messages(&mut b, 5).await;
+    // One order and the same positions on every node, whichever node published.
+    assert_eq!(seen_a, seen_b);
+    assert_eq!(
+        seen_a.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+
+    // Client `a` saw up to 2 when its node died; it rejoins on node 2 after a 6th.
+    n1.signal("-KILL");
+    drop(a);
+    n2.broadcast(topic, "new_msg", json!({ "n": 6 })).await;
+    let sixth = stream_messages(&mut b, 1).await;
+    let mut back = n2.client("").await;
+    let reply = join_stream(&mut back, topic, json!({ "since": seen_a[1].1 })).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    n2.broadcast(topic, "new_msg", json!({ "n": 7 })).await;
+    let got = stream_messages(&mut back, 5).await;
+    let seventh = stream_messages(&mut b, 1).await;
+    assert_eq!(got, [&seen_a[2..], &sixth[..], &seventh[..]].concat());
+
+    // A node started now never saw any of it: it reads the engine.
+    let n3 = node_with(engine, &ns, &secret).await;
+    let mut late = n3.client("").await;
+    let reply = join_stream(&mut late, topic, json!({ "since": start })).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(reply["position"], json!(seventh[0].1));
+    let replayed = stream_messages(&mut late, 7).await;
+    assert_eq!(replayed, [&seen_a[..], &sixth[..], &seventh[..]].concat());
+    // And goes live: the 8th once, after the replay.
+    let mut probe = n3.client("").await;
+    probe
+        .join("1", "room:probe", json!({"joined": "probe"}))
+        .await;
+    await_link(&n2, &mut probe, "room:probe").await;
+    n2.broadcast(topic, "new_msg", json!({ "n": 8 })).await;
+    let eighth = stream_messages(&mut b, 1).await;
+    assert_eq!(stream_messages(&mut late, 1).await, eighth);
+    late.ping_roundtrip("1", "2", topic).await;
+    // A position of another topic is not recovered.
+    let other_life = {
+        let mut c = n3.client("").await;
+        join_stream(&mut c, "stream:elsewhere", json!({})).await["position"].clone()
+    };
+    let mut c = n3.client("").await;
+    let reply = join_stream(&mut c, topic, json!({ "since": other_life })).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_across_redis_nodes_and_a_killed_node() {
+    recovery_across_nodes(("REDIS_URL", REDIS)).await;
+}

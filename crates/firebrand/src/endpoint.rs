@@ -213,13 +213,13 @@ impl EndpointBuilder {
     /// The endpoint. With an adapter, call this inside a Tokio runtime: the adapter starts
     /// (on a thread of the cluster's own; see [`crate::cluster::Adapter::start`]).
     pub fn build(self) -> Endpoint {
-        let history = match (self.history.is_empty(), self.adapter.is_some()) {
+        let engine = self.adapter.as_ref().map(|a| a.history().is_some());
+        let history = match (self.history.is_empty(), engine) {
             (true, _) => None,
-            (false, false) => Some(History::new(self.history)),
-            (false, true) => {
-                tracing::warn!(
-                    "topic history is not kept on a clustered endpoint yet: topics are not recoverable"
-                );
+            (false, None) => Some(History::new(self.history, false)),
+            (false, Some(true)) => Some(History::new(self.history, true)),
+            (false, Some(false)) => {
+                tracing::warn!("this cluster adapter keeps no history: topics are not recoverable");
                 None
             }
         };
@@ -419,6 +419,10 @@ impl Endpoint {
     /// Broadcasts `b` on every node, to every subscriber but `from`.
     pub(crate) fn publish(&self, b: Broadcast, from: Option<SubId>) {
         if let Some(c) = &self.inner.cluster {
+            if let Some(retention) = self.inner.hub.recorded(&b).filter(|_| c.records()) {
+                // Delivered here too when the engine hands it back with its position.
+                return c.append(&b, from, retention);
+            }
             // One engine message per broadcast; other nodes deliver to their own subscribers.
             c.broadcast(&b);
         }

@@ -9,7 +9,10 @@ use bytes::Bytes;
 
 use super::Adapter;
 use super::auth::{AUTH_MARKER, Auth};
+use super::history::unframe;
 use super::wire::{Body, decode};
+use crate::node::history::Recorded;
+use crate::node::pubsub::{Broadcast, SubId};
 
 /// An endpoint's side of its adapter: where received messages go, and its counters.
 #[derive(Clone)]
@@ -19,12 +22,27 @@ pub struct ClusterLink {
 
 pub(crate) struct LinkInner {
     pub(crate) node: u64,
-    pub(crate) deliver: Box<dyn Fn(u64, Body) + Send + Sync>,
+    pub(crate) deliver: Box<dyn Fn(Inbound) + Send + Sync>,
     pub(crate) received: AtomicU64,
     pub(crate) lost: AtomicU64,
     pub(crate) rejected: AtomicU64,
     /// With a cluster secret: how messages are sealed and checked.
     pub(crate) auth: Option<Auth>,
+}
+
+/// What the link hands its node.
+pub(crate) enum Inbound {
+    /// Another node's message.
+    Message { from: u64, body: Body },
+    /// A broadcast of a recoverable topic, delivered by the engine with its position (`from`:
+    /// the subscriber that sent it and does not get it, when it was this node's).
+    Recorded {
+        at: Recorded,
+        from: Option<SubId>,
+        broadcast: Broadcast,
+    },
+    /// The engine's delivery to this node was interrupted: histories may have gaps.
+    Interrupted,
 }
 
 impl fmt::Debug for ClusterLink {
@@ -39,7 +57,7 @@ impl ClusterLink {
     /// The link of node `node`: received messages go to `deliver`.
     pub(crate) fn new(
         node: u64,
-        deliver: Box<dyn Fn(u64, Body) + Send + Sync>,
+        deliver: Box<dyn Fn(Inbound) + Send + Sync>,
         auth: Option<Auth>,
     ) -> Self {
         ClusterLink {
@@ -96,12 +114,79 @@ impl ClusterLink {
             }
             Ok(msg) => {
                 self.inner.received.fetch_add(1, Ordering::Relaxed);
-                (self.inner.deliver)(msg.node, msg.body);
+                (self.inner.deliver)(Inbound::Message {
+                    from: msg.node,
+                    body: msg.body,
+                });
             }
             Err(e) => {
                 self.inner.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "cluster message dropped");
             }
+        }
+    }
+
+    /// Hands a broadcast of a recoverable topic to the endpoint, as a
+    /// [`HistoryEngine`](super::HistoryEngine) delivers it: the `message` it was given to
+    /// append, at `offset` in `epoch`, and `prev`, the topic's previous offset where offsets go
+    /// up by one. This node's own broadcasts come back this way too: they are dispatched here
+    /// like the others. Messages that cannot be opened are logged and counted.
+    pub fn receive_recorded(&self, epoch: u64, offset: u64, prev: Option<u64>, message: &[u8]) {
+        match self.open_recorded(message) {
+            Ok((node, from, broadcast)) => {
+                if node != self.inner.node {
+                    self.inner.received.fetch_add(1, Ordering::Relaxed);
+                }
+                let from = from.filter(|_| node == self.inner.node);
+                (self.inner.deliver)(Inbound::Recorded {
+                    at: Recorded {
+                        epoch,
+                        offset,
+                        prev,
+                    },
+                    from,
+                    broadcast,
+                });
+            }
+            Err(why) => self.refuse(why),
+        }
+    }
+
+    /// Tells the endpoint that the engine's delivery to this node was interrupted and may have
+    /// lost recorded broadcasts (call it once delivery is back): its histories forget what they
+    /// knew, and its recoverable channels are told to rejoin (and recover from the engine).
+    pub fn interrupted(&self) {
+        (self.inner.deliver)(Inbound::Interrupted);
+    }
+
+    /// The node, skipped subscriber and broadcast of a recorded message (checked with the
+    /// cluster secret, if there is one; not for freshness, as history is old by design).
+    pub(crate) fn open_recorded(
+        &self,
+        message: &[u8],
+    ) -> Result<(u64, Option<SubId>, Broadcast), &'static str> {
+        let message = match &self.inner.auth {
+            None if message.first() == Some(&AUTH_MARKER) => {
+                return Err("sealed with a cluster secret, and this node has none");
+            }
+            None => message,
+            Some(auth) => auth.open(message)?.2,
+        };
+        let (from, message) = unframe(message).ok_or("recorded message too short")?;
+        match decode(message) {
+            Ok(msg) => match msg.body {
+                Body::Broadcast(b) => Ok((msg.node, from, b)),
+                _ => Err("recorded message is not a broadcast"),
+            },
+            Err(_) => Err("malformed recorded message"),
+        }
+    }
+
+    /// `message`, sealed with the cluster secret if there is one.
+    pub(crate) fn seal(&self, message: Bytes) -> Bytes {
+        match &self.inner.auth {
+            Some(auth) => auth.seal(&message),
+            None => message,
         }
     }
 
@@ -157,7 +242,11 @@ mod tests {
         let link = ClusterLink {
             inner: Arc::new(LinkInner {
                 node,
-                deliver: Box::new(move |from, _| sink.lock().push(from)),
+                deliver: Box::new(move |inbound| {
+                    if let Inbound::Message { from, .. } = inbound {
+                        sink.lock().push(from)
+                    }
+                }),
                 received: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),

@@ -26,6 +26,7 @@
 
 mod auth;
 mod gossip;
+mod history;
 mod link;
 mod queue;
 mod requests;
@@ -39,8 +40,11 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::node::Hub;
-use crate::node::pubsub::Broadcast;
+use crate::node::history::Read;
+use crate::node::pubsub::{Broadcast, SubId};
+pub use history::{Entries, Entry, HistoryEngine, HistoryError, Query, Retention};
 pub use link::ClusterLink;
+use link::Inbound;
 pub use queue::{Outgoing, PublishQueue};
 pub(crate) use requests::Service;
 pub(crate) use wire::{Body, decode, encode};
@@ -67,6 +71,13 @@ pub trait Adapter: Send + Sync + 'static {
     /// shutdown, so that the node's goodbye reaches the others). The default returns at once.
     fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async {})
+    }
+
+    /// The engine's history of recoverable topics, if this adapter keeps one (see
+    /// [`HistoryEngine`]). Without it, a clustered endpoint's topics are not recoverable. The
+    /// default has none.
+    fn history(&self) -> Option<&dyn HistoryEngine> {
+        None
     }
 }
 
@@ -96,9 +107,9 @@ impl Cluster {
     pub(crate) fn start(hub: Arc<Hub>, adapter: Arc<dyn Adapter>, settings: Settings) -> Arc<Self> {
         let cluster = Arc::new_cyclic(|me: &Weak<Cluster>| {
             let me = me.clone();
-            let deliver = move |from, body| {
+            let deliver = move |inbound| {
                 if let Some(cluster) = me.upgrade() {
-                    cluster.receive(from, body);
+                    cluster.inbound(inbound);
                 }
             };
             Cluster {
@@ -141,6 +152,65 @@ impl Cluster {
         self.send(&Body::Broadcast(b.clone()));
     }
 
+    /// Whether broadcasts of recoverable topics go through the engine's history.
+    pub(crate) fn records(&self) -> bool {
+        self.adapter.history().is_some()
+    }
+
+    /// Appends `b` to its topic's history in the engine, which delivers it with its position to
+    /// every node, this one too (where subscriber `from` does not get it).
+    pub(crate) fn append(&self, b: &Broadcast, from: Option<SubId>, retention: Retention) {
+        if let Some(engine) = self.adapter.history() {
+            let message = encode(self.link.node(), &Body::Broadcast(b.clone()));
+            let message = self.link.seal(history::frame(from, &message));
+            engine.append(b.topic(), message, retention);
+        }
+    }
+
+    /// Reads `topic`'s history in the engine (on the cluster thread, within
+    /// [`history::READ_TIMEOUT`]); `None` when it cannot be read.
+    pub(crate) async fn read_history(
+        &self,
+        topic: &str,
+        query: Query,
+        retention: Retention,
+    ) -> Option<Read> {
+        let read = self.adapter.history()?.read(topic, query, retention);
+        let read = self
+            .runtime
+            .handle
+            .spawn(async move { tokio::time::timeout(history::READ_TIMEOUT, read).await });
+        let entries = match read.await {
+            Ok(Ok(Ok(entries))) => entries,
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(topic, error = %e, "history read failed");
+                return None;
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(topic, "history read timed out");
+                return None;
+            }
+        };
+        let mut read = Read {
+            epoch: entries.epoch,
+            from: entries.from,
+            top: entries.top,
+            entries: Vec::with_capacity(entries.entries.len()),
+        };
+        for entry in entries.entries {
+            match self.link.open_recorded(&entry.message) {
+                Ok((_, _, b)) => read.entries.push((entry.offset, entry.age, b)),
+                Err(why) => {
+                    // What follows it is still every entry after it.
+                    self.link.reject(0, why);
+                    read.from = entry.offset;
+                    read.entries.clear();
+                }
+            }
+        }
+        Some(read)
+    }
+
     /// Sends `b` to the subscribers of node `to` only.
     pub(crate) fn direct(&self, to: u64, b: Broadcast) {
         self.send(&Body::Direct { to, broadcast: b });
@@ -151,6 +221,19 @@ impl Cluster {
     pub(crate) async fn leave(&self) {
         self.send(&Body::Goodbye);
         self.adapter.flush().await;
+    }
+
+    /// Handles what the engine delivered.
+    fn inbound(self: &Arc<Self>, inbound: Inbound) {
+        match inbound {
+            Inbound::Message { from, body } => self.receive(from, body),
+            Inbound::Recorded {
+                at,
+                from,
+                broadcast,
+            } => self.hub.record(&broadcast, at, from),
+            Inbound::Interrupted => self.hub.interrupted(),
+        }
     }
 
     /// Handles a message from another node.

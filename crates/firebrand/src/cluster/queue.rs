@@ -5,7 +5,7 @@ use std::fmt;
 
 use bytes::Bytes;
 
-use super::ClusterLink;
+use super::{ClusterLink, Retention};
 
 /// The queue between [`Adapter::publish`](super::Adapter::publish) (which must not wait) and an adapter's publishing
 /// task, with [`Adapter::flush`](super::Adapter::flush) support and loss counting. Adapters hold one.
@@ -23,6 +23,15 @@ pub enum Outgoing {
     Message(Bytes),
     /// Answer it once everything taken before it was handed to the engine.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// A message to append to `topic`'s history ([`HistoryEngine::append`](super::HistoryEngine::append)).
+    Record {
+        /// The topic.
+        topic: Box<str>,
+        /// The message.
+        message: Bytes,
+        /// How much of the topic's history to keep.
+        retention: Retention,
+    },
 }
 
 impl PublishQueue {
@@ -47,6 +56,21 @@ impl PublishQueue {
     /// For [`Adapter::publish`](super::Adapter::publish): queues without waiting.
     pub fn push(&self, message: Bytes) {
         if self.tx.try_send(Outgoing::Message(message)).is_err()
+            && let Some(link) = &*self.link.lock()
+        {
+            link.count_lost(1);
+        }
+    }
+
+    /// For [`HistoryEngine::append`](super::HistoryEngine::append): queues without waiting,
+    /// in order with the other messages.
+    pub fn push_record(&self, topic: &str, message: Bytes, retention: Retention) {
+        let record = Outgoing::Record {
+            topic: topic.into(),
+            message,
+            retention,
+        };
+        if self.tx.try_send(record).is_err()
             && let Some(link) = &*self.link.lock()
         {
             link.count_lost(1);

@@ -191,11 +191,12 @@ fn control<'a, C: Channel>(
 /// A recoverable topic's join reply: the app's, with the topic's `"position"` and, when the
 /// client sent `since`, `"recovered"` (unless the app set them; a reply that is not an object is
 /// left as it is).
-fn with_position(reply: Payload, position: String, recovered: Option<bool>) -> Payload {
+fn with_position(reply: Payload, position: Option<String>, recovered: Option<bool>) -> Payload {
     let Some(Value::Object(mut fields)) = reply.to_value() else {
         return reply;
     };
-    fields.entry("position").or_insert(Value::String(position));
+    let position = position.map_or(Value::Null, Value::String);
+    fields.entry("position").or_insert(position);
     if let Some(recovered) = recovered {
         fields.entry("recovered").or_insert(Value::Bool(recovered));
     }
@@ -341,20 +342,42 @@ impl<C: Channel> Runner<C> {
             Some((history, retention)) => {
                 // Under the topic's history lock: subscribe, reply with the position, replay
                 // what the client missed (a newcomer: the recent ones the app asked for).
-                // Broadcasts of the topic wait, then come live.
+                // Broadcasts of the topic wait, then come live. On a clustered node whose
+                // history does not reach back, the engine is read first.
                 let (since, recent) = (since.flatten(), joined.recent);
-                let (sub_id, recovered) =
-                    history.catch_up(&ctx.topic, retention, since.as_deref(), recent, |c| {
-                        let sub_id = hub.pubsub().subscribe(&ctx.topic, target());
-                        let recovered = c.recovered;
-                        let reply = with_position(joined.reply, c.position, c.recovered);
-                        ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(reply));
-                        let replay = target();
-                        for b in &c.replay {
-                            replay.replay(b);
+                let (mut read, mut reply) = (None, Some(joined.reply));
+                let (sub_id, recovered) = loop {
+                    let caught_up = history.catch_up(
+                        &ctx.topic,
+                        retention,
+                        since.as_deref(),
+                        recent,
+                        read.take(),
+                        |b| {
+                            hub.pubsub().dispatch(b, None);
+                        },
+                        |c| {
+                            let sub_id = hub.pubsub().subscribe(&ctx.topic, target());
+                            let recovered = c.recovered;
+                            let reply = reply.take().unwrap_or_else(Payload::empty);
+                            let reply = with_position(reply, c.position, c.recovered);
+                            ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(reply));
+                            let replay = target();
+                            for b in &c.replay {
+                                replay.replay(b);
+                            }
+                            (sub_id, recovered)
+                        },
+                    );
+                    match (caught_up, ctx.endpoint.cluster()) {
+                        (Ok(done), _) => break done,
+                        (Err(query), Some(cluster)) => {
+                            let topic = &ctx.topic;
+                            read = Some(cluster.read_history(topic, query, retention).await);
                         }
-                        (sub_id, recovered)
-                    });
+                        (Err(_), None) => read = Some(None),
+                    }
+                };
                 ctx.sub_id = Some(sub_id);
                 ctx.recovered = recovered;
             }

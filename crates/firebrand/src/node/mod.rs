@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::limits::Limit;
-use history::History;
+use history::{History, Recorded};
 use presence::{Diff, DiffSink, PresenceFetch, Tracker};
 use pubsub::{Broadcast, PubSub, SubId};
 use queue::Outbox;
@@ -94,15 +94,26 @@ impl Hub {
         self.history.as_ref()
     }
 
+    /// The retention of `b`'s topic if `b` is recorded in its history: the topic is
+    /// recoverable and the payload is not binary (the V2 binary broadcast frame has no slot
+    /// for a position).
+    pub(crate) fn recorded(&self, b: &Broadcast) -> Option<history::Retention> {
+        self.history
+            .as_ref()
+            .filter(|_| !matches!(b.payload(), firebrand_protocol::Payload::Binary(_)))
+            .and_then(|h| h.retention(b.topic()))
+    }
+
     /// Delivers `b` to this node's subscribers (except `from`) and counts it. On a recoverable
-    /// topic it is recorded first, and delivered with its position (a binary payload is not:
-    /// the V2 binary broadcast frame has no slot for it).
+    /// topic of a node alone it is recorded first, and delivered with its position. (On a
+    /// clustered node the engine gives positions: [`Hub::record`]; what is dispatched here
+    /// only, a `local_broadcast`, goes out without one.)
     pub(crate) fn dispatch_local(&self, b: &Broadcast, from: Option<SubId>) {
         let recorded = self
             .history
             .as_ref()
-            .filter(|_| !matches!(b.payload(), firebrand_protocol::Payload::Binary(_)))
-            .and_then(|h| Some((h, h.retention(b.topic())?)));
+            .filter(|h| !h.fed())
+            .and_then(|h| Some((h, self.recorded(b)?)));
         let delivered = match recorded {
             Some((history, retention)) => {
                 let mut delivered = 0;
@@ -115,6 +126,32 @@ impl Hub {
         self.counters
             .deliveries
             .fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// Delivers `b`, which the engine recorded at `at`, to this node's subscribers (except
+    /// `from`) with its position, and counts it.
+    pub(crate) fn record(&self, b: &Broadcast, at: Recorded, from: Option<SubId>) {
+        let (Some(history), Some(retention)) = (&self.history, self.recorded(b)) else {
+            // Not recoverable here (nodes configured differently): delivered as it is.
+            return self.dispatch_local(b, from);
+        };
+        let mut delivered = 0;
+        history.record(b, at, retention, |b| {
+            delivered += self.pubsub.dispatch(b, from)
+        });
+        self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .deliveries
+            .fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// The engine's delivery to this node was interrupted: see [`History::interrupted`].
+    pub(crate) fn interrupted(&self) {
+        if let Some(history) = &self.history {
+            history.interrupted(|b| {
+                self.pubsub.dispatch(b, None);
+            });
+        }
     }
 
     pub(crate) fn counters(&self) -> &Counters {
