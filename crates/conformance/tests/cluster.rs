@@ -873,3 +873,12 @@ async fn recovery_across_nodes(engine: (&str, &str)) {
 async fn recovery_across_redis_nodes_and_a_killed_node() {
     recovery_across_nodes(("REDIS_URL", REDIS)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_across_nats_nodes_and_a_killed_node() {
+    recovery_across_nodes(("NATS_URL", NATS)).await;
+    // NATS keeps streams on disk: this test's goes.
+    let js = async_nats::jetstream::new(async_nats::connect(NATS).await.unwrap());
+    let name = format!("FIREBRAND_recovery-{}-NATS_URL", std::process::id());
+    js.delete_stream(name).await.unwrap();
+}

@@ -17,12 +17,21 @@ use serde_json::{Value, json};
 enum Engine {
     Alone,
     Redis,
+    Nats,
 }
 
+/// A case on an engine: the engine, and the case's name (its cluster's namespace).
+type On = (Engine, &'static str);
+
 /// The conformance app with `config`, on a node alone or of a cluster of its own on `engine`.
-async fn start_on(engine: Engine, config: Config) -> Server {
+async fn start_on((engine, case): On, config: Config) -> Server {
+    // Warnings (a failed read, a lost append) show in a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let builder = firebrand_conformance::endpoint(&config);
-    let namespace = format!("recovery-{:x}", rand_id());
+    let namespace = format!("recovery-{case}-{}", std::process::id());
     let builder = match engine {
         Engine::Alone => builder,
         Engine::Redis => builder.adapter(
@@ -30,15 +39,19 @@ async fn start_on(engine: Engine, config: Config) -> Server {
                 .unwrap()
                 .namespace(&namespace),
         ),
+        Engine::Nats => builder.adapter(
+            firebrand_nats::NatsAdapter::new("nats://127.0.0.1:4222").namespace(&namespace),
+        ),
     };
     start_endpoint(&config, builder.build()).await
 }
 
-fn rand_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id().into());
-    h.finish()
+/// Deletes the JetStream stream of case `case` (NATS keeps streams on disk).
+async fn delete_stream(case: &str) {
+    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let name = format!("FIREBRAND_recovery-{case}-{}", std::process::id());
+    js.delete_stream(name).await.unwrap();
 }
 
 /// Each case as a test on every engine.
@@ -47,13 +60,20 @@ macro_rules! on_every_engine {
         mod alone {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                super::$case(super::Engine::Alone).await
+                super::$case((super::Engine::Alone, stringify!($case))).await
             })*
         }
         mod redis {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                super::$case(super::Engine::Redis).await
+                super::$case((super::Engine::Redis, stringify!($case))).await
+            })*
+        }
+        mod nats {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                super::$case((super::Engine::Nats, stringify!($case))).await;
+                super::delete_stream(stringify!($case)).await;
             })*
         }
     };
@@ -105,7 +125,7 @@ async fn received(c: &mut Client, count: usize) -> Vec<(u64, String)> {
     got
 }
 
-async fn broadcasts_carry_positions_and_a_rejoin_gets_what_it_missed_in_order_once(engine: Engine) {
+async fn broadcasts_carry_positions_and_a_rejoin_gets_what_it_missed_in_order_once(engine: On) {
     let server = start_on(engine, Config::default()).await;
     let mut watcher = server.client("vsn=2.0.0").await;
     let start_position = join(&mut watcher, "1", "stream:a", json!({})).await["position"].clone();
@@ -160,7 +180,7 @@ async fn broadcasts_carry_positions_and_a_rejoin_gets_what_it_missed_in_order_on
     );
 }
 
-async fn a_position_the_history_no_longer_reaches_is_not_recovered(engine: Engine) {
+async fn a_position_the_history_no_longer_reaches_is_not_recovered(engine: On) {
     let config = Config {
         stream_history: 2,
         ..Config::default()
@@ -205,7 +225,7 @@ async fn a_position_the_history_no_longer_reaches_is_not_recovered(engine: Engin
     assert_eq!(reply, json!({"joined": "x"}));
 }
 
-async fn v1_clients_get_the_position_as_ref_and_binary_broadcasts_are_not_recorded(engine: Engine) {
+async fn v1_clients_get_the_position_as_ref_and_binary_broadcasts_are_not_recorded(engine: On) {
     let server = start_on(engine, Config::default()).await;
     let mut v1 = server.client("vsn=1.0.0").await;
     v1.send(json!({"topic": "stream:c", "event": "phx_join", "payload": {}, "ref": "1"}))
@@ -247,7 +267,7 @@ async fn v1_clients_get_the_position_as_ref_and_binary_broadcasts_are_not_record
 
 /// Publishers and rejoining clients at once: every rejoin sees a run of consecutive messages
 /// from its `since` on, with none missing, none twice, none out of order.
-async fn rejoins_racing_a_publisher_see_every_message_once_in_order(engine: Engine) {
+async fn rejoins_racing_a_publisher_see_every_message_once_in_order(engine: On) {
     let server = start_on(engine, Config::default()).await;
     let mut first = server.client("vsn=2.0.0").await;
     join(&mut first, "1", "stream:race", json!({})).await;

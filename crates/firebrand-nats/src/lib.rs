@@ -11,6 +11,22 @@
 //! # }
 //! ```
 //!
+//! **History for recovery on rejoin.** Recoverable topics
+//! ([`EndpointBuilder::history`](firebrand::EndpointBuilder::history)) keep their history in a
+//! JetStream stream (`FIREBRAND_<namespace>`, subjects `firebrand.<namespace>.h.<topic in
+//! base64url>`, kept for the largest route's age, and per subject twice its size or 1024,
+//! whichever is more: every node reads new entries from the stream too, so the margin keeps a
+//! burst from being trimmed before a node read it; file storage). A
+//! broadcast is one JetStream publish; its offset is the stream's sequence, the same on every
+//! node (it grows with every topic's broadcasts, not by one per topic). Every node reads the
+//! stream with an ordered consumer from one task, so it delivers a topic's broadcasts in
+//! sequence order; the epoch is the stream's creation time, so a deleted and recreated stream
+//! is another history. A read (a rejoin the node's own cache cannot answer) takes every kept
+//! entry of the topic with an ordered consumer; it is complete when the entry at `since` is
+//! still there, or when nothing after `since` can have been removed (the stream's first
+//! sequence is not past it, and the topic never reached its per-subject limit). Needs a
+//! nats-server with JetStream (`-js`).
+//!
 //! **When NATS goes away** the node keeps serving its local clients. The client reconnects by
 //! itself and resubscribes; what is published while it is away is buffered by the client up to
 //! its limit and otherwise lost (counted in `Stats::cluster_lost`); NATS core keeps nothing for
@@ -20,8 +36,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use async_nats::jetstream;
+use base64::Engine;
 use bytes::Bytes;
-use firebrand::cluster::{Adapter, ClusterLink, Outgoing, PublishQueue};
+use firebrand::cluster::{
+    Adapter, ClusterLink, Entries, Entry, HistoryEngine, HistoryError, Outgoing, PublishQueue,
+    Query, Retention,
+};
 use futures_util::StreamExt;
 
 /// Messages waiting to be published; past this, new ones are dropped and counted as lost.
@@ -31,7 +52,10 @@ const QUEUE: usize = 16 * 1024;
 pub struct NatsAdapter {
     url: String,
     subject: String,
+    namespace: String,
     queue: PublishQueue,
+    /// JetStream, once connected and its history stream set up (reads wait for it).
+    jetstream: tokio::sync::watch::Sender<Option<jetstream::Context>>,
 }
 
 impl NatsAdapter {
@@ -41,7 +65,9 @@ impl NatsAdapter {
         NatsAdapter {
             url: url.to_owned(),
             subject: "firebrand.default".into(),
+            namespace: "default".into(),
             queue: PublishQueue::new(QUEUE),
+            jetstream: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -49,7 +75,125 @@ impl NatsAdapter {
     /// other's messages.
     pub fn namespace(mut self, namespace: &str) -> Self {
         self.subject = format!("firebrand.{namespace}");
+        self.namespace = namespace.to_owned();
         self
+    }
+}
+
+/// The history stream's name (stream names take no `.`, `*`, `>`, spaces or slashes).
+fn stream_name(namespace: &str) -> String {
+    let safe: String = namespace
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("FIREBRAND_{safe}")
+}
+
+/// `topic`'s subject in the history stream (base64url: topics may hold `.`, `*`, `>`).
+fn history_subject(subject: &str, topic: &str) -> String {
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(topic);
+    format!("{subject}.h.{token}")
+}
+
+/// The epoch of a stream: its creation time (the same on every node; a recreated stream is
+/// another history).
+fn epoch(info: &jetstream::stream::Info) -> u64 {
+    info.created.unix_timestamp_nanos() as u64
+}
+
+/// How many entries the stream keeps per topic: more than the history's size, because every
+/// node also reads its new entries from the stream, and an entry trimmed before a node read
+/// it would be a gap there (the node's channels would rejoin). Reads return at most `size`.
+fn per_subject(retention: Retention) -> usize {
+    retention.size.saturating_mul(2).max(1024)
+}
+
+/// Creates the history stream, or sets its limits to `retention` (every node is configured
+/// alike), and returns its state.
+async fn history_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subject: &str,
+    retention: Retention,
+) -> Result<jetstream::stream::Info, async_nats::Error> {
+    let config = jetstream::stream::Config {
+        name: name.to_owned(),
+        subjects: vec![format!("{subject}.h.*")],
+        max_messages_per_subject: i64::try_from(per_subject(retention)).unwrap_or(i64::MAX),
+        max_age: retention.max_age,
+        discard: jetstream::stream::DiscardPolicy::Old,
+        storage: jetstream::stream::StorageType::File,
+        allow_direct: true,
+        ..Default::default()
+    };
+    let mut stream = js.get_or_create_stream(config.clone()).await?;
+    let info = stream.info().await?.clone();
+    if info.config.max_messages_per_subject != config.max_messages_per_subject
+        || info.config.max_age != config.max_age
+    {
+        return Ok(js.update_stream(config).await?);
+    }
+    Ok(info)
+}
+
+/// Delivers the history stream's new entries to `link`, in sequence order, from this task; on
+/// a jump in the sequence (entries removed before this node got them) or a recreated stream,
+/// tells the link its delivery was interrupted.
+async fn deliver_history(
+    js: jetstream::Context,
+    name: String,
+    mut info: jetstream::stream::Info,
+    link: ClusterLink,
+) {
+    let mut next = info.state.last_sequence + 1;
+    loop {
+        let consumer = async {
+            let stream = js.get_stream(&name).await?;
+            let consumer = stream
+                // A pull consumer: a push consumer's subscription is made after the server
+                // starts pushing, and what it pushed first would wait for a heartbeat's resync.
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: next,
+                    },
+                    ..Default::default()
+                })
+                .await?;
+            Ok::<_, async_nats::Error>(consumer.messages().await?)
+        };
+        match consumer.await {
+            Ok(mut messages) => {
+                let e = epoch(&info);
+                while let Some(Ok(message)) = messages.next().await {
+                    let Ok(seq) = message.info().map(|i| i.stream_sequence) else {
+                        continue;
+                    };
+                    if seq > next {
+                        link.interrupted();
+                    }
+                    next = seq + 1;
+                    link.receive_recorded(e, seq, None, &message.payload);
+                }
+                tracing::warn!("nats: history delivery ended; resuming");
+            }
+            Err(e) => tracing::warn!(error = %e, "nats: cannot read the history stream; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Ok(mut stream) = js.get_stream(&name).await
+            && let Ok(now) = stream.info().await
+            && epoch(now) != epoch(&info)
+        {
+            // Another stream under the same name: another history.
+            info = now.clone();
+            next = info.state.last_sequence + 1;
+            link.interrupted();
+        }
     }
 }
 
@@ -60,6 +204,7 @@ impl Adapter for NatsAdapter {
             return;
         };
         let (url, subject) = (self.url.clone(), self.subject.clone());
+        let (name, shared) = (stream_name(&self.namespace), self.jetstream.clone());
         tokio::spawn(async move {
             // The first connection is retried here; after it, the client reconnects by itself.
             let mut tries = 0u32;
@@ -81,10 +226,63 @@ impl Adapter for NatsAdapter {
                     return;
                 }
             };
+            let js = jetstream::new(client.clone());
+            let ready = shared.subscribe();
+            if let Some(retention) = link.history_retention() {
+                // The stream, and this node reading it, before this node appends anything
+                // (until then appends are lost, as while NATS is away); the rest of the
+                // cluster's traffic does not wait for it.
+                let (js, name, subject, link) =
+                    (js.clone(), name.clone(), subject.clone(), link.clone());
+                tokio::spawn(async move {
+                    let mut tries = 0u32;
+                    loop {
+                        match history_stream(&js, &name, &subject, retention).await {
+                            Ok(info) => {
+                                tracing::debug!(stream = name, "nats: history stream ready");
+                                tokio::spawn(deliver_history(js.clone(), name, info, link));
+                                shared.send_replace(Some(js));
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "nats: cannot set up the history stream (is JetStream on? nats-server -js); retrying");
+                                let wait = (1000u64 << tries.min(5)).min(30_000);
+                                tokio::time::sleep(Duration::from_millis(wait)).await;
+                                tries += 1;
+                            }
+                        }
+                    }
+                });
+            }
             let publisher_link = link.clone();
             tokio::spawn(async move {
                 while let Some(out) = queue.recv().await {
                     match out {
+                        Outgoing::Record { .. } if ready.borrow().is_none() => {
+                            tracing::warn!(
+                                "nats: the history stream is not set up; broadcast lost"
+                            );
+                            publisher_link.count_lost(1);
+                        }
+                        Outgoing::Record { topic, message, .. } => {
+                            let subject = history_subject(&subject, &topic);
+                            match js.publish(subject, message).await {
+                                Ok(ack) => {
+                                    // Acks are awaited aside: the next publish does not wait.
+                                    let link = publisher_link.clone();
+                                    tokio::spawn(async move {
+                                        if let Err(e) = ack.await {
+                                            tracing::warn!(error = %e, "nats: history append failed; broadcast lost");
+                                            link.count_lost(1);
+                                        }
+                                    });
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "nats: history append failed; broadcast lost");
+                                    publisher_link.count_lost(1);
+                                }
+                            }
+                        }
                         Outgoing::Message(message) => {
                             if let Err(e) = client.publish(subject.clone(), message).await {
                                 tracing::warn!(error = %e, "nats: publish failed; message lost");
@@ -115,4 +313,117 @@ impl Adapter for NatsAdapter {
     fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(self.queue.flush())
     }
+
+    fn history(&self) -> Option<&dyn HistoryEngine> {
+        Some(self)
+    }
+}
+
+impl HistoryEngine for NatsAdapter {
+    fn append(&self, topic: &str, message: Bytes, retention: Retention) {
+        self.queue.push_record(topic, message, retention);
+    }
+
+    fn read(
+        &self,
+        topic: &str,
+        query: Query,
+        retention: Retention,
+    ) -> Pin<Box<dyn Future<Output = Result<Entries, HistoryError>> + Send + 'static>> {
+        let mut connected = self.jetstream.subscribe();
+        let name = stream_name(&self.namespace);
+        let subject = history_subject(&self.subject, topic);
+        Box::pin(async move {
+            // (The join gives up on the read after its timeout.)
+            let js = connected
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|js| js.clone())
+                .ok_or_else(|| HistoryError("nats: the adapter stopped".into()))?;
+            read(&js, &name, subject, query, retention)
+                .await
+                .map_err(|e| HistoryError(format!("nats: {e}")))
+        })
+    }
+}
+
+/// Reads every kept entry of `subject` (see the crate docs for when it is complete).
+async fn read(
+    js: &jetstream::Context,
+    name: &str,
+    subject: String,
+    query: Query,
+    retention: Retention,
+) -> Result<Entries, async_nats::Error> {
+    let mut stream = js.get_stream(name).await?;
+    // Before the entries: a topic with none has the stream's last sequence as its top, and
+    // anything appended after this is above it.
+    let before = stream.info().await?.clone();
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut all = Vec::new();
+    if pending > 0 {
+        let mut messages = consumer.messages().await?;
+        let now = time::OffsetDateTime::now_utc();
+        while pending > 0 {
+            let Some(message) = messages.next().await else {
+                break;
+            };
+            let message = message?;
+            let info = message.info()?;
+            pending = info.pending;
+            let age = (now - info.published).max(time::Duration::ZERO);
+            all.push(Entry {
+                offset: info.stream_sequence,
+                age: Duration::try_from(age).unwrap_or_default(),
+                message: message.payload.clone(),
+            });
+        }
+    }
+    // After the entries: nothing after `since` was removed by age if the stream still starts
+    // at or before it.
+    let after = stream.info().await?.clone();
+    let top = all.last().map_or(before.state.last_sequence, |e| e.offset);
+    let limit = usize::try_from(after.config.max_messages_per_subject).unwrap_or(usize::MAX);
+    let count = all.len();
+    // This route's own retention: none older than its age, at most its size.
+    let fresh = all
+        .iter()
+        .position(|e| e.age <= retention.max_age)
+        .unwrap_or(all.len());
+    let mut dropped: Vec<u64> = all.drain(..fresh).map(|e| e.offset).collect();
+    let keep = match query {
+        Query::After(_) => retention.size,
+        Query::Last(n) => n.min(retention.size),
+    };
+    let over = all.len().saturating_sub(keep);
+    dropped.extend(all.drain(..over).map(|e| e.offset));
+    let from = match query {
+        Query::After(since) => {
+            let at_since = dropped.contains(&since) || all.iter().any(|e| e.offset == since);
+            let untouched = after.state.first_sequence <= since + 1 && count < limit;
+            let complete =
+                since <= top && (at_since || untouched) && dropped.iter().all(|&o| o <= since);
+            if complete {
+                all.retain(|e| e.offset > since);
+                since
+            } else {
+                all.first().map_or(top, |e| e.offset - 1)
+            }
+        }
+        Query::Last(_) => all.first().map_or(top, |e| e.offset - 1),
+    };
+    Ok(Entries {
+        epoch: epoch(&after),
+        from,
+        top,
+        entries: all,
+    })
 }

@@ -11,7 +11,7 @@ use super::Adapter;
 use super::auth::{AUTH_MARKER, Auth};
 use super::history::unframe;
 use super::wire::{Body, decode};
-use crate::node::history::Recorded;
+use crate::node::history::{Recorded, Retention};
 use crate::node::pubsub::{Broadcast, SubId};
 
 /// An endpoint's side of its adapter: where received messages go, and its counters.
@@ -28,6 +28,8 @@ pub(crate) struct LinkInner {
     pub(crate) rejected: AtomicU64,
     /// With a cluster secret: how messages are sealed and checked.
     pub(crate) auth: Option<Auth>,
+    /// The largest retention among the endpoint's recoverable topics, if any.
+    pub(crate) retention: Option<Retention>,
 }
 
 /// What the link hands its node.
@@ -59,6 +61,7 @@ impl ClusterLink {
         node: u64,
         deliver: Box<dyn Fn(Inbound) + Send + Sync>,
         auth: Option<Auth>,
+        retention: Option<Retention>,
     ) -> Self {
         ClusterLink {
             inner: Arc::new(LinkInner {
@@ -68,8 +71,15 @@ impl ClusterLink {
                 lost: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 auth,
+                retention,
             }),
         }
+    }
+
+    /// The largest size and age among the endpoint's recoverable topics (`None`: it has none):
+    /// what a [`HistoryEngine`](super::HistoryEngine) sizes its storage with when it starts.
+    pub fn history_retention(&self) -> Option<Retention> {
+        self.inner.retention
     }
 
     /// Messages received from other nodes, lost on the way out, and refused.
@@ -251,6 +261,7 @@ mod tests {
                 lost: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
                 auth: secret.map(Auth::new),
+                retention: None,
             }),
         };
         (link, got)

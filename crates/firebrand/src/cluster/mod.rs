@@ -117,6 +117,7 @@ impl Cluster {
                     hub.id(),
                     Box::new(deliver),
                     settings.secret.as_deref().map(auth::Auth::new),
+                    hub.history().and_then(|h| h.largest()),
                 ),
                 hub,
                 adapter,
@@ -191,13 +192,17 @@ impl Cluster {
                 return None;
             }
         };
+        // An engine's claim never reaches past its top (a forged `since` must not make this
+        // node skip what comes next).
+        let from = entries.from.min(entries.top);
         let mut read = Read {
             epoch: entries.epoch,
-            from: entries.from,
+            from,
             top: entries.top,
             entries: Vec::with_capacity(entries.entries.len()),
         };
-        for entry in entries.entries {
+        let within = |e: &Entry| e.offset > from && e.offset <= entries.top;
+        for entry in entries.entries.into_iter().filter(within) {
             match self.link.open_recorded(&entry.message) {
                 Ok((_, _, b)) => read.entries.push((entry.offset, entry.age, b)),
                 Err(why) => {

@@ -152,6 +152,13 @@ impl History {
         })
     }
 
+    /// The largest size and age among the routes (what an engine sizes its storage with).
+    pub(crate) fn largest(&self) -> Option<Retention> {
+        let size = self.routes.iter().map(|(_, r)| r.size).max()?;
+        let max_age = self.routes.iter().map(|(_, r)| r.max_age).max()?;
+        Some(Retention { size, max_age })
+    }
+
     /// Whether an engine gives the positions.
     pub(crate) fn fed(&self) -> bool {
         self.fed
