@@ -30,6 +30,14 @@
 //   before on that channel, duplicates excluded); joins by the `recovered` field of their reply
 //   (true / false / absent); delivery latency from POST to callback.
 //
+// In a cluster (--nodes N, with --engine redis or nats: REDIS_URL=redis://127.0.0.1:6379 or
+// NATS_URL=nats://127.0.0.1:4222 and a CLUSTER_NAMESPACE of this run's own), N conformance nodes are started;
+// every connection a client makes (its first and each reconnect) goes to a node picked at random, and the
+// publisher spreads its POSTs over the nodes in turn. With --kill-one, node 1 is SIGKILLed halfway through
+// the run: its clients lose their connections (1006) and reconnect to the others. The publisher stops using
+// it 1 s before (a POST that a node answered and then died before handing to its engine would be lost for
+// everyone: a publisher that needs certainty retries on another node).
+//
 // Prints a table and one line `SUMMARY jitter: ...`. Exits 0 when the run completed (every client joined,
 // every broadcast answered 200, every channel back by the end, and the server it started exited 0 on
 // SIGTERM), and, with --expect-delivered P, when every topic delivered at least P %; 1 otherwise; 2 on a
@@ -61,13 +69,16 @@ const USAGE = `usage: node jitter.mjs [options] [path/to/conformance]
   --bin PATH           conformance binary (default: $CONFORMANCE_BIN or ../../target/release/conformance)
   --url URL            use a running server, e.g. ws://127.0.0.1:4000/socket (loopback only), start nothing
   --expect-delivered P exit 1 unless every topic delivered at least P percent
-  --label L            name of the server in the SUMMARY line (default firebrand, or the --url)`
+  --label L            name of the server in the SUMMARY line (default firebrand, or the --url)
+  --nodes N            start N conformance nodes in a cluster (default 1; needs --engine when N > 1)
+  --engine E           the cluster's engine: redis (127.0.0.1:6379) or nats (127.0.0.1:4222)
+  --kill-one           SIGKILL node 1 halfway through the run`
 
 function parseArgs(argv) {
   const o = {
     topics: [], clients: 200, duration: 120, rate: 2, period: 15, outage: 2, settle: 20, event: "tick", together: false,
     bin: process.env.CONFORMANCE_BIN || path.join(here, "../../target/release/conformance"),
-    url: null, expectDelivered: null, label: null,
+    url: null, expectDelivered: null, label: null, nodes: 1, engine: null, killOne: false,
   }
   const num = (name, v, min, max) => {
     const x = Number(v)
@@ -94,6 +105,9 @@ function parseArgs(argv) {
       case "--url": o.url = val(); break
       case "--expect-delivered": o.expectDelivered = num(a, val(), 0, 100); break
       case "--label": o.label = val(); break
+      case "--nodes": o.nodes = Math.floor(num(a, val(), 1, 8)); break
+      case "--engine": o.engine = val(); break
+      case "--kill-one": o.killOne = true; break
       case "-h": case "--help": console.log(USAGE); process.exit(0)
       default:
         if (a.startsWith("-")) usage(`unknown option ${a}`)
@@ -101,6 +115,9 @@ function parseArgs(argv) {
     }
   }
   if (o.topics.length === 0) o.topics = ["room:jitter"]
+  if (o.nodes > 1 && !["redis", "nats"].includes(o.engine)) usage("--nodes > 1 needs --engine redis or --engine nats")
+  if (o.killOne && o.nodes < 2) usage("--kill-one needs --nodes 2 or more")
+  if (o.url && o.nodes > 1) usage("--url and --nodes do not go together")
   if (o.outage >= o.period) usage("--outage must be shorter than --period")
   if (o.url) {
     const u = new URL(o.url)
@@ -119,8 +136,9 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 const now = () => performance.timeOrigin + performance.now()
 const log = (msg) => console.error(`jitter: ${msg}`)
 
-// ---------------------------------------------------------------- the server
-let server = null // {proc, port, exited: Promise<code>, tail: string[]}
+// ---------------------------------------------------------------- the servers
+let server = null // the first node: {proc, port, exited: Promise<code>, tail: string[], killed}
+const servers = [] // every node
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -130,7 +148,7 @@ function freePort() {
   })
 }
 
-async function startServer(bin) {
+async function startServer(bin, env = {}) {
   try {
     accessSync(bin, fsConstants.X_OK)
   } catch {
@@ -138,7 +156,7 @@ async function startServer(bin) {
       "or pass its path as the last argument, --bin or $CONFORMANCE_BIN)")
   }
   const port = await freePort()
-  const proc = spawn(bin, ["--port", String(port)], {stdio: ["ignore", "pipe", "pipe"]})
+  const proc = spawn(bin, ["--port", String(port)], {stdio: ["ignore", "pipe", "pipe"], env: {...process.env, ...env}})
   const tail = []
   const keep = (line) => { tail.push(line); if (tail.length > 40) tail.shift() }
   const exited = new Promise((resolve) => proc.on("exit", (code, signal) => resolve(code ?? `signal ${signal}`)))
@@ -158,18 +176,24 @@ async function startServer(bin) {
     exited.then((code) => { clearTimeout(timer); reject(new Error(`the server exited (${code}) before listening`)) })
   })
   proc.stderr.on("data", (d) => String(d).split("\n").filter(Boolean).forEach(keep))
-  server = {proc, port, exited, tail}
+  const node = {proc, port, exited, tail, killed: false}
+  servers.push(node)
+  if (!server) server = node
   await listening
   return port
 }
 
-async function stopServer() {
-  if (!server) return 0
-  server.proc.kill("SIGTERM")
-  const code = await Promise.race([server.exited, sleep(15000).then(() => "timeout")])
-  if (code === "timeout") { server.proc.kill("SIGKILL"); await server.exited }
+async function stopServer(node) {
+  node.proc.kill("SIGTERM")
+  const code = await Promise.race([node.exited, sleep(15000).then(() => "timeout")])
+  if (code === "timeout") { node.proc.kill("SIGKILL"); await node.exited }
   return code
 }
+
+/** The nodes clients may connect to, and those the publisher uses (both shrink with --kill-one). */
+let connectPorts = []
+let publishPorts = []
+const randomPort = () => connectPorts[Math.floor(Math.random() * connectPorts.length)]
 
 // ---------------------------------------------------------------- clients
 /** A connection attempt that fails at once, as when the network is down. */
@@ -198,6 +222,12 @@ class Client {
     // The transport: `ws` as is, with its TCP connections made through a function that knows the fault.
     class JitterWebSocket extends WebSocket {
       constructor(url, protocols) {
+        if (connectPorts.length > 1) {
+          // In a cluster: each connection to a node picked at random.
+          const u = new URL(url)
+          u.port = String(randomPort())
+          url = u.toString()
+        }
         super(url, protocols, {
           createConnection(options) {
             if (client.down) { client.refused++; return refusedConnection() }
@@ -295,7 +325,7 @@ const f1 = (x) => (Number.isFinite(x) ? x.toFixed(1) : "-")
 async function main() {
   const hardDeadline = setTimeout(() => {
     log("hard deadline passed: aborting")
-    if (server) server.proc.kill("SIGKILL")
+    for (const node of servers) node.proc.kill("SIGKILL")
     process.exit(1)
   }, (opts.duration + opts.settle + 120) * 1000)
   hardDeadline.unref()
@@ -306,12 +336,25 @@ async function main() {
     const u = new URL(opts.url)
     httpBase = `http://${u.host}`
   } else {
-    const port = await startServer(opts.bin)
+    const env = {}
+    if (opts.nodes > 1) {
+      env[opts.engine === "redis" ? "REDIS_URL" : "NATS_URL"] =
+        opts.engine === "redis" ? "redis://127.0.0.1:6379" : "nats://127.0.0.1:4222"
+      env.CLUSTER_NAMESPACE = `jitter-${process.pid}-${Date.now()}`
+    }
+    for (let i = 0; i < opts.nodes; i++) await startServer(opts.bin, env)
+    const port = server.port
     wsUrl = `ws://127.0.0.1:${port}/socket`
     httpBase = `http://127.0.0.1:${port}`
-    log(`conformance ${opts.bin} (pid ${server.proc.pid}) listening on 127.0.0.1:${port}`)
+    log(`conformance ${opts.bin} on ${servers.map((n) => `127.0.0.1:${n.port} (pid ${n.proc.pid})`).join(", ")}` +
+      (opts.nodes > 1 ? ` over ${opts.engine}` : ""))
   }
-  const label = opts.label || (opts.url ? opts.url : "firebrand")
+  connectPorts = servers.map((n) => n.port)
+  publishPorts = [...connectPorts]
+  let nextPublish = 0
+  const publishBase = () => (publishPorts.length > 1 ? `http://127.0.0.1:${publishPorts[nextPublish++ % publishPorts.length]}` : httpBase)
+  const label = opts.label || (opts.url ? opts.url
+    : opts.nodes > 1 ? `firebrand, ${opts.nodes} nodes over ${opts.engine}${opts.killOne ? ", one SIGKILLed" : ""}` : "firebrand")
   const failures = []
 
   // Clients: connect and join, all before the first broadcast.
@@ -362,6 +405,17 @@ async function main() {
     }
     schedule(t0 + phase)
   }
+  if (opts.killOne) {
+    // Node 1 dies halfway: first the publisher stops using it, 1 s later it is SIGKILLed.
+    const victim = servers[0]
+    at(t0 + (opts.duration * 1000) / 2 - 1000, () => { publishPorts = publishPorts.filter((p) => p !== victim.port) })
+    at(t0 + (opts.duration * 1000) / 2, () => {
+      connectPorts = connectPorts.filter((p) => p !== victim.port)
+      victim.killed = true
+      victim.proc.kill("SIGKILL")
+      log(`node 127.0.0.1:${victim.port} SIGKILLed`)
+    })
+  }
 
   // The publisher.
   const K = Math.floor(opts.duration * opts.rate)
@@ -377,7 +431,7 @@ async function main() {
     publishedAt[seq] = t
     await Promise.all(opts.topics.map(async (topic) => {
       try {
-        const res = await fetch(`${httpBase}/api/broadcast`, {
+        const res = await fetch(`${publishBase()}/api/broadcast`, {
           method: "POST",
           headers: {"content-type": "application/json"},
           body: JSON.stringify({topic, event: opts.event, payload: {seq, t}}),
@@ -446,17 +500,17 @@ async function main() {
     c.socket.disconnect(() => { clearTimeout(t); resolve() })
   })))
   let serverCpuMs = null
-  if (server) {
+  for (const node of servers.filter((n) => !n.killed)) {
     try {
-      const f = readFileSync(`/proc/${server.proc.pid}/stat`, "utf8").split(") ")[1].split(" ")
-      serverCpuMs = ((Number(f[11]) + Number(f[12])) * 1000) / 100 // utime + stime, in 100 Hz ticks
+      const f = readFileSync(`/proc/${node.proc.pid}/stat`, "utf8").split(") ")[1].split(" ")
+      serverCpuMs = (serverCpuMs ?? 0) + ((Number(f[11]) + Number(f[12])) * 1000) / 100 // utime + stime, 100 Hz ticks
     } catch { /* not Linux: no figure */ }
-    const code = await stopServer()
-    if (code !== 0) failures.push(`the conformance server exited with ${code} on SIGTERM (expected 0)`)
+    const code = await stopServer(node)
+    if (code !== 0) failures.push(`the conformance node on ${node.port} exited with ${code} on SIGTERM (expected 0)`)
   }
 
   // Report.
-  const cfg = `${clients.length} clients, network down ${opts.outage} s every ${opts.period} s (own phase each), ` +
+  const cfg = `${opts.nodes > 1 ? `${opts.nodes} nodes over ${opts.engine}${opts.killOne ? ", node 1 SIGKILLed halfway" : ""}, ` : ""}${clients.length} clients, network down ${opts.outage} s every ${opts.period} s (own phase each), ` +
     `${opts.rate} broadcasts/s for ${opts.duration} s (${K} per topic), phoenix.js ${phoenixVersion()} over ws`
   console.log(`\n== jitter (${label}; ${cfg})`)
   const codes = Object.entries(closeCodes).map(([k, v]) => `${k} x${v}`).join(", ") || "none"
@@ -508,9 +562,9 @@ function phoenixVersion() {
 
 main().then((code) => process.exit(code), async (err) => {
   log(`error: ${err && err.message ? err.message : err}`)
-  if (server) {
-    log(`last lines of the server's output:\n${server.tail.join("\n")}`)
-    server.proc.kill("SIGKILL")
+  for (const node of servers) {
+    log(`last lines of the output of the node on ${node.port}:\n${node.tail.join("\n")}`)
+    node.proc.kill("SIGKILL")
   }
   process.exit(1)
 })
