@@ -87,7 +87,7 @@ fi
 
 status=0
 # In the background so that a signal to this script is handled at once (the trap stops node too).
-FIREBRAND_URL="ws://127.0.0.1:$port/socket" FIREBRAND_HTTP="http://127.0.0.1:$port" \
+FIREBRAND_URL="ws://127.0.0.1:$port/socket" FIREBRAND_HTTP="http://127.0.0.1:$port" CONFORMANCE_BIN="$bin" \
   node --test --test-reporter=spec "${files[@]}" &
 tests=$!
 wait "$tests" || status=1

@@ -146,9 +146,13 @@ impl EndpointBuilder {
     /// # drop(endpoint);
     /// ```
     ///
-    /// The history lives in the process: on a node alone. With an [`adapter`](Self::adapter)
-    /// it is not kept yet (a position must be the same on every node; the engine will hold
-    /// it): topics are not recoverable, and `build` logs a warning.
+    /// On a node alone the history lives in the process (a restart starts new epochs: old
+    /// positions are then not recovered). With an [`adapter`](Self::adapter) that keeps
+    /// histories (Redis, NATS JetStream: [`HistoryEngine`](crate::cluster::HistoryEngine)) it
+    /// lives in the engine: a position is the same on every node, and a client recovers on any
+    /// node, also after the one it was on died; configure every node alike. Each node keeps
+    /// its own ring of recent broadcasts as a cache, so most rejoins do not ask the engine.
+    /// With an adapter that keeps none, topics are not recoverable and `build` logs a warning.
     pub fn history(mut self, pattern: &str, size: usize, max_age: Duration) -> Self {
         self.history
             .push((pattern.into(), Retention { size, max_age }));

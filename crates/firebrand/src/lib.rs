@@ -107,7 +107,8 @@
 //! - **Recovery on rejoin.** Topics made recoverable with
 //!   [`EndpointBuilder::history`] keep their last broadcasts, each with a position in the
 //!   frame's `ref` slot; a client that rejoins with `{"since": P}` gets what it missed, in
-//!   order and once, and the reply says whether it was `recovered`.
+//!   order and once, and the reply says whether it was `recovered`. In a cluster the history
+//!   lives in the engine (Redis streams, NATS JetStream), so a client recovers on any node.
 //! - **Bounded memory.** Each connection's outbound queue is bounded in bytes; a client that
 //!   cannot keep up is disconnected with code 1008 (see [`SocketBuilder::outbound_limit`]),
 //!   a long-poll session that stops polling is ended the same way, and long-poll POST bodies
