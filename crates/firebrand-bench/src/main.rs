@@ -4,6 +4,7 @@
 
 mod baseline;
 mod cluster;
+mod history;
 mod presence;
 mod scenarios;
 mod slow;
@@ -33,6 +34,7 @@ const USAGE: &str = "usage: firebrand-bench SCENARIO [options]
 scenarios: idle fanout latency connect echo slow all    (serve-baseline --port P: run the baseline server)
 cluster scenarios (conformance nodes on Redis or NATS, several generator processes):
            cluster-fanout presence-storm presence-room presence-kill cluster-all
+           history-cost (--engine redis|nats; --bursts N: N x 1000 broadcasts)
 options:
   --conns N        idle: connections (19000); connect: connections (10000)
   --subs N         fanout: subscribers (10000); latency: comma list (1000,10000)
@@ -987,6 +989,7 @@ fn main() -> anyhow::Result<()> {
             "presence-storm" => scenarios::presence_storm(&o).await,
             "presence-room" => scenarios::presence_room(&o).await,
             "presence-kill" => scenarios::presence_kill(&o).await,
+            "history-cost" => history::history_cost(&o).await,
             "cluster-all" => {
                 scenarios::cluster_fanout(&o).await?;
                 scenarios::presence_storm(&o).await?;
