@@ -882,3 +882,113 @@ async fn recovery_across_nats_nodes_and_a_killed_node() {
     let name = format!("FIREBRAND_recovery-{}-NATS_URL", std::process::id());
     js.delete_stream(name).await.unwrap();
 }
+
+/// Recovery while the engine is down and after it restarts: a join that needs the engine's
+/// history while it is unreachable says `recovered: false` (never `true` with something
+/// missing) and the connection lives on; after the restart, broadcasts carry positions again;
+/// a position from before is recovered only if the engine kept its history (`keeps`: NATS with
+/// its file store) and otherwise answered `recovered: false` (Redis without persistence: a new
+/// epoch). A node that lost its subscription tells its recoverable channels to rejoin.
+async fn recovery_through_an_outage(
+    var: &str,
+    url: impl Fn(u16) -> String,
+    mut engine: Engine,
+    keeps: bool,
+) {
+    let ns = format!("recovery-outage-{}-{var}", std::process::id());
+    let env = (var, url(engine.port));
+    let engine_env = (env.0, env.1.as_str());
+    let (n1, n2) = (node(engine_env, &ns).await, node(engine_env, &ns).await);
+    let topic = "stream:outage";
+    let mut s1 = n1.client("").await;
+    join_stream(&mut s1, topic, json!({})).await;
+    let mut probe = n1.client("").await;
+    probe
+        .join("1", "room:probe", json!({"joined": "probe"}))
+        .await;
+    await_link(&n2, &mut probe, "room:probe").await;
+    n2.broadcast(topic, "new_msg", json!({"n": 1})).await;
+    let first = stream_messages(&mut s1, 1).await;
+
+    engine.kill();
+    // A node that never saw the topic must read the engine: it cannot.
+    let n3 = node(engine_env, &ns).await;
+    let mut c = n3.client("").await;
+    let reply = join_stream(&mut c, topic, json!({ "since": first[0].1 })).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    c.ping_roundtrip("1", "2", topic).await;
+    drop(c);
+
+    engine.start();
+    let mut probe3 = n3.client("").await;
+    probe3
+        .join("1", "room:probe", json!({"joined": "probe"}))
+        .await;
+    await_link(&n2, &mut probe3, "room:probe").await;
+    await_link(&n2, &mut probe, "room:probe").await;
+    if var == "REDIS_URL" {
+        // Node 1's subscription was lost: its stream channel is told to rejoin.
+        loop {
+            let f = s1.recv_json().await;
+            if f[3] == "phx_error" {
+                assert_eq!(f, json!([null, null, topic, "phx_error", {}]));
+                break;
+            }
+        }
+    }
+    let mut c = n3.client("").await;
+    let reply = join_stream(&mut c, topic, json!({ "since": first[0].1 })).await;
+    assert_eq!(reply["recovered"], keeps, "{reply}");
+    // Broadcasts carry positions again, on every node.
+    n2.broadcast(topic, "new_msg", json!({"n": 3})).await;
+    let third = stream_messages(&mut c, 1).await;
+    assert_eq!(third[0].0, 3);
+    assert_eq!(stream_messages(&mut s1, 1).await, third);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_through_a_redis_restart() {
+    let redis = Engine::new("redis-server", |port| {
+        [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let url = |port| format!("redis://127.0.0.1:{port}");
+    recovery_through_an_outage("REDIS_URL", url, redis, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_through_a_nats_restart() {
+    let nats_bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    };
+    let store = std::env::temp_dir().join(format!("firebrand-js-{}", std::process::id()));
+    let store_arg = store.display().to_string();
+    let nats = Engine::new(nats_bin, |port| {
+        [
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-js",
+            "-sd",
+            &store_arg,
+        ]
+        .map(String::from)
+        .to_vec()
+    });
+    let url = |port| format!("nats://127.0.0.1:{port}");
+    recovery_through_an_outage("NATS_URL", url, nats, true).await;
+    let _ = std::fs::remove_dir_all(store);
+}

@@ -34,6 +34,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -150,6 +151,7 @@ async fn deliver_history(
     name: String,
     mut info: jetstream::stream::Info,
     link: ClusterLink,
+    reconnected: Arc<tokio::sync::Notify>,
 ) {
     let mut next = info.state.last_sequence + 1;
     loop {
@@ -170,7 +172,14 @@ async fn deliver_history(
         match consumer.await {
             Ok(mut messages) => {
                 let e = epoch(&info);
-                while let Some(Ok(message)) = messages.next().await {
+                loop {
+                    let message = tokio::select! {
+                        m = messages.next() => m,
+                        () = reconnected.notified() => break,
+                    };
+                    let Some(Ok(message)) = message else {
+                        break;
+                    };
                     let Ok(seq) = message.info().map(|i| i.stream_sequence) else {
                         continue;
                     };
@@ -208,8 +217,20 @@ impl Adapter for NatsAdapter {
         tokio::spawn(async move {
             // The first connection is retried here; after it, the client reconnects by itself.
             let mut tries = 0u32;
+            // Every reconnection: the history's reader starts a new consumer (the old one may
+            // be gone with a restarted server, and would be noticed only after heartbeats).
+            let reconnected = Arc::new(tokio::sync::Notify::new());
             let client = loop {
-                match async_nats::connect(url.as_str()).await {
+                let notify = reconnected.clone();
+                let options = async_nats::ConnectOptions::new().event_callback(move |event| {
+                    let notify = notify.clone();
+                    async move {
+                        if matches!(event, async_nats::Event::Connected) {
+                            notify.notify_one();
+                        }
+                    }
+                });
+                match options.connect(url.as_str()).await {
                     Ok(c) => break c,
                     Err(e) => {
                         tracing::warn!(error = %e, "nats: cannot connect; retrying");
@@ -240,7 +261,13 @@ impl Adapter for NatsAdapter {
                         match history_stream(&js, &name, &subject, retention).await {
                             Ok(info) => {
                                 tracing::debug!(stream = name, "nats: history stream ready");
-                                tokio::spawn(deliver_history(js.clone(), name, info, link));
+                                tokio::spawn(deliver_history(
+                                    js.clone(),
+                                    name,
+                                    info,
+                                    link,
+                                    reconnected,
+                                ));
                                 shared.send_replace(Some(js));
                                 return;
                             }
