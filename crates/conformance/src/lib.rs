@@ -205,7 +205,8 @@ async fn handle_in<C: Channel<Assigns = Option<String>>>(
 ) -> HandleResult {
     match event {
         "new_msg" => ctx.broadcast("new_msg", payload),
-        "new_msg_from" => ctx.broadcast_from("new_msg", payload),
+        // Unrecorded on stream topics (APP.md: only `new_msg` pushes and API broadcasts are).
+        "new_msg_from" => ctx.broadcast_from_unrecorded("new_msg", payload),
         "ping" => return Ok(Some(Reply::ok(payload))),
         "sleep" => {
             let Sleep { ms } = payload.decode()?;
@@ -230,7 +231,7 @@ async fn handle_in<C: Channel<Assigns = Option<String>>>(
             return Ok(Some(Reply::ok(json!({}))));
         }
         "crash" => panic!("handle_in crashed on purpose"),
-        "shout" => ctx.broadcast("shout", payload),
+        "shout" => ctx.broadcast_unrecorded("shout", payload),
         "disconnect_me" => {
             if let Some(user) = ctx.assigns() {
                 ctx.endpoint().disconnect(&format!("user_socket:{user}"));

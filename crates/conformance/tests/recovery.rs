@@ -84,6 +84,7 @@ on_every_engine!(
     a_position_the_history_no_longer_reaches_is_not_recovered,
     v1_clients_get_the_position_as_ref_and_binary_broadcasts_are_not_recorded,
     rejoins_racing_a_publisher_see_every_message_once_in_order,
+    only_new_msg_and_api_broadcasts_are_recorded,
 );
 
 /// Joins `topic` with `params`; returns the reply's response.
@@ -318,4 +319,38 @@ async fn rejoins_racing_a_publisher_see_every_message_once_in_order(engine: On) 
         j.await.unwrap();
     }
     drop(publisher.await.unwrap());
+}
+
+/// APP.md: on stream topics `new_msg` pushes and API broadcasts are recorded; other events
+/// (`new_msg_from`, the intercepted `shout`) go out without a position and are not replayed.
+async fn only_new_msg_and_api_broadcasts_are_recorded(engine: On) {
+    let server = start_on(engine, Config::default()).await;
+    let topic = "stream:unrecorded";
+    let mut watcher = server.client("vsn=2.0.0").await;
+    let start = join(&mut watcher, "1", topic, json!({})).await["position"].clone();
+    let mut sender = server.client("vsn=2.0.0").await;
+    join(&mut sender, "1", topic, json!({})).await;
+    sender
+        .send(json!(["1", null, topic, "new_msg_from", {"n": 1}]))
+        .await;
+    watcher
+        .expect(json!([null, null, topic, "new_msg", {"n": 1}]))
+        .await;
+    sender
+        .send(json!(["1", null, topic, "shout", {"n": 2}]))
+        .await;
+    watcher
+        .expect(json!(["1", null, topic, "shout", {"n": 2, "to": null}]))
+        .await;
+    sender
+        .send(json!(["1", null, topic, "new_msg", {"n": 3}]))
+        .await;
+    let third = received(&mut watcher, 1).await;
+    assert_eq!(third[0].0, 3);
+    // From the start: only the recorded one.
+    let mut back = server.client("vsn=2.0.0").await;
+    let reply = join(&mut back, "1", topic, json!({ "since": start })).await;
+    assert_eq!(reply["recovered"], true);
+    assert_eq!(received(&mut back, 1).await, third);
+    back.ping_roundtrip("1", "2", topic).await;
 }

@@ -3,13 +3,14 @@
 //! monitoring port, so that its counters are this run's alone) and two conformance nodes on it.
 //! For a `room:` topic and a `stream:` (recoverable) topic in turn:
 //!
-//! - **rate**: one client pushes `new_msg_from` on node 0 as fast as it can (`--bursts` × 1,000 frames,
+//! - **rate**: one client pushes `new_msg` on node 0 as fast as it can (`--bursts` × 1,000 frames,
 //!   128-byte payloads) while a subscriber on node 1 counts them: broadcasts per second that one
 //!   topic sustains end to end, and whether every one arrived once, in order;
 //! - **engine cost per broadcast**: the engine's own counters before and after (Redis: commands
 //!   run and bytes in/out from `INFO`; NATS: messages and bytes in/out from `/varz`);
 //! - **memory per kept message**: the engine's memory (Redis `used_memory`, NATS `/jsz` storage)
-//!   and node 0's RSS (its ring) after the run, over the messages kept;
+//!   and node 1's RSS (its ring: node 1 only forwards to one subscriber) after the run, over the
+//!   messages kept;
 //! - **memory per topic**: 2,000 more topics get one broadcast each (`POST /api/broadcast`).
 
 use std::net::SocketAddr;
@@ -228,7 +229,7 @@ async fn measure(o: &Opts, engine: &OwnEngine, topic: &str, n: u64) -> anyhow::R
     let mut publisher = Ws::connect_join(a, topic).await?;
     // Let the join's history read (and the engine's first writes) settle before counting.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss0 = rss_kib(cluster.nodes[0].pid);
+    let rss0 = rss_kib(cluster.nodes[1].pid);
     let before = engine.counters().await?;
     let pad = "x".repeat(100);
     let t0 = Instant::now();
@@ -274,12 +275,20 @@ async fn measure(o: &Opts, engine: &OwnEngine, topic: &str, n: u64) -> anyhow::R
                 bail!("{topic}: no progress for 60 s");
             }
         }
-        // `new_msg_from`: to every subscriber but the sender (which does not read).
-        let text = format!(r#"["1",null,"{topic}","new_msg_from",{{"n":{i},"pad":"{pad}"}}]"#);
+        let text = format!(r#"["1",null,"{topic}","new_msg",{{"n":{i},"pad":"{pad}"}}]"#);
         client_frame(&mut frames, 1, text.as_bytes());
         if i % 100 == 0 || i == n || i % WINDOW == 0 {
             publisher.send_raw(&frames).await?;
             frames.clear();
+            // The publisher gets its own broadcasts too: read them away, so that it is not
+            // closed as a slow consumer.
+            while let Ok(read) = tokio::time::timeout(Duration::ZERO, publisher.fill()).await {
+                if !read? {
+                    bail!("{topic}: the publisher was closed");
+                }
+                while publisher.next_frame().is_some() {}
+                publisher.shrink();
+            }
         }
     }
     let (done, in_order) = tokio::time::timeout(Duration::from_secs(60), reader)
@@ -291,7 +300,7 @@ async fn measure(o: &Opts, engine: &OwnEngine, topic: &str, n: u64) -> anyhow::R
     let rate = n as f64 / (done - t0).as_secs_f64();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = engine.counters().await?;
-    let rss1 = rss_kib(cluster.nodes[0].pid);
+    let rss1 = rss_kib(cluster.nodes[1].pid);
     let per = |i: usize| after[i].saturating_sub(before[i]) as f64 / n as f64;
     // Topics: one broadcast each on TOPICS more.
     const TOPICS: u64 = 2000;
@@ -307,7 +316,7 @@ async fn measure(o: &Opts, engine: &OwnEngine, topic: &str, n: u64) -> anyhow::R
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let later = engine.counters().await?;
-    let rss2 = rss_kib(cluster.nodes[0].pid);
+    let rss2 = rss_kib(cluster.nodes[1].pid);
     Ok(Measured {
         rate,
         in_order,

@@ -433,6 +433,15 @@ impl Endpoint {
         self.inner.hub.dispatch_local(&b, from);
     }
 
+    /// Broadcasts `b` on every node, to every subscriber but `from`, without recording it in a
+    /// recoverable topic's history (no position; never replayed).
+    pub(crate) fn publish_unrecorded(&self, b: Broadcast, from: Option<SubId>) {
+        if let Some(c) = &self.inner.cluster {
+            c.broadcast(&b);
+        }
+        self.inner.hub.dispatch_unrecorded(&b, from);
+    }
+
     /// The endpoint's value of type `T`, made by `make` on first use (what a transport keeps
     /// per endpoint, without the endpoint knowing its type).
     pub(crate) fn local<T: Send + Sync + 'static>(&self, make: impl FnOnce() -> T) -> Arc<T> {

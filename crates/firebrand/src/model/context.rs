@@ -213,6 +213,29 @@ impl<C: Channel> ChannelContext<C> {
         );
     }
 
+    /// [`broadcast`](Self::broadcast), but on a [recoverable](crate::EndpointBuilder::history)
+    /// topic not recorded in its history: it goes out without a position and is never replayed
+    /// to a client that missed it. For what a rejoining client does not need: a typing
+    /// indicator, a cursor, a presence-like signal. (On other topics, the same as
+    /// `broadcast`.)
+    ///
+    /// ```
+    /// # fn f<C: firebrand::Channel>(ctx: &mut firebrand::ChannelContext<C>) {
+    /// ctx.broadcast_unrecorded("typing", serde_json::json!({"user": "ada"}));
+    /// # }
+    /// ```
+    pub fn broadcast_unrecorded(&self, event: &str, payload: impl Into<Payload>) {
+        let b = Broadcast::new(&*self.topic, event, payload.into());
+        self.endpoint.publish_unrecorded(b, None);
+    }
+
+    /// [`broadcast_from`](Self::broadcast_from), not recorded (see
+    /// [`broadcast_unrecorded`](Self::broadcast_unrecorded)).
+    pub fn broadcast_from_unrecorded(&self, event: &str, payload: impl Into<Payload>) {
+        let b = Broadcast::new(&*self.topic, event, payload.into());
+        self.endpoint.publish_unrecorded(b, self.sub_id);
+    }
+
     /// A handle to reply later to the push being handled (Phoenix's `socket_ref`).
     ///
     /// Returns `None` outside [`Channel::handle_in`] or when the push carried no ref.

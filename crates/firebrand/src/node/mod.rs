@@ -114,14 +114,24 @@ impl Hub {
             .as_ref()
             .filter(|h| !h.fed())
             .and_then(|h| Some((h, self.recorded(b)?)));
-        let delivered = match recorded {
+        match recorded {
             Some((history, retention)) => {
                 let mut delivered = 0;
                 history.append(b, retention, |b| delivered = self.pubsub.dispatch(b, from));
-                delivered
+                self.count_broadcast(delivered);
             }
-            None => self.pubsub.dispatch(b, from),
-        };
+            None => self.dispatch_unrecorded(b, from),
+        }
+    }
+
+    /// Delivers `b` to this node's subscribers (except `from`) as it is, recoverable topic or
+    /// not, and counts it.
+    pub(crate) fn dispatch_unrecorded(&self, b: &Broadcast, from: Option<SubId>) {
+        let delivered = self.pubsub.dispatch(b, from);
+        self.count_broadcast(delivered);
+    }
+
+    fn count_broadcast(&self, delivered: u64) {
         self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
         self.counters
             .deliveries
@@ -139,10 +149,7 @@ impl Hub {
         history.record(b, at, retention, |b| {
             delivered += self.pubsub.dispatch(b, from)
         });
-        self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .deliveries
-            .fetch_add(delivered, Ordering::Relaxed);
+        self.count_broadcast(delivered);
     }
 
     /// The engine's delivery to this node was interrupted: see [`History::interrupted`].
@@ -200,11 +207,7 @@ impl Hub {
 impl DiffSink for Hub {
     fn publish_diff(&self, diff: &Diff<'_>) {
         // Each node broadcasts its own view's diffs to its local subscribers.
-        let delivered = self.pubsub.dispatch_sequenced(diff);
-        self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .deliveries
-            .fetch_add(delivered, Ordering::Relaxed);
+        self.count_broadcast(self.pubsub.dispatch_sequenced(diff));
     }
 }
 
