@@ -329,6 +329,33 @@ async fn a_graceful_stop_removes_presences_at_once() {
     drop((n1, n2, dana));
 }
 
+/// A private Redis on a free port, keeping nothing on disk.
+fn private_redis() -> Engine {
+    Engine::new("redis-server", |port| {
+        [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec()
+    })
+}
+
+/// Debian's nats-server, or the one on the PATH.
+fn nats_bin() -> &'static str {
+    if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    }
+}
+
 /// A private engine server for an outage test, on a free port.
 struct Engine {
     cmd: &'static str,
@@ -436,20 +463,7 @@ async fn engine_outage(var: &str, url: impl Fn(u16) -> String, mut engine: Engin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart() {
-    let redis = Engine::new("redis-server", |port| {
-        [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .map(String::from)
-        .to_vec()
-    });
+    let redis = private_redis();
     engine_outage(
         "REDIS_URL",
         |port| format!("redis://127.0.0.1:{port}"),
@@ -460,12 +474,7 @@ async fn redis_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart() {
-    let nats_bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
-        "/usr/sbin/nats-server"
-    } else {
-        "nats-server"
-    };
-    let nats = Engine::new(nats_bin, |port| {
+    let nats = Engine::new(nats_bin(), |port| {
         ["-a", "127.0.0.1", "-p", &port.to_string()]
             .map(String::from)
             .to_vec()
@@ -948,34 +957,16 @@ async fn recovery_through_an_outage(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_through_a_redis_restart() {
-    let redis = Engine::new("redis-server", |port| {
-        [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        .map(String::from)
-        .to_vec()
-    });
+    let redis = private_redis();
     let url = |port| format!("redis://127.0.0.1:{port}");
     recovery_through_an_outage("REDIS_URL", url, redis, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_through_a_nats_restart() {
-    let nats_bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
-        "/usr/sbin/nats-server"
-    } else {
-        "nats-server"
-    };
     let store = std::env::temp_dir().join(format!("firebrand-js-{}", std::process::id()));
     let store_arg = store.display().to_string();
-    let nats = Engine::new(nats_bin, |port| {
+    let nats = Engine::new(nats_bin(), |port| {
         [
             "-a",
             "127.0.0.1",

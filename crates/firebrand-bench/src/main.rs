@@ -3,6 +3,7 @@
 //! broadcaster in the same invocation. See the crate's README.md.
 
 mod baseline;
+mod charts;
 mod cluster;
 mod history;
 mod presence;
@@ -35,6 +36,7 @@ scenarios: idle fanout latency connect echo slow all    (serve-baseline --port P
 cluster scenarios (conformance nodes on Redis or NATS, several generator processes):
            cluster-fanout presence-storm presence-room presence-kill cluster-all
            history-cost (--engine redis|nats; --bursts N: N x 1000 broadcasts)
+           charts (SVG: --conns 1000,5000,... --subs 1000,2500,... --out DIR)
 options:
   --conns N        idle: connections (19000); connect: connections (10000)
   --subs N         fanout: subscribers (10000); latency: comma list (1000,10000)
@@ -47,6 +49,7 @@ options:
   --topic T        fanout: the topic (room:fanout; stream:fanout is recoverable: history kept)
 cluster options:
   --engine redis|nats   cluster engine (redis: 127.0.0.1:6379, nats: 127.0.0.1:4222)
+  --server-threads N  the servers' Tokio worker threads (TOKIO_WORKER_THREADS; default one per core)
   --nodes N        server nodes (cluster-fanout 5, presence 3; presence-kill always 3)
   --per-node N     cluster-fanout: subscribers per node (19000)
   --users U        presence-storm: distinct users (57000)
@@ -85,6 +88,12 @@ struct Opts {
     heartbeat_ms: Option<u64>,
     in_flight: usize,
     per_worker: usize,
+    /// The servers' Tokio worker threads (`TOKIO_WORKER_THREADS`; default: one per core).
+    server_threads: Option<usize>,
+    /// `--conns` as given (charts: several sizes).
+    conns_list: Option<Vec<usize>>,
+    /// charts: where the SVG files go.
+    out: Option<PathBuf>,
 }
 
 impl Opts {
@@ -122,12 +131,23 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         heartbeat_ms: None,
         in_flight: 768,
         per_worker: 16_000,
+        server_threads: None,
+        conns_list: None,
+        out: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut v = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--conns" => o.conns = Some(v()?.parse()?),
+            "--conns" => {
+                let list = v()?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<Vec<usize>, _>>()?;
+                o.conns = list.first().copied();
+                o.conns_list = Some(list);
+            }
+            "--out" => o.out = Some(v()?.into()),
             "--subs" => o.subs = Some(v()?.split(',').map(str::parse).collect::<Result<_, _>>()?),
             "--rate" => o.rate = Some(v()?.parse()?),
             "--secs" => o.secs = Some(v()?.parse()?),
@@ -156,6 +176,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--heartbeat-ms" => o.heartbeat_ms = Some(v()?.parse()?),
             "--in-flight" => o.in_flight = v()?.parse()?,
             "--per-worker" => o.per_worker = v()?.parse()?,
+            "--server-threads" => o.server_threads = Some(v()?.parse()?),
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
@@ -196,6 +217,10 @@ impl Server {
                 c
             }
         };
+        if let Some(n) = o.server_threads {
+            // Both servers run on Tokio's multi-thread runtime, which takes its size from this.
+            cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -537,12 +562,23 @@ where
 }
 
 /// Sockets in TIME_WAIT (`/proc/net/sockstat`), if the kernel says.
+/// Sockets in TIME_WAIT that a benchmark made: its clients bind 127.B.C.x with x >= 2, so any
+/// loopback socket with an address other than 127.0.0.1 (others on the machine churn through
+/// 127.0.0.1 all the time: e.g. RabbitMQ's checks of epmd, thousands a minute).
 fn time_wait() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
-    let tcp = stat.lines().find(|l| l.starts_with("TCP:"))?;
-    let mut words = tcp.split_whitespace();
-    words.find(|w| *w == "tw")?;
-    words.next()?.parse().ok()
+    const LOCALHOST: &str = "0100007F:";
+    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let n = tcp
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().take(4).collect();
+            f.len() == 4
+                && f[3] == "06"
+                && !(f[1].starts_with(LOCALHOST) && f[2].starts_with(LOCALHOST))
+        })
+        .count();
+    Some(n as u64)
 }
 
 /// Waits (up to 70 s) until few sockets are left in TIME_WAIT from an earlier run: with tens of
@@ -990,6 +1026,7 @@ fn main() -> anyhow::Result<()> {
             "presence-room" => scenarios::presence_room(&o).await,
             "presence-kill" => scenarios::presence_kill(&o).await,
             "history-cost" => history::history_cost(&o).await,
+            "charts" => charts::charts(&o).await,
             "cluster-all" => {
                 scenarios::cluster_fanout(&o).await?;
                 scenarios::presence_storm(&o).await?;
