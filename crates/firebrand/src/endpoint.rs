@@ -15,6 +15,7 @@ use crate::node::history::{History, Retention};
 use crate::node::presence::PresenceFetch;
 use crate::node::pubsub::{Broadcast, SubId};
 use crate::node::queue::Close;
+use crate::node::subscription::Subscription;
 
 /// A node's sockets and PubSub. Cheap to clone: keep one in your app state and broadcast from
 /// anywhere (an HTTP handler, a background job).
@@ -282,6 +283,31 @@ impl Endpoint {
     /// `Endpoint.broadcast`). Never blocks: each subscriber's frame is queued.
     pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
         self.publish(Broadcast::new(topic, event, payload.into()), None);
+    }
+
+    /// Receives `topic`'s broadcasts in Rust code outside any channel (Phoenix's
+    /// `Phoenix.PubSub.subscribe/2`): from channels, from [`broadcast`](Endpoint::broadcast),
+    /// and in a cluster from every node. At most `capacity` unread broadcasts are held: a
+    /// reader that falls behind loses the oldest and is told how many (see [`Subscription`]);
+    /// it never slows the publisher or the topic's clients. Dropping it unsubscribes.
+    ///
+    /// ```
+    /// # async fn f() {
+    /// let endpoint = firebrand::Endpoint::new();
+    /// let mut messages = endpoint.subscribe("room:lobby", 1024);
+    /// tokio::spawn(async move {
+    ///     while let Ok(b) = messages.recv().await {
+    ///         println!("{} on {}: {:?}", b.event(), b.topic(), b.payload().to_value());
+    ///     }
+    /// });
+    /// endpoint.broadcast("room:lobby", "new_msg", serde_json::json!({"body": "hi"}));
+    /// # }
+    /// ```
+    ///
+    /// On a [recoverable](EndpointBuilder::history) topic each broadcast carries its
+    /// [`position`](Broadcast::position).
+    pub fn subscribe(&self, topic: &str, capacity: usize) -> Subscription {
+        Subscription::new(&self.inner.hub, topic, capacity)
     }
 
     /// Broadcasts to the subscribers of `topic` on this node only (Phoenix's

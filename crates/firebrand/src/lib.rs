@@ -109,6 +109,9 @@
 //!   frame's `ref` slot; a client that rejoins with `{"since": P}` gets what it missed, in
 //!   order and once, and the reply says whether it was `recovered`. In a cluster the history
 //!   lives in the engine (Redis streams, NATS JetStream), so a client recovers on any node.
+//! - **Server-side subscribers.** [`Endpoint::subscribe`] gives Rust code outside any channel
+//!   a topic's broadcasts from every node (a job that persists messages, a webhook sender),
+//!   bounded: a reader that falls behind loses the oldest and is told ([`Lagged`]).
 //! - **Bounded memory.** Each connection's outbound queue is bounded in bytes; a client that
 //!   cannot keep up is disconnected with code 1008 (see [`SocketBuilder::outbound_limit`]),
 //!   a long-poll session that stops polling is ended the same way, and long-poll POST bodies
@@ -137,6 +140,7 @@ pub use model::socket::{ConnectError, ConnectInfo, Socket};
 pub use node::presence;
 pub use node::presence::PresenceError;
 pub use node::pubsub::Broadcast;
+pub use node::subscription::{Lagged, Subscription};
 pub use token::{TokenError, TokenSigner};
 pub use transport::http::SocketBuilder;
 pub use transport::origin::CheckOrigin;

@@ -490,3 +490,50 @@ mod recovery {
         );
     }
 }
+
+/// Server-side subscribers: Rust code outside any channel receives a topic's broadcasts, from
+/// this node and from the others; a reader that falls behind loses the oldest and is told how
+/// many; dropping the subscription unsubscribes.
+#[tokio::test]
+async fn subscriptions_receive_broadcasts_from_every_node_and_say_when_they_lagged() {
+    let bus = firebrand::cluster::tests_only::Loopback::default();
+    let a = Endpoint::builder().adapter(bus.clone()).build();
+    let b = Endpoint::builder().adapter(bus).build();
+    let mut sub = b.subscribe("room:jobs", 2);
+    assert_eq!(sub.topic(), "room:jobs");
+    a.broadcast("room:jobs", "new_msg", json!({"n": 1}));
+    b.broadcast("room:jobs", "new_msg", json!({"n": 2}));
+    let n = |r: Result<firebrand::Broadcast, firebrand::Lagged>| {
+        r.unwrap().payload().to_value().unwrap()["n"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(n(tokio::time::timeout(WAIT, sub.recv()).await.unwrap()), 1);
+    assert_eq!(n(tokio::time::timeout(WAIT, sub.recv()).await.unwrap()), 2);
+    assert!(sub.try_recv().is_none());
+
+    // Five more than the reader takes: the oldest three are dropped, and it is told.
+    for i in 3..=7 {
+        b.broadcast("room:jobs", "new_msg", json!({ "n": i }));
+    }
+    assert_eq!(sub.recv().await.unwrap_err(), firebrand::Lagged(3));
+    assert_eq!(n(sub.recv().await), 6);
+    assert_eq!(n(sub.next().await.unwrap()), 7);
+
+    // On a recoverable topic, each broadcast carries its position.
+    let alone = Endpoint::builder()
+        .history("stream:*", 10, Duration::from_secs(60))
+        .build();
+    let mut stream = alone.subscribe("stream:jobs", 8);
+    alone.broadcast("stream:jobs", "new_msg", json!({}));
+    let got = tokio::time::timeout(WAIT, stream.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got.position().is_some_and(|p| p.len() == 28));
+
+    // Dropped: unsubscribed.
+    let topics = b.stats().topics;
+    drop(sub);
+    assert_eq!(b.stats().topics, topics - 1);
+}

@@ -1,50 +1,5 @@
-//! The history part of the adapter contract: how an engine keeps the recoverable topics'
-//! histories for a cluster ([`HistoryEngine`]), so that a position means the same on every node
-//! and a client recovers on any node, also after the node it was on died.
-//!
-//! **What a node does with it.** On a recoverable topic ([`EndpointBuilder::history`]) a
-//! broadcast is not dispatched locally: it is handed to [`HistoryEngine::append`], and every
-//! node (the publisher's too) dispatches it when the engine delivers it back with its position
-//! through [`ClusterLink::receive_recorded`]. Each node keeps a ring of the broadcasts it
-//! dispatched (a cache of the engine's history): a rejoin whose `since` the ring covers is
-//! answered without the engine; others [`read`](HistoryEngine::read) it.
-//!
-//! **The contract** an engine must meet (Redis: `firebrand-redis`; NATS JetStream:
-//! `firebrand-nats`; a third engine meets the same points):
-//!
-//! 1. **Positions.** `append` gives each entry an offset, atomically with storing it: offsets
-//!    of one topic strictly increase within an epoch. Where they go up by one, deliver with
-//!    `prev = Some(offset - 1)`, and a node that missed entries notices the gap itself.
-//! 2. **Epochs.** The epoch (a u64, random or derived from the store's identity) changes
-//!    whenever entries may have been lost other than from the front: a flushed or restarted
-//!    store, a deleted stream, an evicted key. A position of another epoch is never recovered.
-//! 3. **Delivery.** Every node gets every entry of a topic through
-//!    [`ClusterLink::receive_recorded`], in offset order per topic, from one task. When the
-//!    delivery to this node was interrupted and entries may be lost (a subscription dropped),
-//!    call [`ClusterLink::interrupted`] once it is back: the node's rings forget what they knew
-//!    and its recoverable channels are told to rejoin.
-//! 4. **Reads.** [`read`](HistoryEngine::read) is one snapshot: the epoch, the top offset, and
-//!    every entry of the topic with an offset in `(from, top]`, oldest first, where `from` is
-//!    the answer's own claim of completeness (for `After(s)`: `s` when nothing after `s` is
-//!    missing, higher otherwise; for `Last(n)`: the offset before the first entry returned).
-//!    A read of an empty topic fixes its epoch, so that the position a join replies with stays
-//!    valid after the first append.
-//! 5. **Retention** trims only from the front: at least `size` entries are kept, and entries
-//!    older than `max_age` are not returned (an engine may keep them longer).
-//! 6. **Failure.** `append` never waits; what cannot be appended is lost for every node (this
-//!    one too: nothing is delivered without a position) and counted with
-//!    [`ClusterLink::count_lost`]. A read that fails answers `Err`; the join then says
-//!    `recovered: false` and replays nothing. Nothing panics.
-//!
-//! The message an engine stores and delivers is opaque to it: the node-to-node encoding of the
-//! broadcast, sealed with the cluster secret if there is one. Its position is outside the seal:
-//! whoever can write to the engine can forge positions (the same trust as for the messages of
-//! an engine without a secret).
-//!
-//! [`EndpointBuilder::history`]: crate::EndpointBuilder::history
-//! [`ClusterLink::receive_recorded`]: super::ClusterLink::receive_recorded
-//! [`ClusterLink::interrupted`]: super::ClusterLink::interrupted
-//! [`ClusterLink::count_lost`]: super::ClusterLink::count_lost
+//! The history part of the adapter contract: [`HistoryEngine`] (its docs are the contract), and
+//! how a recorded broadcast is framed.
 
 use std::fmt;
 use std::future::Future;
@@ -57,8 +12,55 @@ pub use crate::node::history::{Query, Retention};
 use crate::node::pubsub::SubId;
 
 /// An engine's history of recoverable topics: the part of an [`Adapter`](super::Adapter) that
-/// keeps them ([`Adapter::history`](super::Adapter::history)). See the [module docs](self) for
-/// the contract.
+/// keeps them ([`Adapter::history`](super::Adapter::history)).
+///
+/// The history part of the adapter contract: how an engine keeps the recoverable topics'
+/// histories for a cluster ([`HistoryEngine`]), so that a position means the same on every node
+/// and a client recovers on any node, also after the node it was on died.
+///
+/// **What a node does with it.** On a recoverable topic ([`EndpointBuilder::history`]) a
+/// broadcast is not dispatched locally: it is handed to [`HistoryEngine::append`], and every
+/// node (the publisher's too) dispatches it when the engine delivers it back with its position
+/// through [`ClusterLink::receive_recorded`]. Each node keeps a ring of the broadcasts it
+/// dispatched (a cache of the engine's history): a rejoin whose `since` the ring covers is
+/// answered without the engine; others [`read`](HistoryEngine::read) it.
+///
+/// **The contract** an engine must meet (Redis: `firebrand-redis`; NATS JetStream:
+/// `firebrand-nats`; a third engine meets the same points):
+///
+/// 1. **Positions.** `append` gives each entry an offset, atomically with storing it: offsets
+///    of one topic strictly increase within an epoch. Where they go up by one, deliver with
+///    `prev = Some(offset - 1)`, and a node that missed entries notices the gap itself.
+/// 2. **Epochs.** The epoch (a u64, random or derived from the store's identity) changes
+///    whenever entries may have been lost other than from the front: a flushed or restarted
+///    store, a deleted stream, an evicted key. A position of another epoch is never recovered.
+/// 3. **Delivery.** Every node gets every entry of a topic through
+///    [`ClusterLink::receive_recorded`], in offset order per topic, from one task. When the
+///    delivery to this node was interrupted and entries may be lost (a subscription dropped),
+///    call [`ClusterLink::interrupted`] once it is back: the node's rings forget what they knew
+///    and its recoverable channels are told to rejoin.
+/// 4. **Reads.** [`read`](HistoryEngine::read) is one snapshot: the epoch, the top offset, and
+///    every entry of the topic with an offset in `(from, top]`, oldest first, where `from` is
+///    the answer's own claim of completeness (for `After(s)`: `s` when nothing after `s` is
+///    missing, higher otherwise; for `Last(n)`: the offset before the first entry returned).
+///    A read of an empty topic fixes its epoch, so that the position a join replies with stays
+///    valid after the first append.
+/// 5. **Retention** trims only from the front: at least `size` entries are kept, and entries
+///    older than `max_age` are not returned (an engine may keep them longer).
+/// 6. **Failure.** `append` never waits; what cannot be appended is lost for every node (this
+///    one too: nothing is delivered without a position) and counted with
+///    [`ClusterLink::count_lost`]. A read that fails answers `Err`; the join then says
+///    `recovered: false` and replays nothing. Nothing panics.
+///
+/// The message an engine stores and delivers is opaque to it: the node-to-node encoding of the
+/// broadcast, sealed with the cluster secret if there is one. Its position is outside the seal:
+/// whoever can write to the engine can forge positions (the same trust as for the messages of
+/// an engine without a secret).
+///
+/// [`EndpointBuilder::history`]: crate::EndpointBuilder::history
+/// [`ClusterLink::receive_recorded`]: super::ClusterLink::receive_recorded
+/// [`ClusterLink::interrupted`]: super::ClusterLink::interrupted
+/// [`ClusterLink::count_lost`]: super::ClusterLink::count_lost
 pub trait HistoryEngine: Send + Sync + 'static {
     /// Appends `message` to `topic`'s history as its next entry (at most `retention.size`
     /// kept, none older than `retention.max_age`), and delivers it with its position to every

@@ -8,6 +8,7 @@ pub(crate) mod history;
 pub mod presence;
 pub(crate) mod pubsub;
 pub(crate) mod queue;
+pub(crate) mod subscription;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
