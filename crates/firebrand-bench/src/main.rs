@@ -855,11 +855,17 @@ async fn connect(o: &Opts) -> anyhow::Result<()> {
     let n = o.conns.unwrap_or(10_000);
     let (fb, base) = each(o, |server| async move {
         let t0 = Instant::now();
+        let cpu0 = cpu_ns(server.pid);
         let subs = Subs::spawn(server.addr, n, |i| format!("room:c{}", i % 100), o);
         let (joined, secs) = subs.wait_joined(t0).await?;
+        let cpu = cpu_ns(server.pid) - cpu0;
         drop(subs);
         settle().await;
-        Ok(vec![joined as f64 / secs, joined as f64])
+        Ok(vec![
+            joined as f64 / secs,
+            joined as f64,
+            cpu as f64 / 1000.0 / joined as f64,
+        ])
     })
     .await?;
     let rows = rows(
@@ -871,6 +877,7 @@ async fn connect(o: &Opts) -> anyhow::Result<()> {
                 "1/s",
             ),
             ("connections joined".into(), ""),
+            ("server CPU per connect + join".into(), "us"),
         ],
     );
     report(
@@ -878,9 +885,11 @@ async fn connect(o: &Opts) -> anyhow::Result<()> {
         "WebSocket upgrade + phx_join + ok reply",
         &rows,
         format!(
-            "firebrand {:.0} connections+joins/s (target >= 8000), {:.2}x baseline",
+            "firebrand {:.0} connections+joins/s (target >= 8000), {:.2}x baseline; server CPU per connect + join {:.1} us, {:.2}x baseline",
             nan_if_empty(&fb, 0),
-            nan_if_empty(&fb, 0) / nan_if_empty(&base, 0)
+            nan_if_empty(&fb, 0) / nan_if_empty(&base, 0),
+            nan_if_empty(&fb, 2),
+            nan_if_empty(&fb, 2) / nan_if_empty(&base, 2)
         ),
     );
     Ok(())
