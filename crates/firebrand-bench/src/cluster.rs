@@ -400,24 +400,30 @@ pub(crate) async fn redis_publish_calls(engine: Engine) -> Option<u64> {
     if engine != Engine::Redis {
         return None;
     }
-    let mut s = TcpStream::connect(engine.host_port()).await.ok()?;
-    s.write_all(b"INFO commandstats\r\n").await.ok()?;
+    let info = redis_info(engine.host_port(), "commandstats").await.ok()?;
+    Some(
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(0),
+    )
+}
+
+/// The text of Redis' `INFO section` at `addr`.
+pub(crate) async fn redis_info(addr: &str, section: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(format!("INFO {section}\r\n").as_bytes())
+        .await?;
     let mut buf = Vec::new();
     loop {
         if let Some(e) = memmem::find(&buf, b"\r\n") {
-            let len: usize = std::str::from_utf8(buf.get(1..e)?).ok()?.parse().ok()?;
+            let len: usize = std::str::from_utf8(&buf[1..e])?.parse()?;
             if buf.len() >= e + 2 + len {
-                let body = std::str::from_utf8(&buf[e + 2..e + 2 + len]).ok()?;
-                return Some(
-                    body.lines()
-                        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
-                        .and_then(|v| v.split(',').next()?.parse().ok())
-                        .unwrap_or(0),
-                );
+                return Ok(String::from_utf8_lossy(&buf[e + 2..e + 2 + len]).into_owned());
             }
         }
-        if s.read_buf(&mut buf).await.ok()? == 0 {
-            return None;
+        if s.read_buf(&mut buf).await? == 0 {
+            bail!("redis closed the connection");
         }
     }
 }

@@ -22,7 +22,7 @@ use memchr::memmem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::cluster::{Cluster, Engine};
+use crate::cluster::{Cluster, Engine, redis_info};
 use crate::stats::rss_kib;
 use crate::ws::{Ws, client_frame};
 use crate::{Opts, Trigger, fmt};
@@ -112,7 +112,7 @@ impl OwnEngine {
         match self.monitor {
             None => {
                 let port = self.url.rsplit(':').next().unwrap_or_default();
-                let info = redis_info(&format!("127.0.0.1:{port}")).await?;
+                let info = redis_info(&format!("127.0.0.1:{port}"), "all").await?;
                 let field = |name: &str| -> u64 {
                     info.lines()
                         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
@@ -170,23 +170,6 @@ fn nats_server() -> &'static str {
         "/usr/sbin/nats-server"
     } else {
         "nats-server"
-    }
-}
-
-async fn redis_info(addr: &str) -> anyhow::Result<String> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(b"INFO all\r\n").await?;
-    let mut buf = Vec::new();
-    loop {
-        if let Some(e) = memmem::find(&buf, b"\r\n") {
-            let len: usize = std::str::from_utf8(&buf[1..e])?.parse()?;
-            if buf.len() >= e + 2 + len {
-                return Ok(String::from_utf8_lossy(&buf[e + 2..e + 2 + len]).into_owned());
-            }
-        }
-        if s.read_buf(&mut buf).await? == 0 {
-            bail!("redis closed the connection");
-        }
     }
 }
 

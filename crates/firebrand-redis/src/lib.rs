@@ -45,30 +45,12 @@ use firebrand::cluster::{
 };
 use futures_util::StreamExt;
 
-/// Appends a broadcast to its topic's history and publishes it with its position, atomically.
-/// KEYS: stream, meta. ARGV: message, size, max age (ms), channel, a new epoch, meta TTL (ms).
-/// The published message is `0xB7 epoch ':' offset ':' message`.
-const APPEND: &str = r"
-local e = redis.call('HGET', KEYS[2], 'e')
-if not e then
-  e = ARGV[5]
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'e', e, 's', 0)
-end
-local off = redis.call('HINCRBY', KEYS[2], 's', 1)
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], off .. '-0', 't', ms, 'd', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
-redis.call('PUBLISH', ARGV[4], '\183' .. e .. ':' .. off .. ':' .. ARGV[1])
-return off
-";
-
-/// Reads a topic's history: `{epoch, top, now s, now µs, entries}`, one snapshot. An empty
-/// topic gets its epoch here. KEYS: stream, meta. ARGV: a new epoch, meta TTL (ms), the offset
-/// to read after (empty: the last ones), count.
-const READ: &str = r"
+/// How both scripts begin: the topic's epoch, made when its hash is missing (a new topic, or a
+/// lost one: then its stream, if any, is dropped too), and the hash's life extended.
+/// KEYS: stream, meta. ARGV[1]: a new epoch, ARGV[2]: the hash's TTL (ms).
+macro_rules! epoch_prelude {
+    () => {
+        r"
 local e = redis.call('HGET', KEYS[2], 'e')
 if not e then
   e = ARGV[1]
@@ -76,6 +58,32 @@ if not e then
   redis.call('HSET', KEYS[2], 'e', e, 's', 0)
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+"
+    };
+}
+
+/// Appends a broadcast to its topic's history and publishes it with its position, atomically.
+/// KEYS: stream, meta. ARGV: a new epoch, meta TTL (ms), message, size, max age (ms), channel.
+/// The published message is `0xB7 epoch ':' offset ':' message`.
+const APPEND: &str = concat!(
+    epoch_prelude!(),
+    r"
+local off = redis.call('HINCRBY', KEYS[2], 's', 1)
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], off .. '-0', 't', ms, 'd', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[6], '\183' .. e .. ':' .. off .. ':' .. ARGV[3])
+return off
+"
+);
+
+/// Reads a topic's history: `{epoch, top, now s, now µs, entries}`, one snapshot. An empty
+/// topic gets its epoch here. KEYS: stream, meta. ARGV: a new epoch, meta TTL (ms), the offset
+/// to read after (empty: the last ones), count.
+const READ: &str = concat!(
+    epoch_prelude!(),
+    r"
 local top = redis.call('HGET', KEYS[2], 's')
 local now = redis.call('TIME')
 local entries
@@ -85,7 +93,8 @@ else
   entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[4])
 end
 return {e, top, now[1], now[2], entries}
-";
+"
+);
 
 /// Marks a recorded broadcast on the channel (not a format version, nor the sealed marker).
 const RECORDED: u8 = 0xB7;
@@ -331,12 +340,12 @@ impl Adapter for RedisAdapter {
                                         .arg(append.get_hash())
                                         .arg(2)
                                         .arg(&keys(&channel, topic))
+                                        .arg(new_epoch())
+                                        .arg(max_age.saturating_add(millis(META_GRACE)))
                                         .arg(&m[..])
                                         .arg(retention.size.max(1))
                                         .arg(max_age)
                                         .arg(&channel)
-                                        .arg(new_epoch())
-                                        .arg(max_age.saturating_add(millis(META_GRACE)))
                                         .ignore();
                                 }
                             }

@@ -12,11 +12,8 @@ pub use crate::node::history::{Query, Retention};
 use crate::node::pubsub::SubId;
 
 /// An engine's history of recoverable topics: the part of an [`Adapter`](super::Adapter) that
-/// keeps them ([`Adapter::history`](super::Adapter::history)).
-///
-/// The history part of the adapter contract: how an engine keeps the recoverable topics'
-/// histories for a cluster ([`HistoryEngine`]), so that a position means the same on every node
-/// and a client recovers on any node, also after the node it was on died.
+/// keeps them ([`Adapter::history`](super::Adapter::history)), so that a position means the
+/// same on every node and a client recovers on any node, also after the node it was on died.
 ///
 /// **What a node does with it.** On a recoverable topic ([`EndpointBuilder::history`]) a
 /// broadcast is not dispatched locally: it is handed to [`HistoryEngine::append`], and every

@@ -130,6 +130,11 @@ const SWEEP_EVERY: u64 = 4096;
 /// error and rejoins it (with `since`, so the client recovers what it missed).
 const GAP_EVENT: &str = "phx_error";
 
+/// The broadcast that tells `topic`'s subscribers to rejoin ([`GAP_EVENT`]).
+fn gap(topic: &str) -> Broadcast {
+    Broadcast::new(topic, GAP_EVENT, firebrand_protocol::Payload::empty())
+}
+
 impl History {
     /// The histories of a node alone (`fed` false) or of a node an engine feeds.
     pub(crate) fn new(routes: Vec<(Box<str>, Retention)>, fed: bool) -> Self {
@@ -226,11 +231,7 @@ impl History {
                 to = at.offset,
                 "history: this node missed broadcasts; the topic's channels rejoin to recover them"
             );
-            dispatch(&Broadcast::new(
-                b.topic(),
-                GAP_EVENT,
-                firebrand_protocol::Payload::empty(),
-            ));
+            dispatch(&gap(b.topic()));
             r.restart(at.epoch, at.offset - 1);
         }
         let positioned = r.push(b, at.offset, Instant::now(), retention);
@@ -251,11 +252,7 @@ impl History {
             let mut r = ring.lock();
             r.known = false;
             r.entries.clear();
-            dispatch(&Broadcast::new(
-                &*topic,
-                GAP_EVENT,
-                firebrand_protocol::Payload::empty(),
-            ));
+            dispatch(&gap(&topic));
         }
     }
 
