@@ -158,7 +158,8 @@ async fn run<C: Channel>(mut runner: Box<Runner<C>>, mut join: Box<JoinMsg>) {
     {
         return;
     }
-    if !Box::pin(runner.join_guarded(*join)).await {
+    // The join's box goes with it: an argument kept here would hold it for the channel's life.
+    if !Box::pin(runner.join_guarded(join)).await {
         return;
     }
     loop {
@@ -253,10 +254,10 @@ impl<C: Channel> Runner<C> {
 
     /// Runs the join (and `after_join`); whether the channel runs on. A panic answers the
     /// join with `join crashed` (or, in `after_join`, crashes the channel).
-    async fn join_guarded(&mut self, join: JoinMsg) -> bool {
+    async fn join_guarded(&mut self, join: Box<JoinMsg>) -> bool {
         let (jr, r) = (join.join_ref.clone(), join.r#ref.clone());
         let replaces = join.replaces.clone();
-        match AssertUnwindSafe(self.join(join)).catch_unwind().await {
+        match AssertUnwindSafe(self.join(*join)).catch_unwind().await {
             Ok(joined) => joined,
             Err(_) if self.channel.is_some() => {
                 self.crashed();

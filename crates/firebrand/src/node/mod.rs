@@ -37,6 +37,8 @@ pub(crate) struct Hub {
     me: Weak<Hub>,
     conns: Mutex<HashMap<u64, Arc<Outbox>>>,
     next_conn: AtomicU64,
+    /// Idle connections are closed by one sweep over the registry (see [`Registered::watch_idle`]).
+    idle: IdleSweep,
     all_closed: Notify,
     counters: Counters,
 }
@@ -69,6 +71,7 @@ impl Hub {
             me: me.clone(),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            idle: IdleSweep::new(),
             all_closed: Notify::new(),
             counters: Counters::default(),
         })
@@ -222,6 +225,87 @@ impl Registered {
     /// The node the connection is registered with.
     pub(crate) fn hub(&self) -> &Arc<Hub> {
         &self.hub
+    }
+
+    /// Closes the connection ([`Close::IDLE`](queue::Close::IDLE), through its outbox) once
+    /// [`Registered::touch`] has not been called for `timeout`; it is first called now.
+    pub(crate) fn watch_idle(&self, outbox: &Outbox, timeout: Duration) {
+        self.hub.idle.watch(&self.hub, timeout);
+        self.touch(outbox, timeout);
+    }
+
+    /// The client was heard from: the idle deadline moves to `timeout` from now.
+    #[inline]
+    pub(crate) fn touch(&self, outbox: &Outbox, timeout: Duration) {
+        let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        outbox.set_idle_deadline(self.hub.idle.now_ms().saturating_add(timeout));
+    }
+}
+
+/// The idle timeout of every WebSocket connection of a node, kept by one task: each connection
+/// stores its deadline (milliseconds on this clock) in its outbox when it reads, and the sweep
+/// closes those past it. A timer per connection would cost each idle connection 128 bytes
+/// more (tokio's `Sleep` in the connection task) and a timer reset per read; the sweep costs
+/// one pass over the registry every eighth of the shortest timeout (10 ms to 1 s), so a
+/// connection closes up to that much after its timeout.
+struct IdleSweep {
+    /// The clock's zero.
+    epoch: tokio::time::Instant,
+    /// Milliseconds between passes; `u64::MAX` until a connection is watched.
+    period_ms: AtomicU64,
+    /// Whether the sweeping task runs (it clears this when it ends, e.g. with its runtime).
+    running: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl IdleSweep {
+    fn new() -> Self {
+        IdleSweep {
+            epoch: tokio::time::Instant::now(),
+            period_ms: AtomicU64::new(u64::MAX),
+            running: Arc::default(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Makes the sweep run at least as often as `timeout` needs; starts it if it is not running.
+    fn watch(&self, hub: &Arc<Hub>, timeout: Duration) {
+        let period = (timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        self.period_ms
+            .fetch_min(period.as_millis() as u64, Ordering::Relaxed);
+        if !self.running.swap(true, Ordering::AcqRel) {
+            tokio::spawn(Self::sweep(Arc::downgrade(hub), self.running.clone()));
+        }
+    }
+
+    /// Until the hub is gone: every period, closes the connections past their deadline.
+    async fn sweep(hub: Weak<Hub>, running: Arc<std::sync::atomic::AtomicBool>) {
+        /// Clears `running` however the task ends (a runtime shutting down drops it).
+        struct Running(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _running = Running(running);
+        loop {
+            let Some(period) = hub
+                .upgrade()
+                .map(|h| h.idle.period_ms.load(Ordering::Relaxed))
+            else {
+                return;
+            };
+            tokio::time::sleep(Duration::from_millis(period)).await;
+            let Some(hub) = hub.upgrade() else { return };
+            let now = hub.idle.now_ms();
+            for outbox in hub.conns.lock().values() {
+                if outbox.idle_deadline() <= now {
+                    outbox.close(queue::Close::IDLE);
+                }
+            }
+        }
     }
 }
 

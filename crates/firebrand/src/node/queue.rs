@@ -10,7 +10,7 @@
 //! idle connection costs only the structs themselves.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -93,6 +93,9 @@ pub(crate) struct Outbox {
     /// Woken when a close is requested, for a writer blocked on a slow client.
     closing: Notify,
     limit: usize,
+    /// When an idle WebSocket connection is closed: milliseconds on its node's idle clock
+    /// (`u64::MAX`: never). See [`Registered::watch_idle`](crate::node::Registered::watch_idle).
+    idle_deadline: AtomicU64,
 }
 
 /// Everything taken from an [`Outbox`] in one go.
@@ -139,6 +142,7 @@ impl Outbox {
             signaled: AtomicBool::new(false),
             closing: Notify::new(),
             limit,
+            idle_deadline: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -220,6 +224,14 @@ impl Outbox {
         }
     }
 
+    pub(crate) fn idle_deadline(&self) -> u64 {
+        self.idle_deadline.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_idle_deadline(&self, ms: u64) {
+        self.idle_deadline.store(ms, Ordering::Relaxed);
+    }
+
     fn signal(&self) {
         self.signaled.store(true, Ordering::Release);
         self.ready.wake();
@@ -228,14 +240,17 @@ impl Outbox {
     /// Waits until something was queued since the last [`Outbox::take`]. Cancel-safe. One
     /// task waits on an outbox: its connection's.
     pub(crate) fn ready(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| {
-            self.ready.register(cx.waker());
-            if self.signaled.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
+        std::future::poll_fn(|cx| self.poll_ready(cx))
+    }
+
+    /// [`Outbox::ready`] as a poll.
+    pub(crate) fn poll_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        self.ready.register(cx.waker());
+        if self.signaled.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Takes the events and the requested close, leaving the frames queued, and counted

@@ -12,7 +12,7 @@ use std::task::Poll;
 use firebrand_protocol::{Message, Payload, Serializer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
-use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::limits::{Bucket, Limit};
 use crate::model::channel::{Reply, StopReason};
@@ -255,39 +255,65 @@ impl<S: Socket> Drop for Conn<S> {
 ///
 /// This task is the largest per-connection cost, so its state is kept small: the connection,
 /// its transport and its frame reader live in one box (the future holds a pointer, not three
-/// fields plus the copies the compiler keeps of moved arguments), and writes and the close
-/// handshake run in boxed futures of their own.
+/// fields plus the copies the compiler keeps of moved arguments); the wait for the next read
+/// or queued frame is one `poll_fn` holding references; the idle timeout is a deadline the
+/// node's sweep checks ([`Registered::watch_idle`](crate::node::Registered::watch_idle)), not a
+/// timer here; writes and the close handshake run in boxed futures of their own. (The task is
+/// 256 bytes; with a `select!` over a read, the outbox and a `Sleep` it was 512.)
 async fn run<S, T>(mut session: Box<Session<S, T>>)
 where
     S: Socket,
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let max_frame_size = session.conn.shared.config.max_frame_size;
-    let idle_timeout = session.conn.shared.config.idle_timeout;
-    let Session { io, reader, conn } = &mut *session;
-    let outbox = conn.outbox().clone();
+    let end = serve(&mut session).await;
+    Box::pin(finish(session, end)).await;
+}
 
-    let idle = sleep(idle_timeout);
-    tokio::pin!(idle);
-    let end = loop {
-        tokio::select! {
-            () = outbox.ready() => {
-                // Boxed: a write's state is held only while writing, not by idle connections.
-                if let Some(end) = Box::pin(conn.flush(io)).await {
-                    break end;
-                }
+/// Reads and writes until the connection ends; how it ends.
+async fn serve<S, T>(session: &mut Session<S, T>) -> End
+where
+    S: Socket,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let Session { io, reader, conn } = session;
+    let idle_timeout = conn.shared.config.idle_timeout;
+    conn.registered.watch_idle(&conn.wire.outbox, idle_timeout);
+    loop {
+        // Both waits at once, so that neither starves the other: what was read is handled
+        // while polling; queued frames are written after.
+        let (read, queued) = std::future::poll_fn(|cx| {
+            let queued = conn.wire.outbox.poll_ready(cx).is_ready();
+            let read = poll_read_with(io, cx, |data| conn.on_bytes(reader, data));
+            if queued || read.is_ready() {
+                Poll::Ready((read, queued))
+            } else {
+                Poll::Pending
             }
-            read = read_with(io, |data| conn.on_bytes(reader, data)) => {
-                idle.as_mut().reset(Instant::now() + idle_timeout);
-                match read {
-                    Ok(Some(None)) => {}
-                    Ok(Some(Some(end))) => break end,
-                    Ok(None) | Err(_) => break End::Gone,
-                }
+        })
+        .await;
+        if let Poll::Ready(read) = read {
+            conn.registered.touch(&conn.wire.outbox, idle_timeout);
+            match read {
+                Ok(Some(None)) => {}
+                Ok(Some(Some(end))) => return end,
+                Ok(None) | Err(_) => return End::Gone,
             }
-            () = &mut idle => break End::Close(Close::IDLE),
         }
-    };
+        // Boxed: a write's state is held only while writing, not by idle connections.
+        if queued && let Some(end) = Box::pin(conn.flush(io)).await {
+            return end;
+        }
+    }
+}
+
+/// Ends the connection's channels, then the close handshake that `end` calls for.
+async fn finish<S, T>(mut session: Box<Session<S, T>>, end: End)
+where
+    S: Socket,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let Session { io, conn, .. } = &mut *session;
+    let max_frame_size = conn.shared.config.max_frame_size;
     conn.end(match &end {
         End::Close(c) | End::Dropped(c) => StopReason::of(c),
         _ => StopReason::Closed,
@@ -311,7 +337,7 @@ where
             Some((crate::transport::ws::close_frame(code, &reason), true))
         }
     };
-    Box::pin(close_handshake(io, frame, max_frame_size)).await;
+    close_handshake(io, frame, max_frame_size).await;
     // Unregistered only now, so that a shutdown waits for the close handshakes.
     drop(session);
 }
@@ -322,7 +348,7 @@ pub(crate) async fn upgraded<S: Socket>(
     args: Box<ConnArgs<S>>,
 ) {
     let session = match on_upgrade.await {
-        Ok(upgraded) => Session::open(hyper_util::rt::TokioIo::new(upgraded), *args),
+        Ok(upgraded) => Session::open(hyper_util::rt::TokioIo::new(upgraded), args),
         Err(e) => return tracing::debug!(error = %e, "WebSocket upgrade failed"),
     };
     run(session).await;
@@ -336,7 +362,11 @@ struct Session<S: Socket, T> {
 }
 
 impl<S: Socket, T> Session<S, T> {
-    fn open(io: T, args: ConnArgs<S>) -> Box<Self> {
+    /// Takes the arguments' box, freed here: kept by the task, it would last as long as the
+    /// connection.
+    #[expect(clippy::boxed_local, reason = "the task hands over its box to free it")]
+    fn open(io: T, args: Box<ConnArgs<S>>) -> Box<Self> {
+        let args = *args;
         Box::new(Session {
             io,
             reader: Reader::new(args.shared.config.max_frame_size),
@@ -385,16 +415,26 @@ fn read_with<T, R>(
 where
     T: AsyncRead + Unpin,
 {
-    std::future::poll_fn(move |cx| {
-        let mut buf = [0u8; READ_CHUNK];
-        let mut buf = ReadBuf::new(&mut buf);
-        match std::pin::Pin::new(&mut *io).poll_read(cx, &mut buf) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(None)),
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(on(buf.filled())))),
-        }
-    })
+    std::future::poll_fn(move |cx| poll_read_with(io, cx, &mut on))
+}
+
+/// [`read_with`] as a poll.
+fn poll_read_with<T, R>(
+    io: &mut T,
+    cx: &mut std::task::Context<'_>,
+    on: impl FnOnce(&[u8]) -> R,
+) -> Poll<std::io::Result<Option<R>>>
+where
+    T: AsyncRead + Unpin,
+{
+    let mut buf = [0u8; READ_CHUNK];
+    let mut buf = ReadBuf::new(&mut buf);
+    match std::pin::Pin::new(io).poll_read(cx, &mut buf) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(None)),
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(on(buf.filled())))),
+    }
 }
 
 /// How much one read takes at most (on the stack).
