@@ -1,0 +1,613 @@
+//! The server's configuration: an optional TOML file, then environment variables (which win).
+//!
+//! ```toml
+//! [server]
+//! listen = "127.0.0.1:4000"   # address and port to serve on
+//! drain_ms = 1000             # on SIGTERM, close the sockets (1012) spread over this period
+//! origins = ["https://app.example.com"]  # browser origins that may connect; ["*"]: any
+//!
+//! [cluster]                   # at most one of redis_url and nats_url
+//! redis_url = "redis://127.0.0.1:6379"
+//! nats_url = "nats://127.0.0.1:4222"
+//! namespace = "firebrand"     # separates clusters sharing one Redis or NATS
+//! secret = "…"                # authenticates node-to-node messages (the same on every node)
+//!
+//! [auth]                      # at most one key: a shared secret or a public key file
+//! jwt_hs256_secret = "…"      # HS256
+//! jwt_public_key_file = "jwt.pub.pem"  # a PEM public key (relative to the config file)…
+//! jwt_algorithm = "RS256"     # …and its algorithm: "RS256" or "ES256"
+//! audience = "my-app"         # if set, tokens must carry this `aud`
+//! issuer = "https://auth.example.com"  # if set, tokens must carry this `iss`
+//! allow_anonymous = false     # connections without a token; default: true only with no key
+//! ```
+//!
+//! Every key is optional, and a key the server does not know is an error (with its line), so
+//! a typo is never silently ignored. With no file and no variables the server runs in
+//! development mode: it listens on 127.0.0.1:4000 and anyone may connect.
+//!
+//! Environment variables (an empty value counts as unset):
+//!
+//! | variable | overrides |
+//! | --- | --- |
+//! | `FIREBRAND_CONFIG` | the config file, when `--config` is not given |
+//! | `FIREBRAND_LISTEN` | `server.listen` |
+//! | `FIREBRAND_DRAIN_MS` | `server.drain_ms` |
+//! | `FIREBRAND_ORIGINS` | `server.origins` (comma-separated) |
+//! | `REDIS_URL` | `cluster.redis_url` |
+//! | `NATS_URL` | `cluster.nats_url` |
+//! | `FIREBRAND_CLUSTER_NAMESPACE` | `cluster.namespace` |
+//! | `FIREBRAND_CLUSTER_SECRET` | `cluster.secret` |
+//! | `FIREBRAND_JWT_SECRET` | `auth.jwt_hs256_secret` |
+//! | `FIREBRAND_JWT_PUBLIC_KEY_FILE` | `auth.jwt_public_key_file` (relative to the working directory) |
+//! | `FIREBRAND_JWT_ALGORITHM` | `auth.jwt_algorithm` |
+//! | `FIREBRAND_JWT_AUDIENCE` | `auth.audience` |
+//! | `FIREBRAND_JWT_ISSUER` | `auth.issuer` |
+//! | `FIREBRAND_ALLOW_ANONYMOUS` | `auth.allow_anonymous` (`true` or `false`) |
+//!
+//! Settings that contradict each other (two auth keys, two cluster engines, a public key
+//! without its algorithm) are errors rather than one silently winning, wherever each came from.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::auth::{KeyAlgorithm, Verifier};
+
+/// The development default of `server.listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
+
+/// The server's settings, resolved from the file, the environment and the defaults.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// The address to serve on.
+    pub listen: SocketAddr,
+    /// Over how long the sockets are closed on SIGTERM.
+    pub drain: Duration,
+    /// The browser origins that may connect (`CheckOrigin` patterns; `"*"`: any).
+    pub origins: Vec<String>,
+    /// The cluster engine, if any.
+    pub cluster: Option<Cluster>,
+    /// Separates clusters that share one engine.
+    pub namespace: String,
+    /// Authenticates node-to-node messages.
+    pub cluster_secret: Option<String>,
+    /// How connections are authenticated.
+    pub auth: Auth,
+}
+
+/// The engine nodes of a cluster talk through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Cluster {
+    /// Redis at this URL.
+    Redis(String),
+    /// NATS at this URL.
+    Nats(String),
+}
+
+/// How connections are authenticated.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Auth {
+    /// Verifies tokens; `None` when no key is configured.
+    pub verifier: Option<Verifier>,
+    /// Whether a connection without a token is accepted (as an anonymous user).
+    pub allow_anonymous: bool,
+}
+
+impl Config {
+    /// Development mode: no key, so anyone may connect.
+    pub fn is_development(&self) -> bool {
+        self.auth.verifier.is_none()
+    }
+
+    /// Reads `file` (if any), then applies the environment given by `env` (a variable's value
+    /// by name, e.g. `|name| std::env::var(name).ok()`).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        let (source, raw) = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    location: Location::File {
+                        path: path.to_owned(),
+                        line: None,
+                    },
+                    message: format!("cannot read the config file: {e}"),
+                })?;
+                let raw = toml::from_str::<RawFile>(&text).map_err(|e| {
+                    let at = e.span().map(|span| line_col(&text, span.start));
+                    ConfigError {
+                        location: Location::File {
+                            path: path.to_owned(),
+                            line: at,
+                        },
+                        message: describe(&text, &e),
+                    }
+                })?;
+                (
+                    Some(Source {
+                        path: path.to_owned(),
+                        text,
+                    }),
+                    raw,
+                )
+            }
+            None => (None, RawFile::default()),
+        };
+        Resolver {
+            source: source.as_ref(),
+            env: &env,
+        }
+        .resolve(raw)
+    }
+}
+
+/// A configuration error: where (a file's line, or a variable) and what.
+#[derive(Debug)]
+pub struct ConfigError {
+    location: Location,
+    message: String,
+}
+
+#[derive(Debug)]
+enum Location {
+    File {
+        path: PathBuf,
+        line: Option<(usize, usize)>,
+    },
+    Env(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.location {
+            Location::File {
+                path,
+                line: Some((line, col)),
+            } => write!(f, "{}:{line}:{col}: {}", path.display(), self.message),
+            Location::File { path, line: None } => {
+                write!(f, "{}: {}", path.display(), self.message)
+            }
+            Location::Env(name) => write!(f, "environment variable {name}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
+/// The toml error's message, with the offending line quoted (it names the key).
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let (line, _) = line_col(text, span.start);
+            let quoted = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("{message}\n  {line} | {quoted}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+/// The config file as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    cluster: RawCluster,
+    #[serde(default)]
+    auth: RawAuth,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    drain_ms: Option<Spanned<u64>>,
+    origins: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url: Option<Spanned<String>>,
+    nats_url: Option<Spanned<String>>,
+    namespace: Option<Spanned<String>>,
+    secret: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    jwt_hs256_secret: Option<Spanned<String>>,
+    jwt_public_key_file: Option<Spanned<String>>,
+    jwt_algorithm: Option<Spanned<KeyAlgorithm>>,
+    audience: Option<Spanned<String>>,
+    issuer: Option<Spanned<String>>,
+    allow_anonymous: Option<Spanned<bool>>,
+}
+
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+/// A setting's value and where it came from.
+struct Setting<T> {
+    value: T,
+    from: From,
+}
+
+#[derive(Clone, Copy)]
+enum From {
+    /// The file, at this byte range.
+    File(usize),
+    Env(&'static str),
+}
+
+struct Resolver<'a, E> {
+    source: Option<&'a Source>,
+    env: &'a E,
+}
+
+impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
+    /// The setting from variable `var` if set (parsed with `parse`), else from the file.
+    fn pick<T>(
+        &self,
+        file: Option<Spanned<T>>,
+        var: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<Setting<T>>, ConfigError> {
+        if let Some(v) = (self.env)(var) {
+            let value = parse(&v).map_err(|message| ConfigError {
+                location: Location::Env(var),
+                message,
+            })?;
+            return Ok(Some(Setting {
+                value,
+                from: From::Env(var),
+            }));
+        }
+        Ok(file.map(|s| Setting {
+            from: From::File(s.span().start),
+            value: s.into_inner(),
+        }))
+    }
+
+    fn error(&self, from: From, key: &str, message: impl fmt::Display) -> ConfigError {
+        let location = match (from, self.source) {
+            (From::Env(var), _) => Location::Env(var),
+            (From::File(offset), Some(source)) => Location::File {
+                path: source.path.clone(),
+                line: Some(line_col(&source.text, offset)),
+            },
+            (From::File(_), None) => unreachable!("a setting from a file without a file"),
+        };
+        ConfigError {
+            location,
+            message: format!("{key}: {message}"),
+        }
+    }
+
+    fn describe(&self, from: From, key: &str) -> String {
+        match (from, self.source) {
+            (From::Env(var), _) => format!("{key} (from {var})"),
+            (From::File(offset), Some(source)) => {
+                let (line, _) = line_col(&source.text, offset);
+                format!("{key} ({}:{line})", source.path.display())
+            }
+            (From::File(_), None) => key.to_owned(),
+        }
+    }
+
+    fn resolve(&self, raw: RawFile) -> Result<Config, ConfigError> {
+        let text = |v: &str| Ok(v.to_owned());
+        let listen = match self.pick(raw.server.listen, "FIREBRAND_LISTEN", text)? {
+            Some(s) => s.value.parse::<SocketAddr>().map_err(|e| {
+                self.error(
+                    s.from,
+                    "server.listen",
+                    format_args!("{e} (write an address and port, e.g. \"0.0.0.0:4000\")"),
+                )
+            })?,
+            None => DEFAULT_LISTEN.parse().expect("a valid default"),
+        };
+        let drain_ms = self.pick(raw.server.drain_ms, "FIREBRAND_DRAIN_MS", |v| {
+            v.parse::<u64>()
+                .map_err(|e| format!("{e} (milliseconds expected)"))
+        })?;
+        let drain = Duration::from_millis(drain_ms.map_or(1000, |s| s.value));
+        let origins = self.pick(raw.server.origins, "FIREBRAND_ORIGINS", |v| {
+            Ok(v.split(',').map(|o| o.trim().to_owned()).collect())
+        })?;
+        let origins = origins.map_or_else(
+            || vec!["//localhost".to_owned(), "//127.0.0.1".to_owned()],
+            |s| s.value,
+        );
+
+        let redis = self.pick(raw.cluster.redis_url, "REDIS_URL", text)?;
+        let nats = self.pick(raw.cluster.nats_url, "NATS_URL", text)?;
+        let cluster = match (redis, nats) {
+            (Some(r), Some(n)) => {
+                return Err(self.error(
+                    n.from,
+                    "cluster.nats_url",
+                    format_args!(
+                        "a cluster uses one engine, but {} is set too",
+                        self.describe(r.from, "cluster.redis_url")
+                    ),
+                ));
+            }
+            (Some(r), None) => Some(Cluster::Redis(r.value)),
+            (None, Some(n)) => Some(Cluster::Nats(n.value)),
+            (None, None) => None,
+        };
+        let namespace = self
+            .pick(raw.cluster.namespace, "FIREBRAND_CLUSTER_NAMESPACE", text)?
+            .map_or_else(|| "firebrand".to_owned(), |s| s.value);
+        let cluster_secret = self
+            .pick(raw.cluster.secret, "FIREBRAND_CLUSTER_SECRET", text)?
+            .map(|s| s.value);
+
+        let auth = self.resolve_auth(raw.auth)?;
+        Ok(Config {
+            listen,
+            drain,
+            origins,
+            cluster,
+            namespace,
+            cluster_secret,
+            auth,
+        })
+    }
+
+    fn resolve_auth(&self, raw: RawAuth) -> Result<Auth, ConfigError> {
+        let text = |v: &str| Ok(v.to_owned());
+        let secret = self.pick(raw.jwt_hs256_secret, "FIREBRAND_JWT_SECRET", text)?;
+        let key_file = self.pick(
+            raw.jwt_public_key_file,
+            "FIREBRAND_JWT_PUBLIC_KEY_FILE",
+            text,
+        )?;
+        let algorithm = self.pick(raw.jwt_algorithm, "FIREBRAND_JWT_ALGORITHM", |v| {
+            v.parse::<KeyAlgorithm>()
+        })?;
+        let audience = self.pick(raw.audience, "FIREBRAND_JWT_AUDIENCE", text)?;
+        let issuer = self.pick(raw.issuer, "FIREBRAND_JWT_ISSUER", text)?;
+        let anonymous = self.pick(
+            raw.allow_anonymous,
+            "FIREBRAND_ALLOW_ANONYMOUS",
+            |v| match v {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(format!("{v:?}: true or false expected")),
+            },
+        )?;
+
+        let verifier = match (secret, key_file, algorithm) {
+            (Some(s), Some(k), _) => {
+                return Err(self.error(
+                    k.from,
+                    "auth.jwt_public_key_file",
+                    format_args!(
+                        "configure one key, but {} is set too",
+                        self.describe(s.from, "auth.jwt_hs256_secret")
+                    ),
+                ));
+            }
+            (Some(s), None, Some(a)) => {
+                return Err(self.error(
+                    a.from,
+                    "auth.jwt_algorithm",
+                    format_args!(
+                        "is for jwt_public_key_file; a shared secret ({}) is always HS256",
+                        self.describe(s.from, "auth.jwt_hs256_secret")
+                    ),
+                ));
+            }
+            (None, None, Some(a)) => {
+                return Err(self.error(
+                    a.from,
+                    "auth.jwt_algorithm",
+                    "is set, but auth.jwt_public_key_file is not",
+                ));
+            }
+            (Some(s), None, None) => Some(
+                Verifier::hs256(s.value.as_bytes())
+                    .map_err(|e| self.error(s.from, "auth.jwt_hs256_secret", e))?,
+            ),
+            (None, Some(k), None) => {
+                return Err(self.error(
+                    k.from,
+                    "auth.jwt_public_key_file",
+                    "needs auth.jwt_algorithm (\"RS256\" or \"ES256\")",
+                ));
+            }
+            (None, Some(k), Some(a)) => {
+                let path = match (k.from, self.source) {
+                    // A path in the file is relative to the file.
+                    (From::File(_), Some(source)) => {
+                        source.path.parent().unwrap_or(Path::new("")).join(&k.value)
+                    }
+                    _ => PathBuf::from(&k.value),
+                };
+                let pem = std::fs::read(&path).map_err(|e| {
+                    self.error(
+                        k.from,
+                        "auth.jwt_public_key_file",
+                        format_args!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(Verifier::public_key(a.value, &pem).map_err(|e| {
+                    self.error(
+                        k.from,
+                        "auth.jwt_public_key_file",
+                        format_args!("{}: {e}", path.display()),
+                    )
+                })?)
+            }
+            (None, None, None) => None,
+        };
+        let verifier = verifier.map(|v| {
+            v.audience(audience.map(|s| s.value))
+                .issuer(issuer.map(|s| s.value))
+        });
+        let allow_anonymous = match anonymous {
+            Some(Setting { value: false, from }) if verifier.is_none() => {
+                return Err(self.error(
+                    from,
+                    "auth.allow_anonymous",
+                    "is false, but no key is configured (auth.jwt_hs256_secret or \
+                     auth.jwt_public_key_file): nobody could connect",
+                ));
+            }
+            Some(s) => s.value,
+            None => verifier.is_none(),
+        };
+        Ok(Auth {
+            verifier,
+            allow_anonymous,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "firebrand-server-config-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("firebrand.toml");
+        std::fs::write(&path, text).unwrap();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(Some(&path), |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn no_file_is_development_mode() {
+        let config = Config::load(None, |_| None).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert!(config.is_development());
+        assert!(config.auth.allow_anonymous);
+        assert_eq!(config.cluster, None);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = load("[server]\nlisten = \"127.0.0.1:1\"\ndrain_msec = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:3:1:"), "{e}");
+        assert!(e.contains("drain_msec"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = load("\n[server]\ndrain_ms = \"soon\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+        assert!(e.contains("drain_ms"), "{e}");
+    }
+
+    #[test]
+    fn bad_algorithm_names_line() {
+        let e = load(
+            "[auth]\njwt_public_key_file = \"k.pem\"\njwt_algorithm = \"none\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let config = load(
+            "[server]\nlisten = \"127.0.0.1:1\"\n",
+            &[("FIREBRAND_LISTEN", "127.0.0.1:2")],
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 2);
+    }
+
+    #[test]
+    fn a_secret_turns_off_anonymous_by_default() {
+        let config = load("[auth]\njwt_hs256_secret = \"s3cret\"\n", &[]).unwrap();
+        assert!(!config.is_development());
+        assert!(!config.auth.allow_anonymous);
+        let config = load("", &[("FIREBRAND_JWT_SECRET", "s3cret")]).unwrap();
+        assert!(!config.auth.allow_anonymous);
+    }
+
+    #[test]
+    fn contradictions_are_errors() {
+        let e = load(
+            "[auth]\njwt_hs256_secret = \"s\"\n",
+            &[("FIREBRAND_JWT_PUBLIC_KEY_FILE", "k.pem")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("FIREBRAND_JWT_PUBLIC_KEY_FILE"), "{e}");
+        assert!(e.contains("firebrand.toml:2"), "{e}");
+        let e = load(
+            "[cluster]\nredis_url = \"redis://x\"\nnats_url = \"nats://y\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+        let e = load("[auth]\nallow_anonymous = false\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_file_names_line() {
+        let e = load(
+            "[auth]\njwt_algorithm = \"RS256\"\njwt_public_key_file = \"nope.pem\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+        assert!(e.contains("nope.pem"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_names_line() {
+        let e = load("[server]\n\nlisten = \"localhost\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+        assert!(e.contains("server.listen"), "{e}");
+    }
+}
