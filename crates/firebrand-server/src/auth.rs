@@ -11,7 +11,9 @@
 //!   refused when no audience is configured).
 //!
 //! The optional `info` claim (any JSON) is handed to the channels with the user id. A refused
-//! token refuses the connection with HTTP 403, as Phoenix refuses a connect.
+//! token refuses the connection with HTTP 403, as Phoenix refuses a connect; it never falls
+//! back to an anonymous connection. A connection without a token is accepted (anonymous) only
+//! when `allow_anonymous` is on. In development mode (no key configured) tokens are not read.
 
 use std::fmt;
 use std::str::FromStr;
@@ -129,6 +131,15 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.set_required_spec_claims(&["exp", "sub"]);
         Verifier { key, validation }
+    }
+
+    /// The one algorithm tokens must be signed with.
+    pub fn algorithm(&self) -> &'static str {
+        match self.validation.algorithms.first() {
+            Some(Algorithm::RS256) => "RS256",
+            Some(Algorithm::ES256) => "ES256",
+            _ => "HS256",
+        }
     }
 
     /// Requires this `aud` (with `None`, a token carrying an `aud` is refused).

@@ -61,7 +61,6 @@ use crate::auth::{KeyAlgorithm, Verifier};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
 
 /// The server's settings, resolved from the file, the environment and the defaults.
-#[derive(Debug)]
 #[non_exhaustive]
 pub struct Config {
     /// The address to serve on.
@@ -98,6 +97,57 @@ pub struct Auth {
     pub verifier: Option<Verifier>,
     /// Whether a connection without a token is accepted (as an anonymous user).
     pub allow_anonymous: bool,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Without the secrets, and without the cluster URLs (which may hold a password).
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("drain", &self.drain)
+            .field("origins", &self.origins)
+            .field("cluster", &self.cluster.as_ref().map(Cluster::engine))
+            .field("namespace", &self.namespace)
+            .field(
+                "cluster_secret",
+                &self.cluster_secret.as_ref().map(|_| ".."),
+            )
+            .field("auth", &self.auth)
+            .finish()
+    }
+}
+
+impl fmt::Display for Config {
+    /// A one-line summary, without secrets: what `--check-config` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "listen {}", self.listen)?;
+        match &self.auth.verifier {
+            Some(v) => write!(f, ", JWT {}", v.algorithm())?,
+            None => write!(f, ", no auth key (development mode)")?,
+        }
+        if self.auth.allow_anonymous {
+            write!(f, ", anonymous connections allowed")?;
+        }
+        match &self.cluster {
+            Some(c) => write!(
+                f,
+                ", cluster over {} (namespace {:?})",
+                c.engine(),
+                self.namespace
+            ),
+            None => write!(f, ", single node"),
+        }
+    }
+}
+
+impl Cluster {
+    /// `"Redis"` or `"NATS"`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Cluster::Redis(_) => "Redis",
+            Cluster::Nats(_) => "NATS",
+        }
+    }
 }
 
 impl Config {

@@ -10,7 +10,18 @@
 //! authenticated user id (`{"user": sub}`; `{}` for an anonymous connection).
 //!
 //! The binary is thin over this library: [`Config::load`], then [`app::endpoint`] and
-//! [`app::router`], served by `firebrand::Server` and drained on SIGTERM.
+//! [`app::router`], served by `firebrand::Server` and drained on SIGTERM:
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let config = firebrand_server::Config::load(None, |name| std::env::var(name).ok())?;
+//! let endpoint = firebrand_server::app::endpoint(&config)?;
+//! let router = firebrand_server::app::router(&config, &endpoint);
+//! let server = firebrand::Server::bind(config.listen).await?;
+//! server.serve(router, std::future::pending()).await?;
+//! endpoint.drain(config.drain, std::time::Duration::from_secs(30)).await;
+//! # Ok(()) }
+//! ```
 
 pub mod app;
 pub mod auth;

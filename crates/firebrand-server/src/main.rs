@@ -10,7 +10,8 @@ use anyhow::Context;
 use firebrand_server::{Config, app};
 
 const USAGE: &str = "usage: firebrand-server [--config PATH]   serve (config file optional)
-       firebrand-server --check-config PATH   validate a config file and exit
+       firebrand-server --check-config PATH   validate a config file (with the
+                                              environment applied) and exit
 Environment variables override the file: FIREBRAND_CONFIG, FIREBRAND_LISTEN, FIREBRAND_DRAIN_MS,
 FIREBRAND_ORIGINS, REDIS_URL, NATS_URL, FIREBRAND_CLUSTER_NAMESPACE, FIREBRAND_CLUSTER_SECRET,
 FIREBRAND_JWT_SECRET, FIREBRAND_JWT_PUBLIC_KEY_FILE, FIREBRAND_JWT_ALGORITHM,
@@ -82,10 +83,8 @@ fn main() -> ExitCode {
         }
     };
     if check {
-        println!(
-            "{}: ok",
-            file.as_deref().unwrap_or_else(|| "".as_ref()).display()
-        );
+        let file = file.as_deref().unwrap_or_else(|| "".as_ref()).display();
+        println!("{file}: ok: {config}");
         return ExitCode::SUCCESS;
     }
     tracing_subscriber::fmt()
@@ -125,6 +124,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 fn print_next_steps(config: &Config, addr: std::net::SocketAddr) {
+    println!("configuration: {config}");
     let url = format!("ws://{addr}/socket");
     if config.is_development() {
         println!(
@@ -143,15 +143,5 @@ fn print_next_steps(config: &Config, addr: std::net::SocketAddr) {
                 ""
             }
         );
-    }
-    // The engine only: a URL may hold a password.
-    match &config.cluster {
-        Some(firebrand_server::config::Cluster::Redis(_)) => {
-            println!("cluster: over Redis, namespace {:?}", config.namespace)
-        }
-        Some(firebrand_server::config::Cluster::Nats(_)) => {
-            println!("cluster: over NATS, namespace {:?}", config.namespace)
-        }
-        _ => {}
     }
 }

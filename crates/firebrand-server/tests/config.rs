@@ -28,7 +28,10 @@ async fn check_config_accepts_a_good_file() {
     .unwrap();
     let (code, stdout, stderr) = run(&["--check-config", path.to_str().unwrap()], &[]).await;
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stdout.contains("ok"), "{stdout}");
+    assert!(
+        stdout.contains("ok: listen 127.0.0.1:4100, JWT HS256, single node"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
