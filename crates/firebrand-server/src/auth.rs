@@ -103,6 +103,42 @@ impl fmt::Display for KeyError {
 
 impl std::error::Error for KeyError {}
 
+/// A join token's claims: the topic (or topics) it lets its holder join, and optionally the
+/// user it was issued to.
+#[derive(Deserialize)]
+struct JoinClaims {
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    #[serde(default)]
+    sub: Option<String>,
+}
+
+/// Why a join token was refused.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum JoinTokenError {
+    /// Not a valid token (signature, algorithm, `exp`, `aud`, `iss`).
+    Invalid(AuthError),
+    /// Valid, but for other topics.
+    OtherTopic,
+    /// Valid, but issued to another user (its `sub`).
+    OtherUser,
+}
+
+impl fmt::Display for JoinTokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JoinTokenError::Invalid(e) => e.fmt(f),
+            JoinTokenError::OtherTopic => f.write_str("join token for another topic"),
+            JoinTokenError::OtherUser => f.write_str("join token for another user"),
+        }
+    }
+}
+
+impl std::error::Error for JoinTokenError {}
+
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
@@ -173,6 +209,24 @@ impl Verifier {
             id: Some(data.claims.sub),
             info: data.claims.info,
         })
+    }
+
+    /// Checks a per-topic join token: signed like connection tokens (same key, algorithm,
+    /// `aud` and `iss`), with `exp`, and a `topic` claim equal to `topic` or a `topics` list
+    /// holding it. A `sub`, if the token has one, must be `user`'s id.
+    pub fn verify_join(&self, token: &str, topic: &str, user: &User) -> Result<(), JoinTokenError> {
+        let mut validation = self.validation.clone();
+        validation.required_spec_claims.remove("sub");
+        let data = jsonwebtoken::decode::<JoinClaims>(token, &self.key, &validation)
+            .map_err(|e| JoinTokenError::Invalid(AuthError(e)))?;
+        let claims = data.claims;
+        if claims.topic.as_deref() != Some(topic) && !claims.topics.iter().any(|t| t == topic) {
+            return Err(JoinTokenError::OtherTopic);
+        }
+        match claims.sub {
+            Some(sub) if user.id.as_deref() != Some(&*sub) => Err(JoinTokenError::OtherUser),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -248,6 +302,37 @@ mod tests {
             b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
             b64.encode(claims.to_string())
         )
+    }
+
+    #[test]
+    fn join_tokens_name_their_topics_and_maybe_their_user() {
+        let v = Verifier::hs256(b"k").unwrap();
+        let alice = User {
+            id: Some("alice".into()),
+            info: Value::Null,
+        };
+        let ok = |claims: Value| v.verify_join(&hs(claims, "k"), "doc:1", &alice);
+        assert!(ok(json!({"topic": "doc:1", "exp": now() + 60})).is_ok());
+        assert!(ok(json!({"topics": ["doc:2", "doc:1"], "exp": now() + 60})).is_ok());
+        assert!(ok(json!({"topic": "doc:1", "sub": "alice", "exp": now() + 60})).is_ok());
+        assert!(matches!(
+            ok(json!({"topic": "doc:2", "exp": now() + 60})),
+            Err(JoinTokenError::OtherTopic)
+        ));
+        assert!(matches!(
+            ok(json!({"topic": "doc:1", "sub": "bob", "exp": now() + 60})),
+            Err(JoinTokenError::OtherUser)
+        ));
+        assert!(matches!(
+            ok(json!({"topic": "doc:1", "exp": now() - 3600})),
+            Err(JoinTokenError::Invalid(_))
+        ));
+        assert!(matches!(
+            ok(json!({"topic": "doc:1"})),
+            Err(JoinTokenError::Invalid(_))
+        ));
+        let forged = hs(json!({"topic": "doc:1", "exp": now() + 60}), "other");
+        assert!(v.verify_join(&forged, "doc:1", &alice).is_err());
     }
 
     #[test]

@@ -56,6 +56,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::auth::{KeyAlgorithm, Verifier};
+use crate::namespace::{HistoryRule, JoinRule, Namespace, Namespaces, Pushes};
 
 /// The development default of `server.listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
@@ -77,6 +78,32 @@ pub struct Config {
     pub cluster_secret: Option<String>,
     /// How connections are authenticated.
     pub auth: Auth,
+    /// The rules of each family of topics.
+    pub namespaces: Namespaces,
+    /// Who may use the server API.
+    pub api: ApiAccess,
+}
+
+/// Who may use the server API (`/api/…`).
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApiAccess {
+    /// Requests must carry `Authorization: Bearer <key>`.
+    Key(String),
+    /// Development mode on a loopback address with no key: every request is allowed.
+    Open,
+    /// No key configured: every request is refused with 403.
+    Disabled,
+}
+
+impl fmt::Debug for ApiAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiAccess::Key(_) => f.write_str("Key(..)"),
+            ApiAccess::Open => f.write_str("Open"),
+            ApiAccess::Disabled => f.write_str("Disabled"),
+        }
+    }
 }
 
 /// The engine nodes of a cluster talk through.
@@ -113,6 +140,8 @@ impl fmt::Debug for Config {
                 &self.cluster_secret.as_ref().map(|_| ".."),
             )
             .field("auth", &self.auth)
+            .field("namespaces", &self.namespaces)
+            .field("api", &self.api)
             .finish()
     }
 }
@@ -134,8 +163,17 @@ impl fmt::Display for Config {
                 ", cluster over {} (namespace {:?})",
                 c.engine(),
                 self.namespace
-            ),
-            None => write!(f, ", single node"),
+            )?,
+            None => write!(f, ", single node")?,
+        }
+        write!(f, ", namespaces")?;
+        for ns in self.namespaces.iter() {
+            write!(f, " {:?}", ns.prefix)?;
+        }
+        match self.api {
+            ApiAccess::Key(_) => write!(f, ", API with a key"),
+            ApiAccess::Open => write!(f, ", API open (development mode, no key)"),
+            ApiAccess::Disabled => write!(f, ", API disabled (no key)"),
         }
     }
 }
@@ -264,6 +302,33 @@ struct RawFile {
     cluster: RawCluster,
     #[serde(default)]
     auth: RawAuth,
+    #[serde(default)]
+    namespace: Vec<RawNamespace>,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    prefix: Spanned<String>,
+    join: Option<Spanned<JoinRule>>,
+    pushes: Option<Pushes>,
+    presence: Option<bool>,
+    history: Option<Spanned<RawHistory>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    size: usize,
+    max_age_ms: u64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -417,6 +482,19 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             .map(|s| s.value);
 
         let auth = self.resolve_auth(raw.auth)?;
+        let namespaces = self.resolve_namespaces(raw.namespace, &auth)?;
+        let api = match self.pick(raw.api.key, "FIREBRAND_API_KEY", text)? {
+            Some(key) if key.value.len() < 16 => {
+                return Err(self.error(
+                    key.from,
+                    "api.key",
+                    "is too short: use 16 characters or more (32 random bytes, say)",
+                ));
+            }
+            Some(key) => ApiAccess::Key(key.value),
+            None if auth.verifier.is_none() && listen.ip().is_loopback() => ApiAccess::Open,
+            None => ApiAccess::Disabled,
+        };
         Ok(Config {
             listen,
             drain,
@@ -425,7 +503,94 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             namespace,
             cluster_secret,
             auth,
+            namespaces,
+            api,
         })
+    }
+
+    fn resolve_namespaces(
+        &self,
+        raw: Vec<RawNamespace>,
+        auth: &Auth,
+    ) -> Result<Namespaces, ConfigError> {
+        if raw.is_empty() {
+            // One catch-all: anyone joins; in development mode pushes are broadcast.
+            let mut all = Namespace::new("");
+            if auth.verifier.is_none() {
+                all.pushes = Pushes::Broadcast;
+            }
+            return Ok(Namespaces::new(vec![all]));
+        }
+        let mut list: Vec<(Namespace, usize)> = Vec::new();
+        for raw in raw {
+            let at = raw.prefix.span().start;
+            let prefix = raw.prefix.into_inner();
+            if let Some((_, other)) = list.iter().find(|(ns, _)| ns.prefix == prefix) {
+                return Err(self.error(
+                    From::File(at),
+                    "namespace.prefix",
+                    format_args!(
+                        "{prefix:?} is configured twice (also {})",
+                        self.describe(From::File(*other), "namespace.prefix")
+                    ),
+                ));
+            }
+            let mut ns = Namespace::new(prefix);
+            if let Some(join) = raw.join {
+                if *join.get_ref() == JoinRule::Token && auth.verifier.is_none() {
+                    return Err(self.error(
+                        From::File(join.span().start),
+                        "namespace.join",
+                        "\"token\" needs a key to check join tokens with \
+                         (auth.jwt_hs256_secret or auth.jwt_public_key_file)",
+                    ));
+                }
+                ns.join = join.into_inner();
+            }
+            ns.pushes = raw.pushes.unwrap_or(Pushes::Rejected);
+            ns.presence = raw.presence.unwrap_or(false);
+            if let Some(history) = raw.history {
+                let from = From::File(history.span().start);
+                let RawHistory { size, max_age_ms } = history.into_inner();
+                if size == 0 || max_age_ms == 0 {
+                    return Err(self.error(
+                        from,
+                        "namespace.history",
+                        "size and max_age_ms must be above 0 (leave history out for none)",
+                    ));
+                }
+                ns.history = Some(HistoryRule {
+                    size,
+                    max_age: Duration::from_millis(max_age_ms),
+                });
+            }
+            list.push((ns, at));
+        }
+        // A recoverable namespace makes every topic under its prefix recoverable: a namespace
+        // inside it must keep a history too.
+        for (inner, at) in &list {
+            let outer = list.iter().find(|(o, _)| {
+                o.history.is_some()
+                    && o.prefix.len() < inner.prefix.len()
+                    && inner.prefix.starts_with(&o.prefix)
+            });
+            if let (None, Some((outer, outer_at))) = (inner.history, outer) {
+                return Err(self.error(
+                    From::File(*at),
+                    "namespace.history",
+                    format_args!(
+                        "{:?} has none, but it is inside {:?} ({}), which has one: give it a \
+                         history too",
+                        inner.prefix,
+                        outer.prefix,
+                        self.describe(From::File(*outer_at), "namespace.prefix")
+                    ),
+                ));
+            }
+        }
+        Ok(Namespaces::new(
+            list.into_iter().map(|(ns, _)| ns).collect(),
+        ))
     }
 
     fn resolve_auth(&self, raw: RawAuth) -> Result<Auth, ConfigError> {

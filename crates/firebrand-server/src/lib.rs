@@ -23,9 +23,11 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod namespace;
 
 #[doc(inline)]
 pub use config::{Config, ConfigError};

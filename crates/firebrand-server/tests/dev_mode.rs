@@ -24,17 +24,33 @@ async fn without_config_anyone_connects_and_joins() {
 }
 
 #[tokio::test]
-async fn client_pushes_are_refused() {
+async fn client_pushes_are_broadcast_to_the_others() {
     let server = spawn(&[], &[]).await;
-    let mut client = connect(&server.url(), None).await.open();
-    client.join("room:a").await;
-    let r = client
+    let mut alice = connect(&server.url(), None).await.open();
+    let mut bob = connect(&server.url(), None).await.open();
+    alice.join("room:a").await;
+    bob.join("room:a").await;
+    let r = alice
         .send(Some("1"), "room:a", "new_msg", json!({"body": "hi"}))
         .await;
+    assert_eq!(alice.reply(&r).await, ("ok".into(), json!({})));
     assert_eq!(
-        client.reply(&r).await,
-        ("error".into(), json!({"reason": "pushes are not allowed"}))
+        bob.recv_event("new_msg").await,
+        json!([null, null, "room:a", "new_msg", {"body": "hi"}])
     );
+    // Not back to the sender (broadcast_from): its next frame is the reply to its next push.
+    let r = alice.send(Some("1"), "room:a", "phx_x", json!({})).await;
+    let frame = alice.recv().await;
+    assert_eq!(frame[1], json!(r), "{frame}");
+    assert_eq!(frame[4]["response"], json!({"reason": "reserved event"}));
+}
+
+#[tokio::test]
+async fn the_api_is_open_without_a_key() {
+    let server = spawn(&[], &[]).await;
+    let (status, body) = http(server.port, "GET", "/api/info", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["node"], json!(null));
 }
 
 #[tokio::test]

@@ -32,6 +32,7 @@ const VARS: &[&str] = &[
     "FIREBRAND_JWT_AUDIENCE",
     "FIREBRAND_JWT_ISSUER",
     "FIREBRAND_ALLOW_ANONYMOUS",
+    "FIREBRAND_API_KEY",
 ];
 
 pub fn command(args: &[&str], envs: &[(&str, &str)]) -> Command {
@@ -198,10 +199,106 @@ impl Client {
 
     /// Joins `topic` (its join ref is the ref of the join): `(status, response)`.
     pub async fn join(&mut self, topic: &str) -> (String, Value) {
+        self.join_with(topic, json!({})).await
+    }
+
+    /// Joins `topic` with `params`: `(status, response)`.
+    pub async fn join_with(&mut self, topic: &str, params: Value) -> (String, Value) {
         let r = self.next_ref.to_string();
-        let sent = self.send(Some(&r), topic, "phx_join", json!({})).await;
+        let sent = self.send(Some(&r), topic, "phx_join", params).await;
         self.reply(&sent).await
     }
+
+    /// The next frame with event `event`, skipping others.
+    pub async fn recv_event(&mut self, event: &str) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame[3] == event {
+                return frame;
+            }
+        }
+    }
+
+    /// Whether a frame arrives within `wait` (one that does is returned).
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            let msg = match tokio::time::timeout(wait, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(msg) => msg.expect("connection closed").unwrap(),
+            };
+            if let Message::Text(text) = msg {
+                return Some(serde_json::from_str(&text).unwrap());
+            }
+        }
+    }
+
+    /// Waits for the server to close the connection; its close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("not closed in time")
+            {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return None,
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 request to the server: `(status, JSON body)`.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n");
+    if let Some(key) = key {
+        request.push_str(&format!("authorization: Bearer {key}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    request.push_str(&format!(
+        "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("no HTTP response in time")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (head, rest) = response.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, value)
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = &tail[size + 2..];
+    }
+    out
 }
 
 /// A fresh temporary directory for one test.
