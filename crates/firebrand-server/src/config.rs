@@ -19,7 +19,52 @@
 //! audience = "my-app"         # if set, tokens must carry this `aud`
 //! issuer = "https://auth.example.com"  # if set, tokens must carry this `iss`
 //! allow_anonymous = false     # connections without a token; default: true only with no key
+//!
+//! [api]                       # the server API (see the `api` module)
+//! key = "…"                   # `Authorization: Bearer <key>`; 16 characters or more
+//!
+//! [[namespace]]               # the rules of the topics starting with `prefix`; one table each
+//! prefix = "room:"            # "" is a catch-all; the longest matching prefix wins
+//! join = "anyone"             # "anyone" | "user" | "token" (default "anyone")
+//! pushes = "broadcast"        # "rejected" | "broadcast" (default "rejected")
+//! presence = true             # track joined users (default false)
+//! history = { size = 100, max_age_ms = 300000 }  # recoverable topics (default: none)
 //! ```
+//!
+//! **Namespaces.** A topic belongs to the namespace with the longest prefix it starts with; a
+//! topic in none is refused at join with `{"reason":"unmatched topic"}` (add `prefix = ""` to
+//! catch the rest). With no `[[namespace]]` at all there is one catch-all where anyone joins,
+//! and pushes are broadcast in development mode (no auth key) and rejected otherwise.
+//!
+//! - `join`: `"anyone"`: any connected client. `"user"`: only the user whose `sub` is the
+//!   rest of the topic (`user:alice` for `alice`; never an anonymous connection).
+//!   `"token"`: holders of a join token sent as the join params' `token`
+//!   (`socket.channel("doc:42", {token})`): a JWT signed with the connection tokens' key (and
+//!   carrying their `aud` and `iss`, if configured), with `exp`, and a `topic` claim equal to
+//!   the topic or a `topics` list holding it; a `sub`, if present, must be the connection's
+//!   user. Needs an auth key. A refused join gets the error reply `{"reason":"unauthorized"}`
+//!   (why is logged).
+//! - `pushes`: `"rejected"`: the error reply `{"reason":"pushes are not allowed"}`.
+//!   `"broadcast"`: the event and payload go as they are to every *other* subscriber of the
+//!   topic (Phoenix's `broadcast_from`: not back to the sender), and the push gets the reply
+//!   `ok` `{}`. Events starting with `phx_`, and `presence_state` and `presence_diff`, are
+//!   refused with `{"reason":"reserved event"}`.
+//! - `presence`: on join, the user is tracked under its `sub` with the meta
+//!   `{"user": sub, "info": <the token's info claim>}` and the client gets `presence_state`, then
+//!   `presence_diff`s (phoenix.js's `Presence` syncs them). Anonymous connections see the
+//!   presences without being tracked.
+//! - `history`: the topics are recoverable: their last `size` broadcasts (none older than
+//!   `max_age_ms`) are kept, and a client that rejoins with `{since: position}` gets what it
+//!   missed (see `firebrand::EndpointBuilder::history`). In a cluster the engine keeps it
+//!   (configure every node alike). A namespace inside a recoverable one (`room:vip:` in
+//!   `room:`) must have a history too.
+//!
+//! Namespaces are configured in the file only (no environment variables). Sending joins and
+//! pushes to the backend over HTTP (a join call that may refuse or answer the join; pushes the
+//! backend may reject or rewrite) is not there yet: it is the next step.
+//!
+//! **The API key.** Without `api.key` the API is disabled (403), except in development mode (no
+//! auth key) on a loopback `listen` address, where it is open without a key, like the sockets.
 //!
 //! Every key is optional, and a key the server does not know is an error (with its line), so
 //! a typo is never silently ignored. With no file and no variables the server runs in
@@ -43,6 +88,7 @@
 //! | `FIREBRAND_JWT_AUDIENCE` | `auth.audience` |
 //! | `FIREBRAND_JWT_ISSUER` | `auth.issuer` |
 //! | `FIREBRAND_ALLOW_ANONYMOUS` | `auth.allow_anonymous` (`true` or `false`) |
+//! | `FIREBRAND_API_KEY` | `api.key` |
 //!
 //! Settings that contradict each other (two auth keys, two cluster engines, a public key
 //! without its algorithm) are errors rather than one silently winning, wherever each came from.
@@ -815,6 +861,82 @@ mod tests {
         .to_string();
         assert!(e.contains("firebrand.toml:3:"), "{e}");
         assert!(e.contains("nope.pem"), "{e}");
+    }
+
+    #[test]
+    fn namespaces_with_their_options_and_defaults() {
+        let config = load(
+            "[auth]\njwt_hs256_secret = \"s\"\n\n[[namespace]]\nprefix = \"room:\"\n\
+             pushes = \"broadcast\"\npresence = true\nhistory = { size = 5, max_age_ms = 1000 }\n\n\
+             [[namespace]]\nprefix = \"doc:\"\njoin = \"token\"\n",
+            &[],
+        )
+        .unwrap();
+        let room = config.namespaces.find("room:1").unwrap();
+        assert_eq!(
+            (room.join, room.pushes, room.presence),
+            (JoinRule::Anyone, Pushes::Broadcast, true)
+        );
+        assert_eq!(room.history.map(|h| h.size), Some(5));
+        let doc = config.namespaces.find("doc:1").unwrap();
+        assert_eq!(
+            (doc.join, doc.pushes, doc.presence, doc.history),
+            (JoinRule::Token, Pushes::Rejected, false, None)
+        );
+        assert!(config.namespaces.find("user:1").is_none());
+    }
+
+    #[test]
+    fn without_namespaces_one_catch_all() {
+        let dev = Config::load(None, |_| None).unwrap();
+        assert_eq!(dev.namespaces.find("x").unwrap().pushes, Pushes::Broadcast);
+        let keyed = load("[auth]\njwt_hs256_secret = \"s\"\n", &[]).unwrap();
+        assert_eq!(keyed.namespaces.find("x").unwrap().pushes, Pushes::Rejected);
+    }
+
+    #[test]
+    fn namespace_mistakes_name_their_line() {
+        for (text, line) in [
+            (
+                "[[namespace]]\nprefix = \"a:\"\n[[namespace]]\nprefix = \"a:\"\n",
+                4,
+            ),
+            ("[[namespace]]\nprefix = \"a:\"\njoin = \"token\"\n", 3),
+            ("[[namespace]]\nprefix = \"a:\"\njoin = \"admins\"\n", 3),
+            (
+                "[[namespace]]\nprefix = \"a:\"\nhistory = { size = 0, max_age_ms = 1 }\n",
+                3,
+            ),
+            (
+                "[[namespace]]\nprefix = \"\"\nhistory = { size = 1, max_age_ms = 1 }\n\
+                 [[namespace]]\nprefix = \"a:\"\n",
+                5,
+            ),
+        ] {
+            let e = load(text, &[]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("firebrand.toml:{line}:")),
+                "{text}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_api_key_and_the_api_in_development() {
+        let dev = Config::load(None, |_| None).unwrap();
+        assert_eq!(dev.api, ApiAccess::Open);
+        let exposed = load("[server]\nlisten = \"0.0.0.0:4000\"\n", &[]).unwrap();
+        assert_eq!(exposed.api, ApiAccess::Disabled);
+        let keyed = load("[auth]\njwt_hs256_secret = \"s\"\n", &[]).unwrap();
+        assert_eq!(keyed.api, ApiAccess::Disabled);
+        let key = "0123456789abcdef0123";
+        let with_key = load("", &[("FIREBRAND_API_KEY", key)]).unwrap();
+        assert_eq!(with_key.api, ApiAccess::Key(key.into()));
+        assert!(!format!("{with_key:?}").contains(key));
+        let e = load("[api]\nkey = \"short\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:2:"), "{e}");
     }
 
     #[test]

@@ -5,9 +5,15 @@
 //! {params: {token}})`), authenticated by a JWT that the backend signs ([`auth`]); the server
 //! is configured by one TOML file and environment variables ([`config`]).
 //!
-//! For now every topic may be joined by any connected client, and client pushes are refused
-//! with the error reply `{"reason":"pushes are not allowed"}`; the join reply carries the
-//! authenticated user id (`{"user": sub}`; `{}` for an anonymous connection).
+//! Topics are grouped in [namespaces](namespace) by prefix (`room:`, `user:`, `doc:` …), each
+//! saying who may join, what happens to client pushes, whether presence is tracked and how much
+//! history is kept for recovery ([`config`] lists the keys). The join reply carries the
+//! authenticated user id (`{"user": sub}`; `{}` for an anonymous connection); a refused join
+//! gets an error reply with a reason (`unauthorized`, `unmatched topic`).
+//!
+//! The backend talks to the server over HTTP with an API key ([`api`]): publish to one topic or
+//! many, disconnect a user, read a topic's presence or history, list the active topics, describe
+//! the node. The binary serves the API's OpenAPI document at `/api/openapi.json`.
 //!
 //! The binary is thin over this library: [`Config::load`], then [`app::endpoint`] and
 //! [`app::router`], served by `firebrand::Server` and drained on SIGTERM:

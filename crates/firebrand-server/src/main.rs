@@ -15,7 +15,7 @@ const USAGE: &str = "usage: firebrand-server [--config PATH]   serve (config fil
 Environment variables override the file: FIREBRAND_CONFIG, FIREBRAND_LISTEN, FIREBRAND_DRAIN_MS,
 FIREBRAND_ORIGINS, REDIS_URL, NATS_URL, FIREBRAND_CLUSTER_NAMESPACE, FIREBRAND_CLUSTER_SECRET,
 FIREBRAND_JWT_SECRET, FIREBRAND_JWT_PUBLIC_KEY_FILE, FIREBRAND_JWT_ALGORITHM,
-FIREBRAND_JWT_AUDIENCE, FIREBRAND_JWT_ISSUER, FIREBRAND_ALLOW_ANONYMOUS.";
+FIREBRAND_JWT_AUDIENCE, FIREBRAND_JWT_ISSUER, FIREBRAND_ALLOW_ANONYMOUS, FIREBRAND_API_KEY.";
 
 enum Command {
     Serve(Option<PathBuf>),
@@ -125,6 +125,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 fn print_next_steps(config: &Config, addr: std::net::SocketAddr) {
     println!("configuration: {config}");
+    let api = format!("http://{addr}/api");
+    match config.api {
+        firebrand_server::config::ApiAccess::Open => println!(
+            "server API open without a key (development mode): curl {api}/info; \
+             the OpenAPI document: {api}/openapi.json"
+        ),
+        firebrand_server::config::ApiAccess::Disabled => println!(
+            "server API disabled: set FIREBRAND_API_KEY (or [api] key) to publish over HTTP"
+        ),
+        _ => println!("server API at {api}/ (Authorization: Bearer <key>); {api}/openapi.json"),
+    }
     let url = format!("ws://{addr}/socket");
     if config.is_development() {
         println!(
