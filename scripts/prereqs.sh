@@ -5,6 +5,7 @@
 #   cargo, rustc      the Rust toolchain (rustup)
 #   node, npm         the official phoenix client and the browser tests
 #   chromium          the chat demo's browser tests (Debian's package; never a downloaded build)
+#   openssl           firebrand-server's tests make their RS256/ES256 key pairs with it
 #   Redis, NATS       the cluster tests, on 127.0.0.1:6379 and 127.0.0.1:4222
 set -euo pipefail
 
@@ -38,6 +39,10 @@ fi
 
 if ! [ -x /usr/bin/chromium ]; then
   apt_install chromium || missing "Chromium (/usr/bin/chromium)" "sudo apt-get install chromium"
+fi
+
+if ! command -v openssl >/dev/null; then
+  apt_install openssl || missing "OpenSSL (openssl)" "sudo apt-get install openssl"
 fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -75,6 +75,21 @@ pub struct Stats {
     pub cluster_rejected: u64,
 }
 
+/// What a recoverable topic's history holds, from [`Endpoint::history`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct HistoryPage {
+    /// The topic's position now (the last broadcast's; `None` when the history could not be
+    /// read from the cluster's engine).
+    pub position: Option<String>,
+    /// With `since`: whether the history still held everything after it (`false`: too old,
+    /// from a lost history, not a position; then `broadcasts` is empty). Without: `None`.
+    pub recovered: Option<bool>,
+    /// The kept broadcasts (after `since`, if given), oldest first, each with its
+    /// [`position`](Broadcast::position).
+    pub broadcasts: Vec<Broadcast>,
+}
+
 impl Default for Endpoint {
     fn default() -> Self {
         Self::new()
@@ -277,6 +292,74 @@ impl Endpoint {
     /// The presences on `topic`: `{key: {"metas": [...]}}`, as `presence_state` carries them.
     pub fn presence_list(&self, topic: &str) -> Payload {
         self.inner.hub.tracker().list(topic)
+    }
+
+    /// The topics joined by channels on this node, each with the number of channels joined
+    /// to it (in no particular order). Subscriptions made with [`subscribe`](Self::subscribe)
+    /// or [`ChannelContext::subscribe`](crate::ChannelContext::subscribe) are not counted.
+    ///
+    /// ```
+    /// let endpoint = firebrand::Endpoint::new();
+    /// assert!(endpoint.topics().is_empty()); // nobody has joined anything yet
+    /// ```
+    pub fn topics(&self) -> Vec<(String, usize)> {
+        self.inner.hub.pubsub().channel_counts()
+    }
+
+    /// The broadcasts a [recoverable](EndpointBuilder::history) topic's history holds (after
+    /// position `since`, if given): what a client rejoining with `since` would be replayed.
+    /// `None` when `topic` is not recoverable. On a clustered node whose cache does not reach
+    /// back, the engine is read (within its read timeout).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    ///
+    /// let endpoint = firebrand::Endpoint::builder()
+    ///     .history("stream:*", 100, Duration::from_secs(60))
+    ///     .build();
+    /// endpoint.broadcast("stream:news", "new_msg", json!({"n": 1}));
+    /// let page = endpoint.history("stream:news", None).await.unwrap();
+    /// assert_eq!(page.broadcasts.len(), 1);
+    /// let seen = page.broadcasts[0].position().unwrap().to_owned();
+    ///
+    /// endpoint.broadcast("stream:news", "new_msg", json!({"n": 2}));
+    /// let page = endpoint.history("stream:news", Some(&seen)).await.unwrap();
+    /// assert_eq!(page.recovered, Some(true));
+    /// assert_eq!(page.broadcasts[0].payload().to_value(), Some(json!({"n": 2})));
+    /// assert!(endpoint.history("room:lobby", None).await.is_none()); // not recoverable
+    /// # }
+    /// ```
+    pub async fn history(&self, topic: &str, since: Option<&str>) -> Option<HistoryPage> {
+        let hub = &self.inner.hub;
+        let history = hub.history()?;
+        let retention = history.retention(topic)?;
+        let mut read = None;
+        loop {
+            let page = history.catch_up(
+                topic,
+                retention,
+                since,
+                retention.size,
+                read.take(),
+                |b| {
+                    hub.pubsub().dispatch(b, None);
+                },
+                |c| HistoryPage {
+                    position: c.position,
+                    recovered: c.recovered,
+                    broadcasts: c.replay,
+                },
+            );
+            match (page, &self.inner.cluster) {
+                (Ok(page), _) => return Some(page),
+                (Err(query), Some(cluster)) => {
+                    read = Some(cluster.read_history(topic, query, retention).await);
+                }
+                (Err(_), None) => read = Some(None),
+            }
+        }
     }
 
     /// Broadcasts `event` with `payload` to every subscriber of `topic` (Phoenix's

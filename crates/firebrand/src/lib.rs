@@ -131,7 +131,7 @@ mod node;
 mod token;
 mod transport;
 
-pub use endpoint::{Endpoint, EndpointBuilder, Stats};
+pub use endpoint::{Endpoint, EndpointBuilder, HistoryPage, Stats};
 #[doc(inline)]
 pub use firebrand_protocol::{DecodeError, Payload, RawJson};
 pub use model::channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};

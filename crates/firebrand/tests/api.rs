@@ -295,6 +295,33 @@ async fn extra_subscriptions_and_messages_reach_handle_info() {
 }
 
 #[tokio::test]
+async fn topics_counts_the_joined_channels_only() {
+    let h = start().await;
+    let mut sockets = Vec::new();
+    for (user, topic) in [(1u64, "probe:a"), (2, "probe:a"), (3, "probe:b")] {
+        let token = h.signer.sign(&user);
+        let (mut ws, _) = h.connect(&format!("token={token}"), None).await.unwrap();
+        send(&mut ws, json!(["1", "1", topic, "phx_join", {}])).await;
+        assert_eq!(recv(&mut ws).await[4]["status"], "ok");
+        sockets.push(ws);
+    }
+    // An extra subscription and an Endpoint subscription are not joined channels.
+    send(
+        &mut sockets[0],
+        json!(["1", "2", "probe:a", "subscribe", "news"]),
+    )
+    .await;
+    expect_reply(&mut sockets[0], "2", "ok", json!({})).await;
+    let _sub = h.endpoint.subscribe("probe:c", 4);
+    let mut topics = h.endpoint.topics();
+    topics.sort();
+    assert_eq!(
+        topics,
+        [("probe:a".to_owned(), 2), ("probe:b".to_owned(), 1)]
+    );
+}
+
+#[tokio::test]
 async fn terminate_sees_why_the_channel_ended() {
     let mut h = start().await;
     let token = h.signer.sign(&2u64);

@@ -275,6 +275,24 @@ impl PubSub {
         self.shards.iter().map(|s| s.read().len()).sum()
     }
 
+    /// Each topic with joined channels on this node, and how many (extra-topic subscriptions
+    /// and socket ids are not counted).
+    pub(crate) fn channel_counts(&self) -> Vec<(String, usize)> {
+        let mut topics = Vec::new();
+        for shard in self.shards.iter() {
+            for (topic, subs) in shard.read().iter() {
+                let joined = subs
+                    .iter()
+                    .filter(|s| matches!(s.target, Target::Fastlane { .. }))
+                    .count();
+                if joined > 0 {
+                    topics.push((topic.to_string(), joined));
+                }
+            }
+        }
+        topics
+    }
+
     /// Delivers `b` to every local subscriber of its topic except `from`.
     /// Returns the number of frames queued to connections.
     pub(crate) fn dispatch(&self, b: &Broadcast, from: Option<SubId>) -> u64 {

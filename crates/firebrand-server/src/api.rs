@@ -1,0 +1,398 @@
+//! The server API: what a backend calls over HTTP to publish, disconnect users and look
+//! inside the server.
+//!
+//! Every request but `GET /api/openapi.json` needs `Authorization: Bearer <api.key>` (see
+//! [`config`](crate::config); compared in constant time). With no key configured the API is
+//! disabled (403), except in development mode (no auth key) on a loopback address, where it is
+//! open without a key. Bodies are JSON; every answer is JSON. Errors are `{"error": "<reason>"}`
+//! with the status saying which kind: 400 (a body or query that does not parse: the reason
+//! names the field), 401 (no key, or the wrong one), 403 (the API is disabled), 404 (no such
+//! route), 405 (another method expected), 422 (well-formed but unacceptable: an empty topic, a
+//! reserved event, a topic without history).
+//!
+//! | request | body or query | answer |
+//! | --- | --- | --- |
+//! | `POST /api/publish` | `{"topic", "event", "payload"}` | `{"ok": true}`; every subscriber of the topic, on every node, gets the event |
+//! | `POST /api/publish_many` | `{"topics": [..], "event", "payload"}` | `{"ok": true, "topics": n}` |
+//! | `POST /api/disconnect` | `{"user"}` | `{"ok": true}`; the user's connections (every node) close with code 1001 |
+//! | `GET /api/presence` | `?topic=` | `{"topic", "presences": {key: {"metas": [..]}}}` (the cluster's) |
+//! | `GET /api/history` | `?topic=&since=` | `{"topic", "position", "recovered", "messages": [{"event", "payload", "position"}]}` |
+//! | `GET /api/topics` | | `{"topics": [{"topic", "subscribers"}]}`: this node's joined channels |
+//! | `GET /api/info` | | `{"node", "nodes", "version", "connections", "topics"}` |
+//! | `GET /api/openapi.json` | | this API as an OpenAPI 3.1 document (no key needed) |
+//!
+//! `payload` is any JSON (`{}` when left out). Events starting with `phx_`, and
+//! `presence_state` and `presence_diff`, are reserved (422). Node ids are strings (they do not
+//! fit a JavaScript number).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use firebrand::Endpoint;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::config::ApiAccess;
+
+/// The OpenAPI 3.1 document of this API, served at `GET /api/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// At most this many topics in one `publish_many`.
+pub const MAX_TOPICS: usize = 10_000;
+
+#[derive(Clone)]
+struct Api {
+    endpoint: Endpoint,
+    access: Arc<ApiAccess>,
+}
+
+/// Why a request failed: each kind is one status, the reason goes in `{"error": …}`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// 400: the body or the query does not parse.
+    BadRequest(String),
+    /// 401: no `Authorization: Bearer` header.
+    MissingKey,
+    /// 401: the wrong key.
+    WrongKey,
+    /// 403: no key is configured.
+    Disabled,
+    /// 404: no such route.
+    NoRoute(String),
+    /// 405: the route exists with another method.
+    MethodNotAllowed(String),
+    /// 422: well-formed, but not acceptable.
+    Unprocessable(String),
+}
+
+impl ApiError {
+    /// The status and the reason.
+    pub fn parts(&self) -> (StatusCode, String) {
+        match self {
+            ApiError::BadRequest(why) => (StatusCode::BAD_REQUEST, why.clone()),
+            ApiError::MissingKey => (
+                StatusCode::UNAUTHORIZED,
+                "missing API key: send Authorization: Bearer <key>".into(),
+            ),
+            ApiError::WrongKey => (StatusCode::UNAUTHORIZED, "wrong API key".into()),
+            ApiError::Disabled => (
+                StatusCode::FORBIDDEN,
+                "the server API is disabled: configure api.key (FIREBRAND_API_KEY)".into(),
+            ),
+            ApiError::NoRoute(route) => (StatusCode::NOT_FOUND, format!("no such route: {route}")),
+            ApiError::MethodNotAllowed(route) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method not allowed: {route}"),
+            ),
+            ApiError::Unprocessable(why) => (StatusCode::UNPROCESSABLE_ENTITY, why.clone()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, reason) = self.parts();
+        let mut response = (status, axum::Json(json!({ "error": reason }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            let bearer = header::HeaderValue::from_static("Bearer");
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, bearer);
+        }
+        response
+    }
+}
+
+/// The routes that need the key: (method, path under `/api`, handler).
+fn routes() -> Vec<(Method, &'static str, MethodRouter<Api>)> {
+    vec![
+        (Method::POST, "/publish", post(publish)),
+        (Method::POST, "/publish_many", post(publish_many)),
+        (Method::POST, "/disconnect", post(disconnect)),
+        (Method::GET, "/presence", get(presence)),
+        (Method::GET, "/history", get(history)),
+        (Method::GET, "/topics", get(topics)),
+        (Method::GET, "/info", get(info)),
+    ]
+}
+
+/// The API's router (its paths start with `/api/`), acting on `endpoint`.
+pub fn router(access: ApiAccess, endpoint: Endpoint) -> Router {
+    let api = Api {
+        endpoint,
+        access: Arc::new(access),
+    };
+    let authorized = routes()
+        .into_iter()
+        .fold(Router::new(), |r, (_, path, handler)| {
+            r.route(path, handler)
+        })
+        .route_layer(middleware::from_fn_with_state(api.clone(), authorize));
+    let routes = authorized
+        .route("/openapi.json", get(openapi))
+        .fallback(|method: Method, uri: Uri| async move {
+            ApiError::NoRoute(format!("{method} /api{uri}"))
+        })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::MethodNotAllowed(format!("{method} /api{uri}"))
+        })
+        .with_state(api);
+    Router::new().nest("/api", routes)
+}
+
+/// Lets the request through with the right key (or when the API is open).
+async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let key = match &*api.access {
+        ApiAccess::Open => return next.run(request).await,
+        ApiAccess::Disabled => return ApiError::Disabled.into_response(),
+        ApiAccess::Key(key) => key,
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => ApiError::MissingKey.into_response(),
+        Some(given) if same(given.trim().as_bytes(), key.as_bytes()) => next.run(request).await,
+        Some(_) => ApiError::WrongKey.into_response(),
+    }
+}
+
+/// Compares in time that depends on the lengths only, not on where the bytes differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0 && a.len() == b.len()
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// The body as `T`, or a 400 naming what is wrong.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
+}
+
+/// The query as `T`, or a 400 naming what is wrong.
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+fn check_topic(topic: &str) -> Result<(), ApiError> {
+    if topic.is_empty() {
+        return Err(ApiError::Unprocessable("topic is empty".into()));
+    }
+    Ok(())
+}
+
+fn check_event(event: &str) -> Result<(), ApiError> {
+    if event.is_empty() {
+        return Err(ApiError::Unprocessable("event is empty".into()));
+    }
+    if event.starts_with("phx_") || event == "presence_state" || event == "presence_diff" {
+        return Err(ApiError::Unprocessable(format!(
+            "event {event:?} is reserved"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Publish {
+    topic: String,
+    event: String,
+    #[serde(default = "empty_object")]
+    payload: Value,
+}
+
+async fn publish(State(api): State<Api>, bytes: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let Publish {
+        topic,
+        event,
+        payload,
+    } = body(&bytes)?;
+    check_topic(&topic)?;
+    check_event(&event)?;
+    api.endpoint.broadcast(&topic, &event, payload);
+    Ok(axum::Json(json!({"ok": true})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishMany {
+    topics: Vec<String>,
+    event: String,
+    #[serde(default = "empty_object")]
+    payload: Value,
+}
+
+async fn publish_many(State(api): State<Api>, bytes: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let PublishMany {
+        topics,
+        event,
+        payload,
+    } = body(&bytes)?;
+    if topics.is_empty() || topics.len() > MAX_TOPICS {
+        return Err(ApiError::Unprocessable(format!(
+            "topics: between 1 and {MAX_TOPICS} expected, got {}",
+            topics.len()
+        )));
+    }
+    topics.iter().try_for_each(|t| check_topic(t))?;
+    check_event(&event)?;
+    // One payload, encoded once per topic's broadcast.
+    let payload = firebrand::Payload::from(payload);
+    for topic in &topics {
+        api.endpoint.broadcast(topic, &event, payload.clone());
+    }
+    Ok(axum::Json(json!({"ok": true, "topics": topics.len()})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Disconnect {
+    user: String,
+}
+
+async fn disconnect(State(api): State<Api>, bytes: Bytes) -> Result<impl IntoResponse, ApiError> {
+    let Disconnect { user } = body(&bytes)?;
+    if user.is_empty() {
+        return Err(ApiError::Unprocessable("user is empty".into()));
+    }
+    api.endpoint.disconnect(&format!("user_socket:{user}"));
+    Ok(axum::Json(json!({"ok": true})))
+}
+
+#[derive(Deserialize)]
+struct TopicQuery {
+    topic: String,
+}
+
+async fn presence(
+    State(api): State<Api>,
+    q: Result<Query<TopicQuery>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let TopicQuery { topic } = query(q)?;
+    check_topic(&topic)?;
+    let presences = api.endpoint.presence_list(&topic).to_value();
+    Ok(axum::Json(json!({"topic": topic, "presences": presences})))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    topic: String,
+    since: Option<String>,
+}
+
+async fn history(
+    State(api): State<Api>,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let HistoryQuery { topic, since } = query(q)?;
+    check_topic(&topic)?;
+    let Some(page) = api.endpoint.history(&topic, since.as_deref()).await else {
+        return Err(ApiError::Unprocessable(format!(
+            "topic {topic:?} keeps no history (its namespace has no history)"
+        )));
+    };
+    let messages: Vec<Value> = page
+        .broadcasts
+        .iter()
+        .map(|b| {
+            json!({
+                "event": b.event(),
+                "payload": b.payload().to_value(),
+                "position": b.position(),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "topic": topic,
+        "position": page.position,
+        "recovered": page.recovered,
+        "messages": messages,
+    })))
+}
+
+async fn topics(State(api): State<Api>) -> impl IntoResponse {
+    let mut topics = api.endpoint.topics();
+    topics.sort();
+    let topics: Vec<Value> = topics
+        .into_iter()
+        .map(|(topic, n)| json!({"topic": topic, "subscribers": n}))
+        .collect();
+    axum::Json(json!({ "topics": topics }))
+}
+
+async fn info(State(api): State<Api>) -> impl IntoResponse {
+    let stats = api.endpoint.stats();
+    let nodes: Vec<String> = api.endpoint.nodes().iter().map(u64::to_string).collect();
+    axum::Json(json!({
+        "node": api.endpoint.node().map(|n| n.to_string()),
+        "nodes": nodes,
+        "version": env!("CARGO_PKG_VERSION"),
+        "connections": stats.connections,
+        "topics": stats.topics,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_lists_every_route_and_no_other() {
+        let doc: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"].as_str().map(|v| &v[..4]), Some("3.1."));
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut routed: Vec<(String, String)> = routes()
+            .iter()
+            .map(|(m, p, _)| (m.as_str().to_lowercase(), format!("/api{p}")))
+            .collect();
+        routed.push(("get".into(), "/api/openapi.json".into()));
+        let mut documented = Vec::new();
+        for (path, item) in paths {
+            for method in item.as_object().expect("a path item").keys() {
+                if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                    documented.push((method.clone(), path.clone()));
+                }
+            }
+        }
+        routed.sort();
+        documented.sort();
+        assert_eq!(routed, documented);
+    }
+
+    #[test]
+    fn keys_compare_whole() {
+        assert!(same(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdeF"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!same(b"", b"x"));
+    }
+
+    #[test]
+    fn reserved_events_are_refused() {
+        assert!(check_event("new_msg").is_ok());
+        for event in ["", "phx_reply", "presence_diff", "presence_state"] {
+            assert!(check_event(event).is_err(), "{event}");
+        }
+    }
+}

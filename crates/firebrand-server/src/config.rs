@@ -1,0 +1,950 @@
+//! The server's configuration: an optional TOML file, then environment variables (which win).
+//!
+//! ```toml
+//! [server]
+//! listen = "127.0.0.1:4000"   # address and port to serve on
+//! drain_ms = 1000             # on SIGTERM, close the sockets (1012) spread over this period
+//! origins = ["https://app.example.com"]  # browser origins that may connect; ["*"]: any
+//!
+//! [cluster]                   # at most one of redis_url and nats_url
+//! redis_url = "redis://127.0.0.1:6379"
+//! nats_url = "nats://127.0.0.1:4222"
+//! namespace = "firebrand"     # separates clusters sharing one Redis or NATS
+//! secret = "…"                # authenticates node-to-node messages (the same on every node)
+//!
+//! [auth]                      # at most one key: a shared secret or a public key file
+//! jwt_hs256_secret = "…"      # HS256
+//! jwt_public_key_file = "jwt.pub.pem"  # a PEM public key (relative to the config file)…
+//! jwt_algorithm = "RS256"     # …and its algorithm: "RS256" or "ES256"
+//! audience = "my-app"         # if set, tokens must carry this `aud`
+//! issuer = "https://auth.example.com"  # if set, tokens must carry this `iss`
+//! allow_anonymous = false     # connections without a token; default: true only with no key
+//!
+//! [api]                       # the server API (see the `api` module)
+//! key = "…"                   # `Authorization: Bearer <key>`; 16 characters or more
+//!
+//! [[namespace]]               # the rules of the topics starting with `prefix`; one table each
+//! prefix = "room:"            # "" is a catch-all; the longest matching prefix wins
+//! join = "anyone"             # "anyone" | "user" | "token" (default "anyone")
+//! pushes = "broadcast"        # "rejected" | "broadcast" (default "rejected")
+//! presence = true             # track joined users (default false)
+//! history = { size = 100, max_age_ms = 300000 }  # recoverable topics (default: none)
+//! ```
+//!
+//! **Namespaces.** A topic belongs to the namespace with the longest prefix it starts with; a
+//! topic in none is refused at join with `{"reason":"unmatched topic"}` (add `prefix = ""` to
+//! catch the rest). With no `[[namespace]]` at all there is one catch-all where anyone joins,
+//! and pushes are broadcast in development mode (no auth key) and rejected otherwise.
+//!
+//! - `join`: `"anyone"`: any connected client. `"user"`: only the user whose `sub` is the
+//!   rest of the topic (`user:alice` for `alice`; never an anonymous connection).
+//!   `"token"`: holders of a join token sent as the join params' `token`
+//!   (`socket.channel("doc:42", {token})`): a JWT signed with the connection tokens' key (and
+//!   carrying their `aud` and `iss`, if configured), with `exp`, and a `topic` claim equal to
+//!   the topic or a `topics` list holding it; a `sub`, if present, must be the connection's
+//!   user. Needs an auth key. A refused join gets the error reply `{"reason":"unauthorized"}`
+//!   (why is logged).
+//! - `pushes`: `"rejected"`: the error reply `{"reason":"pushes are not allowed"}`.
+//!   `"broadcast"`: the event and payload go as they are to every *other* subscriber of the
+//!   topic (Phoenix's `broadcast_from`: not back to the sender), and the push gets the reply
+//!   `ok` `{}`. Events starting with `phx_`, and `presence_state` and `presence_diff`, are
+//!   refused with `{"reason":"reserved event"}`.
+//! - `presence`: on join, the user is tracked under its `sub` with the meta
+//!   `{"user": sub, "info": <the token's info claim>}` and the client gets `presence_state`, then
+//!   `presence_diff`s (phoenix.js's `Presence` syncs them). Anonymous connections see the
+//!   presences without being tracked.
+//! - `history`: the topics are recoverable: their last `size` broadcasts (none older than
+//!   `max_age_ms`) are kept, and a client that rejoins with `{since: position}` gets what it
+//!   missed (see `firebrand::EndpointBuilder::history`). In a cluster the engine keeps it
+//!   (configure every node alike). A namespace inside a recoverable one (`room:vip:` in
+//!   `room:`) must have a history too.
+//!
+//! Namespaces are configured in the file only (no environment variables). Sending joins and
+//! pushes to the backend over HTTP (a join call that may refuse or answer the join; pushes the
+//! backend may reject or rewrite) is not there yet: it is the next step.
+//!
+//! **The API key.** Without `api.key` the API is disabled (403), except in development mode (no
+//! auth key) on a loopback `listen` address, where it is open without a key, like the sockets.
+//!
+//! Every key is optional, and a key the server does not know is an error (with its line), so
+//! a typo is never silently ignored. With no file and no variables the server runs in
+//! development mode: it listens on 127.0.0.1:4000 and anyone may connect.
+//!
+//! Environment variables (an empty value counts as unset):
+//!
+//! | variable | overrides |
+//! | --- | --- |
+//! | `FIREBRAND_CONFIG` | the config file, when `--config` is not given |
+//! | `FIREBRAND_LISTEN` | `server.listen` |
+//! | `FIREBRAND_DRAIN_MS` | `server.drain_ms` |
+//! | `FIREBRAND_ORIGINS` | `server.origins` (comma-separated) |
+//! | `REDIS_URL` | `cluster.redis_url` |
+//! | `NATS_URL` | `cluster.nats_url` |
+//! | `FIREBRAND_CLUSTER_NAMESPACE` | `cluster.namespace` |
+//! | `FIREBRAND_CLUSTER_SECRET` | `cluster.secret` |
+//! | `FIREBRAND_JWT_SECRET` | `auth.jwt_hs256_secret` |
+//! | `FIREBRAND_JWT_PUBLIC_KEY_FILE` | `auth.jwt_public_key_file` (relative to the working directory) |
+//! | `FIREBRAND_JWT_ALGORITHM` | `auth.jwt_algorithm` |
+//! | `FIREBRAND_JWT_AUDIENCE` | `auth.audience` |
+//! | `FIREBRAND_JWT_ISSUER` | `auth.issuer` |
+//! | `FIREBRAND_ALLOW_ANONYMOUS` | `auth.allow_anonymous` (`true` or `false`) |
+//! | `FIREBRAND_API_KEY` | `api.key` |
+//!
+//! Settings that contradict each other (two auth keys, two cluster engines, a public key
+//! without its algorithm) are errors rather than one silently winning, wherever each came from.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::auth::{KeyAlgorithm, Verifier};
+use crate::namespace::{HistoryRule, JoinRule, Namespace, Namespaces, Pushes};
+
+/// The development default of `server.listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
+
+/// The server's settings, resolved from the file, the environment and the defaults.
+#[non_exhaustive]
+pub struct Config {
+    /// The address to serve on.
+    pub listen: SocketAddr,
+    /// Over how long the sockets are closed on SIGTERM.
+    pub drain: Duration,
+    /// The browser origins that may connect (`CheckOrigin` patterns; `"*"`: any).
+    pub origins: Vec<String>,
+    /// The cluster engine, if any.
+    pub cluster: Option<Cluster>,
+    /// Separates clusters that share one engine.
+    pub namespace: String,
+    /// Authenticates node-to-node messages.
+    pub cluster_secret: Option<String>,
+    /// How connections are authenticated.
+    pub auth: Auth,
+    /// The rules of each family of topics.
+    pub namespaces: Namespaces,
+    /// Who may use the server API.
+    pub api: ApiAccess,
+}
+
+/// Who may use the server API (`/api/…`).
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApiAccess {
+    /// Requests must carry `Authorization: Bearer <key>`.
+    Key(String),
+    /// Development mode on a loopback address with no key: every request is allowed.
+    Open,
+    /// No key configured: every request is refused with 403.
+    Disabled,
+}
+
+impl fmt::Debug for ApiAccess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiAccess::Key(_) => f.write_str("Key(..)"),
+            ApiAccess::Open => f.write_str("Open"),
+            ApiAccess::Disabled => f.write_str("Disabled"),
+        }
+    }
+}
+
+/// The engine nodes of a cluster talk through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Cluster {
+    /// Redis at this URL.
+    Redis(String),
+    /// NATS at this URL.
+    Nats(String),
+}
+
+/// How connections are authenticated.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Auth {
+    /// Verifies tokens; `None` when no key is configured.
+    pub verifier: Option<Verifier>,
+    /// Whether a connection without a token is accepted (as an anonymous user).
+    pub allow_anonymous: bool,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Without the secrets, and without the cluster URLs (which may hold a password).
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("drain", &self.drain)
+            .field("origins", &self.origins)
+            .field("cluster", &self.cluster.as_ref().map(Cluster::engine))
+            .field("namespace", &self.namespace)
+            .field(
+                "cluster_secret",
+                &self.cluster_secret.as_ref().map(|_| ".."),
+            )
+            .field("auth", &self.auth)
+            .field("namespaces", &self.namespaces)
+            .field("api", &self.api)
+            .finish()
+    }
+}
+
+impl fmt::Display for Config {
+    /// A one-line summary, without secrets: what `--check-config` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "listen {}", self.listen)?;
+        match &self.auth.verifier {
+            Some(v) => write!(f, ", JWT {}", v.algorithm())?,
+            None => write!(f, ", no auth key (development mode)")?,
+        }
+        if self.auth.allow_anonymous {
+            write!(f, ", anonymous connections allowed")?;
+        }
+        match &self.cluster {
+            Some(c) => write!(
+                f,
+                ", cluster over {} (namespace {:?})",
+                c.engine(),
+                self.namespace
+            )?,
+            None => write!(f, ", single node")?,
+        }
+        write!(f, ", namespaces")?;
+        for ns in self.namespaces.iter() {
+            write!(f, " {:?}", ns.prefix)?;
+        }
+        match self.api {
+            ApiAccess::Key(_) => write!(f, ", API with a key"),
+            ApiAccess::Open => write!(f, ", API open (development mode, no key)"),
+            ApiAccess::Disabled => write!(f, ", API disabled (no key)"),
+        }
+    }
+}
+
+impl Cluster {
+    /// `"Redis"` or `"NATS"`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Cluster::Redis(_) => "Redis",
+            Cluster::Nats(_) => "NATS",
+        }
+    }
+}
+
+impl Config {
+    /// Development mode: no key, so anyone may connect.
+    pub fn is_development(&self) -> bool {
+        self.auth.verifier.is_none()
+    }
+
+    /// Reads `file` (if any), then applies the environment given by `env` (a variable's value
+    /// by name, e.g. `|name| std::env::var(name).ok()`).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        let (source, raw) = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    location: Location::File {
+                        path: path.to_owned(),
+                        line: None,
+                    },
+                    message: format!("cannot read the config file: {e}"),
+                })?;
+                let raw = toml::from_str::<RawFile>(&text).map_err(|e| {
+                    let at = e.span().map(|span| line_col(&text, span.start));
+                    ConfigError {
+                        location: Location::File {
+                            path: path.to_owned(),
+                            line: at,
+                        },
+                        message: describe(&text, &e),
+                    }
+                })?;
+                (
+                    Some(Source {
+                        path: path.to_owned(),
+                        text,
+                    }),
+                    raw,
+                )
+            }
+            None => (None, RawFile::default()),
+        };
+        Resolver {
+            source: source.as_ref(),
+            env: &env,
+        }
+        .resolve(raw)
+    }
+}
+
+/// A configuration error: where (a file's line, or a variable) and what.
+#[derive(Debug)]
+pub struct ConfigError {
+    location: Location,
+    message: String,
+}
+
+#[derive(Debug)]
+enum Location {
+    File {
+        path: PathBuf,
+        line: Option<(usize, usize)>,
+    },
+    Env(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.location {
+            Location::File {
+                path,
+                line: Some((line, col)),
+            } => write!(f, "{}:{line}:{col}: {}", path.display(), self.message),
+            Location::File { path, line: None } => {
+                write!(f, "{}: {}", path.display(), self.message)
+            }
+            Location::Env(name) => write!(f, "environment variable {name}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
+/// The toml error's message, with the offending line quoted (it names the key).
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let (line, _) = line_col(text, span.start);
+            let quoted = text.lines().nth(line - 1).unwrap_or("").trim();
+            format!("{message}\n  {line} | {quoted}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+/// The config file as written.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    cluster: RawCluster,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    namespace: Vec<RawNamespace>,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    prefix: Spanned<String>,
+    join: Option<Spanned<JoinRule>>,
+    pushes: Option<Pushes>,
+    presence: Option<bool>,
+    history: Option<Spanned<RawHistory>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    size: usize,
+    max_age_ms: u64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    key: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    drain_ms: Option<Spanned<u64>>,
+    origins: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis_url: Option<Spanned<String>>,
+    nats_url: Option<Spanned<String>>,
+    namespace: Option<Spanned<String>>,
+    secret: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    jwt_hs256_secret: Option<Spanned<String>>,
+    jwt_public_key_file: Option<Spanned<String>>,
+    jwt_algorithm: Option<Spanned<KeyAlgorithm>>,
+    audience: Option<Spanned<String>>,
+    issuer: Option<Spanned<String>>,
+    allow_anonymous: Option<Spanned<bool>>,
+}
+
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+/// A setting's value and where it came from.
+struct Setting<T> {
+    value: T,
+    from: From,
+}
+
+#[derive(Clone, Copy)]
+enum From {
+    /// The file, at this byte range.
+    File(usize),
+    Env(&'static str),
+}
+
+struct Resolver<'a, E> {
+    source: Option<&'a Source>,
+    env: &'a E,
+}
+
+impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
+    /// The setting from variable `var` if set (parsed with `parse`), else from the file.
+    fn pick<T>(
+        &self,
+        file: Option<Spanned<T>>,
+        var: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<Setting<T>>, ConfigError> {
+        if let Some(v) = (self.env)(var) {
+            let value = parse(&v).map_err(|message| ConfigError {
+                location: Location::Env(var),
+                message,
+            })?;
+            return Ok(Some(Setting {
+                value,
+                from: From::Env(var),
+            }));
+        }
+        Ok(file.map(|s| Setting {
+            from: From::File(s.span().start),
+            value: s.into_inner(),
+        }))
+    }
+
+    fn error(&self, from: From, key: &str, message: impl fmt::Display) -> ConfigError {
+        let location = match (from, self.source) {
+            (From::Env(var), _) => Location::Env(var),
+            (From::File(offset), Some(source)) => Location::File {
+                path: source.path.clone(),
+                line: Some(line_col(&source.text, offset)),
+            },
+            (From::File(_), None) => unreachable!("a setting from a file without a file"),
+        };
+        ConfigError {
+            location,
+            message: format!("{key}: {message}"),
+        }
+    }
+
+    fn describe(&self, from: From, key: &str) -> String {
+        match (from, self.source) {
+            (From::Env(var), _) => format!("{key} (from {var})"),
+            (From::File(offset), Some(source)) => {
+                let (line, _) = line_col(&source.text, offset);
+                format!("{key} ({}:{line})", source.path.display())
+            }
+            (From::File(_), None) => key.to_owned(),
+        }
+    }
+
+    fn resolve(&self, raw: RawFile) -> Result<Config, ConfigError> {
+        let text = |v: &str| Ok(v.to_owned());
+        let listen = match self.pick(raw.server.listen, "FIREBRAND_LISTEN", text)? {
+            Some(s) => s.value.parse::<SocketAddr>().map_err(|e| {
+                self.error(
+                    s.from,
+                    "server.listen",
+                    format_args!("{e} (write an address and port, e.g. \"0.0.0.0:4000\")"),
+                )
+            })?,
+            None => DEFAULT_LISTEN.parse().expect("a valid default"),
+        };
+        let drain_ms = self.pick(raw.server.drain_ms, "FIREBRAND_DRAIN_MS", |v| {
+            v.parse::<u64>()
+                .map_err(|e| format!("{e} (milliseconds expected)"))
+        })?;
+        let drain = Duration::from_millis(drain_ms.map_or(1000, |s| s.value));
+        let origins = self.pick(raw.server.origins, "FIREBRAND_ORIGINS", |v| {
+            Ok(v.split(',').map(|o| o.trim().to_owned()).collect())
+        })?;
+        let origins = origins.map_or_else(
+            || vec!["//localhost".to_owned(), "//127.0.0.1".to_owned()],
+            |s| s.value,
+        );
+
+        let redis = self.pick(raw.cluster.redis_url, "REDIS_URL", text)?;
+        let nats = self.pick(raw.cluster.nats_url, "NATS_URL", text)?;
+        let cluster = match (redis, nats) {
+            (Some(r), Some(n)) => {
+                return Err(self.error(
+                    n.from,
+                    "cluster.nats_url",
+                    format_args!(
+                        "a cluster uses one engine, but {} is set too",
+                        self.describe(r.from, "cluster.redis_url")
+                    ),
+                ));
+            }
+            (Some(r), None) => Some(Cluster::Redis(r.value)),
+            (None, Some(n)) => Some(Cluster::Nats(n.value)),
+            (None, None) => None,
+        };
+        let namespace = self
+            .pick(raw.cluster.namespace, "FIREBRAND_CLUSTER_NAMESPACE", text)?
+            .map_or_else(|| "firebrand".to_owned(), |s| s.value);
+        let cluster_secret = self
+            .pick(raw.cluster.secret, "FIREBRAND_CLUSTER_SECRET", text)?
+            .map(|s| s.value);
+
+        let auth = self.resolve_auth(raw.auth)?;
+        let namespaces = self.resolve_namespaces(raw.namespace, &auth)?;
+        let api = match self.pick(raw.api.key, "FIREBRAND_API_KEY", text)? {
+            Some(key) if key.value.len() < 16 => {
+                return Err(self.error(
+                    key.from,
+                    "api.key",
+                    "is too short: use 16 characters or more (32 random bytes, say)",
+                ));
+            }
+            Some(key) => ApiAccess::Key(key.value),
+            None if auth.verifier.is_none() && listen.ip().is_loopback() => ApiAccess::Open,
+            None => ApiAccess::Disabled,
+        };
+        Ok(Config {
+            listen,
+            drain,
+            origins,
+            cluster,
+            namespace,
+            cluster_secret,
+            auth,
+            namespaces,
+            api,
+        })
+    }
+
+    fn resolve_namespaces(
+        &self,
+        raw: Vec<RawNamespace>,
+        auth: &Auth,
+    ) -> Result<Namespaces, ConfigError> {
+        if raw.is_empty() {
+            // One catch-all: anyone joins; in development mode pushes are broadcast.
+            let mut all = Namespace::new("");
+            if auth.verifier.is_none() {
+                all.pushes = Pushes::Broadcast;
+            }
+            return Ok(Namespaces::new(vec![all]));
+        }
+        let mut list: Vec<(Namespace, usize)> = Vec::new();
+        for raw in raw {
+            let at = raw.prefix.span().start;
+            let prefix = raw.prefix.into_inner();
+            if let Some((_, other)) = list.iter().find(|(ns, _)| ns.prefix == prefix) {
+                return Err(self.error(
+                    From::File(at),
+                    "namespace.prefix",
+                    format_args!(
+                        "{prefix:?} is configured twice (also {})",
+                        self.describe(From::File(*other), "namespace.prefix")
+                    ),
+                ));
+            }
+            let mut ns = Namespace::new(prefix);
+            if let Some(join) = raw.join {
+                if *join.get_ref() == JoinRule::Token && auth.verifier.is_none() {
+                    return Err(self.error(
+                        From::File(join.span().start),
+                        "namespace.join",
+                        "\"token\" needs a key to check join tokens with \
+                         (auth.jwt_hs256_secret or auth.jwt_public_key_file)",
+                    ));
+                }
+                ns.join = join.into_inner();
+            }
+            ns.pushes = raw.pushes.unwrap_or(Pushes::Rejected);
+            ns.presence = raw.presence.unwrap_or(false);
+            if let Some(history) = raw.history {
+                let from = From::File(history.span().start);
+                let RawHistory { size, max_age_ms } = history.into_inner();
+                if size == 0 || max_age_ms == 0 {
+                    return Err(self.error(
+                        from,
+                        "namespace.history",
+                        "size and max_age_ms must be above 0 (leave history out for none)",
+                    ));
+                }
+                ns.history = Some(HistoryRule {
+                    size,
+                    max_age: Duration::from_millis(max_age_ms),
+                });
+            }
+            list.push((ns, at));
+        }
+        // A recoverable namespace makes every topic under its prefix recoverable: a namespace
+        // inside it must keep a history too.
+        for (inner, at) in &list {
+            let outer = list.iter().find(|(o, _)| {
+                o.history.is_some()
+                    && o.prefix.len() < inner.prefix.len()
+                    && inner.prefix.starts_with(&o.prefix)
+            });
+            if let (None, Some((outer, outer_at))) = (inner.history, outer) {
+                return Err(self.error(
+                    From::File(*at),
+                    "namespace.history",
+                    format_args!(
+                        "{:?} has none, but it is inside {:?} ({}), which has one: give it a \
+                         history too",
+                        inner.prefix,
+                        outer.prefix,
+                        self.describe(From::File(*outer_at), "namespace.prefix")
+                    ),
+                ));
+            }
+        }
+        Ok(Namespaces::new(
+            list.into_iter().map(|(ns, _)| ns).collect(),
+        ))
+    }
+
+    fn resolve_auth(&self, raw: RawAuth) -> Result<Auth, ConfigError> {
+        let text = |v: &str| Ok(v.to_owned());
+        let secret = self.pick(raw.jwt_hs256_secret, "FIREBRAND_JWT_SECRET", text)?;
+        let key_file = self.pick(
+            raw.jwt_public_key_file,
+            "FIREBRAND_JWT_PUBLIC_KEY_FILE",
+            text,
+        )?;
+        let algorithm = self.pick(raw.jwt_algorithm, "FIREBRAND_JWT_ALGORITHM", |v| {
+            v.parse::<KeyAlgorithm>()
+        })?;
+        let audience = self.pick(raw.audience, "FIREBRAND_JWT_AUDIENCE", text)?;
+        let issuer = self.pick(raw.issuer, "FIREBRAND_JWT_ISSUER", text)?;
+        let anonymous = self.pick(
+            raw.allow_anonymous,
+            "FIREBRAND_ALLOW_ANONYMOUS",
+            |v| match v {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(format!("{v:?}: true or false expected")),
+            },
+        )?;
+
+        let verifier = match (secret, key_file, algorithm) {
+            (Some(s), Some(k), _) => {
+                return Err(self.error(
+                    k.from,
+                    "auth.jwt_public_key_file",
+                    format_args!(
+                        "configure one key, but {} is set too",
+                        self.describe(s.from, "auth.jwt_hs256_secret")
+                    ),
+                ));
+            }
+            (Some(s), None, Some(a)) => {
+                return Err(self.error(
+                    a.from,
+                    "auth.jwt_algorithm",
+                    format_args!(
+                        "is for jwt_public_key_file; a shared secret ({}) is always HS256",
+                        self.describe(s.from, "auth.jwt_hs256_secret")
+                    ),
+                ));
+            }
+            (None, None, Some(a)) => {
+                return Err(self.error(
+                    a.from,
+                    "auth.jwt_algorithm",
+                    "is set, but auth.jwt_public_key_file is not",
+                ));
+            }
+            (Some(s), None, None) => Some(
+                Verifier::hs256(s.value.as_bytes())
+                    .map_err(|e| self.error(s.from, "auth.jwt_hs256_secret", e))?,
+            ),
+            (None, Some(k), None) => {
+                return Err(self.error(
+                    k.from,
+                    "auth.jwt_public_key_file",
+                    "needs auth.jwt_algorithm (\"RS256\" or \"ES256\")",
+                ));
+            }
+            (None, Some(k), Some(a)) => {
+                let path = match (k.from, self.source) {
+                    // A path in the file is relative to the file.
+                    (From::File(_), Some(source)) => {
+                        source.path.parent().unwrap_or(Path::new("")).join(&k.value)
+                    }
+                    _ => PathBuf::from(&k.value),
+                };
+                let pem = std::fs::read(&path).map_err(|e| {
+                    self.error(
+                        k.from,
+                        "auth.jwt_public_key_file",
+                        format_args!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(Verifier::public_key(a.value, &pem).map_err(|e| {
+                    self.error(
+                        k.from,
+                        "auth.jwt_public_key_file",
+                        format_args!("{}: {e}", path.display()),
+                    )
+                })?)
+            }
+            (None, None, None) => None,
+        };
+        let verifier = verifier.map(|v| {
+            v.audience(audience.map(|s| s.value))
+                .issuer(issuer.map(|s| s.value))
+        });
+        let allow_anonymous = match anonymous {
+            Some(Setting { value: false, from }) if verifier.is_none() => {
+                return Err(self.error(
+                    from,
+                    "auth.allow_anonymous",
+                    "is false, but no key is configured (auth.jwt_hs256_secret or \
+                     auth.jwt_public_key_file): nobody could connect",
+                ));
+            }
+            Some(s) => s.value,
+            None => verifier.is_none(),
+        };
+        Ok(Auth {
+            verifier,
+            allow_anonymous,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "firebrand-server-config-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("firebrand.toml");
+        std::fs::write(&path, text).unwrap();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load(Some(&path), |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn no_file_is_development_mode() {
+        let config = Config::load(None, |_| None).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert!(config.is_development());
+        assert!(config.auth.allow_anonymous);
+        assert_eq!(config.cluster, None);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = load("[server]\nlisten = \"127.0.0.1:1\"\ndrain_msec = 5\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:3:1:"), "{e}");
+        assert!(e.contains("drain_msec"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let e = load("\n[server]\ndrain_ms = \"soon\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+        assert!(e.contains("drain_ms"), "{e}");
+    }
+
+    #[test]
+    fn bad_algorithm_names_line() {
+        let e = load(
+            "[auth]\njwt_public_key_file = \"k.pem\"\njwt_algorithm = \"none\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let config = load(
+            "[server]\nlisten = \"127.0.0.1:1\"\n",
+            &[("FIREBRAND_LISTEN", "127.0.0.1:2")],
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 2);
+    }
+
+    #[test]
+    fn a_secret_turns_off_anonymous_by_default() {
+        let config = load("[auth]\njwt_hs256_secret = \"s3cret\"\n", &[]).unwrap();
+        assert!(!config.is_development());
+        assert!(!config.auth.allow_anonymous);
+        let config = load("", &[("FIREBRAND_JWT_SECRET", "s3cret")]).unwrap();
+        assert!(!config.auth.allow_anonymous);
+    }
+
+    #[test]
+    fn contradictions_are_errors() {
+        let e = load(
+            "[auth]\njwt_hs256_secret = \"s\"\n",
+            &[("FIREBRAND_JWT_PUBLIC_KEY_FILE", "k.pem")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("FIREBRAND_JWT_PUBLIC_KEY_FILE"), "{e}");
+        assert!(e.contains("firebrand.toml:2"), "{e}");
+        let e = load(
+            "[cluster]\nredis_url = \"redis://x\"\nnats_url = \"nats://y\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+        let e = load("[auth]\nallow_anonymous = false\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_file_names_line() {
+        let e = load(
+            "[auth]\njwt_algorithm = \"RS256\"\njwt_public_key_file = \"nope.pem\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+        assert!(e.contains("nope.pem"), "{e}");
+    }
+
+    #[test]
+    fn namespaces_with_their_options_and_defaults() {
+        let config = load(
+            "[auth]\njwt_hs256_secret = \"s\"\n\n[[namespace]]\nprefix = \"room:\"\n\
+             pushes = \"broadcast\"\npresence = true\nhistory = { size = 5, max_age_ms = 1000 }\n\n\
+             [[namespace]]\nprefix = \"doc:\"\njoin = \"token\"\n",
+            &[],
+        )
+        .unwrap();
+        let room = config.namespaces.find("room:1").unwrap();
+        assert_eq!(
+            (room.join, room.pushes, room.presence),
+            (JoinRule::Anyone, Pushes::Broadcast, true)
+        );
+        assert_eq!(room.history.map(|h| h.size), Some(5));
+        let doc = config.namespaces.find("doc:1").unwrap();
+        assert_eq!(
+            (doc.join, doc.pushes, doc.presence, doc.history),
+            (JoinRule::Token, Pushes::Rejected, false, None)
+        );
+        assert!(config.namespaces.find("user:1").is_none());
+    }
+
+    #[test]
+    fn without_namespaces_one_catch_all() {
+        let dev = Config::load(None, |_| None).unwrap();
+        assert_eq!(dev.namespaces.find("x").unwrap().pushes, Pushes::Broadcast);
+        let keyed = load("[auth]\njwt_hs256_secret = \"s\"\n", &[]).unwrap();
+        assert_eq!(keyed.namespaces.find("x").unwrap().pushes, Pushes::Rejected);
+    }
+
+    #[test]
+    fn namespace_mistakes_name_their_line() {
+        for (text, line) in [
+            (
+                "[[namespace]]\nprefix = \"a:\"\n[[namespace]]\nprefix = \"a:\"\n",
+                4,
+            ),
+            ("[[namespace]]\nprefix = \"a:\"\njoin = \"token\"\n", 3),
+            ("[[namespace]]\nprefix = \"a:\"\njoin = \"admins\"\n", 3),
+            (
+                "[[namespace]]\nprefix = \"a:\"\nhistory = { size = 0, max_age_ms = 1 }\n",
+                3,
+            ),
+            (
+                "[[namespace]]\nprefix = \"\"\nhistory = { size = 1, max_age_ms = 1 }\n\
+                 [[namespace]]\nprefix = \"a:\"\n",
+                5,
+            ),
+        ] {
+            let e = load(text, &[]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("firebrand.toml:{line}:")),
+                "{text}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_api_key_and_the_api_in_development() {
+        let dev = Config::load(None, |_| None).unwrap();
+        assert_eq!(dev.api, ApiAccess::Open);
+        let exposed = load("[server]\nlisten = \"0.0.0.0:4000\"\n", &[]).unwrap();
+        assert_eq!(exposed.api, ApiAccess::Disabled);
+        let keyed = load("[auth]\njwt_hs256_secret = \"s\"\n", &[]).unwrap();
+        assert_eq!(keyed.api, ApiAccess::Disabled);
+        let key = "0123456789abcdef0123";
+        let with_key = load("", &[("FIREBRAND_API_KEY", key)]).unwrap();
+        assert_eq!(with_key.api, ApiAccess::Key(key.into()));
+        assert!(!format!("{with_key:?}").contains(key));
+        let e = load("[api]\nkey = \"short\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_names_line() {
+        let e = load("[server]\n\nlisten = \"localhost\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("firebrand.toml:3:"), "{e}");
+        assert!(e.contains("server.listen"), "{e}");
+    }
+}

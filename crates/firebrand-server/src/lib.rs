@@ -1,0 +1,39 @@
+//! `firebrand-server`: a standalone Phoenix Channels server, for teams whose backend is not
+//! written in Rust.
+//!
+//! Clients connect with the official `phoenix` client (`new Socket("ws://host:4000/socket",
+//! {params: {token}})`), authenticated by a JWT that the backend signs ([`auth`]); the server
+//! is configured by one TOML file and environment variables ([`config`]).
+//!
+//! Topics are grouped in [namespaces](namespace) by prefix (`room:`, `user:`, `doc:` …), each
+//! saying who may join, what happens to client pushes, whether presence is tracked and how much
+//! history is kept for recovery ([`config`] lists the keys). The join reply carries the
+//! authenticated user id (`{"user": sub}`; `{}` for an anonymous connection); a refused join
+//! gets an error reply with a reason (`unauthorized`, `unmatched topic`).
+//!
+//! The backend talks to the server over HTTP with an API key ([`api`]): publish to one topic or
+//! many, disconnect a user, read a topic's presence or history, list the active topics, describe
+//! the node. The binary serves the API's OpenAPI document at `/api/openapi.json`.
+//!
+//! The binary is thin over this library: [`Config::load`], then [`app::endpoint`] and
+//! [`app::router`], served by `firebrand::Server` and drained on SIGTERM:
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let config = firebrand_server::Config::load(None, |name| std::env::var(name).ok())?;
+//! let endpoint = firebrand_server::app::endpoint(&config)?;
+//! let router = firebrand_server::app::router(&config, &endpoint);
+//! let server = firebrand::Server::bind(config.listen).await?;
+//! server.serve(router, std::future::pending()).await?;
+//! endpoint.drain(config.drain, std::time::Duration::from_secs(30)).await;
+//! # Ok(()) }
+//! ```
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod namespace;
+
+#[doc(inline)]
+pub use config::{Config, ConfigError};

@@ -1,0 +1,329 @@
+//! Helpers: the real binary on a free port, and a Phoenix V2 JSON client over a real WebSocket.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Every variable the server reads: cleared, so that the tests' environment does not leak in.
+const VARS: &[&str] = &[
+    "FIREBRAND_CONFIG",
+    "FIREBRAND_LISTEN",
+    "FIREBRAND_DRAIN_MS",
+    "FIREBRAND_ORIGINS",
+    "REDIS_URL",
+    "NATS_URL",
+    "FIREBRAND_CLUSTER_NAMESPACE",
+    "FIREBRAND_CLUSTER_SECRET",
+    "FIREBRAND_JWT_SECRET",
+    "FIREBRAND_JWT_PUBLIC_KEY_FILE",
+    "FIREBRAND_JWT_ALGORITHM",
+    "FIREBRAND_JWT_AUDIENCE",
+    "FIREBRAND_JWT_ISSUER",
+    "FIREBRAND_ALLOW_ANONYMOUS",
+    "FIREBRAND_API_KEY",
+];
+
+pub fn command(args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_firebrand-server"));
+    for var in VARS {
+        cmd.env_remove(var);
+    }
+    cmd.args(args)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A running server: its port and the lines it printed after `listening on`.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub banner: Vec<String>,
+}
+
+impl Server {
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/socket/websocket?vsn=2.0.0", self.port)
+    }
+}
+
+/// Starts the binary on a free port (`FIREBRAND_LISTEN=127.0.0.1:0` unless `envs` sets it).
+pub async fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Server {
+    let mut envs = envs.to_vec();
+    if !envs.iter().any(|(k, _)| *k == "FIREBRAND_LISTEN") {
+        envs.push(("FIREBRAND_LISTEN", "127.0.0.1:0"));
+    }
+    let mut child = command(args, &envs).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("no `listening on` line in time")
+        .unwrap()
+        .expect("the server exited before listening");
+    let port = line
+        .strip_prefix("listening on 127.0.0.1:")
+        .expect(&line)
+        .parse()
+        .unwrap();
+    // The guidance printed right after, then keep reading so that the server never writes
+    // into a closed pipe.
+    let mut banner = Vec::new();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await
+    {
+        banner.push(line);
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(_)) = lines.next_line().await {}
+    });
+    Server {
+        child,
+        port,
+        banner,
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_ref: u64,
+}
+
+/// How a connection attempt ended.
+pub enum Connect {
+    Open(Box<Client>),
+    Refused(u16),
+}
+
+impl Connect {
+    pub fn open(self) -> Client {
+        match self {
+            Connect::Open(c) => *c,
+            Connect::Refused(status) => panic!("connection refused with HTTP {status}"),
+        }
+    }
+
+    pub fn refused(self) -> u16 {
+        match self {
+            Connect::Open(_) => panic!("connection accepted"),
+            Connect::Refused(status) => status,
+        }
+    }
+}
+
+/// Connects to `url`, with phoenix.js's `authToken` (in `Sec-WebSocket-Protocol`) if given.
+pub async fn connect(url: &str, auth_token: Option<&str>) -> Connect {
+    use base64::Engine;
+    let mut request = url.into_client_request().unwrap();
+    if let Some(token) = auth_token {
+        let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(token);
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("phoenix, base64url.bearer.phx.{encoded}")
+                .parse()
+                .unwrap(),
+        );
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("no handshake in time")
+    {
+        Ok((ws, _)) => Connect::Open(Box::new(Client { ws, next_ref: 1 })),
+        Err(tungstenite::Error::Http(response)) => Connect::Refused(response.status().as_u16()),
+        Err(e) => panic!("connect failed: {e}"),
+    }
+}
+
+impl Client {
+    /// Sends `[join_ref, ref, topic, event, payload]`; returns the ref.
+    pub async fn send(
+        &mut self,
+        join_ref: Option<&str>,
+        topic: &str,
+        event: &str,
+        payload: Value,
+    ) -> String {
+        let r = self.next_ref.to_string();
+        self.next_ref += 1;
+        let frame = json!([join_ref, r, topic, event, payload]);
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .await
+            .unwrap();
+        r
+    }
+
+    /// The next text frame, decoded.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("no frame in time")
+                .expect("connection closed")
+                .unwrap();
+            if let Message::Text(text) = msg {
+                return serde_json::from_str(&text).unwrap();
+            }
+        }
+    }
+
+    /// The reply to `r`: `(status, response)`.
+    pub async fn reply(&mut self, r: &str) -> (String, Value) {
+        loop {
+            let frame = self.recv().await;
+            if frame[3] == "phx_reply" && frame[1] == r {
+                let payload = &frame[4];
+                return (
+                    payload["status"].as_str().unwrap().to_owned(),
+                    payload["response"].clone(),
+                );
+            }
+        }
+    }
+
+    /// Joins `topic` (its join ref is the ref of the join): `(status, response)`.
+    pub async fn join(&mut self, topic: &str) -> (String, Value) {
+        self.join_with(topic, json!({})).await
+    }
+
+    /// Joins `topic` with `params`: `(status, response)`.
+    pub async fn join_with(&mut self, topic: &str, params: Value) -> (String, Value) {
+        let r = self.next_ref.to_string();
+        let sent = self.send(Some(&r), topic, "phx_join", params).await;
+        self.reply(&sent).await
+    }
+
+    /// The next frame with event `event`, skipping others.
+    pub async fn recv_event(&mut self, event: &str) -> Value {
+        loop {
+            let frame = self.recv().await;
+            if frame[3] == event {
+                return frame;
+            }
+        }
+    }
+
+    /// Whether a frame arrives within `wait` (one that does is returned).
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            let msg = match tokio::time::timeout(wait, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(msg) => msg.expect("connection closed").unwrap(),
+            };
+            if let Message::Text(text) = msg {
+                return Some(serde_json::from_str(&text).unwrap());
+            }
+        }
+    }
+
+    /// Waits for the server to close the connection; its close code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("not closed in time")
+            {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return None,
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 request to the server: `(status, JSON body)`.
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n");
+    if let Some(key) = key {
+        request.push_str(&format!("authorization: Bearer {key}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    request.push_str(&format!(
+        "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("no HTTP response in time")
+        .unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (head, rest) = response.split_once("\r\n\r\n").unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, value)
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = &tail[size + 2..];
+    }
+    out
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "firebrand-server-test-{}-{name}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `openssl` with `args` in `dir`.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let status = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl is needed to make test key pairs");
+    assert!(status.success(), "openssl {args:?} failed");
+}
+
+pub fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}

@@ -1,0 +1,72 @@
+//! With no configuration at all: development mode, anyone may connect.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn without_config_anyone_connects_and_joins() {
+    let server = spawn(&[], &[]).await;
+    let banner = server.banner.join("\n");
+    // It says what to do next: the phoenix.js URL, that anyone may connect, how to set a secret.
+    let url = format!("new Socket(\"ws://127.0.0.1:{}/socket\")", server.port);
+    assert!(banner.contains(&url), "{banner}");
+    assert!(banner.contains("anyone may connect"), "{banner}");
+    assert!(banner.contains("FIREBRAND_JWT_SECRET"), "{banner}");
+
+    let mut client = connect(&server.url(), None).await.open();
+    assert_eq!(client.join("room:a").await, ("ok".into(), json!({})));
+    // A token is not checked (there is no key to check it with): still anonymous.
+    let url = format!("{}&token=whatever", server.url());
+    let mut other = connect(&url, None).await.open();
+    assert_eq!(other.join("anything").await, ("ok".into(), json!({})));
+}
+
+#[tokio::test]
+async fn client_pushes_are_broadcast_to_the_others() {
+    let server = spawn(&[], &[]).await;
+    let mut alice = connect(&server.url(), None).await.open();
+    let mut bob = connect(&server.url(), None).await.open();
+    alice.join("room:a").await;
+    bob.join("room:a").await;
+    let r = alice
+        .send(Some("1"), "room:a", "new_msg", json!({"body": "hi"}))
+        .await;
+    assert_eq!(alice.reply(&r).await, ("ok".into(), json!({})));
+    assert_eq!(
+        bob.recv_event("new_msg").await,
+        json!([null, null, "room:a", "new_msg", {"body": "hi"}])
+    );
+    // Not back to the sender (broadcast_from): its next frame is the reply to its next push.
+    let r = alice.send(Some("1"), "room:a", "phx_x", json!({})).await;
+    let frame = alice.recv().await;
+    assert_eq!(frame[1], json!(r), "{frame}");
+    assert_eq!(frame[4]["response"], json!({"reason": "reserved event"}));
+}
+
+#[tokio::test]
+async fn the_api_is_open_without_a_key() {
+    let server = spawn(&[], &[]).await;
+    let (status, body) = http(server.port, "GET", "/api/info", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["node"], json!(null));
+}
+
+#[tokio::test]
+async fn sigterm_exits_0() {
+    let mut server = spawn(&[], &[("FIREBRAND_DRAIN_MS", "10")]).await;
+    let mut client = connect(&server.url(), None).await.open();
+    client.join("room:a").await;
+    let pid = server.child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(WAIT, server.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
