@@ -1,5 +1,10 @@
 //! `conformance --port PORT`: serves the conformance app on 127.0.0.1:PORT.
 
+/// jemalloc, not glibc's malloc: no header per allocation and finer size classes make an
+/// idle joined connection 15% smaller (2.43 -> 2.07 KB at 19k, `firebrand-bench idle`).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::time::Duration;
 
 use anyhow::{Context, bail};

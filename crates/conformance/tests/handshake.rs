@@ -157,3 +157,61 @@ async fn auth_token_subprotocol_selects_phoenix() {
     c.heartbeat("1").await;
     c.join("2", "room:lobby", json!({})).await;
 }
+
+/// A client that sends its first frames with the upgrade request, before the `101` (the HTTP
+/// server reads them with the request head): they are handled as if sent after it, and the
+/// connection is served as usual after them.
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_handled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start().await;
+    /// A masked text frame (client to server), payload under 126 bytes.
+    fn masked(text: &str) -> Vec<u8> {
+        let mask = [7u8, 1, 9, 3];
+        let mut f = vec![0x81, 0x80 | text.len() as u8];
+        f.extend_from_slice(&mask);
+        f.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut request = format!(
+        "GET /socket/websocket?vsn=2.0.0 HTTP/1.1\r\nhost: {}\r\nconnection: upgrade\r\n\
+         upgrade: websocket\r\nsec-websocket-version: 13\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        s.addr
+    )
+    .into_bytes();
+    request.extend(masked(r#"["1","1","room:early","phx_join",{}]"#));
+    request.extend(masked(r#"[null,"2","phoenix","heartbeat",{}]"#));
+    tcp.write_all(&request).await.unwrap();
+    // The 101, then the heartbeat's reply and the join's (answered by the channel's task).
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let replied = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        text.contains(r#""2","phoenix","phx_reply""#)
+            && text.contains(r#"["1","1","room:early","phx_reply",{"response":{"joined":"early"},"status":"ok"}]"#)
+    };
+    while !replied(&got) {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("the replies to the early frames")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    // Served as usual afterwards.
+    tcp.write_all(&masked(r#"[null,"3","phoenix","heartbeat",{}]"#))
+        .await
+        .unwrap();
+    while !String::from_utf8_lossy(&got).contains(r#""3","phoenix","phx_reply""#) {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("the reply to a later frame")
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+}

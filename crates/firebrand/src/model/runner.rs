@@ -240,7 +240,7 @@ impl<C: Channel> Runner<C> {
                 endpoint: args.endpoint,
                 mailbox,
                 sub_id: None,
-                extra: Vec::new(),
+                extra: None,
                 current_ref: None,
                 stop: None,
                 owner: None,
@@ -402,9 +402,9 @@ impl<C: Channel> Runner<C> {
                 payload,
                 r#ref,
             } => {
-                ctx.current_ref = r#ref;
+                ctx.current_ref = r#ref.map(String::into_boxed_str);
                 let result = channel.handle_in(&event, payload, ctx).await;
-                let r#ref = ctx.current_ref.take();
+                let r#ref = ctx.current_ref.take().map(String::from);
                 let refused = std::mem::take(&mut ctx.reply_refused);
                 let result = match result {
                     Ok(None) if refused => {
@@ -462,7 +462,7 @@ impl<C: Channel> Drop for Runner<C> {
         if let Some(id) = ctx.sub_id.take() {
             pubsub.unsubscribe(&ctx.topic, id);
         }
-        for (topic, id) in ctx.extra.drain(..) {
+        for (topic, id) in ctx.extra.take().into_iter().flat_map(|e| *e) {
             pubsub.unsubscribe(&topic, id);
         }
         if let Some(owner) = ctx.owner {

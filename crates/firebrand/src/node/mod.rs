@@ -234,6 +234,11 @@ impl Registered {
         self.touch(outbox, timeout);
     }
 
+    /// Milliseconds on the node's clock (tokio's: paused in tests).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.hub.idle.now_ms()
+    }
+
     /// The client was heard from: the idle deadline moves to `timeout` from now.
     #[inline]
     pub(crate) fn touch(&self, outbox: &Outbox, timeout: Duration) {

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use firebrand_protocol::Encoded;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 /// Queued capacity above this many slots is released once a queue drains.
 const KEEP_CAPACITY: usize = 16;
@@ -90,8 +89,6 @@ pub(crate) struct Outbox {
     /// and a flag cost less per connection than a `Notify` and its waiting future).
     ready: AtomicWaker,
     signaled: AtomicBool,
-    /// Woken when a close is requested, for a writer blocked on a slow client.
-    closing: Notify,
     limit: usize,
     /// When an idle WebSocket connection is closed: milliseconds on its node's idle clock
     /// (`u64::MAX`: never). See [`Registered::watch_idle`](crate::node::Registered::watch_idle).
@@ -140,7 +137,6 @@ impl Outbox {
             state: Mutex::new(OutState::default()),
             ready: AtomicWaker::new(),
             signaled: AtomicBool::new(false),
-            closing: Notify::new(),
             limit,
             idle_deadline: AtomicU64::new(u64::MAX),
         }
@@ -177,7 +173,6 @@ impl Outbox {
             st.bytes = 0;
             drop(st);
             self.signal();
-            self.closing.notify_waiters();
             return Pushed::Overflow;
         }
         let was_empty = st.frames.is_empty();
@@ -205,7 +200,6 @@ impl Outbox {
         }
         drop(st);
         self.signal();
-        self.closing.notify_waiters();
     }
 
     /// The requested close, if any.
@@ -213,14 +207,14 @@ impl Outbox {
         self.state.lock().close.clone()
     }
 
-    /// Waits until a close is requested and returns it. Cancel-safe.
-    pub(crate) async fn closing(&self) -> Close {
-        loop {
-            let notified = self.closing.notified();
-            if let Some(close) = self.close_requested() {
-                return close;
-            }
-            notified.await;
+    /// The requested close, once there is one; until then the connection task is woken when
+    /// one is (as by [`Outbox::poll_ready`], whose waker this shares: a writer blocked on a slow
+    /// client polls this beside its write).
+    pub(crate) fn poll_close(&self, cx: &mut std::task::Context<'_>) -> Poll<Close> {
+        self.ready.register(cx.waker());
+        match self.close_requested() {
+            Some(close) => Poll::Ready(close),
+            None => Poll::Pending,
         }
     }
 
@@ -304,7 +298,8 @@ pub(crate) const NOT_LIVE: u64 = u64::MAX;
 /// A bounded multi-producer, single-consumer queue of messages for one channel task.
 pub(crate) struct Mailbox<T> {
     state: Mutex<MailState<T>>,
-    notify: Notify,
+    /// The receiving task (one receiver).
+    waker: AtomicWaker,
     limit: usize,
     /// The channel's presence cursor ([`Inbox::cursor`](crate::node::pubsub::Inbox::cursor)): kept
     /// here, in the allocation the channel and its subscription share anyway.
@@ -318,7 +313,7 @@ impl<T> Mailbox<T> {
                 items: VecDeque::new(),
                 closed: false,
             }),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
             limit,
             cursor: std::sync::atomic::AtomicU64::new(NOT_LIVE),
         }
@@ -344,18 +339,23 @@ impl<T> Mailbox<T> {
         }
         st.items.push_back(item);
         drop(st);
-        self.notify.notify_one();
+        self.waker.wake();
         Delivered::Queued
     }
 
     /// Takes the next message, waiting for one. Cancel-safe. Only one task may receive.
-    pub(crate) async fn recv(&self) -> T {
-        loop {
+    pub(crate) fn recv(&self) -> impl Future<Output = T> + '_ {
+        std::future::poll_fn(|cx| {
             if let Some(item) = self.try_recv() {
-                return item;
+                return Poll::Ready(item);
             }
-            self.notify.notified().await;
-        }
+            // Registered, then checked again: a push in between wakes us.
+            self.waker.register(cx.waker());
+            match self.try_recv() {
+                Some(item) => Poll::Ready(item),
+                None => Poll::Pending,
+            }
+        })
     }
 
     pub(crate) fn try_recv(&self) -> Option<T> {

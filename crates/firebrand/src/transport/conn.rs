@@ -63,7 +63,7 @@ pub(crate) struct Conn<S: Socket> {
 /// gone (exactly once across rejoins: the old subscription is gone before the new join is
 /// subscribed).
 #[derive(Default)]
-struct Channels(Vec<(String, Slot)>);
+struct Channels(Vec<(Arc<str>, Slot)>);
 
 /// One channel task of the connection.
 enum Slot {
@@ -91,7 +91,7 @@ impl Channels {
     /// The topic's current channel.
     fn get(&self, topic: &str) -> Option<&ChannelHandle> {
         self.0.iter().find_map(|(t, s)| match s {
-            Slot::Live(c) if t == topic => Some(c),
+            Slot::Live(c) if &**t == topic => Some(c),
             _ => None,
         })
     }
@@ -101,7 +101,7 @@ impl Channels {
         let slot = self
             .0
             .iter_mut()
-            .find(|(t, s)| t == topic && matches!(s, Slot::Live(_)))?;
+            .find(|(t, s)| &**t == topic && matches!(s, Slot::Live(_)))?;
         let ending = Slot::Ending {
             id: slot.1.id(),
             next: None,
@@ -117,7 +117,7 @@ impl Channels {
     fn follow(&mut self, topic: &str, id: u64) -> Option<oneshot::Receiver<()>> {
         // The topic's latest task (the one with no successor yet) is the new one's predecessor.
         let before = self.0.iter_mut().find_map(|(t, s)| match s {
-            Slot::Ending { next, .. } if t == topic && next.is_none() => Some(next),
+            Slot::Ending { next, .. } if &**t == topic && next.is_none() => Some(next),
             _ => None,
         });
         before.map(|next| {
@@ -128,7 +128,7 @@ impl Channels {
     }
 
     /// Adds the topic's new current channel.
-    fn push(&mut self, topic: String, handle: ChannelHandle) {
+    fn push(&mut self, topic: Arc<str>, handle: ChannelHandle) {
         if self.0.is_empty() {
             self.0.reserve_exact(1);
         }
@@ -198,6 +198,8 @@ impl<S: Socket> Conn<S> {
         let hub = args.shared.endpoint.hub().clone();
         let outbox = Arc::new(Outbox::new(args.shared.config.outbound_limit));
         let registered = hub.register(outbox.clone());
+        // The rate limits' clock (wrapping milliseconds).
+        let now = registered.now_ms() as u32;
         let id_sub = args
             .socket_id
             .as_ref()
@@ -209,10 +211,11 @@ impl<S: Socket> Conn<S> {
                 outbox,
                 serializer: args.serializer,
                 pending: Arc::default(),
-                max_pending: args.shared.config.max_pending_replies,
+                max_pending: u32::try_from(args.shared.config.max_pending_replies)
+                    .unwrap_or(u32::MAX),
             },
-            messages: args.shared.config.message_rate.map(Bucket::new),
-            joins: args.shared.config.join_rate.map(Bucket::new),
+            messages: (args.shared.config.message_rate).map(|r| Bucket::new(r, now)),
+            joins: (args.shared.config.join_rate).map(|r| Bucket::new(r, now)),
             channels: Channels::default(),
             next_channel_id: 0,
             id_sub,
@@ -278,6 +281,11 @@ where
     let Session { io, reader, conn } = session;
     let idle_timeout = conn.shared.config.idle_timeout;
     conn.registered.watch_idle(&conn.wire.outbox, idle_timeout);
+    if reader.preloaded()
+        && let Some(end) = conn.on_bytes(reader, &[])
+    {
+        return end;
+    }
     loop {
         // Both waits at once, so that neither starves the other: what was read is handled
         // while polling; queued frames are written after.
@@ -347,11 +355,35 @@ pub(crate) async fn upgraded<S: Socket>(
     on_upgrade: hyper::upgrade::OnUpgrade,
     args: Box<ConnArgs<S>>,
 ) {
-    let session = match on_upgrade.await {
-        Ok(upgraded) => Session::open(hyper_util::rt::TokioIo::new(upgraded), args),
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
         Err(e) => return tracing::debug!(error = %e, "WebSocket upgrade failed"),
     };
-    run(session).await;
+    // The connection gets a task of its own (this one ends): nested in this one, its state
+    // would be this future's plus what the upgrade kept, 384 bytes a connection, not 256.
+    match Opened::new(upgraded, args) {
+        Opened::Tcp(session) => tokio::spawn(run(session)),
+        Opened::Upgraded(session) => tokio::spawn(run(session)),
+    };
+}
+
+/// A connection handed over by hyper, as its session.
+enum Opened<S: Socket> {
+    /// Served by [`Server`](crate::Server): the connection is taken back as the `TcpStream` it
+    /// is (no boxed stream, no dynamic call per read and write).
+    Tcp(Box<Session<S, tokio::net::TcpStream>>),
+    /// Served by something else: through hyper's `Upgraded`.
+    Upgraded(Box<Session<S, hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>),
+}
+
+impl<S: Socket> Opened<S> {
+    fn new(upgraded: hyper::upgrade::Upgraded, args: Box<ConnArgs<S>>) -> Self {
+        use hyper_util::rt::TokioIo;
+        match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+            Ok(parts) => Opened::Tcp(Session::open(parts.io.into_inner(), args, &parts.read_buf)),
+            Err(upgraded) => Opened::Upgraded(Session::open(TokioIo::new(upgraded), args, &[])),
+        }
+    }
 }
 
 /// A WebSocket connection's state, boxed by [`run`].
@@ -363,13 +395,16 @@ struct Session<S: Socket, T> {
 
 impl<S: Socket, T> Session<S, T> {
     /// Takes the arguments' box, freed here: kept by the task, it would last as long as the
-    /// connection.
+    /// connection. `read` is what the HTTP server read past the upgrade request (a client
+    /// that did not wait for the `101`): the reader starts with it.
     #[expect(clippy::boxed_local, reason = "the task hands over its box to free it")]
-    fn open(io: T, args: Box<ConnArgs<S>>) -> Box<Self> {
+    fn open(io: T, args: Box<ConnArgs<S>>, read: &[u8]) -> Box<Self> {
         let args = *args;
+        let mut reader = Reader::new(args.shared.config.max_frame_size);
+        reader.preload(read);
         Box::new(Session {
             io,
-            reader: Reader::new(args.shared.config.max_frame_size),
+            reader,
             conn: Conn::open(args),
         })
     }
@@ -521,14 +556,18 @@ impl<S: Socket> Conn<S> {
                         // once, but its close frame waits for the frames being written: the
                         // loop sends it once they are.
                         let deadline = Instant::now() + write_timeout;
-                        let written = tokio::select! {
-                            written = timeout_at(deadline, write.as_mut()) => written,
-                            close = outbox.closing(), if closing.is_none() => {
+                        let timed = timeout_at(deadline, write.as_mut());
+                        tokio::pin!(timed);
+                        let written = std::future::poll_fn(|cx| {
+                            if closing.is_none()
+                                && let Poll::Ready(close) = outbox.poll_close(cx)
+                            {
                                 self.closing(&close);
                                 closing = Some(close);
-                                timeout_at(deadline, write.as_mut()).await
                             }
-                        };
+                            timed.as_mut().poll(cx)
+                        })
+                        .await;
                         match written {
                             Ok(Ok(())) => Ok(()),
                             Ok(Err(_)) => Err(End::Gone),
@@ -654,10 +693,11 @@ impl<S: Socket> Conn<S> {
     /// The limit `msg` hits, if any (see the `limits` module).
     fn check_limits(&mut self, msg: &Message) -> Option<Limit> {
         let config = &self.shared.config;
-        if self.messages.as_mut().is_some_and(|b| !b.take()) {
+        let now = self.registered.now_ms() as u32;
+        if self.messages.as_mut().is_some_and(|b| !b.take(now)) {
             return Some(Limit::Rate);
         }
-        if msg.event == "phx_join" && self.joins.as_mut().is_some_and(|b| !b.take()) {
+        if msg.event == "phx_join" && self.joins.as_mut().is_some_and(|b| !b.take(now)) {
             return Some(Limit::Rate);
         }
         if msg.topic.len() > config.max_topic_len {
@@ -693,13 +733,13 @@ impl<S: Socket> Conn<S> {
             .or(msg.r#ref.as_deref())
             .unwrap_or("")
             .into();
-        let topic = msg.topic;
+        let topic: Arc<str> = msg.topic.into();
         // It starts once every earlier task of its topic has ended and unsubscribed.
         let after = self.channels.follow(&topic, self.next_channel_id);
         let handle = factory.spawn(SpawnArgs {
             id: self.next_channel_id,
             after,
-            topic: topic.as_str().into(),
+            topic: topic.clone(),
             join_ref,
             msg_join_ref: msg.join_ref,
             msg_ref: msg.r#ref,

@@ -243,6 +243,16 @@ impl Reader {
 
     /// Decodes the bytes just read, handing each complete message to `on`; keeps an
     /// incomplete tail for the next call. Stops at the first error.
+    /// Bytes to decode before the first read (fed with the next [`Reader::feed`]).
+    pub(crate) fn preload(&mut self, data: &[u8]) {
+        self.partial.extend_from_slice(data);
+    }
+
+    /// Whether [`Reader::preload`] left bytes to decode.
+    pub(crate) fn preloaded(&self) -> bool {
+        !self.partial.is_empty()
+    }
+
     pub(crate) fn feed(
         &mut self,
         data: &[u8],
