@@ -193,22 +193,28 @@ pub fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
     Ok(builder.build())
 }
 
-/// The router: the socket at `/socket` (phoenix.js connects to `/socket/websocket`), the
-/// server API under `/api/`.
+/// The router: the socket at `/socket` (phoenix.js connects to `/socket/websocket`, or
+/// `/socket/longpoll` when long-poll is on), the server API under `/api/`.
 pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     let origins = if config.origins.iter().any(|o| o == "*") {
         CheckOrigin::any()
     } else {
         CheckOrigin::allow(config.origins.iter().map(String::as_str))
     };
-    let socket = endpoint
-        .socket(ServerSocket {
-            rules: Arc::new(Rules {
-                namespaces: config.namespaces.clone(),
-                verifier: config.auth.verifier.clone(),
-            }),
-            allow_anonymous: config.auth.allow_anonymous,
-        })
+    let socket = endpoint.socket(ServerSocket {
+        rules: Arc::new(Rules {
+            namespaces: config.namespaces.clone(),
+            verifier: config.auth.verifier.clone(),
+        }),
+        allow_anonymous: config.auth.allow_anonymous,
+    });
+    let socket = if config.longpoll {
+        // Phoenix's poll window.
+        socket.longpoll(std::time::Duration::from_secs(10))
+    } else {
+        socket
+    };
+    let socket = socket
         .channel::<TopicChannel>("*")
         .check_origin(origins)
         .into_router();

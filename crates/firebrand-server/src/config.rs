@@ -5,6 +5,7 @@
 //! listen = "127.0.0.1:4000"   # address and port to serve on
 //! drain_ms = 1000             # on SIGTERM, close the sockets (1012) spread over this period
 //! origins = ["https://app.example.com"]  # browser origins that may connect; ["*"]: any
+//! longpoll = true             # also serve the long-poll transport (default true)
 //!
 //! [cluster]                   # at most one of redis_url and nats_url
 //! redis_url = "redis://127.0.0.1:6379"
@@ -78,6 +79,7 @@
 //! | `FIREBRAND_LISTEN` | `server.listen` |
 //! | `FIREBRAND_DRAIN_MS` | `server.drain_ms` |
 //! | `FIREBRAND_ORIGINS` | `server.origins` (comma-separated) |
+//! | `FIREBRAND_LONGPOLL` | `server.longpoll` (`true` or `false`) |
 //! | `REDIS_URL` | `cluster.redis_url` |
 //! | `NATS_URL` | `cluster.nats_url` |
 //! | `FIREBRAND_CLUSTER_NAMESPACE` | `cluster.namespace` |
@@ -116,6 +118,9 @@ pub struct Config {
     pub drain: Duration,
     /// The browser origins that may connect (`CheckOrigin` patterns; `"*"`: any).
     pub origins: Vec<String>,
+    /// Whether the long-poll transport is served too (at `/socket/longpoll`, for phoenix.js's
+    /// `transport: LongPoll` and `longPollFallbackMs`).
+    pub longpoll: bool,
     /// The cluster engine, if any.
     pub cluster: Option<Cluster>,
     /// Separates clusters that share one engine.
@@ -179,6 +184,7 @@ impl fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("drain", &self.drain)
             .field("origins", &self.origins)
+            .field("longpoll", &self.longpoll)
             .field("cluster", &self.cluster.as_ref().map(Cluster::engine))
             .field("namespace", &self.namespace)
             .field(
@@ -325,6 +331,15 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, before[start..].chars().count() + 1)
 }
 
+/// A boolean variable: `true`, `false`, `1` or `0`.
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(format!("{v:?}: true or false expected")),
+    }
+}
+
 /// The toml error's message, with the offending line quoted (it names the key).
 fn describe(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim_end();
@@ -383,6 +398,7 @@ struct RawServer {
     listen: Option<Spanned<String>>,
     drain_ms: Option<Spanned<u64>>,
     origins: Option<Spanned<Vec<String>>>,
+    longpoll: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -502,6 +518,9 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             || vec!["//localhost".to_owned(), "//127.0.0.1".to_owned()],
             |s| s.value,
         );
+        let longpoll = self
+            .pick(raw.server.longpoll, "FIREBRAND_LONGPOLL", parse_bool)?
+            .is_none_or(|s| s.value);
 
         let redis = self.pick(raw.cluster.redis_url, "REDIS_URL", text)?;
         let nats = self.pick(raw.cluster.nats_url, "NATS_URL", text)?;
@@ -545,6 +564,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             listen,
             drain,
             origins,
+            longpoll,
             cluster,
             namespace,
             cluster_secret,
@@ -652,15 +672,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         })?;
         let audience = self.pick(raw.audience, "FIREBRAND_JWT_AUDIENCE", text)?;
         let issuer = self.pick(raw.issuer, "FIREBRAND_JWT_ISSUER", text)?;
-        let anonymous = self.pick(
-            raw.allow_anonymous,
-            "FIREBRAND_ALLOW_ANONYMOUS",
-            |v| match v {
-                "true" | "1" => Ok(true),
-                "false" | "0" => Ok(false),
-                _ => Err(format!("{v:?}: true or false expected")),
-            },
-        )?;
+        let anonymous = self.pick(raw.allow_anonymous, "FIREBRAND_ALLOW_ANONYMOUS", parse_bool)?;
 
         let verifier = match (secret, key_file, algorithm) {
             (Some(s), Some(k), _) => {
@@ -817,6 +829,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.listen.port(), 2);
+        assert!(config.longpoll);
+        let config = load(
+            "[server]\nlongpoll = true\n",
+            &[("FIREBRAND_LONGPOLL", "false")],
+        );
+        assert!(!config.unwrap().longpoll);
     }
 
     #[test]
