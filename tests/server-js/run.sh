@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ecosystem against the firebrand-server binary: the official phoenix npm client (WebSocket
 # and long-poll), tokens minted by npm jsonwebtoken and by Python's PyJWT, the server API called
-# with fetch(), and the quickstart in README.md run as written.
+# with fetch(), connects, joins and pushes decided by a node:http backend, and the quickstart in
+# README.md run as written.
 #
 #   bash tests/server-js/run.sh [path/to/firebrand-server]   (default: target/release/firebrand-server)
 #
