@@ -6,6 +6,8 @@
 #   node, npm         the official phoenix client and the browser tests
 #   chromium          the chat demo's browser tests (Debian's package; never a downloaded build)
 #   openssl           firebrand-server's tests make their RS256/ES256 key pairs with it
+#   PyJWT, curl       firebrand-server's ecosystem suite (tests/server-js): a token minted in
+#                     Python (Debian's python3-jwt, for /usr/bin/python3) and the quickstart's curl
 #   Redis, NATS       the cluster tests, on 127.0.0.1:6379 and 127.0.0.1:4222
 set -euo pipefail
 
@@ -43,6 +45,15 @@ fi
 
 if ! command -v openssl >/dev/null; then
   apt_install openssl || missing "OpenSSL (openssl)" "sudo apt-get install openssl"
+fi
+
+# /usr/bin/python3 explicitly: `python3` on PATH may be another Python (pyenv) without it.
+if ! /usr/bin/python3 -c "import jwt" 2>/dev/null; then
+  apt_install python3 python3-jwt || missing "PyJWT (python3-jwt)" "sudo apt-get install python3-jwt"
+fi
+
+if ! command -v curl >/dev/null; then
+  apt_install curl || missing "curl" "sudo apt-get install curl"
 fi
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command (the README's second command): every Rust test, then the official phoenix
-# npm client against the conformance binary, then the chat demo in headless Chromium.
+# npm client against the conformance binary, then the ecosystem against the firebrand-server
+# binary (phoenix.js, npm jsonwebtoken, PyJWT, fetch, the README's quickstart run as written),
+# then the chat demo in headless Chromium.
 #
 # It sets up what the tests need first (scripts/prereqs.sh): Node.js and npm, Debian's
 # chromium, a Redis on 127.0.0.1:6379 and a NATS server on 127.0.0.1:4222. Each is installed
@@ -17,7 +19,8 @@ fi
 ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo test --workspace
-cargo build --release --bin conformance --bin chat
+cargo build --release --bin conformance --bin chat --bin firebrand-server
 bash tests/js/run.sh "$PWD/target/release/conformance"
+bash tests/server-js/run.sh "$PWD/target/release/firebrand-server"
 (cd tests/browser && { [ -d node_modules ] || npm ci --no-audit --no-fund; } &&
   CHAT_BIN="$PWD/../../target/release/chat" node --test)

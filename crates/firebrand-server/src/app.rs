@@ -1,5 +1,6 @@
-//! The app: a socket that authenticates with [`auth`](crate::auth), one channel whose rules
-//! come from the topic's [namespace](crate::namespace), and the [server API](crate::api).
+//! The app: a socket that authenticates with [`auth`](crate::auth) (or asks the
+//! [backend](crate::backend)), one channel whose rules come from the topic's
+//! [namespace](crate::namespace), and the [server API](crate::api).
 
 use std::sync::Arc;
 
@@ -8,10 +9,12 @@ use firebrand::{
     Channel, ChannelContext, CheckOrigin, ConnectError, ConnectInfo, Endpoint, HandleResult,
     JoinContext, JoinError, Joined, Payload, Reply, Socket,
 };
-use serde_json::json;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
 
 use crate::auth::{User, Verifier};
-use crate::config::{Cluster, Config};
+use crate::backend::Backend;
+use crate::config::{Cluster, Config, ConnectHook};
 use crate::namespace::{JoinRule, Namespace, Namespaces, Pushes};
 
 /// A connection's assigns: its user, and the rules its joins are checked against.
@@ -24,19 +27,124 @@ struct Rules {
     namespaces: Namespaces,
     /// Checks join tokens (`None` in development mode).
     verifier: Option<Verifier>,
+    /// Makes the join and push calls.
+    backend: Backend,
+}
+
+/// The backend's answer to a connect.
+#[derive(Deserialize)]
+struct ConnectAnswer {
+    allow: bool,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    info: Value,
+}
+
+/// The backend's answer to a join.
+#[derive(Deserialize)]
+struct JoinAnswer {
+    allow: bool,
+    #[serde(default)]
+    reply: Option<Value>,
+}
+
+/// The backend's answer to a push.
+#[derive(Deserialize)]
+struct PushAnswer {
+    action: PushAction,
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    reply: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PushAction {
+    Broadcast,
+    Reject,
 }
 
 /// Authenticates connections: a valid token gives its user; no token gives an anonymous user
-/// when that is allowed; anything else is refused with 403.
+/// when that is allowed; anything else is refused with 403. With a connect backend, the
+/// backend decides instead.
 struct ServerSocket {
     rules: Arc<Rules>,
     allow_anonymous: bool,
+    connect: Option<ConnectHook>,
+}
+
+impl ServerSocket {
+    /// Asks the backend: its user, or 403 (refused) or 503 (unavailable).
+    async fn ask_backend(
+        &self,
+        hook: &ConnectHook,
+        info: &ConnectInfo,
+    ) -> Result<User, ConnectError> {
+        let params: Map<String, Value> = info
+            .params()
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let headers: Map<String, Value> = hook
+            .headers
+            .iter()
+            .filter_map(|name| {
+                let values: Vec<&str> = info
+                    .headers()
+                    .get_all(name.as_str())
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                (!values.is_empty()).then(|| (name.clone(), Value::String(values.join(", "))))
+            })
+            .collect();
+        let body = json!({"params": params, "headers": headers, "auth_token": info.auth_token()});
+        let peer = info.peer_addr();
+        match self
+            .rules
+            .backend
+            .call::<ConnectAnswer>(&hook.url, &body)
+            .await
+        {
+            Ok(ConnectAnswer {
+                allow: true,
+                user,
+                info,
+            }) => Ok(User {
+                id: user.filter(|u| !u.is_empty()),
+                info,
+            }),
+            Ok(_) => {
+                tracing::info!(?peer, "connection refused by the backend");
+                Err(ConnectError::forbidden())
+            }
+            Err(e) if e.is_refusal() => {
+                tracing::info!(?peer, error = %e, "connection refused by the backend");
+                Err(ConnectError::forbidden())
+            }
+            Err(e) => {
+                tracing::warn!(?peer, error = %e, "connection refused: the connect backend is unavailable");
+                Err(ConnectError::status(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                ))
+            }
+        }
+    }
 }
 
 impl Socket for ServerSocket {
     type Assigns = Session;
 
     async fn connect(&self, info: &ConnectInfo) -> Result<Session, ConnectError> {
+        if let Some(hook) = &self.connect {
+            let user = self.ask_backend(hook, info).await?;
+            return Ok(Session {
+                user,
+                rules: self.rules.clone(),
+            });
+        }
         let token = info.auth_token().or_else(|| info.param("token"));
         let user = match (token, &self.rules.verifier) {
             (Some(token), Some(verifier)) => match verifier.verify(token) {
@@ -96,8 +204,40 @@ impl Channel for TopicChannel {
             tracing::info!(topic, user = user.id.as_deref(), %why, "join refused");
             JoinError::reason("unauthorized")
         };
+        let mut reply = None;
         match namespace.join {
             JoinRule::Anyone => {}
+            JoinRule::Backend => {
+                let Some(url) = &namespace.join_url else {
+                    return Err(refused(&"no join_url"));
+                };
+                let body = json!({"user": user.id, "topic": topic, "params": params.to_value()});
+                match rules.backend.call::<JoinAnswer>(url, &body).await {
+                    Ok(JoinAnswer {
+                        allow: true,
+                        reply: r,
+                    }) => reply = r,
+                    Ok(JoinAnswer {
+                        allow: false,
+                        reply: Some(r),
+                    }) => {
+                        tracing::info!(
+                            topic,
+                            user = user.id.as_deref(),
+                            "join refused by the backend"
+                        );
+                        return Err(JoinError::new(r));
+                    }
+                    Ok(JoinAnswer { allow: false, .. }) => {
+                        return Err(refused(&"refused by the backend"));
+                    }
+                    Err(e) if e.is_refusal() => return Err(refused(&e)),
+                    Err(e) => {
+                        tracing::warn!(topic, error = %e, "join refused: the join backend is unavailable");
+                        return Err(JoinError::reason("backend unavailable"));
+                    }
+                }
+            }
             JoinRule::User => {
                 let own = topic.strip_prefix(&*namespace.prefix);
                 if user.id.is_none() || user.id.as_deref() != own {
@@ -120,9 +260,10 @@ impl Channel for TopicChannel {
         let joined = Joined::new(TopicChannel {
             namespace: namespace.clone(),
         });
-        Ok(match &user.id {
-            Some(id) => joined.reply(json!({ "user": id })),
-            None => joined,
+        Ok(match (reply, &user.id) {
+            (Some(reply), _) => joined.reply(reply),
+            (None, Some(id)) => joined.reply(json!({ "user": id })),
+            (None, None) => joined,
         })
     }
 
@@ -151,12 +292,55 @@ impl Channel for TopicChannel {
     ) -> HandleResult {
         match self.namespace.pushes {
             Pushes::Rejected => Err(Reply::error(json!({"reason": "pushes are not allowed"}))),
-            Pushes::Broadcast if reserved(event) => {
+            Pushes::Broadcast | Pushes::Backend if reserved(event) => {
                 Err(Reply::error(json!({"reason": "reserved event"})))
             }
+            Pushes::Backend => self.ask_backend(event, payload, ctx).await,
             Pushes::Broadcast => {
                 ctx.broadcast_from(event, payload);
                 Ok(Some(Reply::ok(json!({}))))
+            }
+        }
+    }
+}
+
+impl TopicChannel {
+    /// Asks the backend what to do with a push: broadcast it (maybe rewritten) or reject it.
+    async fn ask_backend(
+        &self,
+        event: &str,
+        payload: Payload,
+        ctx: &mut ChannelContext<Self>,
+    ) -> HandleResult {
+        let Some(url) = &self.namespace.push_url else {
+            return Err(Reply::error(json!({"reason": "pushes are not allowed"})));
+        };
+        let Some(value) = payload.to_value() else {
+            return Err(Reply::error(json!({"reason": "binary payload"})));
+        };
+        let Session { user, rules } = ctx.assigns();
+        let body = json!({"user": user.id, "topic": ctx.topic(), "event": event, "payload": value});
+        let answer = rules.backend.call::<PushAnswer>(url, &body).await;
+        match answer {
+            Ok(PushAnswer {
+                action: PushAction::Broadcast,
+                payload: rewritten,
+                reply,
+            }) => {
+                ctx.broadcast_from(event, rewritten.map_or(payload, Payload::from));
+                Ok(Some(Reply::ok(reply.unwrap_or_else(|| json!({})))))
+            }
+            Ok(PushAnswer {
+                action: PushAction::Reject,
+                reply,
+                ..
+            }) => Err(Reply::error(
+                reply.unwrap_or_else(|| json!({"reason": "rejected"})),
+            )),
+            Err(e) if e.is_refusal() => Err(Reply::error(json!({"reason": "rejected"}))),
+            Err(e) => {
+                tracing::warn!(topic = ctx.topic(), error = %e, "push refused: the push backend is unavailable");
+                Err(Reply::error(json!({"reason": "backend unavailable"})))
             }
         }
     }
@@ -193,22 +377,30 @@ pub fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
     Ok(builder.build())
 }
 
-/// The router: the socket at `/socket` (phoenix.js connects to `/socket/websocket`), the
-/// server API under `/api/`.
+/// The router: the socket at `/socket` (phoenix.js connects to `/socket/websocket`, or
+/// `/socket/longpoll` when long-poll is on), the server API under `/api/`.
 pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     let origins = if config.origins.iter().any(|o| o == "*") {
         CheckOrigin::any()
     } else {
         CheckOrigin::allow(config.origins.iter().map(String::as_str))
     };
-    let socket = endpoint
-        .socket(ServerSocket {
-            rules: Arc::new(Rules {
-                namespaces: config.namespaces.clone(),
-                verifier: config.auth.verifier.clone(),
-            }),
-            allow_anonymous: config.auth.allow_anonymous,
-        })
+    let socket = endpoint.socket(ServerSocket {
+        rules: Arc::new(Rules {
+            namespaces: config.namespaces.clone(),
+            verifier: config.auth.verifier.clone(),
+            backend: config.backend,
+        }),
+        allow_anonymous: config.auth.allow_anonymous,
+        connect: config.auth.connect.clone(),
+    });
+    let socket = if config.longpoll {
+        // Phoenix's poll window.
+        socket.longpoll(std::time::Duration::from_secs(10))
+    } else {
+        socket
+    };
+    let socket = socket
         .channel::<TopicChannel>("*")
         .check_origin(origins)
         .into_router();

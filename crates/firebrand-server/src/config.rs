@@ -5,6 +5,8 @@
 //! listen = "127.0.0.1:4000"   # address and port to serve on
 //! drain_ms = 1000             # on SIGTERM, close the sockets (1012) spread over this period
 //! origins = ["https://app.example.com"]  # browser origins that may connect; ["*"]: any
+//! longpoll = true             # also serve the long-poll transport (default true)
+//! backend_timeout_ms = 2000   # bound on every call to the backend (connect, join, push)
 //!
 //! [cluster]                   # at most one of redis_url and nats_url
 //! redis_url = "redis://127.0.0.1:6379"
@@ -19,14 +21,18 @@
 //! audience = "my-app"         # if set, tokens must carry this `aud`
 //! issuer = "https://auth.example.com"  # if set, tokens must carry this `iss`
 //! allow_anonymous = false     # connections without a token; default: true only with no key
+//! connect_url = "http://127.0.0.1:8000/firebrand/connect"  # the backend decides each connect
+//! connect_headers = ["cookie"]  # request headers sent along to connect_url
 //!
 //! [api]                       # the server API (see the `api` module)
 //! key = "…"                   # `Authorization: Bearer <key>`; 16 characters or more
 //!
 //! [[namespace]]               # the rules of the topics starting with `prefix`; one table each
 //! prefix = "room:"            # "" is a catch-all; the longest matching prefix wins
-//! join = "anyone"             # "anyone" | "user" | "token" (default "anyone")
-//! pushes = "broadcast"        # "rejected" | "broadcast" (default "rejected")
+//! join = "anyone"             # "anyone" | "user" | "token" | "backend" (default "anyone")
+//! join_url = "http://127.0.0.1:8000/firebrand/join"   # with join = "backend"
+//! pushes = "broadcast"        # "rejected" | "broadcast" | "backend" (default "rejected")
+//! push_url = "http://127.0.0.1:8000/firebrand/push"   # with pushes = "backend"
 //! presence = true             # track joined users (default false)
 //! history = { size = 100, max_age_ms = 300000 }  # recoverable topics (default: none)
 //! ```
@@ -59,9 +65,30 @@
 //!   (configure every node alike). A namespace inside a recoverable one (`room:vip:` in
 //!   `room:`) must have a history too.
 //!
-//! Namespaces are configured in the file only (no environment variables). Sending joins and
-//! pushes to the backend over HTTP (a join call that may refuse or answer the join; pushes the
-//! backend may reject or rewrite) is not there yet: it is the next step.
+//! Namespaces are configured in the file only (no environment variables).
+//!
+//! **Calls to the backend.** The server can ask the backend over HTTP (POST, JSON both ways;
+//! `http://` URLs; each call bounded by `server.backend_timeout_ms`; see
+//! [`backend`] for what happens when the backend is down or slow):
+//!
+//! - `auth.connect_url`: every connect is decided by the backend instead of by a JWT. The body
+//!   is `{"params": {name: value}, "headers": {name: value}, "auth_token": <phoenix.js's
+//!   authToken or null>}` (the socket's connect params, and the request headers named in
+//!   `auth.connect_headers`, e.g. `["cookie"]`, that were sent); the answer `{"allow": true,
+//!   "user": "<id>", "info": {..}}` accepts the connection as that user (with that info for
+//!   presence; no `user`: anonymous), `{"allow": false}` or a status other than 2xx refuses it
+//!   (403). The JWT key, if configured too, then only checks join tokens;
+//!   `allow_anonymous` does not apply.
+//! - `join = "backend"` with `join_url`: the body is `{"user": <id or null>, "topic",
+//!   "params"}` (the join params); the answer `{"allow": true, "reply": ..}` lets the client
+//!   join, with `reply` as the join reply (default `{"user": id}`), `{"allow": false, "reply":
+//!   ..}` refuses it with `reply` as the error reply (default `{"reason":"unauthorized"}`).
+//! - `pushes = "backend"` with `push_url`: the body is `{"user", "topic", "event",
+//!   "payload"}`; the answer `{"action": "broadcast", "payload": .., "reply": ..}` broadcasts
+//!   the event to the other subscribers with `payload` (default: the client's) and replies `ok`
+//!   with `reply` (default `{}`); `{"action": "reject", "reply": ..}` replies `error` with
+//!   `reply` (default `{"reason":"rejected"}`). Reserved events are refused before any call;
+//!   binary payloads are refused (`{"reason":"binary payload"}`).
 //!
 //! **The API key.** Without `api.key` the API is disabled (403), except in development mode (no
 //! auth key) on a loopback `listen` address, where it is open without a key, like the sockets.
@@ -78,6 +105,8 @@
 //! | `FIREBRAND_LISTEN` | `server.listen` |
 //! | `FIREBRAND_DRAIN_MS` | `server.drain_ms` |
 //! | `FIREBRAND_ORIGINS` | `server.origins` (comma-separated) |
+//! | `FIREBRAND_LONGPOLL` | `server.longpoll` (`true` or `false`) |
+//! | `FIREBRAND_BACKEND_TIMEOUT_MS` | `server.backend_timeout_ms` |
 //! | `REDIS_URL` | `cluster.redis_url` |
 //! | `NATS_URL` | `cluster.nats_url` |
 //! | `FIREBRAND_CLUSTER_NAMESPACE` | `cluster.namespace` |
@@ -88,6 +117,7 @@
 //! | `FIREBRAND_JWT_AUDIENCE` | `auth.audience` |
 //! | `FIREBRAND_JWT_ISSUER` | `auth.issuer` |
 //! | `FIREBRAND_ALLOW_ANONYMOUS` | `auth.allow_anonymous` (`true` or `false`) |
+//! | `FIREBRAND_CONNECT_URL` | `auth.connect_url` |
 //! | `FIREBRAND_API_KEY` | `api.key` |
 //!
 //! Settings that contradict each other (two auth keys, two cluster engines, a public key
@@ -102,6 +132,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::auth::{KeyAlgorithm, Verifier};
+use crate::backend::{self, Backend, BackendUrl};
 use crate::namespace::{HistoryRule, JoinRule, Namespace, Namespaces, Pushes};
 
 /// The development default of `server.listen`.
@@ -116,6 +147,11 @@ pub struct Config {
     pub drain: Duration,
     /// The browser origins that may connect (`CheckOrigin` patterns; `"*"`: any).
     pub origins: Vec<String>,
+    /// Whether the long-poll transport is served too (at `/socket/longpoll`, for phoenix.js's
+    /// `transport: LongPoll` and `longPollFallbackMs`).
+    pub longpoll: bool,
+    /// Makes the calls to the backend (bounded by `server.backend_timeout_ms`).
+    pub backend: Backend,
     /// The cluster engine, if any.
     pub cluster: Option<Cluster>,
     /// Separates clusters that share one engine.
@@ -170,6 +206,25 @@ pub struct Auth {
     pub verifier: Option<Verifier>,
     /// Whether a connection without a token is accepted (as an anonymous user).
     pub allow_anonymous: bool,
+    /// The backend decides each connect, if set.
+    pub connect: Option<ConnectHook>,
+}
+
+/// Where connects are POSTed, and which request headers go along.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectHook {
+    /// The backend's URL.
+    pub url: BackendUrl,
+    /// The headers sent along (lowercase names).
+    pub headers: Vec<String>,
+}
+
+impl Auth {
+    /// No key and no connect backend: anyone may connect.
+    fn is_open(&self) -> bool {
+        self.verifier.is_none() && self.connect.is_none()
+    }
 }
 
 impl fmt::Debug for Config {
@@ -179,6 +234,8 @@ impl fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("drain", &self.drain)
             .field("origins", &self.origins)
+            .field("longpoll", &self.longpoll)
+            .field("backend", &self.backend)
             .field("cluster", &self.cluster.as_ref().map(Cluster::engine))
             .field("namespace", &self.namespace)
             .field(
@@ -196,9 +253,10 @@ impl fmt::Display for Config {
     /// A one-line summary, without secrets: what `--check-config` prints.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "listen {}", self.listen)?;
-        match &self.auth.verifier {
-            Some(v) => write!(f, ", JWT {}", v.algorithm())?,
-            None => write!(f, ", no auth key (development mode)")?,
+        match (&self.auth.verifier, &self.auth.connect) {
+            (_, Some(c)) => write!(f, ", connects decided by the backend ({:?})", c.url)?,
+            (Some(v), None) => write!(f, ", JWT {}", v.algorithm())?,
+            (None, None) => write!(f, ", no auth key (development mode)")?,
         }
         if self.auth.allow_anonymous {
             write!(f, ", anonymous connections allowed")?;
@@ -235,9 +293,9 @@ impl Cluster {
 }
 
 impl Config {
-    /// Development mode: no key, so anyone may connect.
+    /// Development mode: no key and no connect backend, so anyone may connect.
     pub fn is_development(&self) -> bool {
-        self.auth.verifier.is_none()
+        self.auth.is_open()
     }
 
     /// Reads `file` (if any), then applies the environment given by `env` (a variable's value
@@ -325,6 +383,15 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, before[start..].chars().count() + 1)
 }
 
+/// A boolean variable: `true`, `false`, `1` or `0`.
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(format!("{v:?}: true or false expected")),
+    }
+}
+
 /// The toml error's message, with the offending line quoted (it names the key).
 fn describe(text: &str, e: &toml::de::Error) -> String {
     let message = e.message().trim_end();
@@ -359,7 +426,9 @@ struct RawFile {
 struct RawNamespace {
     prefix: Spanned<String>,
     join: Option<Spanned<JoinRule>>,
-    pushes: Option<Pushes>,
+    join_url: Option<Spanned<String>>,
+    pushes: Option<Spanned<Pushes>>,
+    push_url: Option<Spanned<String>>,
     presence: Option<bool>,
     history: Option<Spanned<RawHistory>>,
 }
@@ -383,6 +452,8 @@ struct RawServer {
     listen: Option<Spanned<String>>,
     drain_ms: Option<Spanned<u64>>,
     origins: Option<Spanned<Vec<String>>>,
+    longpoll: Option<Spanned<bool>>,
+    backend_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -403,6 +474,8 @@ struct RawAuth {
     audience: Option<Spanned<String>>,
     issuer: Option<Spanned<String>>,
     allow_anonymous: Option<Spanned<bool>>,
+    connect_url: Option<Spanned<String>>,
+    connect_headers: Option<Spanned<Vec<String>>>,
 }
 
 struct Source {
@@ -502,6 +575,24 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             || vec!["//localhost".to_owned(), "//127.0.0.1".to_owned()],
             |s| s.value,
         );
+        let longpoll = self
+            .pick(raw.server.longpoll, "FIREBRAND_LONGPOLL", parse_bool)?
+            .is_none_or(|s| s.value);
+        let timeout = self.pick(
+            raw.server.backend_timeout_ms,
+            "FIREBRAND_BACKEND_TIMEOUT_MS",
+            |v| {
+                v.parse::<u64>()
+                    .map_err(|e| format!("{e} (milliseconds expected)"))
+            },
+        )?;
+        let backend = Backend::new(match timeout {
+            Some(Setting { value: 0, from }) => {
+                return Err(self.error(from, "server.backend_timeout_ms", "must be above 0"));
+            }
+            Some(s) => Duration::from_millis(s.value),
+            None => backend::DEFAULT_TIMEOUT,
+        });
 
         let redis = self.pick(raw.cluster.redis_url, "REDIS_URL", text)?;
         let nats = self.pick(raw.cluster.nats_url, "NATS_URL", text)?;
@@ -538,13 +629,15 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                 ));
             }
             Some(key) => ApiAccess::Key(key.value),
-            None if auth.verifier.is_none() && listen.ip().is_loopback() => ApiAccess::Open,
+            None if auth.is_open() && listen.ip().is_loopback() => ApiAccess::Open,
             None => ApiAccess::Disabled,
         };
         Ok(Config {
             listen,
             drain,
             origins,
+            longpoll,
+            backend,
             cluster,
             namespace,
             cluster_secret,
@@ -562,7 +655,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         if raw.is_empty() {
             // One catch-all: anyone joins; in development mode pushes are broadcast.
             let mut all = Namespace::new("");
-            if auth.verifier.is_none() {
+            if auth.is_open() {
                 all.pushes = Pushes::Broadcast;
             }
             return Ok(Namespaces::new(vec![all]));
@@ -582,6 +675,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                 ));
             }
             let mut ns = Namespace::new(prefix);
+            let join_at = raw.join.as_ref().map(|j| j.span().start);
             if let Some(join) = raw.join {
                 if *join.get_ref() == JoinRule::Token && auth.verifier.is_none() {
                     return Err(self.error(
@@ -593,7 +687,22 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                 }
                 ns.join = join.into_inner();
             }
-            ns.pushes = raw.pushes.unwrap_or(Pushes::Rejected);
+            ns.join_url = self.hook_url(
+                ns.join == JoinRule::Backend,
+                join_at,
+                raw.join_url,
+                ("namespace.join_url", "join = \"backend\""),
+            )?;
+            ns.pushes = raw
+                .pushes
+                .as_ref()
+                .map_or(Pushes::Rejected, |p| *p.get_ref());
+            ns.push_url = self.hook_url(
+                ns.pushes == Pushes::Backend,
+                raw.pushes.as_ref().map(|p| p.span().start),
+                raw.push_url,
+                ("namespace.push_url", "pushes = \"backend\""),
+            )?;
             ns.presence = raw.presence.unwrap_or(false);
             if let Some(history) = raw.history {
                 let from = From::File(history.span().start);
@@ -639,6 +748,36 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         ))
     }
 
+    /// A namespace's `join_url` or `push_url`: given exactly when its rule says "backend"
+    /// (`rule_at`: where the rule is written).
+    fn hook_url(
+        &self,
+        wanted: bool,
+        rule_at: Option<usize>,
+        url: Option<Spanned<String>>,
+        (key, rule): (&str, &str),
+    ) -> Result<Option<BackendUrl>, ConfigError> {
+        match (wanted, url) {
+            (true, Some(url)) => {
+                let at = From::File(url.span().start);
+                Ok(Some(
+                    url.get_ref().parse().map_err(|e| self.error(at, key, e))?,
+                ))
+            }
+            (true, None) => Err(self.error(
+                From::File(rule_at.unwrap_or(0)),
+                key,
+                format_args!("is missing: {rule} calls the backend at that URL"),
+            )),
+            (false, Some(url)) => Err(self.error(
+                From::File(url.span().start),
+                key,
+                format_args!("is only used with {rule}"),
+            )),
+            (false, None) => Ok(None),
+        }
+    }
+
     fn resolve_auth(&self, raw: RawAuth) -> Result<Auth, ConfigError> {
         let text = |v: &str| Ok(v.to_owned());
         let secret = self.pick(raw.jwt_hs256_secret, "FIREBRAND_JWT_SECRET", text)?;
@@ -650,17 +789,19 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         let algorithm = self.pick(raw.jwt_algorithm, "FIREBRAND_JWT_ALGORITHM", |v| {
             v.parse::<KeyAlgorithm>()
         })?;
+        let connect_url = match self.pick(raw.connect_url, "FIREBRAND_CONNECT_URL", text)? {
+            Some(s) => Some(Setting {
+                value: s
+                    .value
+                    .parse::<BackendUrl>()
+                    .map_err(|e| self.error(s.from, "auth.connect_url", e))?,
+                from: s.from,
+            }),
+            None => None,
+        };
         let audience = self.pick(raw.audience, "FIREBRAND_JWT_AUDIENCE", text)?;
         let issuer = self.pick(raw.issuer, "FIREBRAND_JWT_ISSUER", text)?;
-        let anonymous = self.pick(
-            raw.allow_anonymous,
-            "FIREBRAND_ALLOW_ANONYMOUS",
-            |v| match v {
-                "true" | "1" => Ok(true),
-                "false" | "0" => Ok(false),
-                _ => Err(format!("{v:?}: true or false expected")),
-            },
-        )?;
+        let anonymous = self.pick(raw.allow_anonymous, "FIREBRAND_ALLOW_ANONYMOUS", parse_bool)?;
 
         let verifier = match (secret, key_file, algorithm) {
             (Some(s), Some(k), _) => {
@@ -730,8 +871,51 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             v.audience(audience.map(|s| s.value))
                 .issuer(issuer.map(|s| s.value))
         });
+        let connect = match (connect_url, raw.connect_headers) {
+            (Some(url), headers) => {
+                let headers = match headers {
+                    Some(h) => {
+                        let at = From::File(h.span().start);
+                        let mut names = Vec::new();
+                        for name in h.into_inner() {
+                            let name = name.to_ascii_lowercase();
+                            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                                return Err(self.error(
+                                    at,
+                                    "auth.connect_headers",
+                                    format_args!("{name:?} is not a header name"),
+                                ));
+                            }
+                            names.push(name);
+                        }
+                        names
+                    }
+                    None => Vec::new(),
+                };
+                if let Some(a) = &anonymous {
+                    return Err(self.error(
+                        a.from,
+                        "auth.allow_anonymous",
+                        "does not apply with auth.connect_url: the backend decides every connect \
+                         (answer {\"allow\": true} without a user for an anonymous one)",
+                    ));
+                }
+                Some(ConnectHook {
+                    url: url.value,
+                    headers,
+                })
+            }
+            (None, Some(h)) => {
+                return Err(self.error(
+                    From::File(h.span().start),
+                    "auth.connect_headers",
+                    "is only used with auth.connect_url",
+                ));
+            }
+            (None, None) => None,
+        };
         let allow_anonymous = match anonymous {
-            Some(Setting { value: false, from }) if verifier.is_none() => {
+            Some(Setting { value: false, from }) if verifier.is_none() && connect.is_none() => {
                 return Err(self.error(
                     from,
                     "auth.allow_anonymous",
@@ -740,11 +924,12 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                 ));
             }
             Some(s) => s.value,
-            None => verifier.is_none(),
+            None => verifier.is_none() && connect.is_none(),
         };
         Ok(Auth {
             verifier,
             allow_anonymous,
+            connect,
         })
     }
 }
@@ -817,6 +1002,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.listen.port(), 2);
+        assert!(config.longpoll);
+        let config = load(
+            "[server]\nlongpoll = true\n",
+            &[("FIREBRAND_LONGPOLL", "false")],
+        );
+        assert!(!config.unwrap().longpoll);
     }
 
     #[test]
@@ -937,6 +1128,63 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("firebrand.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn backend_calls() {
+        let config = load(
+            "[server]\nbackend_timeout_ms = 300\n[auth]\nconnect_url = \"http://127.0.0.1:9/c\"\n\
+             connect_headers = [\"Cookie\"]\n[[namespace]]\nprefix = \"a:\"\njoin = \"backend\"\n\
+             join_url = \"http://127.0.0.1:9/j\"\npushes = \"backend\"\npush_url = \"http://127.0.0.1:9/p\"\n",
+            &[],
+        )
+        .unwrap();
+        let hook = config.auth.connect.as_ref().unwrap();
+        assert_eq!(hook.headers, ["cookie"]);
+        // A connect backend is not development mode: the API needs a key, pushes are rejected.
+        assert!(!config.is_development());
+        assert!(!config.auth.allow_anonymous);
+        assert_eq!(config.api, ApiAccess::Disabled);
+        let ns = config.namespaces.find("a:1").unwrap();
+        assert_eq!((ns.join, ns.pushes), (JoinRule::Backend, Pushes::Backend));
+        assert!(ns.join_url.is_some() && ns.push_url.is_some());
+        assert!(format!("{config}").contains("backend"));
+        let env = load("", &[("FIREBRAND_CONNECT_URL", "http://x/c")]).unwrap();
+        assert!(env.auth.connect.is_some());
+        assert!(load("", &[("FIREBRAND_CONNECT_URL", "https://x/c")]).is_err());
+    }
+
+    #[test]
+    fn backend_mistakes_name_their_line() {
+        for (text, line) in [
+            ("[[namespace]]\nprefix = \"a:\"\njoin = \"backend\"\n", 3),
+            (
+                "[[namespace]]\nprefix = \"a:\"\n\njoin_url = \"http://x/j\"\n",
+                4,
+            ),
+            ("[[namespace]]\nprefix = \"a:\"\npushes = \"backend\"\n", 3),
+            (
+                "[[namespace]]\nprefix = \"a:\"\npushes = \"backend\"\npush_url = \"https://x/p\"\n",
+                4,
+            ),
+            ("[auth]\nconnect_headers = [\"cookie\"]\n", 2),
+            (
+                "[auth]\nconnect_url = \"http://x/c\"\nconnect_headers = [\"a b\"]\n",
+                3,
+            ),
+            (
+                "[auth]\nconnect_url = \"http://x/c\"\nallow_anonymous = true\n",
+                3,
+            ),
+            ("[auth]\nconnect_url = \"x\"\n", 2),
+            ("[server]\nbackend_timeout_ms = 0\n", 2),
+        ] {
+            let e = load(text, &[]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("firebrand.toml:{line}:")),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

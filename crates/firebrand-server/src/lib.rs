@@ -15,6 +15,11 @@
 //! many, disconnect a user, read a topic's presence or history, list the active topics, describe
 //! the node. The binary serves the API's OpenAPI document at `/api/openapi.json`.
 //!
+//! The server can call the backend too ([`backend`]): to decide each connect (instead of a JWT,
+//! e.g. from a session cookie), each join of a namespace, and each push of a namespace (broadcast
+//! as it is, rewritten, or rejected, with the backend's reply). Every call is bounded by a
+//! timeout: a backend that is down or slow refuses, it never holds a client up longer.
+//!
 //! The binary is thin over this library: [`Config::load`], then [`app::endpoint`] and
 //! [`app::router`], served by `firebrand::Server` and drained on SIGTERM:
 //!
@@ -32,6 +37,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod backend;
 pub mod config;
 pub mod namespace;
 

@@ -13,9 +13,10 @@ const USAGE: &str = "usage: firebrand-server [--config PATH]   serve (config fil
        firebrand-server --check-config PATH   validate a config file (with the
                                               environment applied) and exit
 Environment variables override the file: FIREBRAND_CONFIG, FIREBRAND_LISTEN, FIREBRAND_DRAIN_MS,
-FIREBRAND_ORIGINS, REDIS_URL, NATS_URL, FIREBRAND_CLUSTER_NAMESPACE, FIREBRAND_CLUSTER_SECRET,
-FIREBRAND_JWT_SECRET, FIREBRAND_JWT_PUBLIC_KEY_FILE, FIREBRAND_JWT_ALGORITHM,
-FIREBRAND_JWT_AUDIENCE, FIREBRAND_JWT_ISSUER, FIREBRAND_ALLOW_ANONYMOUS, FIREBRAND_API_KEY.";
+FIREBRAND_ORIGINS, FIREBRAND_LONGPOLL, REDIS_URL, NATS_URL, FIREBRAND_CLUSTER_NAMESPACE,
+FIREBRAND_CLUSTER_SECRET, FIREBRAND_JWT_SECRET, FIREBRAND_JWT_PUBLIC_KEY_FILE, FIREBRAND_JWT_ALGORITHM,
+FIREBRAND_JWT_AUDIENCE, FIREBRAND_JWT_ISSUER, FIREBRAND_ALLOW_ANONYMOUS, FIREBRAND_API_KEY,
+FIREBRAND_CONNECT_URL, FIREBRAND_BACKEND_TIMEOUT_MS.";
 
 enum Command {
     Serve(Option<PathBuf>),
@@ -144,6 +145,12 @@ fn print_next_steps(config: &Config, addr: std::net::SocketAddr) {
   to require signed tokens (JWT, HS256, with `sub` and `exp`), set a shared secret:
     FIREBRAND_JWT_SECRET=... firebrand-server   (or [auth] jwt_hs256_secret in a --config file)
   clients then connect with new Socket(\"{url}\", {{params: {{token}}}})"
+        );
+    } else if let Some(hook) = &config.auth.connect {
+        println!(
+            "connects are decided by the backend ({:?}, within {:?}): new Socket(\"{url}\", {{params: {{..}}}})",
+            hook.url,
+            config.backend.timeout()
         );
     } else {
         println!(

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::backend::BackendUrl;
+
 /// Who may join a namespace's topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -22,6 +24,9 @@ pub enum JoinRule {
     /// Holders of a join token for the topic, sent as the join params' `token` (see
     /// [`Verifier::verify_join`](crate::auth::Verifier::verify_join)).
     Token,
+    /// Whoever the backend allows: the join is POSTed to the namespace's `join_url` (see
+    /// [`backend`](crate::backend)).
+    Backend,
 }
 
 /// What happens to the events clients push on a namespace's topics.
@@ -34,6 +39,9 @@ pub enum Pushes {
     /// Broadcast as they are to the topic's other subscribers (not back to the sender:
     /// Phoenix's `broadcast_from`), and answered with the reply `ok` `{}`.
     Broadcast,
+    /// As the backend says: each push is POSTed to the namespace's `push_url`, which answers
+    /// whether to broadcast it (as it is or rewritten) or reject it, and the reply.
+    Backend,
 }
 
 /// How much of a recoverable topic's history is kept.
@@ -60,6 +68,10 @@ pub struct Namespace {
     pub presence: bool,
     /// Whether the topics are recoverable, and how much history is kept.
     pub history: Option<HistoryRule>,
+    /// Where joins are POSTed (with [`JoinRule::Backend`]).
+    pub join_url: Option<BackendUrl>,
+    /// Where pushes are POSTed (with [`Pushes::Backend`]).
+    pub push_url: Option<BackendUrl>,
 }
 
 impl Namespace {
@@ -72,6 +84,8 @@ impl Namespace {
             pushes: Pushes::Rejected,
             presence: false,
             history: None,
+            join_url: None,
+            push_url: None,
         }
     }
 }

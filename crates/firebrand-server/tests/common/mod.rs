@@ -22,6 +22,9 @@ const VARS: &[&str] = &[
     "FIREBRAND_LISTEN",
     "FIREBRAND_DRAIN_MS",
     "FIREBRAND_ORIGINS",
+    "FIREBRAND_LONGPOLL",
+    "FIREBRAND_BACKEND_TIMEOUT_MS",
+    "FIREBRAND_CONNECT_URL",
     "REDIS_URL",
     "NATS_URL",
     "FIREBRAND_CLUSTER_NAMESPACE",
@@ -129,8 +132,23 @@ impl Connect {
 
 /// Connects to `url`, with phoenix.js's `authToken` (in `Sec-WebSocket-Protocol`) if given.
 pub async fn connect(url: &str, auth_token: Option<&str>) -> Connect {
+    connect_with(url, auth_token, &[]).await
+}
+
+/// Connects to `url` with `authToken` (if given) and extra request `headers`.
+pub async fn connect_with(
+    url: &str,
+    auth_token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Connect {
     use base64::Engine;
     let mut request = url.into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
     if let Some(token) = auth_token {
         let encoded = base64::engine::general_purpose::STANDARD_NO_PAD.encode(token);
         request.headers_mut().insert(

@@ -389,7 +389,10 @@ fn status(code: u16) -> Response {
     Answer::status(code).into_response()
 }
 
-/// The session token from the `X-Phoenix-Longpoll-Token` header or the `token` query param.
+/// The session token from the `X-Phoenix-Longpoll-Token` header or the *last* `token` query
+/// param: the official client appends the session token after the socket's params, which may
+/// hold a `token` of their own (a JWT: `new Socket(url, {params: {token}})`), as Plug's last
+/// value wins.
 fn token<'a>(headers: &'a HeaderMap, params: &'a [(String, String)]) -> Option<&'a str> {
     headers
         .get("x-phoenix-longpoll-token")
@@ -397,6 +400,7 @@ fn token<'a>(headers: &'a HeaderMap, params: &'a [(String, String)]) -> Option<&
         .or_else(|| {
             params
                 .iter()
+                .rev()
                 .find(|(k, _)| k == "token")
                 .map(|(_, v)| v.as_str())
         })
@@ -680,6 +684,23 @@ async fn post(session: &Session, body: &Bytes, ndjson: bool) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_token_is_the_last_token_param() {
+        let params = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let none = HeaderMap::new();
+        // The official client: the socket's params (here a JWT named `token`), then the session's.
+        let p = params(&[("token", "jwt"), ("vsn", "2.0.0"), ("token", "session")]);
+        assert_eq!(token(&none, &p), Some("session"));
+        assert_eq!(token(&none, &params(&[("token", "jwt")])), Some("jwt"));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-phoenix-longpoll-token", HeaderValue::from_static("h"));
+        assert_eq!(token(&headers, &p), Some("h"));
+    }
 
     fn session() -> (
         Session,
