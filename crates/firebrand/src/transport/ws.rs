@@ -5,7 +5,7 @@
 //! arrived (or a fragmented message being assembled) is kept on the heap, and freed once
 //! complete. Writes collect the queued frames into one buffer that is freed after the write.
 //! (tungstenite, used before, keeps a read buffer and its codec state per connection: 7.2 KB of
-//! RSS per idle joined connection, against 2.85 KB now; see ARCHITECTURE.md.)
+//! RSS per idle joined connection, against 1.96 KB now; see ARCHITECTURE.md.)
 //!
 //! The handshake is checked by [`accept_key`]; frames are decoded by [`Reader`] and encoded
 //! by [`encode_frame`] / [`close_frame`].
