@@ -4,17 +4,17 @@
 //!
 //! - `GET /health`: `200 {"status": "ok"}` while the process serves (a liveness probe).
 //! - `GET /ready`: `200 {"ready": true}`, or `503 {"ready": false, "reason": "draining"}` once
-//!   SIGTERM has started the drain: the server keeps listening during the drain (new sockets
-//!   are refused with 503) so that a load balancer sees the node leave. The cluster engine's
-//!   reachability is not part of readiness yet: the adapters do not report it (a node cut off
-//!   from the engine shows as a growing `firebrand_cluster_lost_total`).
+//!   SIGTERM has started the drain (the server keeps listening during the drain, new sockets
+//!   refused with 503, so that a load balancer sees the node leave), or `503 {"ready": false,
+//!   "reason": "cluster engine unreachable"}` while the Redis or NATS adapter has lost its
+//!   engine (`firebrand::Endpoint::cluster_ready`).
 //! - `GET /metrics` (with `[server] metrics = true`, the default): the Prometheus text format,
 //!   rendered by `metrics-exporter-prometheus`. The endpoint's counters are published at each
 //!   scrape (see `firebrand::metrics` for their meaning):
 //!
 //! | name | type |
 //! | --- | --- |
-//! | `firebrand_connections`, `firebrand_channels`, `firebrand_topics`, `firebrand_presences`, `firebrand_draining` | gauge |
+//! | `firebrand_connections`, `firebrand_channels`, `firebrand_topics`, `firebrand_presences`, `firebrand_draining`, `firebrand_cluster_ready` | gauge |
 //! | `firebrand_connections_opened_total`, `firebrand_connections_refused_total{reason}` (`origin`, `vsn`, `connect`, `draining`) | counter |
 //! | `firebrand_joins_total`, `firebrand_joins_refused_total`, `firebrand_channels_closed_total` | counter |
 //! | `firebrand_messages_in_total`, `firebrand_messages_refused_total{reason}` (`rate_limited`, `payload_too_large`, `topic_too_long`, `replies_refused`) | counter |
@@ -97,12 +97,15 @@ async fn health() -> Response {
 }
 
 async fn ready(State(ops): State<Ops>) -> Response {
-    if ops.endpoint.is_draining() {
-        let body = json!({"ready": false, "reason": "draining"});
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    let reason = if ops.endpoint.is_draining() {
+        "draining"
+    } else if !ops.endpoint.cluster_ready() {
+        "cluster engine unreachable"
     } else {
-        axum::Json(json!({"ready": true})).into_response()
-    }
+        return axum::Json(json!({"ready": true})).into_response();
+    };
+    let body = json!({"ready": false, "reason": reason});
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
 }
 
 async fn render(State(ops): State<Ops>) -> Response {

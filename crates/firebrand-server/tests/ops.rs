@@ -178,3 +178,43 @@ async fn ready_turns_503_while_draining() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn ready_is_503_while_the_cluster_engine_is_unreachable() {
+    // Nothing listens on port 1: the Redis adapter keeps retrying.
+    let server = spawn(&[], &[("REDIS_URL", "redis://127.0.0.1:1")]).await;
+    let (status, body) = http(server.port, "GET", "/ready", None, None).await;
+    assert_eq!(
+        (status, body),
+        (
+            503,
+            json!({"ready": false, "reason": "cluster engine unreachable"})
+        )
+    );
+    assert_eq!(
+        value(&metrics(server.port).await, "firebrand_cluster_ready"),
+        0.0
+    );
+    // Still alive.
+    assert_eq!(http(server.port, "GET", "/health", None, None).await.0, 200);
+}
+
+/// Against the real engines (scripts/prereqs.sh starts them): ready once subscribed.
+#[tokio::test]
+async fn ready_once_the_cluster_engine_is_reached() {
+    for (var, url) in [
+        ("REDIS_URL", "redis://127.0.0.1:6379"),
+        ("NATS_URL", "nats://127.0.0.1:4222"),
+    ] {
+        let server = spawn(&[], &[(var, url)]).await;
+        let mut ready = http(server.port, "GET", "/ready", None, None).await;
+        for _ in 0..200 {
+            if ready.0 == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            ready = http(server.port, "GET", "/ready", None, None).await;
+        }
+        assert_eq!(ready, (200, json!({"ready": true})), "{var}");
+    }
+}

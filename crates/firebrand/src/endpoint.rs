@@ -509,6 +509,17 @@ impl Endpoint {
         self.inner.hub.is_draining()
     }
 
+    /// Whether the cluster's engine is reachable, as its adapter last said
+    /// ([`ClusterLink::engine_reachable`](crate::cluster::ClusterLink::engine_reachable)):
+    /// true without a cluster, and with an adapter that does not say. For a readiness probe:
+    /// a node cut off from its engine neither sends to nor hears from the other nodes.
+    pub fn cluster_ready(&self) -> bool {
+        self.inner
+            .cluster
+            .as_ref()
+            .is_none_or(|c| c.link().is_engine_reachable())
+    }
+
     /// Closes every connection now with code 1012 and waits up to `deadline` for them to be
     /// gone: [`drain`](Endpoint::drain) with no spreading. Returns the number still open.
     pub async fn shutdown(&self, deadline: Duration) -> usize {

@@ -39,6 +39,7 @@
 //! | `firebrand_cluster_lost_total` | counter | messages the adapter could not send |
 //! | `firebrand_cluster_rejected_total` | counter | messages from other nodes dropped (undecodable, forged, replayed…) |
 //! | `firebrand_draining` | gauge | 1 while the endpoint drains, else 0 |
+//! | `firebrand_cluster_ready` | gauge | 1 while the cluster's engine is reachable (or there is no cluster), else 0: [`Endpoint::cluster_ready`] |
 //! | `firebrand_join_seconds` | histogram | from a channel's join starting (its [`Channel::join`](crate::Channel::join) called) to its `ok` reply queued |
 //! | `firebrand_broadcast_queue_seconds` | histogram | time to queue one broadcast to this node's subscribers |
 //!
@@ -120,6 +121,10 @@ pub fn describe() {
         ("firebrand_topics", "Topics with a subscriber on this node."),
         ("firebrand_presences", "Presence entries tracked."),
         ("firebrand_draining", "1 while the endpoint drains."),
+        (
+            "firebrand_cluster_ready",
+            "1 while the cluster engine is reachable.",
+        ),
     ] {
         describe_gauge!(name, help);
     }
@@ -180,6 +185,7 @@ pub fn record(endpoint: &Endpoint) {
     gauge!("firebrand_topics").set(s.topics as f64);
     gauge!("firebrand_presences").set(s.presences as f64);
     gauge!("firebrand_draining").set(if endpoint.is_draining() { 1.0 } else { 0.0 });
+    gauge!("firebrand_cluster_ready").set(if endpoint.cluster_ready() { 1.0 } else { 0.0 });
 }
 
 #[cfg(test)]
