@@ -6,6 +6,8 @@
 #   node, npm         the official phoenix client and the browser tests
 #   chromium          the chat demo's browser tests (Debian's package; never a downloaded build)
 #   openssl           firebrand-server's tests make their RS256/ES256 key pairs with it
+#   promtool          firebrand-server's metrics test checks GET /metrics with it (Debian's
+#                     prometheus package)
 #   PyJWT, curl       firebrand-server's ecosystem suite (tests/server-js): a token minted in
 #                     Python (Debian's python3-jwt, for /usr/bin/python3) and the quickstart's curl
 #   Redis, NATS       the cluster tests, on 127.0.0.1:6379 and 127.0.0.1:4222
@@ -45,6 +47,10 @@ fi
 
 if ! command -v openssl >/dev/null; then
   apt_install openssl || missing "OpenSSL (openssl)" "sudo apt-get install openssl"
+fi
+
+if ! command -v promtool >/dev/null; then
+  apt_install prometheus || missing "promtool (Debian's prometheus)" "sudo apt-get install prometheus"
 fi
 
 # /usr/bin/python3 explicitly: `python3` on PATH may be another Python (pyenv) without it.

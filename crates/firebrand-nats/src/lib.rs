@@ -220,13 +220,19 @@ impl Adapter for NatsAdapter {
             // Every reconnection: the history's reader starts a new consumer (the old one may
             // be gone with a restarted server, and would be noticed only after heartbeats).
             let reconnected = Arc::new(tokio::sync::Notify::new());
+            link.engine_reachable(false);
             let client = loop {
-                let notify = reconnected.clone();
+                let (notify, status) = (reconnected.clone(), link.clone());
                 let options = async_nats::ConnectOptions::new().event_callback(move |event| {
-                    let notify = notify.clone();
+                    let (notify, status) = (notify.clone(), status.clone());
                     async move {
-                        if matches!(event, async_nats::Event::Connected) {
-                            notify.notify_one();
+                        match event {
+                            async_nats::Event::Connected => {
+                                status.engine_reachable(true);
+                                notify.notify_one();
+                            }
+                            async_nats::Event::Disconnected => status.engine_reachable(false),
+                            _ => {}
                         }
                     }
                 });
@@ -241,7 +247,10 @@ impl Adapter for NatsAdapter {
                 }
             };
             let mut messages = match client.subscribe(subject.clone()).await {
-                Ok(s) => s,
+                Ok(s) => {
+                    link.engine_reachable(true);
+                    s
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "nats: subscribe failed; this node is alone");
                     return;

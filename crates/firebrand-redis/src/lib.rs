@@ -367,10 +367,12 @@ impl Adapter for RedisAdapter {
         let (client, channel) = (self.client.clone(), self.channel.clone());
         tokio::spawn(async move {
             let (mut tries, mut subscribed_before) = (0, false);
+            link.engine_reachable(false);
             loop {
                 match client.get_async_pubsub().await {
                     Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                         Ok(()) => {
+                            link.engine_reachable(true);
                             if tries > 0 {
                                 tracing::info!(channel, "redis: subscribed again");
                             }
@@ -393,6 +395,7 @@ impl Adapter for RedisAdapter {
                                     None => link.receive(payload),
                                 }
                             }
+                            link.engine_reachable(false);
                             tracing::warn!(channel, "redis: subscription lost; reconnecting");
                         }
                         Err(e) => tracing::warn!(error = %e, "redis: subscribe failed"),

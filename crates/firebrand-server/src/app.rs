@@ -407,4 +407,5 @@ pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     Router::new()
         .nest("/socket", socket)
         .merge(crate::api::router(config.api.clone(), endpoint.clone()))
+        .merge(crate::ops::router(endpoint.clone(), config.metrics))
 }

@@ -6,6 +6,7 @@
 //! drain_ms = 1000             # on SIGTERM, close the sockets (1012) spread over this period
 //! origins = ["https://app.example.com"]  # browser origins that may connect; ["*"]: any
 //! longpoll = true             # also serve the long-poll transport (default true)
+//! metrics = true              # serve Prometheus metrics at GET /metrics (default true)
 //! backend_timeout_ms = 2000   # bound on every call to the backend (connect, join, push)
 //!
 //! [cluster]                   # at most one of redis_url and nats_url
@@ -106,6 +107,7 @@
 //! | `FIREBRAND_DRAIN_MS` | `server.drain_ms` |
 //! | `FIREBRAND_ORIGINS` | `server.origins` (comma-separated) |
 //! | `FIREBRAND_LONGPOLL` | `server.longpoll` (`true` or `false`) |
+//! | `FIREBRAND_METRICS` | `server.metrics` (`true` or `false`) |
 //! | `FIREBRAND_BACKEND_TIMEOUT_MS` | `server.backend_timeout_ms` |
 //! | `REDIS_URL` | `cluster.redis_url` |
 //! | `NATS_URL` | `cluster.nats_url` |
@@ -150,6 +152,8 @@ pub struct Config {
     /// Whether the long-poll transport is served too (at `/socket/longpoll`, for phoenix.js's
     /// `transport: LongPoll` and `longPollFallbackMs`).
     pub longpoll: bool,
+    /// Whether Prometheus metrics are served at `GET /metrics` (`server.metrics`, default true).
+    pub metrics: bool,
     /// Makes the calls to the backend (bounded by `server.backend_timeout_ms`).
     pub backend: Backend,
     /// The cluster engine, if any.
@@ -235,6 +239,7 @@ impl fmt::Debug for Config {
             .field("drain", &self.drain)
             .field("origins", &self.origins)
             .field("longpoll", &self.longpoll)
+            .field("metrics", &self.metrics)
             .field("backend", &self.backend)
             .field("cluster", &self.cluster.as_ref().map(Cluster::engine))
             .field("namespace", &self.namespace)
@@ -453,6 +458,7 @@ struct RawServer {
     drain_ms: Option<Spanned<u64>>,
     origins: Option<Spanned<Vec<String>>>,
     longpoll: Option<Spanned<bool>>,
+    metrics: Option<Spanned<bool>>,
     backend_timeout_ms: Option<Spanned<u64>>,
 }
 
@@ -578,6 +584,9 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         let longpoll = self
             .pick(raw.server.longpoll, "FIREBRAND_LONGPOLL", parse_bool)?
             .is_none_or(|s| s.value);
+        let metrics = self
+            .pick(raw.server.metrics, "FIREBRAND_METRICS", parse_bool)?
+            .is_none_or(|s| s.value);
         let timeout = self.pick(
             raw.server.backend_timeout_ms,
             "FIREBRAND_BACKEND_TIMEOUT_MS",
@@ -637,6 +646,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             drain,
             origins,
             longpoll,
+            metrics,
             backend,
             cluster,
             namespace,
@@ -1008,6 +1018,17 @@ mod tests {
             &[("FIREBRAND_LONGPOLL", "false")],
         );
         assert!(!config.unwrap().longpoll);
+    }
+
+    #[test]
+    fn metrics_are_served_unless_turned_off() {
+        assert!(load("", &[]).unwrap().metrics);
+        assert!(!load("[server]\nmetrics = false\n", &[]).unwrap().metrics);
+        let config = load(
+            "[server]\nmetrics = false\n",
+            &[("FIREBRAND_METRICS", "true")],
+        );
+        assert!(config.unwrap().metrics);
     }
 
     #[test]

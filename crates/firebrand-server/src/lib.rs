@@ -20,6 +20,9 @@
 //! as it is, rewritten, or rejected, with the backend's reply). Every call is bounded by a
 //! timeout: a backend that is down or slow refuses, it never holds a client up longer.
 //!
+//! For operations ([`ops`]): `GET /health`, `GET /ready` (503 while draining) and Prometheus
+//! metrics at `GET /metrics`.
+//!
 //! The binary is thin over this library: [`Config::load`], then [`app::endpoint`] and
 //! [`app::router`], served by `firebrand::Server` and drained on SIGTERM:
 //!
@@ -40,6 +43,7 @@ pub mod auth;
 pub mod backend;
 pub mod config;
 pub mod namespace;
+pub mod ops;
 
 #[doc(inline)]
 pub use config::{Config, ConfigError};

@@ -18,7 +18,7 @@ const USAGE: &str = "usage: firebrand-server [--config PATH]   serve (config fil
        firebrand-server --check-config PATH   validate a config file (with the
                                               environment applied) and exit
 Environment variables override the file: FIREBRAND_CONFIG, FIREBRAND_LISTEN, FIREBRAND_DRAIN_MS,
-FIREBRAND_ORIGINS, FIREBRAND_LONGPOLL, REDIS_URL, NATS_URL, FIREBRAND_CLUSTER_NAMESPACE,
+FIREBRAND_ORIGINS, FIREBRAND_LONGPOLL, FIREBRAND_METRICS, REDIS_URL, NATS_URL, FIREBRAND_CLUSTER_NAMESPACE,
 FIREBRAND_CLUSTER_SECRET, FIREBRAND_JWT_SECRET, FIREBRAND_JWT_PUBLIC_KEY_FILE, FIREBRAND_JWT_ALGORITHM,
 FIREBRAND_JWT_AUDIENCE, FIREBRAND_JWT_ISSUER, FIREBRAND_ALLOW_ANONYMOUS, FIREBRAND_API_KEY,
 FIREBRAND_CONNECT_URL, FIREBRAND_BACKEND_TIMEOUT_MS.";
@@ -118,14 +118,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = server.local_addr()?;
     println!("listening on {addr}");
     print_next_steps(&config, addr);
-    // Like axum::serve, plus a deadline on handshakes and a large listen backlog.
-    server.serve(router, shutdown_signal()).await?;
+    // Like axum::serve, plus a deadline on handshakes and a large listen backlog. It serves on
+    // during the drain, so that /ready answers 503 (new sockets are refused with 503).
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(router, async move {
+        let _ = stopped.await;
+    }));
+    shutdown_signal().await;
     // Close the sockets (1012) in batches spread over the drain period, so that clients
     // reconnect gradually; give up on stragglers after 30 s.
     let open = endpoint.drain(config.drain, Duration::from_secs(30)).await;
     if open > 0 {
         tracing::warn!(open, "connections still open at the shutdown deadline");
     }
+    let _ = stop.send(());
+    serving.await??;
     Ok(())
 }
 

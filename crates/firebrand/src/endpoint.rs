@@ -10,12 +10,12 @@ use parking_lot::Mutex;
 
 use crate::cluster::{Adapter, Cluster, Settings};
 use crate::limits::Limit;
-use crate::node::Hub;
 use crate::node::history::{History, Retention};
 use crate::node::presence::PresenceFetch;
 use crate::node::pubsub::{Broadcast, SubId};
 use crate::node::queue::Close;
 use crate::node::subscription::Subscription;
+use crate::node::{Hub, Refused};
 
 /// A node's sockets and PubSub. Cheap to clone: keep one in your app state and broadcast from
 /// anywhere (an HTTP handler, a background job).
@@ -47,6 +47,31 @@ struct Inner {
 pub struct Stats {
     /// Open connections.
     pub connections: usize,
+    /// Connections opened since the start (WebSocket and long-poll).
+    pub connections_opened: u64,
+    /// Connection requests refused for their `Origin`.
+    pub refused_origin: u64,
+    /// Connection requests refused for their `vsn` (no such serializer).
+    pub refused_vsn: u64,
+    /// Connection requests refused by [`Socket::connect`](crate::Socket::connect).
+    pub refused_connect: u64,
+    /// Connection requests refused (503) because the endpoint was draining.
+    pub refused_draining: u64,
+    /// Channels joined (the join answered `ok`).
+    pub joins: u64,
+    /// Joins refused by the channel's [`join`](crate::Channel::join).
+    pub joins_refused: u64,
+    /// Joined channels that ended: left, closed, crashed, replaced by a new join, or their
+    /// connection gone. `joins - channels_closed` are joined now.
+    pub channels_closed: u64,
+    /// Messages received from clients (decoded; heartbeats and joins included).
+    pub messages_in: u64,
+    /// Frames written to WebSocket clients (replies, pushes, broadcasts, controls).
+    pub frames_out: u64,
+    /// Bytes written to WebSocket clients (frames with their headers).
+    pub bytes_out: u64,
+    /// Presence entries tracked (this node's and, in a cluster, the other nodes').
+    pub presences: usize,
     /// Topics with at least one subscriber on this node.
     pub topics: usize,
     /// Broadcasts published on this node.
@@ -447,8 +472,21 @@ impl Endpoint {
             .cluster
             .as_ref()
             .map_or((0, 0, 0), |c| c.link().counts());
+        let refused = |r: Refused| c.refused[r as usize].load(Ordering::Relaxed);
         Stats {
             connections: hub.connection_count(),
+            connections_opened: hub.connections_opened(),
+            refused_origin: refused(Refused::Origin),
+            refused_vsn: refused(Refused::Vsn),
+            refused_connect: refused(Refused::Connect),
+            refused_draining: refused(Refused::Draining),
+            joins: c.joins.load(Ordering::Relaxed),
+            joins_refused: c.joins_refused.load(Ordering::Relaxed),
+            channels_closed: c.channels_closed.load(Ordering::Relaxed),
+            messages_in: c.messages_in.load(Ordering::Relaxed),
+            frames_out: c.frames_out.load(Ordering::Relaxed),
+            bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            presences: hub.presence_count(),
             topics: hub.pubsub().topic_count(),
             broadcasts: c.broadcasts.load(Ordering::Relaxed),
             deliveries: c.deliveries.load(Ordering::Relaxed),
@@ -464,6 +502,24 @@ impl Endpoint {
         }
     }
 
+    /// Whether the endpoint drains ([`drain`](Endpoint::drain) or
+    /// [`shutdown`](Endpoint::shutdown) was called): it refuses new connections with 503, and
+    /// a readiness probe should answer "not ready".
+    pub fn is_draining(&self) -> bool {
+        self.inner.hub.is_draining()
+    }
+
+    /// Whether the cluster's engine is reachable, as its adapter last said
+    /// ([`ClusterLink::engine_reachable`](crate::cluster::ClusterLink::engine_reachable)):
+    /// true without a cluster, and with an adapter that does not say. For a readiness probe:
+    /// a node cut off from its engine neither sends to nor hears from the other nodes.
+    pub fn cluster_ready(&self) -> bool {
+        self.inner
+            .cluster
+            .as_ref()
+            .is_none_or(|c| c.link().is_engine_reachable())
+    }
+
     /// Closes every connection now with code 1012 and waits up to `deadline` for them to be
     /// gone: [`drain`](Endpoint::drain) with no spreading. Returns the number still open.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
@@ -477,8 +533,10 @@ impl Endpoint {
     /// [`StopReason::Shutdown`](crate::StopReason::Shutdown) and their presences leave.
     /// Returns the number of connections still open at the end.
     ///
-    /// Stop accepting connections first (e.g. axum's `with_graceful_shutdown`); connections
-    /// that arrive meanwhile are closed at the end of the period.
+    /// From the start, [`is_draining`](Endpoint::is_draining) is true and new connection
+    /// requests are refused with 503 (the client retries, reaching another node behind a load
+    /// balancer), so the listener may stay open meanwhile — for a readiness probe to answer
+    /// "not ready".
     ///
     /// ```no_run
     /// # async fn f(endpoint: firebrand::Endpoint) {
@@ -490,6 +548,7 @@ impl Endpoint {
         const TICK: Duration = Duration::from_millis(50);
         let start = tokio::time::Instant::now();
         let hub = &self.inner.hub;
+        hub.start_draining();
         let conns = hub.connections();
         let ticks = (period.as_millis() / TICK.as_millis()).max(1) as usize;
         let per_tick = conns.len().div_ceil(ticks).max(1);

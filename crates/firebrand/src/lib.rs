@@ -126,6 +126,8 @@ pub mod cluster;
 mod endpoint;
 pub mod fuzzing;
 pub mod limits;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod model;
 mod node;
 mod token;

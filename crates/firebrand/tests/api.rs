@@ -373,7 +373,20 @@ async fn shutdown_closes_every_connection_with_1012() {
     assert_eq!(h.events.recv().await.unwrap(), "terminate Shutdown");
     drop((a, b));
     assert_eq!(shutdown.await.unwrap(), 0);
-    assert_eq!(h.endpoint.stats().connections, 0);
+    let stats = h.endpoint.stats();
+    assert_eq!(stats.connections, 0);
+    assert_eq!((stats.connections_opened, stats.joins), (2, 1));
+    assert_eq!((stats.channels_closed, stats.messages_in), (1, 1));
+    // The join reply, the two close frames (counted when written) are at least the reply.
+    assert!(stats.frames_out >= 1 && stats.bytes_out > 0, "{stats:?}");
+
+    // A draining endpoint refuses new connections with 503, and counts them.
+    assert!(h.endpoint.is_draining());
+    assert_eq!(
+        h.connect(&format!("token={token}"), None).await.err(),
+        Some(503)
+    );
+    assert_eq!(h.endpoint.stats().refused_draining, 1);
 }
 
 #[test]

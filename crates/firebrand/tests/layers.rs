@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     "endpoint",
     "model",
     "transport",
+    "metrics",
     "fuzzing",
     "benching",
 ];

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use bytes::Bytes;
 
@@ -26,11 +26,18 @@ pub(crate) struct LinkInner {
     pub(crate) received: AtomicU64,
     pub(crate) lost: AtomicU64,
     pub(crate) rejected: AtomicU64,
+    /// What the adapter said of the engine: [`UNREPORTED`], [`REACHABLE`] or [`UNREACHABLE`].
+    pub(crate) engine: AtomicU8,
     /// With a cluster secret: how messages are sealed and checked.
     pub(crate) auth: Option<Auth>,
     /// The largest retention among the endpoint's recoverable topics, if any.
     pub(crate) retention: Option<Retention>,
 }
+
+/// The adapter has not said whether the engine is reachable.
+const UNREPORTED: u8 = 0;
+const REACHABLE: u8 = 1;
+const UNREACHABLE: u8 = 2;
 
 /// What the link hands its node.
 pub(crate) enum Inbound {
@@ -70,6 +77,7 @@ impl ClusterLink {
                 received: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
+                engine: AtomicU8::new(UNREPORTED),
                 auth,
                 retention,
             }),
@@ -90,6 +98,19 @@ impl ClusterLink {
             i.lost.load(Ordering::Relaxed),
             i.rejected.load(Ordering::Relaxed),
         )
+    }
+
+    /// Tells the endpoint whether the engine is reachable now (its connection up, this node
+    /// subscribed), for readiness probes: [`Endpoint::cluster_ready`](crate::Endpoint::cluster_ready).
+    /// An adapter that never calls it is taken as reachable.
+    pub fn engine_reachable(&self, reachable: bool) {
+        let state = if reachable { REACHABLE } else { UNREACHABLE };
+        self.inner.engine.store(state, Ordering::Relaxed);
+    }
+
+    /// Whether the engine is reachable, as far as the adapter said.
+    pub(crate) fn is_engine_reachable(&self) -> bool {
+        self.inner.engine.load(Ordering::Relaxed) != UNREACHABLE
     }
 
     /// This node's id (random, new on every start).
@@ -260,6 +281,7 @@ mod tests {
                 received: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
+                engine: std::sync::atomic::AtomicU8::new(UNREPORTED),
                 auth: secret.map(Auth::new),
                 retention: None,
             }),

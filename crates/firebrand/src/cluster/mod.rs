@@ -357,4 +357,18 @@ mod tests {
         assert_eq!((counts(&open).0, rejected(&open)), (0, 1));
         assert_eq!((counts(&a).0, rejected(&a)), (0, 1));
     }
+
+    #[tokio::test]
+    async fn cluster_ready_follows_what_the_adapter_says() {
+        assert!(Endpoint::new().cluster_ready());
+        let bus = Loopback::default();
+        let endpoint = Endpoint::builder().adapter(bus.clone()).build();
+        // An adapter that says nothing is taken as connected.
+        assert!(endpoint.cluster_ready());
+        let link = endpoint.cluster().unwrap().link().clone();
+        link.engine_reachable(false);
+        assert!(!endpoint.cluster_ready());
+        link.engine_reachable(true);
+        assert!(endpoint.cluster_ready());
+    }
 }

@@ -294,6 +294,7 @@ impl<C: Channel> Runner<C> {
     }
 
     async fn join(&mut self, join: JoinMsg) -> bool {
+        let started = crate::node::Started::now();
         let ctx = &mut self.ctx;
         let hub = ctx.endpoint.hub().clone();
         let recoverable = hub
@@ -324,6 +325,7 @@ impl<C: Channel> Runner<C> {
             Err(refused) => {
                 ctx.wire
                     .reply(jr, r, &ctx.topic, &Reply::error(refused.payload));
+                hub.count_join_refused();
                 close_replaced(ctx, join.replaces.as_deref());
                 return false;
             }
@@ -383,6 +385,7 @@ impl<C: Channel> Runner<C> {
                 ctx.recovered = recovered;
             }
         }
+        hub.count_join(started);
         close_replaced(ctx, join.replaces.as_deref());
         let channel = self.channel.insert(joined.channel);
         channel.after_join(ctx).await;
@@ -461,6 +464,7 @@ impl<C: Channel> Drop for Runner<C> {
         let pubsub = ctx.endpoint.hub().pubsub();
         if let Some(id) = ctx.sub_id.take() {
             pubsub.unsubscribe(&ctx.topic, id);
+            ctx.endpoint.hub().count_channel_closed();
         }
         for (topic, id) in ctx.extra.take().into_iter().flat_map(|e| *e) {
             pubsub.unsubscribe(&topic, id);

@@ -11,7 +11,7 @@ pub(crate) mod queue;
 pub(crate) mod subscription;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -41,6 +41,8 @@ pub(crate) struct Hub {
     idle: IdleSweep,
     all_closed: Notify,
     counters: Counters,
+    /// Set once the endpoint drains: new connections are refused (503).
+    draining: AtomicBool,
 }
 
 /// The counters behind [`Stats`](crate::Stats) that this layer keeps.
@@ -52,6 +54,52 @@ pub(crate) struct Counters {
     pub(crate) protocol_errors: AtomicU64,
     /// Per [`Limit`], in its declaration order.
     pub(crate) limits: [AtomicU64; 4],
+    /// Connection requests refused, per [`Refused`] in its declaration order.
+    pub(crate) refused: [AtomicU64; 4],
+    pub(crate) joins: AtomicU64,
+    pub(crate) joins_refused: AtomicU64,
+    /// Joined channels that ended (left, closed, crashed, replaced, their connection gone).
+    pub(crate) channels_closed: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    /// Frames written to WebSocket connections, counted once per batch written.
+    pub(crate) frames_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+}
+
+/// Why a connection request was refused (the index of its counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Its `Origin` is not allowed.
+    Origin,
+    /// Its `vsn` names no serializer.
+    Vsn,
+    /// [`Socket::connect`](crate::Socket::connect) refused it.
+    Connect,
+    /// The endpoint is draining.
+    Draining,
+}
+
+/// When an operation that a latency histogram measures started (nothing without the `metrics`
+/// feature).
+#[derive(Clone, Copy)]
+pub(crate) struct Started(#[cfg(feature = "metrics")] std::time::Instant);
+
+impl Started {
+    #[inline]
+    pub(crate) fn now() -> Self {
+        Started(
+            #[cfg(feature = "metrics")]
+            std::time::Instant::now(),
+        )
+    }
+
+    /// Records the time since the start in the histogram `name` of the `metrics` facade.
+    #[inline]
+    #[allow(unused_variables)]
+    fn record(self, name: &'static str) {
+        #[cfg(feature = "metrics")]
+        ::metrics::histogram!(name).record(self.0.elapsed());
+    }
 }
 
 impl Hub {
@@ -74,6 +122,7 @@ impl Hub {
             idle: IdleSweep::new(),
             all_closed: Notify::new(),
             counters: Counters::default(),
+            draining: AtomicBool::new(false),
         })
     }
 
@@ -91,6 +140,11 @@ impl Hub {
         let sink: Weak<dyn DiffSink> = self.me.clone();
         self.tracker.start_flusher(sink);
         &self.tracker
+    }
+
+    /// The presence entries tracked.
+    pub(crate) fn presence_count(&self) -> usize {
+        self.tracker.len()
     }
 
     /// The histories of recoverable topics.
@@ -120,9 +174,9 @@ impl Hub {
             .and_then(|h| Some((h, self.recorded(b)?)));
         match recorded {
             Some((history, retention)) => {
-                let mut delivered = 0;
+                let (started, mut delivered) = (Started::now(), 0);
                 history.append(b, retention, |b| delivered = self.pubsub.dispatch(b, from));
-                self.count_broadcast(delivered);
+                self.count_broadcast(delivered, started);
             }
             None => self.dispatch_unrecorded(b, from),
         }
@@ -131,11 +185,14 @@ impl Hub {
     /// Delivers `b` to this node's subscribers (except `from`) as it is, recoverable topic or
     /// not, and counts it.
     pub(crate) fn dispatch_unrecorded(&self, b: &Broadcast, from: Option<SubId>) {
+        let started = Started::now();
         let delivered = self.pubsub.dispatch(b, from);
-        self.count_broadcast(delivered);
+        self.count_broadcast(delivered, started);
     }
 
-    fn count_broadcast(&self, delivered: u64) {
+    /// Counts a broadcast queued to `delivered` subscribers, whose fan-out began at `started`.
+    fn count_broadcast(&self, delivered: u64, started: Started) {
+        started.record("firebrand_broadcast_queue_seconds");
         self.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
         self.counters
             .deliveries
@@ -149,11 +206,11 @@ impl Hub {
             // Not recoverable here (nodes configured differently): delivered as it is.
             return self.dispatch_local(b, from);
         };
-        let mut delivered = 0;
+        let (started, mut delivered) = (Started::now(), 0);
         history.record(b, at, retention, |b| {
             delivered += self.pubsub.dispatch(b, from)
         });
-        self.count_broadcast(delivered);
+        self.count_broadcast(delivered, started);
     }
 
     /// The engine's delivery to this node was interrupted: see [`History::interrupted`].
@@ -177,6 +234,49 @@ impl Hub {
         self.counters.limits[limit as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A channel joined; its join began at `started`.
+    pub(crate) fn count_join(&self, started: Started) {
+        started.record("firebrand_join_seconds");
+        self.counters.joins.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_join_refused(&self) {
+        self.counters.joins_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A joined channel ended.
+    pub(crate) fn count_channel_closed(&self) {
+        self.counters
+            .channels_closed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn count_message_in(&self) {
+        self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A batch of `frames` frames, `bytes` long, was written to a connection.
+    #[inline]
+    pub(crate) fn count_written(&self, frames: usize, bytes: usize) {
+        let c = &self.counters;
+        c.frames_out.fetch_add(frames as u64, Ordering::Relaxed);
+        c.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_refused(&self, why: Refused) {
+        self.counters.refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Marks the node as draining: from now on connections are refused.
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn count_protocol_error(&self) {
         self.counters
             .protocol_errors
@@ -198,6 +298,11 @@ impl Hub {
         self.conns.lock().values().cloned().collect()
     }
 
+    /// Connections registered since the start.
+    pub(crate) fn connections_opened(&self) -> u64 {
+        self.next_conn.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn connection_count(&self) -> usize {
         self.conns.lock().len()
     }
@@ -211,7 +316,8 @@ impl Hub {
 impl DiffSink for Hub {
     fn publish_diff(&self, diff: &Diff<'_>) {
         // Each node broadcasts its own view's diffs to its local subscribers.
-        self.count_broadcast(self.pubsub.dispatch_sequenced(diff));
+        let started = Started::now();
+        self.count_broadcast(self.pubsub.dispatch_sequenced(diff), started);
     }
 }
 

@@ -15,6 +15,7 @@ use firebrand_protocol::Serializer;
 use crate::endpoint::Endpoint;
 use crate::model::router::Routes;
 use crate::model::socket::{ConnectError, ConnectInfo, Socket};
+use crate::node::Refused;
 use crate::transport::origin::CheckOrigin;
 
 /// Limits and timeouts of a socket's connections. Set with [`SocketBuilder`]'s methods.
@@ -97,6 +98,8 @@ pub(crate) enum Refusal {
     Origin,
     Vsn(firebrand_protocol::UnsupportedVsn),
     Connect(ConnectError),
+    /// The endpoint is draining ([`Endpoint::drain`]): the client should try another node.
+    Draining,
 }
 
 impl Refusal {
@@ -104,6 +107,17 @@ impl Refusal {
         match self {
             Refusal::Origin | Refusal::Vsn(_) => StatusCode::FORBIDDEN,
             Refusal::Connect(e) => e.status,
+            Refusal::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Its counter.
+    fn counted_as(&self) -> Refused {
+        match self {
+            Refusal::Origin => Refused::Origin,
+            Refusal::Vsn(_) => Refused::Vsn,
+            Refusal::Connect(_) => Refused::Connect,
+            Refusal::Draining => Refused::Draining,
         }
     }
 }
@@ -114,6 +128,9 @@ impl IntoResponse for Refusal {
             Refusal::Origin => (StatusCode::FORBIDDEN, "origin not allowed").into_response(),
             Refusal::Vsn(e) => (StatusCode::FORBIDDEN, e.to_string()).into_response(),
             Refusal::Connect(e) => e.into_response(),
+            Refusal::Draining => {
+                (StatusCode::SERVICE_UNAVAILABLE, "the server is draining").into_response()
+            }
         }
     }
 }
@@ -128,8 +145,27 @@ pub(crate) fn query_params(uri: &Uri) -> Option<Vec<(String, String)>> {
 
 impl<S: Socket> Shared<S> {
     /// The checks every transport makes, in Phoenix's order: origin, serializer `vsn`, then
-    /// [`Socket::connect`] and [`Socket::id`].
+    /// [`Socket::connect`] and [`Socket::id`] (a draining endpoint refuses first). A refusal is
+    /// counted.
     pub(crate) async fn accept(
+        &self,
+        parts: axum::http::request::Parts,
+        params: Vec<(String, String)>,
+        auth_token: Option<String>,
+    ) -> Result<Accepted<S::Assigns>, Refusal> {
+        let hub = self.endpoint.hub();
+        let accepted = if hub.is_draining() {
+            Err(Refusal::Draining)
+        } else {
+            self.check(parts, params, auth_token).await
+        };
+        if let Err(refusal) = &accepted {
+            hub.count_refused(refusal.counted_as());
+        }
+        accepted
+    }
+
+    async fn check(
         &self,
         parts: axum::http::request::Parts,
         params: Vec<(String, String)>,

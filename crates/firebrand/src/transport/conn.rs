@@ -542,6 +542,9 @@ impl<S: Socket> Conn<S> {
             for frame in &batch.frames {
                 crate::transport::ws::encode_queued(frame, &mut out);
             }
+            self.registered
+                .hub()
+                .count_written(batch.frames.len(), out.len());
             drop(batch.frames);
             let written: Result<(), End> = {
                 let write = io.write_all(&out);
@@ -633,6 +636,7 @@ impl<S: Socket> Conn<S> {
 
     /// Handles one decoded client message.
     pub(crate) fn on_message(&mut self, msg: Message) {
+        self.registered.hub().count_message_in();
         if let Some(limit) = self.check_limits(&msg) {
             self.registered.hub().count_limit(limit);
             tracing::debug!(topic = %msg.topic, event = %msg.event, reason = limit.reason(), "message refused");

@@ -159,6 +159,11 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The number of entries (every node's).
+    pub(crate) fn len(&self) -> usize {
+        self.values.len()
+    }
+
     fn insert(&mut self, d: Dot, e: Entry) {
         self.by_topic.entry(e.topic.clone()).or_default().insert(d);
         self.by_owner.entry(e.owner).or_default().push(d);

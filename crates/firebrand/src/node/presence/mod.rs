@@ -165,6 +165,11 @@ impl Tracker {
         }
     }
 
+    /// The number of presence entries tracked (this node's and the others').
+    pub(crate) fn len(&self) -> usize {
+        self.inner.lock().state.len()
+    }
+
     /// A new owner id for a channel that starts tracking.
     pub(crate) fn new_owner(&self) -> Owner {
         Owner {
