@@ -20,7 +20,8 @@
 //! - `topic_occupied`: the first channel of the topic joined on this node; `topic_vacated`:
 //!   the last one on this node gone (left, closed, or its connection lost). In a cluster a
 //!   topic is occupied somewhere as long as some node has reported it occupied more recently
-//!   than vacated: keep a set of nodes per topic (keyed by `node`).
+//!   than vacated: keep a set of nodes per topic (keyed by `node`), and drop a node that
+//!   stopped without telling (it leaves `GET /api/info`'s `nodes`).
 //! - `presence_join`: the first presence of a user on a topic on this node (on a namespace
 //!   with `presence = true`; anonymous connections are not tracked); `presence_leave`: its
 //!   last presence there gone. The same user on two nodes gives a join from each; use
@@ -36,7 +37,7 @@
 //! is queued.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -113,6 +114,18 @@ impl std::fmt::Debug for WebhookConfig {
     }
 }
 
+/// Describes the webhook metrics to the installed recorder.
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        "firebrand_webhooks_sent_total",
+        "Webhook events delivered (a 2xx answer)."
+    );
+    metrics::describe_counter!(
+        "firebrand_webhooks_lost_total",
+        "Webhook events lost: dropped from a full queue (queue_full) or failed every attempt (failed)."
+    );
+}
+
 /// The signature header's value for `body`: `sha256=<hex HMAC-SHA256 of body>`.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key size");
@@ -169,7 +182,7 @@ impl Webhooks {
     pub fn occupy(&self, topic: &str) -> Occupant {
         if let Some(inner) = &self.inner {
             let first = {
-                let mut topics = inner.topics.lock().unwrap();
+                let mut topics = inner.topics.lock().unwrap_or_else(PoisonError::into_inner);
                 let n = topics.entry(topic.to_owned()).or_insert(0);
                 *n += 1;
                 *n == 1
@@ -187,7 +200,9 @@ impl Webhooks {
 }
 
 /// A channel's place in the counts; dropping it counts the channel out (and emits
-/// `topic_vacated` / `presence_leave` when it was the last).
+/// `topic_vacated` / `presence_leave` when it was the last). A guard rather than `terminate`,
+/// so that every end counts: a leave, a lost connection, a duplicate join, a panic (the locks
+/// ignore poisoning, so a drop while unwinding cannot panic again).
 pub struct Occupant {
     hooks: Webhooks,
     topic: String,
@@ -205,7 +220,10 @@ impl Occupant {
             return;
         }
         let first = {
-            let mut presences = inner.presences.lock().unwrap();
+            let mut presences = inner
+                .presences
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let n = presences
                 .entry((self.topic.clone(), user.to_owned()))
                 .or_insert(0);
@@ -227,7 +245,10 @@ impl Drop for Occupant {
         if let Some((user, meta)) = self.user.take() {
             let key = (self.topic.clone(), user);
             let last = {
-                let mut presences = inner.presences.lock().unwrap();
+                let mut presences = inner
+                    .presences
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 match presences.get_mut(&key) {
                     Some(n) if *n > 1 => {
                         *n -= 1;
@@ -244,7 +265,7 @@ impl Drop for Occupant {
             }
         }
         let last = {
-            let mut topics = inner.topics.lock().unwrap();
+            let mut topics = inner.topics.lock().unwrap_or_else(PoisonError::into_inner);
             match topics.get_mut(&self.topic) {
                 Some(n) if *n > 1 => {
                     *n -= 1;
@@ -282,7 +303,7 @@ impl Inner {
             body["meta"] = meta.clone();
         }
         let dropped = {
-            let mut queue = self.queue.lock().unwrap();
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             let dropped = (queue.len() >= QUEUE).then(|| queue.pop_front()).flatten();
             queue.push_back(body);
             dropped
@@ -308,7 +329,11 @@ async fn send_loop(
             let Some(inner) = inner.upgrade() else {
                 return;
             };
-            let next = inner.queue.lock().unwrap().pop_front();
+            let next = inner
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop_front();
             match next {
                 Some(next) => next,
                 None => {

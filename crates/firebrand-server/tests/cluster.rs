@@ -2,15 +2,20 @@
 //! (scripts/prereqs.sh starts them on their default ports), with clients on different nodes:
 //! an API publish on node 1 reaches clients on nodes 2 and 3, presence lists the users of
 //! every node on every node, and a disconnect asked of node 3 closes a socket on node 1.
+//! Webhooks come from each node, with its node id (occupancy is per node).
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
 use common::*;
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 const JWT: &str = "jwt-secret-for-cluster-tests";
 const KEY: &str = "cluster-test-api-key-0123456789";
@@ -42,9 +47,29 @@ async fn info(port: u16) -> Value {
     body
 }
 
+/// A webhook receiver on a free port (the signature is checked in tests/webhooks.rs).
+async fn receiver() -> (String, mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = Router::new()
+        .route(
+            "/events",
+            post(
+                |State(tx): State<mpsc::UnboundedSender<Value>>, Json(event): Json<Value>| async move {
+                    let _ = tx.send(event);
+                },
+            ),
+        )
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/events"), rx)
+}
+
 /// Three nodes on the engine at `url` (`var`: `REDIS_URL` or `NATS_URL`), in a cluster
-/// namespace of their own, once each has heard from the other two.
-async fn three_nodes(name: &str, var: &str, url: &str) -> Vec<Server> {
+/// namespace of their own, sending webhooks to `hooks`, once each has heard from the other
+/// two; with their node ids.
+async fn three_nodes(name: &str, var: &str, url: &str, hooks: &str) -> (Vec<Server>, Vec<String>) {
     let dir = temp_dir(name);
     let path = dir.join("firebrand.toml");
     std::fs::write(
@@ -63,6 +88,8 @@ async fn three_nodes(name: &str, var: &str, url: &str) -> Vec<Server> {
                     ("FIREBRAND_CLUSTER_NAMESPACE", &namespace),
                     ("FIREBRAND_JWT_SECRET", JWT),
                     ("FIREBRAND_API_KEY", KEY),
+                    ("FIREBRAND_WEBHOOK_URL", hooks),
+                    ("FIREBRAND_WEBHOOK_SECRET", "cluster-webhooks"),
                 ],
             )
             .await,
@@ -85,17 +112,35 @@ async fn three_nodes(name: &str, var: &str, url: &str) -> Vec<Server> {
         })
         .await;
     }
-    nodes
+    (nodes, ids)
 }
 
 async fn cluster_behaviour(name: &str, var: &str, url: &str) {
-    let nodes = three_nodes(name, var, url).await;
+    let (hooks, mut events) = receiver().await;
+    let (nodes, ids) = three_nodes(name, var, url, &hooks).await;
     let connect_as = |node: &Server, user: &str| format!("{}&token={}", node.url(), token(user));
     let mut alice = connect(&connect_as(&nodes[0], "alice"), None).await.open();
     let mut bob = connect(&connect_as(&nodes[1], "bob"), None).await.open();
     let mut carol = connect(&connect_as(&nodes[2], "carol"), None).await.open();
     for client in [&mut alice, &mut bob, &mut carol] {
         assert_eq!(client.join("room:1").await.0, "ok");
+    }
+    // Each node reports the topic occupied (and its user joined), with its own id.
+    let mut occupied = BTreeSet::new();
+    let mut joined = BTreeSet::new();
+    while occupied.len() < 3 || joined.len() < 3 {
+        let event = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("no webhook in time")
+            .unwrap();
+        assert_eq!(event["topic"], "room:1");
+        let node = event["node"].as_str().unwrap().to_owned();
+        assert!(ids.contains(&node), "{event}");
+        match event["event"].as_str().unwrap() {
+            "topic_occupied" => assert!(occupied.insert(node), "{event}"),
+            "presence_join" => assert!(joined.insert(event["user"].to_string()), "{event}"),
+            _ => panic!("{event}"),
+        }
     }
 
     // A publish through node 1's API reaches the clients on nodes 2 and 3.
