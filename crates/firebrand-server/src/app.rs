@@ -16,6 +16,7 @@ use crate::auth::{User, Verifier};
 use crate::backend::Backend;
 use crate::config::{Cluster, Config, ConnectHook};
 use crate::namespace::{JoinRule, Namespace, Namespaces, Pushes};
+use crate::webhooks::{Occupant, Webhooks};
 
 /// A connection's assigns: its user, and the rules its joins are checked against.
 struct Session {
@@ -29,6 +30,8 @@ struct Rules {
     verifier: Option<Verifier>,
     /// Makes the join and push calls.
     backend: Backend,
+    /// Counts channels and presences, and tells the backend (if configured).
+    webhooks: Webhooks,
 }
 
 /// The backend's answer to a connect.
@@ -180,6 +183,8 @@ impl Socket for ServerSocket {
 /// Every topic: joins, pushes and presence as its namespace says.
 struct TopicChannel {
     namespace: Arc<Namespace>,
+    /// Counts this channel in its topic until it is dropped (the webhooks' occupied/vacated).
+    occupant: Occupant,
 }
 
 /// Events a client may not push: the protocol's and Presence's.
@@ -259,6 +264,7 @@ impl Channel for TopicChannel {
         }
         let joined = Joined::new(TopicChannel {
             namespace: namespace.clone(),
+            occupant: rules.webhooks.occupy(topic),
         });
         Ok(match (reply, &user.id) {
             (Some(reply), _) => joined.reply(reply),
@@ -276,8 +282,9 @@ impl Channel for TopicChannel {
         let user = &ctx.assigns().user;
         if let Some(id) = user.id.clone() {
             let meta = json!({ "user": id, "info": user.info });
-            if let Err(e) = ctx.track(&id, meta) {
-                tracing::warn!(error = %e, "presence not tracked");
+            match ctx.track(&id, meta.clone()) {
+                Ok(_) => self.occupant.present(&id, &meta),
+                Err(e) => tracing::warn!(error = %e, "presence not tracked"),
             }
         }
         let list = ctx.presence_list();
@@ -379,6 +386,8 @@ pub fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
 
 /// The router: the socket at `/socket` (phoenix.js connects to `/socket/websocket`, or
 /// `/socket/longpoll` when long-poll is on), the server API under `/api/`.
+///
+/// With webhooks configured, this starts their sender task: call it inside a tokio runtime.
 pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     let origins = if config.origins.iter().any(|o| o == "*") {
         CheckOrigin::any()
@@ -390,6 +399,10 @@ pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
             namespaces: config.namespaces.clone(),
             verifier: config.auth.verifier.clone(),
             backend: config.backend,
+            webhooks: match &config.webhooks {
+                Some(hooks) => Webhooks::start(hooks, config.backend, endpoint.node()),
+                None => Webhooks::default(),
+            },
         }),
         allow_anonymous: config.auth.allow_anonymous,
         connect: config.auth.connect.clone(),

@@ -138,14 +138,30 @@ impl Backend {
         url: &BackendUrl,
         body: &Value,
     ) -> Result<T, BackendError> {
-        let bytes = tokio::time::timeout(self.timeout, post(url, body.to_string(), self.timeout))
-            .await
-            .map_err(|_| BackendError::Timeout(self.timeout))??;
+        let bytes = self.post(url, body.to_string(), &[]).await?;
         serde_json::from_slice(&bytes).map_err(|e| BackendError::Invalid(e.to_string()))
+    }
+
+    /// POSTs the JSON `body` to `url` with the extra `headers`; the answer's body (a status
+    /// other than 2xx is an error). Bounded by the timeout, like [`call`](Backend::call).
+    pub async fn post(
+        &self,
+        url: &BackendUrl,
+        body: String,
+        headers: &[(&'static str, String)],
+    ) -> Result<Bytes, BackendError> {
+        tokio::time::timeout(self.timeout, post(url, body, self.timeout, headers))
+            .await
+            .map_err(|_| BackendError::Timeout(self.timeout))?
     }
 }
 
-async fn post(url: &BackendUrl, body: String, bound: Duration) -> Result<Bytes, BackendError> {
+async fn post(
+    url: &BackendUrl,
+    body: String,
+    bound: Duration,
+    headers: &[(&'static str, String)],
+) -> Result<Bytes, BackendError> {
     let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(BackendError::Unreachable)?;
@@ -163,7 +179,11 @@ async fn post(url: &BackendUrl, body: String, bound: Duration) -> Result<Bytes, 
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let request = Request::post(path)
+    let mut request = Request::post(path);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let request = request
         .header(header::HOST, &url.authority)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::ACCEPT, "application/json")

@@ -28,6 +28,11 @@
 //! [api]                       # the server API (see the `api` module)
 //! key = "…"                   # `Authorization: Bearer <key>`; 16 characters or more
 //!
+//! [webhooks]                  # tell the backend about topics and presences (see `webhooks`)
+//! url = "http://127.0.0.1:8000/firebrand/events"  # POSTed one event at a time
+//! secret = "…"                # signs each body (HMAC-SHA256); required with url
+//! events = ["topic_occupied", "topic_vacated", "presence_join", "presence_leave"]  # default all
+//!
 //! [[namespace]]               # the rules of the topics starting with `prefix`; one table each
 //! prefix = "room:"            # "" is a catch-all; the longest matching prefix wins
 //! join = "anyone"             # "anyone" | "user" | "token" | "backend" (default "anyone")
@@ -121,6 +126,8 @@
 //! | `FIREBRAND_ALLOW_ANONYMOUS` | `auth.allow_anonymous` (`true` or `false`) |
 //! | `FIREBRAND_CONNECT_URL` | `auth.connect_url` |
 //! | `FIREBRAND_API_KEY` | `api.key` |
+//! | `FIREBRAND_WEBHOOK_URL` | `webhooks.url` |
+//! | `FIREBRAND_WEBHOOK_SECRET` | `webhooks.secret` |
 //!
 //! Settings that contradict each other (two auth keys, two cluster engines, a public key
 //! without its algorithm) are errors rather than one silently winning, wherever each came from.
@@ -136,6 +143,7 @@ use toml::Spanned;
 use crate::auth::{KeyAlgorithm, Verifier};
 use crate::backend::{self, Backend, BackendUrl};
 use crate::namespace::{HistoryRule, JoinRule, Namespace, Namespaces, Pushes};
+use crate::webhooks::{Event, WebhookConfig};
 
 /// The development default of `server.listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
@@ -168,6 +176,8 @@ pub struct Config {
     pub namespaces: Namespaces,
     /// Who may use the server API.
     pub api: ApiAccess,
+    /// Where events are POSTed, if anywhere (see [`webhooks`](crate::webhooks)).
+    pub webhooks: Option<WebhookConfig>,
 }
 
 /// Who may use the server API (`/api/…`).
@@ -250,6 +260,7 @@ impl fmt::Debug for Config {
             .field("auth", &self.auth)
             .field("namespaces", &self.namespaces)
             .field("api", &self.api)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -280,10 +291,14 @@ impl fmt::Display for Config {
             write!(f, " {:?}", ns.prefix)?;
         }
         match self.api {
-            ApiAccess::Key(_) => write!(f, ", API with a key"),
-            ApiAccess::Open => write!(f, ", API open (development mode, no key)"),
-            ApiAccess::Disabled => write!(f, ", API disabled (no key)"),
+            ApiAccess::Key(_) => write!(f, ", API with a key")?,
+            ApiAccess::Open => write!(f, ", API open (development mode, no key)")?,
+            ApiAccess::Disabled => write!(f, ", API disabled (no key)")?,
         }
+        if let Some(w) = &self.webhooks {
+            write!(f, ", webhooks to {:?}", w.url)?;
+        }
+        Ok(())
     }
 }
 
@@ -424,6 +439,16 @@ struct RawFile {
     namespace: Vec<RawNamespace>,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    webhooks: RawWebhooks,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWebhooks {
+    url: Option<Spanned<String>>,
+    secret: Option<Spanned<String>>,
+    events: Option<Spanned<Vec<Event>>>,
 }
 
 #[derive(Deserialize)]
@@ -641,6 +666,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             None if auth.is_open() && listen.ip().is_loopback() => ApiAccess::Open,
             None => ApiAccess::Disabled,
         };
+        let webhooks = self.resolve_webhooks(raw.webhooks)?;
         Ok(Config {
             listen,
             drain,
@@ -654,7 +680,65 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             auth,
             namespaces,
             api,
+            webhooks,
         })
+    }
+
+    fn resolve_webhooks(&self, raw: RawWebhooks) -> Result<Option<WebhookConfig>, ConfigError> {
+        let text = |v: &str| Ok(v.to_owned());
+        let url = self.pick(raw.url, "FIREBRAND_WEBHOOK_URL", text)?;
+        let secret = self.pick(raw.secret, "FIREBRAND_WEBHOOK_SECRET", text)?;
+        let (url, secret) = match (url, secret) {
+            (Some(url), Some(secret)) => (url, secret),
+            (Some(url), None) => {
+                return Err(self.error(
+                    url.from,
+                    "webhooks.url",
+                    "needs webhooks.secret (or FIREBRAND_WEBHOOK_SECRET) to sign the events",
+                ));
+            }
+            (None, Some(secret)) => {
+                return Err(self.error(
+                    secret.from,
+                    "webhooks.secret",
+                    "is set, but webhooks.url is not",
+                ));
+            }
+            (None, None) => {
+                if let Some(events) = raw.events {
+                    return Err(self.error(
+                        From::File(events.span().start),
+                        "webhooks.events",
+                        "is set, but webhooks.url is not",
+                    ));
+                }
+                return Ok(None);
+            }
+        };
+        let parsed = url
+            .value
+            .parse()
+            .map_err(|e| self.error(url.from, "webhooks.url", e))?;
+        let events = match raw.events {
+            Some(events) => {
+                let at = From::File(events.span().start);
+                let events = events.into_inner();
+                if events.is_empty() {
+                    return Err(self.error(
+                        at,
+                        "webhooks.events",
+                        "is empty (leave it out for every event, or remove [webhooks])",
+                    ));
+                }
+                events
+            }
+            None => Event::ALL.to_vec(),
+        };
+        Ok(Some(WebhookConfig {
+            url: parsed,
+            secret: secret.value,
+            events,
+        }))
     }
 
     fn resolve_namespaces(
@@ -1199,6 +1283,47 @@ mod tests {
             ),
             ("[auth]\nconnect_url = \"x\"\n", 2),
             ("[server]\nbackend_timeout_ms = 0\n", 2),
+        ] {
+            let e = load(text, &[]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("firebrand.toml:{line}:")),
+                "{text}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn webhooks() {
+        assert!(load("", &[]).unwrap().webhooks.is_none());
+        let config = load(
+            "[webhooks]\nurl = \"http://127.0.0.1:9/w\"\nsecret = \"s\"\nevents = [\"presence_join\"]\n",
+            &[],
+        )
+        .unwrap();
+        let hooks = config.webhooks.as_ref().unwrap();
+        assert_eq!(hooks.events, [Event::PresenceJoin]);
+        assert!(!format!("{config:?}").contains("\"s\""));
+        let env = load(
+            "",
+            &[
+                ("FIREBRAND_WEBHOOK_URL", "http://x/w"),
+                ("FIREBRAND_WEBHOOK_SECRET", "s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(env.webhooks.unwrap().events, Event::ALL);
+        for (text, line) in [
+            ("[webhooks]\nurl = \"http://x/w\"\n", 2),
+            ("[webhooks]\nsecret = \"s\"\n", 2),
+            ("[webhooks]\nurl = \"https://x/w\"\nsecret = \"s\"\n", 2),
+            (
+                "[webhooks]\nurl = \"http://x/w\"\nsecret = \"s\"\nevents = [\"joined\"]\n",
+                4,
+            ),
+            (
+                "[webhooks]\nurl = \"http://x/w\"\nsecret = \"s\"\nevents = []\n",
+                4,
+            ),
         ] {
             let e = load(text, &[]).unwrap_err().to_string();
             assert!(

@@ -20,6 +20,9 @@
 //! as it is, rewritten, or rejected, with the backend's reply). Every call is bounded by a
 //! timeout: a backend that is down or slow refuses, it never holds a client up longer.
 //!
+//! And it can tell the backend what happens ([`webhooks`], signed with HMAC-SHA256): a topic
+//! occupied or vacated, a user's presence joining or leaving a topic.
+//!
 //! For operations ([`ops`]): `GET /health`, `GET /ready` (503 while draining) and Prometheus
 //! metrics at `GET /metrics`.
 //!
@@ -44,6 +47,7 @@ pub mod backend;
 pub mod config;
 pub mod namespace;
 pub mod ops;
+pub mod webhooks;
 
 #[doc(inline)]
 pub use config::{Config, ConfigError};

@@ -22,6 +22,7 @@
 //! | `firebrand_broadcasts_total`, `firebrand_deliveries_total`, `firebrand_slow_consumers_total`, `firebrand_protocol_errors_total` | counter |
 //! | `firebrand_cluster_received_total`, `firebrand_cluster_lost_total`, `firebrand_cluster_rejected_total` | counter |
 //! | `firebrand_join_seconds`, `firebrand_broadcast_queue_seconds` | histogram |
+//! | `firebrand_webhooks_sent_total`, `firebrand_webhooks_lost_total{reason}` (`queue_full`, `failed`): see [`webhooks`](crate::webhooks) | counter |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -77,6 +78,7 @@ fn prometheus() -> Option<PrometheusHandle> {
                 }
             };
             firebrand::metrics::describe();
+            crate::webhooks::describe();
             // Folds the histograms' samples in between scrapes (bounded memory unscraped).
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let upkeep = handle.clone();

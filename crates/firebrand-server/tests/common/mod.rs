@@ -37,6 +37,8 @@ const VARS: &[&str] = &[
     "FIREBRAND_JWT_ISSUER",
     "FIREBRAND_ALLOW_ANONYMOUS",
     "FIREBRAND_API_KEY",
+    "FIREBRAND_WEBHOOK_URL",
+    "FIREBRAND_WEBHOOK_SECRET",
 ];
 
 pub fn command(args: &[&str], envs: &[(&str, &str)]) -> Command {

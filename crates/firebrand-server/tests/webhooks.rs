@@ -1,0 +1,214 @@
+//! Webhooks against a real receiver (axum on 127.0.0.1:0, in this process): topics occupied
+//! and vacated once per node, presence joins and leaves with user and meta, every body signed,
+//! and a receiver that is down neither holds joins up nor goes unnoticed.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use common::*;
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::sync::mpsc;
+
+const SECRET: &str = "webhook-secret";
+const JWT: &str = "jwt-secret-for-webhook-tests";
+
+/// `sha256=<hex>` of `body`, as the receiver computes it.
+fn signature(body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+/// Checks the signature and the timestamp of each event, and passes the body on.
+async fn receive(State(tx): State<mpsc::UnboundedSender<Value>>, headers: HeaderMap, body: Bytes) {
+    let signed = headers["x-firebrand-signature"].to_str().unwrap();
+    assert_eq!(signed, signature(&body), "a bad signature");
+    let event: Value = serde_json::from_slice(&body).unwrap();
+    let stamp = headers["x-firebrand-timestamp"].to_str().unwrap();
+    assert_eq!(stamp, event["time_ms"].to_string());
+    let _ = tx.send(event);
+}
+
+/// The receiver on a free port; the events it got, in order.
+async fn receiver() -> (String, mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = Router::new().route("/events", post(receive)).with_state(tx);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/events"), rx)
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("no webhook in time")
+        .unwrap()
+}
+
+fn token(sub: &str) -> String {
+    let claims = json!({"sub": sub, "exp": now() + 300, "info": {"name": sub}});
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(JWT.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn topics_occupied_once_and_vacated_when_the_last_leaves() {
+    let (url, mut rx) = receiver().await;
+    let server = spawn(
+        &[],
+        &[
+            ("FIREBRAND_WEBHOOK_URL", &url),
+            ("FIREBRAND_WEBHOOK_SECRET", SECRET),
+        ],
+    )
+    .await;
+    let mut a = connect(&server.url(), None).await.open();
+    let mut b = connect(&server.url(), None).await.open();
+    assert_eq!(a.join("room:1").await.0, "ok");
+    let occupied = next(&mut rx).await;
+    assert_eq!(occupied["event"], "topic_occupied");
+    assert_eq!(occupied["topic"], "room:1");
+    assert_eq!(occupied["node"], Value::Null);
+    assert!(occupied["time_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    assert!(occupied.get("user").is_none());
+
+    // The second subscriber sends nothing: the next event is the sentinel's (one sender, in
+    // order).
+    assert_eq!(b.join("room:1").await.0, "ok");
+    assert_eq!(b.join("room:sentinel").await.0, "ok");
+    let sentinel = next(&mut rx).await;
+    assert_eq!(
+        (&sentinel["event"], &sentinel["topic"]),
+        (&json!("topic_occupied"), &json!("room:sentinel"))
+    );
+
+    // One leaves, then the other's connection goes: vacated once.
+    let r = a.send(Some("1"), "room:1", "phx_leave", json!({})).await;
+    assert_eq!(a.reply(&r).await.0, "ok");
+    drop(b);
+    let mut vacated = Vec::new();
+    while vacated.len() < 2 {
+        let event = next(&mut rx).await;
+        assert_eq!(event["event"], "topic_vacated", "{event}");
+        vacated.push(event["topic"].as_str().unwrap().to_owned());
+    }
+    vacated.sort();
+    assert_eq!(vacated, ["room:1", "room:sentinel"]);
+    // Occupied again after being vacated.
+    assert_eq!(a.join("room:1").await.0, "ok");
+    assert_eq!(next(&mut rx).await["event"], "topic_occupied");
+}
+
+#[tokio::test]
+async fn presence_joins_and_leaves_with_user_and_meta() {
+    let (url, mut rx) = receiver().await;
+    let dir = temp_dir("webhooks-presence");
+    let path = dir.join("firebrand.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[auth]\njwt_hs256_secret = \"{JWT}\"\n\n[webhooks]\nurl = \"{url}\"\n\
+             secret = \"{SECRET}\"\nevents = [\"presence_join\", \"presence_leave\"]\n\n\
+             [[namespace]]\nprefix = \"room:\"\npresence = true\n"
+        ),
+    )
+    .unwrap();
+    let server = spawn(&["--config", path.to_str().unwrap()], &[]).await;
+    let url = |user: &str| format!("{}&token={}", server.url(), token(user));
+    let mut alice1 = connect(&url("alice"), None).await.open();
+    let mut alice2 = connect(&url("alice"), None).await.open();
+    let mut bob = connect(&url("bob"), None).await.open();
+
+    assert_eq!(alice1.join("room:1").await.0, "ok");
+    let join = next(&mut rx).await;
+    assert_eq!(join["event"], "presence_join");
+    assert_eq!(join["topic"], "room:1");
+    assert_eq!(join["user"], "alice");
+    assert_eq!(
+        join["meta"],
+        json!({"user": "alice", "info": {"name": "alice"}})
+    );
+    // Alice's second socket is not a new presence; Bob's is.
+    assert_eq!(alice2.join("room:1").await.0, "ok");
+    alice2.recv_event("presence_state").await;
+    assert_eq!(bob.join("room:1").await.0, "ok");
+    let join = next(&mut rx).await;
+    assert_eq!(
+        (&join["event"], &join["user"]),
+        (&json!("presence_join"), &json!("bob"))
+    );
+
+    // Alice leaves when her last socket goes.
+    drop(alice1);
+    let r = bob.send(Some("1"), "room:1", "phx_leave", json!({})).await;
+    assert_eq!(bob.reply(&r).await.0, "ok");
+    let leave = next(&mut rx).await;
+    assert_eq!(
+        (&leave["event"], &leave["user"]),
+        (&json!("presence_leave"), &json!("bob"))
+    );
+    drop(alice2);
+    let leave = next(&mut rx).await;
+    assert_eq!(leave["event"], "presence_leave");
+    assert_eq!(leave["user"], "alice");
+    assert_eq!(leave["meta"]["info"], json!({"name": "alice"}));
+}
+
+#[tokio::test]
+async fn a_receiver_that_is_down_holds_nothing_up_and_the_loss_is_counted() {
+    let dead = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{dead}/events");
+    let server = spawn(
+        &[],
+        &[
+            ("FIREBRAND_WEBHOOK_URL", &url),
+            ("FIREBRAND_WEBHOOK_SECRET", SECRET),
+            ("FIREBRAND_BACKEND_TIMEOUT_MS", "200"),
+        ],
+    )
+    .await;
+    let mut client = connect(&server.url(), None).await.open();
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        assert_eq!(client.join(&format!("room:{i}")).await.0, "ok");
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "joins held up");
+    let mut lost = 0.0;
+    for _ in 0..200 {
+        let (_, text) = http(server.port, "GET", "/metrics", None, None).await;
+        let text = text.as_str().unwrap().to_owned();
+        lost = text
+            .lines()
+            .find(|l| l.starts_with("firebrand_webhooks_lost_total{reason=\"failed\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0);
+        if lost >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(lost >= 1.0, "no loss counted");
+}
