@@ -357,33 +357,45 @@ impl Endpoint {
     /// # }
     /// ```
     pub async fn history(&self, topic: &str, since: Option<&str>) -> Option<HistoryPage> {
-        let hub = &self.inner.hub;
-        let history = hub.history()?;
+        let history = self.inner.hub.history()?;
         let retention = history.retention(topic)?;
-        let mut read = None;
-        loop {
-            let page = history.catch_up(
-                topic,
-                retention,
-                since,
-                retention.size,
-                read.take(),
-                |b| {
-                    hub.pubsub().dispatch(b, None);
-                },
-                |c| HistoryPage {
+        let page = self
+            .catch_up(history, topic, retention, since, retention.size, |c| {
+                HistoryPage {
                     position: c.position,
                     recovered: c.recovered,
                     broadcasts: c.replay,
-                },
-            );
-            match (page, &self.inner.cluster) {
-                (Ok(page), _) => return Some(page),
-                (Err(query), Some(cluster)) => {
-                    read = Some(cluster.read_history(topic, query, retention).await);
                 }
-                (Err(_), None) => read = Some(None),
-            }
+            })
+            .await;
+        Some(page)
+    }
+
+    /// [`History::catch_up`] of a recoverable topic, for a join or a history read: when this
+    /// node's cache cannot answer, the cluster's engine is read (within its read timeout) and
+    /// the catch-up tried again with the read; broadcasts the read holds that this node had
+    /// not received yet go to its subscribers.
+    pub(crate) async fn catch_up<R>(
+        &self,
+        history: &History,
+        topic: &str,
+        retention: Retention,
+        since: Option<&str>,
+        recent: usize,
+        mut f: impl FnMut(crate::node::history::CatchUp) -> R,
+    ) -> R {
+        let mut read = None;
+        loop {
+            let dispatch = |b: &Broadcast| {
+                self.inner.hub.pubsub().dispatch(b, None);
+            };
+            let caught_up =
+                history.catch_up(topic, retention, since, recent, read, dispatch, &mut f);
+            read = Some(match (caught_up, &self.inner.cluster) {
+                (Ok(done), _) => return done,
+                (Err(query), Some(cluster)) => cluster.read_history(topic, query, retention).await,
+                (Err(_), None) => None,
+            });
         }
     }
 

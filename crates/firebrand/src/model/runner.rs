@@ -348,17 +348,15 @@ impl<C: Channel> Runner<C> {
                 // Broadcasts of the topic wait, then come live. On a clustered node whose
                 // history does not reach back, the engine is read first.
                 let (since, recent) = (since.flatten(), joined.recent);
-                let (mut read, mut reply) = (None, Some(joined.reply));
-                let (sub_id, recovered) = loop {
-                    let caught_up = history.catch_up(
+                let mut reply = Some(joined.reply);
+                let endpoint = &ctx.endpoint;
+                let (sub_id, recovered) = endpoint
+                    .catch_up(
+                        history,
                         &ctx.topic,
                         retention,
                         since.as_deref(),
                         recent,
-                        read.take(),
-                        |b| {
-                            hub.pubsub().dispatch(b, None);
-                        },
                         |c| {
                             let sub_id = hub.pubsub().subscribe(&ctx.topic, target());
                             let recovered = c.recovered;
@@ -371,16 +369,8 @@ impl<C: Channel> Runner<C> {
                             }
                             (sub_id, recovered)
                         },
-                    );
-                    match (caught_up, ctx.endpoint.cluster()) {
-                        (Ok(done), _) => break done,
-                        (Err(query), Some(cluster)) => {
-                            let topic = &ctx.topic;
-                            read = Some(cluster.read_history(topic, query, retention).await);
-                        }
-                        (Err(_), None) => read = Some(None),
-                    }
-                };
+                    )
+                    .await;
                 ctx.sub_id = Some(sub_id);
                 ctx.recovered = recovered;
             }
