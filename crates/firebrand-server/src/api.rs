@@ -205,7 +205,7 @@ fn check_event(event: &str) -> Result<(), ApiError> {
     if event.is_empty() {
         return Err(ApiError::Unprocessable("event is empty".into()));
     }
-    if event.starts_with("phx_") || event == "presence_state" || event == "presence_diff" {
+    if crate::app::reserved(event) {
         return Err(ApiError::Unprocessable(format!(
             "event {event:?} is reserved"
         )));
@@ -276,7 +276,7 @@ async fn disconnect(State(api): State<Api>, bytes: Bytes) -> Result<impl IntoRes
     if user.is_empty() {
         return Err(ApiError::Unprocessable("user is empty".into()));
     }
-    api.endpoint.disconnect(&format!("user_socket:{user}"));
+    api.endpoint.disconnect(&crate::app::socket_id(&user));
     Ok(axum::Json(json!({"ok": true})))
 }
 

@@ -158,8 +158,7 @@ impl Socket for ServerSocket {
                 }
             },
             // Development mode: no key to check a token with; the connection is anonymous.
-            (_, None) if self.allow_anonymous => User::anonymous(),
-            (None, Some(_)) if self.allow_anonymous => User::anonymous(),
+            _ if self.allow_anonymous => User::anonymous(),
             _ => {
                 tracing::info!(peer = ?info.peer_addr(), "connection refused: no token");
                 return Err(ConnectError::forbidden());
@@ -172,12 +171,13 @@ impl Socket for ServerSocket {
     }
 
     fn id(&self, session: &Session) -> Option<String> {
-        session
-            .user
-            .id
-            .as_ref()
-            .map(|id| format!("user_socket:{id}"))
+        session.user.id.as_deref().map(socket_id)
     }
+}
+
+/// The socket id of `user`'s connections: what `POST /api/disconnect` closes.
+pub(crate) fn socket_id(user: &str) -> String {
+    format!("user_socket:{user}")
 }
 
 /// Every topic: joins, pushes and presence as its namespace says.
@@ -187,8 +187,8 @@ struct TopicChannel {
     occupant: Occupant,
 }
 
-/// Events a client may not push: the protocol's and Presence's.
-fn reserved(event: &str) -> bool {
+/// Events a client may not push, nor the API publish: the protocol's and Presence's.
+pub(crate) fn reserved(event: &str) -> bool {
     event.starts_with("phx_") || event == "presence_state" || event == "presence_diff"
 }
 

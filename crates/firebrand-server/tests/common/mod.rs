@@ -240,19 +240,6 @@ impl Client {
         }
     }
 
-    /// Whether a frame arrives within `wait` (one that does is returned).
-    pub async fn recv_within(&mut self, wait: Duration) -> Option<Value> {
-        loop {
-            let msg = match tokio::time::timeout(wait, self.ws.next()).await {
-                Err(_) => return None,
-                Ok(msg) => msg.expect("connection closed").unwrap(),
-            };
-            if let Message::Text(text) = msg {
-                return Some(serde_json::from_str(&text).unwrap());
-            }
-        }
-    }
-
     /// Waits for the server to close the connection; its close code.
     pub async fn closed(&mut self) -> Option<u16> {
         loop {
