@@ -1,6 +1,8 @@
 //! Criterion benches of the hot paths: V2 encode of a broadcast and decode of a client push
-//! (`firebrand_protocol::Serializer`), topic routing, and a broadcast's fan-out into the
-//! connections' queues (`firebrand::benching`, hidden entry points).
+//! (`firebrand_protocol::Serializer`), topic routing, a broadcast's fan-out into the
+//! connections' queues, a message's way through a channel's mailbox, a frame's way through a
+//! connection's outbox to its writer and the connection's per-read idle bookkeeping
+//! (`firebrand::benching`, hidden entry points).
 //!
 //! `cargo bench -p firebrand-bench --bench hot_paths`
 
@@ -90,5 +92,46 @@ fn presence(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, protocol, routing, fanout, presence);
+/// A message through a channel task's mailbox to the waiting task: one, and a burst of 64.
+fn mailbox(c: &mut Criterion) {
+    let mut g = c.benchmark_group("mailbox");
+    let mut one = firebrand::benching::ChannelMailbox::new(1);
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("round trip to a waiting receiver", |b| {
+        b.iter(|| one.round_trip())
+    });
+    let mut burst = firebrand::benching::ChannelMailbox::new(64);
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("64 sent then received", |b| {
+        b.iter(|| assert_eq!(burst.batch(), 64))
+    });
+    g.finish();
+}
+
+/// A connection's outbox: a broadcast's frame to the waiting writer, and what an idle
+/// connection's task does per wake-up and per read.
+fn outbox(c: &mut Criterion) {
+    let payload = Payload::json(&serde_json::json!({"body": "x".repeat(100)})).unwrap();
+    let conn = firebrand::benching::Connection::new(payload);
+    let mut g = c.benchmark_group("outbox");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function(
+        "broadcast frame to a waiting writer (poll_ready + take)",
+        |b| b.iter(|| assert_eq!(conn.deliver(), 1)),
+    );
+    g.bench_function("poll_ready, nothing queued", |b| {
+        b.iter(|| assert!(conn.poll_ready_idle()))
+    });
+    g.bench_function("poll_close, open", |b| {
+        b.iter(|| assert!(conn.poll_close_open()))
+    });
+    g.bench_function("touch (idle deadline, per read)", |b| {
+        b.iter(|| conn.touch())
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches, protocol, routing, fanout, presence, mailbox, outbox
+);
 criterion_main!(benches);
