@@ -4,7 +4,9 @@
 //! - `idle-rss.svg`: server RSS per idle joined connection against connections (`--conns`
 //!   sizes, default 1k, 5k, 10k, 19k);
 //! - `fanout-cost.svg`: paced fan-out (`--rate`/s for `--secs`), server CPU per delivery and p99
-//!   delivery latency against subscribers (`--subs`, default 1k, 2.5k, 5k, 10k);
+//!   delivery latency against subscribers (`--subs`, default 1k, 2.5k, 5k, 10k), on a log scale;
+//!   with `--nodes N`, one more point: `cluster-fanout` (N nodes x `--per-node` subscribers of
+//!   one topic on `--engine`, 1 broadcast/s for 10 s), the nodes' CPU summed;
 //! - `latency.svg`: the distribution of delivery latency at the largest subscriber count
 //!   (quantiles 1 % … 99.9 %).
 //!
@@ -20,11 +22,12 @@ use plotters::prelude::*;
 use crate::stats::{Hist, rss_kib};
 use crate::{Opts, Subs, each, paced, settle};
 
-/// One series per kind: firebrand, baseline.
-type Series = [Vec<(f64, f64)>; 2];
+/// One series per kind: firebrand, baseline, a firebrand cluster.
+type Series = [Vec<(f64, f64)>; 3];
 
 const FIREBRAND: RGBColor = RGBColor(0xd9, 0x48, 0x1f);
 const BASELINE: RGBColor = RGBColor(0x4a, 0x6f, 0xa5);
+const CLUSTER: RGBColor = RGBColor(0x2e, 0x8b, 0x57);
 
 pub(crate) async fn charts(o: &Opts) -> anyhow::Result<()> {
     let out = o
@@ -101,6 +104,21 @@ pub(crate) async fn charts(o: &Opts) -> anyhow::Result<()> {
         }
     }
 
+    let mut cluster_label = String::new();
+    if let Some(nodes) = o.nodes {
+        // The cluster scenario's own pacing: 1 broadcast/s for 10 s (unless given).
+        let c = cluster_opts(o);
+        let r = crate::scenarios::cluster_fanout(&c).await?;
+        let x = r.subscribers as f64;
+        cpu[2].push((x, r.server_cpu_per_delivery_ns));
+        p99[2].push((x, r.p99_ms));
+        cluster_label = format!("firebrand, {nodes} nodes on {}, 1/s", o.engine.name());
+        println!(
+            "  cluster {x}: {:.0} ns/delivery (all nodes), p99 {:.1} ms",
+            r.server_cpu_per_delivery_ns, r.p99_ms
+        );
+    }
+
     let rss_svg = out.join("idle-rss.svg");
     line_chart(
         &rss_svg,
@@ -108,6 +126,7 @@ pub(crate) async fn charts(o: &Opts) -> anyhow::Result<()> {
         "connections",
         "bytes per connection",
         &rss,
+        "",
     )?;
     let cpu_svg = out.join("fanout-cost.svg");
     two_charts(
@@ -115,15 +134,16 @@ pub(crate) async fn charts(o: &Opts) -> anyhow::Result<()> {
         &format!("Paced fan-out, {}/s for {} s", o.rate(), o.secs()),
         ("server CPU per delivery (ns)", &cpu),
         ("p99 delivery latency (ms)", &p99),
+        &cluster_label,
     )?;
     let quantiles: Vec<f64> = vec![0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999];
-    let dist: Series = [0, 1].map(|k| {
-        if hists[k].count() == 0 {
+    let dist: Series = [0, 1, 2].map(|k| {
+        let Some(h) = hists.get(k).filter(|h| h.count() > 0) else {
             return Vec::new();
-        }
+        };
         quantiles
             .iter()
-            .map(|&q| (hists[k].quantile(q) as f64 / 1000.0, q * 100.0))
+            .map(|&q| (h.quantile(q) as f64 / 1000.0, q * 100.0))
             .collect()
     });
     let lat_svg = out.join("latency.svg");
@@ -137,6 +157,7 @@ pub(crate) async fn charts(o: &Opts) -> anyhow::Result<()> {
         "latency (ms)",
         "% of deliveries at or below",
         &dist,
+        "",
     )?;
     println!("\n== charts");
     for (name, s) in [
@@ -144,7 +165,10 @@ pub(crate) async fn charts(o: &Opts) -> anyhow::Result<()> {
         ("paced CPU ns/delivery", &cpu),
         ("paced p99 ms", &p99),
     ] {
-        println!("{name}: firebrand {:?}; baseline {:?}", s[0], s[1]);
+        println!(
+            "{name}: firebrand {:?}; baseline {:?}; cluster {:?}",
+            s[0], s[1], s[2]
+        );
     }
     println!(
         "SUMMARY charts: wrote {}, {}, {}",
@@ -153,6 +177,15 @@ pub(crate) async fn charts(o: &Opts) -> anyhow::Result<()> {
         lat_svg.display()
     );
     Ok(())
+}
+
+/// `o` for the cluster point: the cluster scenario's own pacing, 1 broadcast/s for 10 s
+/// (`--rate` and `--secs` pace the single-node points).
+fn cluster_opts(o: &Opts) -> Opts {
+    let mut c = o.clone();
+    c.rate = Some(1);
+    c.secs = Some(10);
+    c
 }
 
 fn push<T: Into<Option<f64>>>(s: &mut Series, x: f64, fb: T, base: T) {
@@ -169,22 +202,61 @@ fn range(s: &Series, f: impl Fn(&(f64, f64)) -> f64) -> (f64, f64) {
     (0.0, if max > 0.0 { max * 1.1 } else { 1.0 })
 }
 
+/// The x range of a log axis: a little beyond the smallest and largest x.
+fn log_range(s: &Series) -> std::ops::Range<f64> {
+    let xs = s.iter().flatten().map(|p| p.0).filter(|x| *x > 0.0);
+    let (lo, hi) = xs.fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    if hi == 0.0 {
+        return 1.0..10.0;
+    }
+    lo / 1.3..hi * 1.3
+}
+
+/// Draws the series; `cluster` names the third (one point, no line), if any. The x axis is
+/// logarithmic when the cluster point is there (95k beside 1k–10k).
 fn draw(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     title: &str,
-    x_label: &str,
-    y_label: &str,
+    (x_label, y_label): (&str, &str),
     s: &Series,
+    cluster: &str,
 ) -> anyhow::Result<()> {
-    let (x0, x1) = range(s, |p| p.0);
     let (y0, y1) = range(s, |p| p.1);
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if s[2].is_empty() {
+        let (x0, x1) = range(s, |p| p.0);
+        let chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        plot(chart, (x_label, y_label), s, cluster)
+    } else {
+        let chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(log_range(s).log_scale(), y0..y1)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        plot(chart, (x_label, y_label), s, cluster)
+    }
+}
+
+fn plot<'a, X>(
+    mut chart: ChartContext<
+        'a,
+        SVGBackend<'a>,
+        Cartesian2d<X, plotters::coord::types::RangedCoordf64>,
+    >,
+    (x_label, y_label): (&str, &str),
+    s: &Series,
+    cluster: &str,
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
     chart
         .configure_mesh()
         .x_desc(x_label)
@@ -194,6 +266,7 @@ fn draw(
     for (k, (name, color)) in [
         ("firebrand", FIREBRAND),
         ("baseline (raw frames)", BASELINE),
+        (cluster, CLUSTER),
     ]
     .into_iter()
     .enumerate()
@@ -220,10 +293,17 @@ fn draw(
     Ok(())
 }
 
-fn line_chart(path: &Path, title: &str, x: &str, y: &str, s: &Series) -> anyhow::Result<()> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    x: &str,
+    y: &str,
+    s: &Series,
+    cluster: &str,
+) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    draw(&root, title, x, y, s)?;
+    draw(&root, title, (x, y), s, cluster)?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
@@ -233,6 +313,7 @@ fn two_charts(
     title: &str,
     left: (&str, &Series),
     right: (&str, &Series),
+    cluster: &str,
 ) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (1100, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -240,16 +321,16 @@ fn two_charts(
     draw(
         &a,
         &format!("{title}: {}", left.0),
-        "subscribers",
-        left.0,
+        ("subscribers", left.0),
         left.1,
+        cluster,
     )?;
     draw(
         &b,
         &format!("{title}: {}", right.0),
-        "subscribers",
-        right.0,
+        ("subscribers", right.0),
         right.1,
+        cluster,
     )?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())

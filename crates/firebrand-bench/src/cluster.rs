@@ -452,6 +452,19 @@ impl CpuWatch {
         }
     }
 
+    /// CPU time (user + system) since the start of the processes whose name starts with
+    /// `prefix` (e.g. `node`: the servers).
+    pub(crate) fn cpu_ns(&self, prefix: &str) -> u64 {
+        self.procs
+            .iter()
+            .filter(|(n, _, _)| n.starts_with(prefix))
+            .map(|(_, p, (u0, s0))| {
+                let (u1, s1) = cpu_split_ns(*p);
+                u1.saturating_sub(*u0) + s1.saturating_sub(*s0)
+            })
+            .sum()
+    }
+
     /// `name 1.23 s (61%, sys 0.4s)` per process: CPU seconds, share of one core over the
     /// window, and the part spent in the kernel;
     /// then the whole machine's busy time and what of it is not ours (e.g. another build).

@@ -1,6 +1,8 @@
 //! `firebrand-bench`: a load generator for firebrand (Phoenix V2 over WebSocket) and the
-//! benchmark scenarios, each run against the conformance server and against a minimal baseline
-//! broadcaster in the same invocation. See the crate's README.md.
+//! benchmark scenarios, each run against the conformance server (or firebrand-server:
+//! `--target server`) and against a minimal baseline broadcaster (or the conformance app:
+//! `--against conformance`) in the same invocation. `firebrand-bench --help` lists them; the
+//! latest figures and the commands that made them are in RESULTS.md.
 
 mod baseline;
 mod charts;
@@ -36,7 +38,8 @@ scenarios: idle fanout latency connect echo slow all    (serve-baseline --port P
 cluster scenarios (conformance nodes on Redis or NATS, several generator processes):
            cluster-fanout presence-storm presence-room presence-kill cluster-all
            history-cost (--engine redis|nats; --bursts N: N x 1000 broadcasts)
-           charts (SVG: --conns 1000,5000,... --subs 1000,2500,... --out DIR)
+           charts (SVG: --conns 1000,5000,... --subs 1000,2500,... --out DIR; --nodes N adds
+                   the cluster-fanout point: N nodes x --per-node subscribers on --engine)
 options:
   --conns N        idle: connections (19000); connect: connections (10000)
   --subs N         fanout: subscribers (10000); latency: comma list (1000,10000)
@@ -45,7 +48,11 @@ options:
   --bursts B       fanout: bursts (5)        --burst-size M   broadcasts per burst (100)
   --clients C      echo: clients (1000)      --concurrency K  connects in flight (256)
   --server PATH    conformance binary (default: next to this binary)
-  --only firebrand|baseline
+  --target conformance|server   the firebrand column: the conformance app (default) or
+                   firebrand-server (development defaults, metrics on; --server-bin PATH)
+  --against baseline|conformance   the reference column (default: the raw baseline);
+                   `--target server --against conformance`: the server against the library's app
+  --only firebrand|baseline   run only the firebrand (target) or the reference column
   --topic T        fanout: the topic (room:fanout; stream:fanout is recoverable: history kept)
 cluster options:
   --engine redis|nats   cluster engine (redis: 127.0.0.1:6379, nats: 127.0.0.1:4222)
@@ -73,6 +80,11 @@ struct Opts {
     clients: usize,
     concurrency: usize,
     server: PathBuf,
+    /// The firebrand-server binary (`--target server`).
+    server_bin: PathBuf,
+    /// The server in the firebrand column, and the one in the reference column.
+    target: Kind,
+    against: Kind,
     only: Option<String>,
     /// fanout: the topic (a `stream:` topic is recoverable in the conformance app).
     topic: String,
@@ -117,6 +129,9 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         clients: 1000,
         concurrency: 256,
         server: exe.with_file_name("conformance"),
+        server_bin: exe.with_file_name("firebrand-server"),
+        target: Kind::Conformance,
+        against: Kind::Baseline,
         only: None,
         topic: "room:fanout".into(),
         engine: cluster::Engine::Redis,
@@ -156,6 +171,21 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--clients" => o.clients = v()?.parse()?,
             "--concurrency" => o.concurrency = v()?.parse()?,
             "--server" => o.server = v()?.into(),
+            "--server-bin" => o.server_bin = v()?.into(),
+            "--target" => {
+                o.target = match v()?.as_str() {
+                    "conformance" => Kind::Conformance,
+                    "server" => Kind::FirebrandServer,
+                    t => bail!("unknown target {t:?} (conformance|server)"),
+                }
+            }
+            "--against" => {
+                o.against = match v()?.as_str() {
+                    "baseline" => Kind::Baseline,
+                    "conformance" => Kind::Conformance,
+                    a => bail!("unknown reference {a:?} (baseline|conformance)"),
+                }
+            }
             "--only" => o.only = Some(v()?.clone()),
             "--topic" => o.topic = v()?.clone(),
             "--engine" => {
@@ -186,29 +216,68 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
     if o.kill == 0 {
         bail!("--kill must be positive");
     }
+    if o.target == o.against {
+        bail!("--target and --against name the same server");
+    }
     Ok(o)
 }
 
 // ---------------------------------------------------------------- servers
 
+/// A server the scenarios run against.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Kind {
-    Firebrand,
+    /// The conformance app (`--server`): the library with the channels of conformance/APP.md.
+    Conformance,
+    /// The standalone `firebrand-server` (`--server-bin`) on its development defaults
+    /// (anyone joins any topic, metrics on), broadcasting through its `POST /api/publish`.
+    FirebrandServer,
+    /// The raw broadcaster of `baseline.rs`, run by this binary (`serve-baseline`).
     Baseline,
+}
+
+impl Kind {
+    /// Its column's name in reports, and its short name in the ratio's: the conformance app is
+    /// "firebrand" as the target, "conformance" as the reference.
+    fn column(self, target: bool) -> (&'static str, &'static str) {
+        match self {
+            Kind::Conformance if target => ("firebrand", "fb"),
+            Kind::Conformance => ("conformance", "conf"),
+            Kind::FirebrandServer => ("fb-server", "srv"),
+            Kind::Baseline => ("baseline", "base"),
+        }
+    }
+
+    /// Where it takes broadcasts over HTTP (`{"topic","event","payload"}` in both).
+    fn publish_path(self) -> &'static str {
+        match self {
+            Kind::FirebrandServer => "/api/publish",
+            Kind::Conformance | Kind::Baseline => "/api/broadcast",
+        }
+    }
 }
 
 struct Server {
     child: Child,
     addr: SocketAddr,
     pid: u32,
+    kind: Kind,
 }
 
 impl Server {
     fn start(kind: Kind, o: &Opts) -> anyhow::Result<Server> {
         let mut cmd = match kind {
-            Kind::Firebrand => {
+            Kind::Conformance => {
                 let mut c = Command::new(&o.server);
                 c.args(["--port", "0"]).env("RUST_LOG", "warn");
+                c
+            }
+            Kind::FirebrandServer => {
+                let mut c = Command::new(&o.server_bin);
+                c.env("FIREBRAND_LISTEN", "127.0.0.1:0")
+                    .env("FIREBRAND_METRICS", "true")
+                    .env("RUST_LOG", "warn")
+                    .env_remove("FIREBRAND_CONFIG");
                 c
             }
             Kind::Baseline => {
@@ -218,7 +287,7 @@ impl Server {
             }
         };
         if let Some(n) = o.server_threads {
-            // Both servers run on Tokio's multi-thread runtime, which takes its size from this.
+            // All servers run on Tokio's multi-thread runtime, which takes its size from this.
             cmd.env("TOKIO_WORKER_THREADS", n.to_string());
         }
         let mut child = cmd
@@ -226,23 +295,42 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("cannot start {kind:?} server ({cmd:?})"))?;
+        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
         let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        out.read_line(&mut line)?;
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .with_context(|| format!("unexpected server output {line:?}"))?
             .parse()?;
+        // Whatever else it prints is read and dropped: a closed pipe would fail its writes.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         let pid = child.id();
-        Ok(Server { child, addr, pid })
+        Ok(Server {
+            child,
+            addr,
+            pid,
+            kind,
+        })
+    }
+
+    /// What a scenario gets to know of it.
+    fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            pid: self.pid,
+            publish: self.kind.publish_path(),
+        }
     }
 }
 
-/// What a scenario gets: the server's address and PID (the `Server` stays alive in `each`).
+/// What a scenario gets: the server's address, PID and broadcast path (the `Server` stays
+/// alive in `each`).
 #[derive(Clone, Copy)]
 struct Target {
     addr: SocketAddr,
     pid: u32,
+    publish: &'static str,
 }
 
 impl Drop for Server {
@@ -270,16 +358,29 @@ async fn serve_baseline(args: &[String]) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------- trigger
 
-/// A keep-alive HTTP/1.1 client for `POST /api/broadcast`.
+/// A keep-alive HTTP/1.1 client for `POST /api/broadcast` (the conformance app's, and the
+/// baseline's) or firebrand-server's `POST /api/publish`.
 struct Trigger {
     s: TcpStream,
+    path: &'static str,
     buf: Vec<u8>,
 }
 
 impl Trigger {
+    /// To the conformance app (the cluster scenarios' nodes) or the baseline.
     async fn connect(addr: SocketAddr) -> anyhow::Result<Trigger> {
+        Self::with_path(addr, Kind::Conformance.publish_path()).await
+    }
+
+    /// To the server of a scenario, whichever kind.
+    async fn to(target: &Target) -> anyhow::Result<Trigger> {
+        Self::with_path(target.addr, target.publish).await
+    }
+
+    async fn with_path(addr: SocketAddr, path: &'static str) -> anyhow::Result<Trigger> {
         Ok(Trigger {
             s: ws::tcp(addr).await?,
+            path,
             buf: vec![0; 4096],
         })
     }
@@ -287,8 +388,9 @@ impl Trigger {
     async fn broadcast(&mut self, topic: &str, event: &str, payload: &str) -> anyhow::Result<()> {
         let body = format!(r#"{{"topic":"{topic}","event":"{event}","payload":{payload}}}"#);
         let req = format!(
-            "POST /api/broadcast HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+            "POST {} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
              content-length: {}\r\n\r\n{body}",
+            self.path,
             body.len()
         );
         self.s.write_all(req.as_bytes()).await?;
@@ -491,14 +593,17 @@ fn fmt(v: f64) -> String {
     }
 }
 
-fn report(scenario: &str, trigger: &str, rows: &[Row], summary: String) {
-    report_with(
-        scenario,
-        ["firebrand", "baseline", "fb/base"],
-        trigger,
-        rows,
-        summary,
-    );
+/// Prints the rows with the columns of `o`'s target and reference (firebrand / baseline unless
+/// `--target` or `--against` say otherwise).
+fn report(o: &Opts, scenario: &str, trigger: &str, rows: &[Row], summary: String) {
+    let ((fb, fb_short), (base, base_short)) = (o.target.column(true), o.against.column(false));
+    let ratio = format!("{fb_short}/{base_short}");
+    let summary = if (o.target, o.against) == (Kind::Conformance, Kind::Baseline) {
+        summary
+    } else {
+        format!("[firebrand = {fb}, baseline = {base}] {summary}")
+    };
+    report_with(scenario, [fb, base, &ratio], trigger, rows, summary);
 }
 
 /// [`report`] with other column names than firebrand / baseline.
@@ -526,13 +631,15 @@ fn report_with(scenario: &str, columns: [&str; 3], trigger: &str, rows: &[Row], 
     println!("SUMMARY {scenario}: {summary}");
 }
 
-const HTTP_TRIGGER: &str = "broadcasts via POST /api/broadcast (keep-alive HTTP/1.1)";
+const HTTP_TRIGGER: &str =
+    "broadcasts via POST /api/broadcast (fb-server: /api/publish), keep-alive HTTP/1.1";
 
+/// The servers to run, in order: the target (firebrand column), then the reference.
 fn kinds(o: &Opts) -> Vec<Kind> {
     match o.only.as_deref() {
-        Some("firebrand") => vec![Kind::Firebrand],
-        Some("baseline") => vec![Kind::Baseline],
-        _ => vec![Kind::Firebrand, Kind::Baseline],
+        Some("firebrand") => vec![o.target],
+        Some("baseline") => vec![o.against],
+        _ => vec![o.target, o.against],
     }
 }
 
@@ -547,15 +654,12 @@ where
         settle_time_wait().await;
         let server = Server::start(k, o)?;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let r = f(Target {
-            addr: server.addr,
-            pid: server.pid,
-        })
-        .await?;
+        let r = f(server.target()).await?;
         drop(server);
-        match k {
-            Kind::Firebrand => fb = r,
-            Kind::Baseline => base = r,
+        if k == o.target {
+            fb = r;
+        } else {
+            base = r;
         }
     }
     Ok((fb, base))
@@ -648,6 +752,7 @@ async fn idle(o: &Opts) -> anyhow::Result<()> {
         ],
     );
     report(
+        o,
         "idle",
         "one topic per connection, 100 topics, heartbeat every 30 s",
         &rows,
@@ -667,7 +772,7 @@ async fn paced(
     topic: &str,
     o: &Opts,
 ) -> anyhow::Result<(u64, u64, f64, u64, Hist)> {
-    let mut trig = Trigger::connect(server.addr).await?;
+    let mut trig = Trigger::to(server).await?;
     // Warm-up broadcast.
     trig.broadcast(topic, "bench", &payload(topic)).await?;
     subs.wait_delivered(subs.n as u64).await;
@@ -709,10 +814,7 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
         let paced_rate = got as f64 / secs;
         let paced_cpu = cpu as f64 / got as f64;
         // Bursts: `burst_size` broadcasts as fast as two trigger connections send them.
-        let mut trigs = vec![
-            Trigger::connect(server.addr).await?,
-            Trigger::connect(server.addr).await?,
-        ];
+        let mut trigs = vec![Trigger::to(&server).await?, Trigger::to(&server).await?];
         let joined = subs.sink.joined.load(Ordering::Relaxed);
         let (mut total, mut total_secs, mut total_cpu) = (0u64, 0f64, 0u64);
         for _ in 0..o.bursts {
@@ -776,6 +878,7 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
     );
     let eff = |i| nan_if_empty(&base, i) / nan_if_empty(&fb, i) * 100.0;
     report(
+        o,
         "fanout",
         &format!(
             "{n} subscribers on {}, 150-byte frames (+28 for a position), {HTTP_TRIGGER}",
@@ -839,6 +942,7 @@ async fn latency(o: &Opts) -> anyhow::Result<()> {
         ));
     }
     report(
+        o,
         "latency",
         &format!(
             "paced {}/s for {} s, 150-byte frames, {HTTP_TRIGGER}",
@@ -881,6 +985,7 @@ async fn connect(o: &Opts) -> anyhow::Result<()> {
         ],
     );
     report(
+        o,
         "connect",
         "WebSocket upgrade + phx_join + ok reply",
         &rows,
@@ -896,6 +1001,9 @@ async fn connect(o: &Opts) -> anyhow::Result<()> {
 }
 
 async fn echo(o: &Opts) -> anyhow::Result<()> {
+    if kinds(o).contains(&Kind::FirebrandServer) {
+        bail!("echo needs the conformance app's `ping` handler, which firebrand-server has not");
+    }
     let c = o.clients;
     let secs = o.secs();
     let (fb, base) = each(o, |server| async move {
@@ -980,6 +1088,7 @@ async fn echo(o: &Opts) -> anyhow::Result<()> {
         ],
     );
     report(
+        o,
         "echo",
         &format!("{c} clients, each one `ping` push in flight, {secs} s"),
         &rows,
@@ -1015,10 +1124,17 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let o = parse(&args[1..])?;
-    if !o.server.exists() && o.only.as_deref() != Some("baseline") {
+    let used = kinds(&o);
+    if used.contains(&Kind::Conformance) && !o.server.exists() {
         bail!(
             "conformance binary not found at {} (cargo build --release -p firebrand-conformance --bin conformance, or --server PATH)",
             o.server.display()
+        );
+    }
+    if used.contains(&Kind::FirebrandServer) && !o.server_bin.exists() {
+        bail!(
+            "firebrand-server binary not found at {} (cargo build --release -p firebrand-server, or --server-bin PATH)",
+            o.server_bin.display()
         );
     }
     let _ = now_ns();
@@ -1030,7 +1146,7 @@ fn main() -> anyhow::Result<()> {
             "connect" => connect(&o).await,
             "echo" => echo(&o).await,
             "slow" => slow::slow(&o).await,
-            "cluster-fanout" => scenarios::cluster_fanout(&o).await,
+            "cluster-fanout" => scenarios::cluster_fanout(&o).await.map(drop),
             "presence-storm" => scenarios::presence_storm(&o).await,
             "presence-room" => scenarios::presence_room(&o).await,
             "presence-kill" => scenarios::presence_kill(&o).await,

@@ -130,7 +130,15 @@ async fn wait_delivered(
     }
 }
 
-pub(crate) async fn cluster_fanout(o: &Opts) -> anyhow::Result<()> {
+/// What `cluster-fanout` measured, for the charts.
+pub(crate) struct ClusterFanout {
+    pub(crate) subscribers: u64,
+    pub(crate) p99_ms: f64,
+    /// The nodes' CPU time (all of them) over the paced run, per delivery.
+    pub(crate) server_cpu_per_delivery_ns: f64,
+}
+
+pub(crate) async fn cluster_fanout(o: &Opts) -> anyhow::Result<ClusterFanout> {
     let nodes = o.nodes.unwrap_or(5);
     let per_node = o.per_node;
     let total = nodes * per_node;
@@ -220,6 +228,7 @@ pub(crate) async fn cluster_fanout(o: &Opts) -> anyhow::Result<()> {
         run_t0.elapsed().as_secs_f64(),
     );
     let cpu_line = cpu.report();
+    let server_cpu = cpu.cpu_ns("node");
     let mut hist = Hist::default();
     for w in &mut workers {
         let r = w.cmd("hist").await?;
@@ -331,7 +340,11 @@ pub(crate) async fn cluster_fanout(o: &Opts) -> anyhow::Result<()> {
             fmt(cmdstat)
         ),
     );
-    Ok(())
+    Ok(ClusterFanout {
+        subscribers: joined,
+        p99_ms: p99,
+        server_cpu_per_delivery_ns: server_cpu as f64 / got.max(1) as f64,
+    })
 }
 
 // ---------------------------------------------------------------- presence

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 
 use crate::stats::{Hist, rss_kib};
 use crate::ws::Ws;
-use crate::{Kind, Opts, Row, Server, Subs, Target, Trigger, payload, report_with};
+use crate::{Opts, Row, Server, Subs, Target, Trigger, payload, report_with};
 
 /// Broadcasts `rate`/s for `secs` from `triggers` keep-alive connections; returns how many.
 async fn flood(target: Target, topic: &str, rate: u64, secs: u64) -> anyhow::Result<u64> {
@@ -21,7 +21,7 @@ async fn flood(target: Target, topic: &str, rate: u64, secs: u64) -> anyhow::Res
     for k in 0..TRIGGERS {
         let topic = topic.to_owned();
         js.spawn(async move {
-            let mut trig = Trigger::connect(target.addr).await?;
+            let mut trig = Trigger::to(&target).await?;
             let mut sent = 0;
             for i in (k..count).step_by(TRIGGERS as usize) {
                 tokio::time::sleep_until(t0 + Duration::from_secs_f64(i as f64 / rate as f64))
@@ -88,11 +88,8 @@ pub(crate) async fn slow(o: &Opts) -> anyhow::Result<()> {
         .unwrap_or(50);
     let rate = o.rate.unwrap_or(10_000);
     let secs = o.secs.unwrap_or(10);
-    let server = Server::start(Kind::Firebrand, o)?;
-    let target = Target {
-        addr: server.addr,
-        pid: server.pid,
-    };
+    let server = Server::start(o.target, o)?;
+    let target = server.target();
     let topic = "room:slow";
     let subs = Subs::spawn(target.addr, n, |_| topic.to_string(), o);
     subs.wait_joined(Instant::now()).await?;
