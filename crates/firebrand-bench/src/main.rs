@@ -53,6 +53,9 @@ options:
   --against baseline|conformance   the reference column (default: the raw baseline);
                    `--target server --against conformance`: the server against the library's app
   --only firebrand|baseline   run only the firebrand (target) or the reference column
+  --repeat N       single-node scenarios: run the servers N times, alternating, and report
+                   each metric's median (this machine's run-to-run noise is +-15%); charts: the
+                   middle run of each point
   --topic T        fanout: the topic (room:fanout; stream:fanout is recoverable: history kept)
 cluster options:
   --engine redis|nats   cluster engine (redis: 127.0.0.1:6379, nats: 127.0.0.1:4222)
@@ -86,6 +89,8 @@ struct Opts {
     target: Kind,
     against: Kind,
     only: Option<String>,
+    /// How many times each server runs a single-node scenario (medians reported).
+    repeat: usize,
     /// fanout: the topic (a `stream:` topic is recoverable in the conformance app).
     topic: String,
     engine: cluster::Engine,
@@ -133,6 +138,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         target: Kind::Conformance,
         against: Kind::Baseline,
         only: None,
+        repeat: 1,
         topic: "room:fanout".into(),
         engine: cluster::Engine::Redis,
         nodes: None,
@@ -187,6 +193,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
                 }
             }
             "--only" => o.only = Some(v()?.clone()),
+            "--repeat" => o.repeat = v()?.parse()?,
             "--topic" => o.topic = v()?.clone(),
             "--engine" => {
                 o.engine = match v()?.as_str() {
@@ -210,8 +217,8 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
-    if o.per_topic == 0 || o.per_worker == 0 || o.in_flight == 0 {
-        bail!("--per-topic, --per-worker and --in-flight must be positive");
+    if o.per_topic == 0 || o.per_worker == 0 || o.in_flight == 0 || o.repeat == 0 {
+        bail!("--per-topic, --per-worker, --in-flight and --repeat must be positive");
     }
     if o.kill == 0 {
         bail!("--kill must be positive");
@@ -598,10 +605,17 @@ fn fmt(v: f64) -> String {
 fn report(o: &Opts, scenario: &str, trigger: &str, rows: &[Row], summary: String) {
     let ((fb, fb_short), (base, base_short)) = (o.target.column(true), o.against.column(false));
     let ratio = format!("{fb_short}/{base_short}");
-    let summary = if (o.target, o.against) == (Kind::Conformance, Kind::Baseline) {
+    let mut notes = Vec::new();
+    if (o.target, o.against) != (Kind::Conformance, Kind::Baseline) {
+        notes.push(format!("firebrand = {fb}, baseline = {base}"));
+    }
+    if o.repeat > 1 {
+        notes.push(format!("medians of {} runs each", o.repeat));
+    }
+    let summary = if notes.is_empty() {
         summary
     } else {
-        format!("[firebrand = {fb}, baseline = {base}] {summary}")
+        format!("[{}] {summary}", notes.join("; "))
     };
     report_with(scenario, [fb, base, &ratio], trigger, rows, summary);
 }
@@ -643,26 +657,78 @@ fn kinds(o: &Opts) -> Vec<Kind> {
     }
 }
 
-/// Runs `f` against each server kind; returns per-kind results (NaN rows when skipped).
-async fn each<T: Default, F, Fut>(o: &Opts, mut f: F) -> anyhow::Result<(T, T)>
+/// A scenario's result for one server, and how the results of `--repeat` runs combine.
+trait Outcome: Sized {
+    fn combine(runs: Vec<Self>) -> Self;
+    /// One run's values, printed when runs are repeated.
+    fn describe(&self) -> String;
+}
+
+/// One value per metric: each metric's median over the runs (empty: skipped, NaN rows).
+impl Outcome for Vec<f64> {
+    fn combine(runs: Vec<Self>) -> Self {
+        let n = runs.iter().map(Vec::len).max().unwrap_or(0);
+        (0..n)
+            .map(|i| {
+                let mut v: Vec<f64> = runs.iter().filter_map(|r| r.get(i).copied()).collect();
+                v.sort_by(f64::total_cmp);
+                match v.len() {
+                    0 => f64::NAN,
+                    len if len % 2 == 1 => v[len / 2],
+                    len => (v[len / 2 - 1] + v[len / 2]) / 2.0,
+                }
+            })
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        let v: Vec<String> = self.iter().map(|x| fmt(*x)).collect();
+        v.join(" ")
+    }
+}
+
+/// A chart's point: the middle run's (a point's values belong together).
+impl<T> Outcome for Option<T> {
+    fn combine(mut runs: Vec<Self>) -> Self {
+        let middle = runs.len() / 2;
+        if runs.is_empty() {
+            None
+        } else {
+            runs.swap_remove(middle)
+        }
+    }
+
+    fn describe(&self) -> String {
+        String::new()
+    }
+}
+
+/// Runs `f` against each server kind, `--repeat` times in alternation; returns per-kind
+/// results combined over the runs (NaN rows when skipped).
+async fn each<T: Outcome, F, Fut>(o: &Opts, mut f: F) -> anyhow::Result<(T, T)>
 where
     F: FnMut(Target) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
-    let (mut fb, mut base) = (T::default(), T::default());
-    for k in kinds(o) {
-        settle_time_wait().await;
-        let server = Server::start(k, o)?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let r = f(server.target()).await?;
-        drop(server);
-        if k == o.target {
-            fb = r;
-        } else {
-            base = r;
+    let (mut fb, mut base) = (Vec::new(), Vec::new());
+    for round in 1..=o.repeat {
+        for k in kinds(o) {
+            settle_time_wait().await;
+            let server = Server::start(k, o)?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let r = f(server.target()).await?;
+            drop(server);
+            if o.repeat > 1 {
+                println!("  run {round} of {}, {k:?}: {}", o.repeat, r.describe());
+            }
+            if k == o.target {
+                fb.push(r);
+            } else {
+                base.push(r);
+            }
         }
     }
-    Ok((fb, base))
+    Ok((T::combine(fb), T::combine(base)))
 }
 
 /// Sockets in TIME_WAIT (`/proc/net/sockstat`), if the kernel says.
@@ -1204,6 +1270,16 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(got, Some(42));
+    }
+
+    #[test]
+    fn repeated_runs_combine_into_medians() {
+        let runs = vec![vec![3.0, 10.0], vec![1.0, 30.0], vec![2.0, 20.0]];
+        assert_eq!(Vec::<f64>::combine(runs), vec![2.0, 20.0]);
+        let even = vec![vec![1.0], vec![4.0]];
+        assert_eq!(Vec::<f64>::combine(even), vec![2.5]);
+        assert!(Vec::<f64>::combine(Vec::new()).is_empty());
+        assert_eq!(Option::combine(vec![Some(1), Some(2), Some(3)]), Some(2));
     }
 
     #[test]
