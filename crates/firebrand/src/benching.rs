@@ -42,6 +42,19 @@ impl Routes {
     }
 }
 
+/// Subscribes the connection of `outbox` to `"room:bench"` as a joined channel is: V2, on the
+/// fast lane (broadcasts go straight to its outbox), no intercepted events.
+fn subscribe(pubsub: &PubSub, outbox: &Arc<Outbox>) {
+    let inbox: Arc<dyn Inbox> = Arc::new(Mailbox::<ChannelMsg<()>>::new(16));
+    let target = Target::Fastlane {
+        outbox: outbox.clone(),
+        serializer: Serializer::V2,
+        intercepts: &[],
+        inbox,
+    };
+    pubsub.subscribe("room:bench", target);
+}
+
 /// `n` connections joined to one topic, to time a broadcast's fan-out into their queues.
 pub struct Fanout {
     pubsub: PubSub,
@@ -55,14 +68,7 @@ impl Fanout {
         let pubsub = PubSub::new();
         let outboxes: Vec<Arc<Outbox>> = (0..n).map(|_| Arc::new(Outbox::new(4 << 20))).collect();
         for outbox in &outboxes {
-            let inbox: Arc<dyn Inbox> = Arc::new(Mailbox::<ChannelMsg<()>>::new(16));
-            let target = Target::Fastlane {
-                outbox: outbox.clone(),
-                serializer: Serializer::V2,
-                intercepts: &[],
-                inbox,
-            };
-            pubsub.subscribe("room:bench", target);
+            subscribe(&pubsub, outbox);
         }
         Fanout {
             pubsub,
@@ -196,14 +202,7 @@ impl Connection {
         let hub = Hub::new(1, Duration::ZERO, None, false, None);
         let outbox = Arc::new(Outbox::new(4 << 20));
         let registered = hub.register(outbox.clone());
-        let inbox: Arc<dyn Inbox> = Arc::new(Mailbox::<ChannelMsg<()>>::new(16));
-        let target = Target::Fastlane {
-            outbox: outbox.clone(),
-            serializer: Serializer::V2,
-            intercepts: &[],
-            inbox,
-        };
-        hub.pubsub().subscribe("room:bench", target);
+        subscribe(hub.pubsub(), &outbox);
         Connection {
             hub,
             outbox,
