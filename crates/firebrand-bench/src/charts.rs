@@ -106,7 +106,7 @@ pub(crate) async fn charts(o: &Opts) -> anyhow::Result<()> {
 
     let mut cluster_label = String::new();
     if let Some(nodes) = o.nodes {
-        // The cluster scenario's own pacing: 1 broadcast/s for 10 s (unless given).
+        // The cluster scenario's own pacing: 1 broadcast/s for 10 s.
         let c = cluster_opts(o);
         let r = crate::scenarios::cluster_fanout(&c).await?;
         let x = r.subscribers as f64;
