@@ -222,25 +222,30 @@ fn draw(
     cluster: &str,
 ) -> anyhow::Result<()> {
     let (y0, y1) = range(s, |p| p.1);
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60);
+    let labels = (x_label, y_label);
     if s[2].is_empty() {
         let (x0, x1) = range(s, |p| p.0);
-        let chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        plot(chart, (x_label, y_label), s, cluster)
+        let chart = builder.build_cartesian_2d(x0..x1, y0..y1);
+        plot(
+            chart.map_err(|e| anyhow::anyhow!("{e}"))?,
+            labels,
+            s,
+            cluster,
+        )
     } else {
-        let chart = ChartBuilder::on(area)
-            .caption(title, ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(log_range(s).log_scale(), y0..y1)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        plot(chart, (x_label, y_label), s, cluster)
+        let chart = builder.build_cartesian_2d(log_range(s).log_scale(), y0..y1);
+        plot(
+            chart.map_err(|e| anyhow::anyhow!("{e}"))?,
+            labels,
+            s,
+            cluster,
+        )
     }
 }
 

@@ -314,22 +314,8 @@ async fn the_backend_rewrites_or_rejects_pushes() {
     assert_eq!(seen.0.lock().unwrap().len(), before);
     // Nothing rejected reached bob, and the sender never gets its own broadcasts: the next
     // accepted push from each is the other's next frame.
-    let r = alice
-        .send(Some(jr), "chat:room", "plain", json!({"n": 2}))
-        .await;
-    assert_eq!(alice.reply(&r).await, ("ok".into(), json!({})));
-    assert_eq!(
-        bob.recv().await,
-        json!([null, null, "chat:room", "plain", {"n": 2}])
-    );
-    let r = bob
-        .send(Some(jr), "chat:room", "plain", json!({"n": 3}))
-        .await;
-    assert_eq!(bob.reply(&r).await, ("ok".into(), json!({})));
-    assert_eq!(
-        alice.recv().await,
-        json!([null, null, "chat:room", "plain", {"n": 3}])
-    );
+    accepted_push_is_next_frame(&mut alice, &mut bob, jr, 2).await;
+    accepted_push_is_next_frame(&mut bob, &mut alice, jr, 3).await;
 
     // A backend that is down: the push is refused at once.
     let mut carol = connect(&url(&server, "token=good&user=carol"), None)
@@ -345,4 +331,17 @@ async fn the_backend_rewrites_or_rejects_pushes() {
         ("error".into(), json!({"reason": "backend unavailable"}))
     );
     assert!(start.elapsed() < Duration::from_millis(TIMEOUT_MS));
+}
+
+/// `from` pushes `plain {"n": n}` on `chat:room` (broadcast by the backend, replied `ok`), and it
+/// is the next frame `to` receives.
+async fn accepted_push_is_next_frame(from: &mut Client, to: &mut Client, jr: &str, n: u64) {
+    let r = from
+        .send(Some(jr), "chat:room", "plain", json!({ "n": n }))
+        .await;
+    assert_eq!(from.reply(&r).await, ("ok".into(), json!({})));
+    assert_eq!(
+        to.recv().await,
+        json!([null, null, "chat:room", "plain", { "n": n }])
+    );
 }
