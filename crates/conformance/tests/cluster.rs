@@ -11,6 +11,8 @@ use tokio::process::Child;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 const NATS: &str = "nats://127.0.0.1:4222";
+/// The topic of [`await_link`]'s probes.
+const PROBE_TOPIC: &str = "room:probe";
 
 struct Node {
     /// The process; dropping it kills the node (`kill_on_drop`).
@@ -54,6 +56,15 @@ impl Node {
         );
     }
 
+    /// A client on the probe topic, for [`await_link`].
+    async fn probe(&self) -> Client {
+        let mut probe = self.client("").await;
+        probe
+            .join("1", PROBE_TOPIC, json!({"joined": "probe"}))
+            .await;
+        probe
+    }
+
     async fn client(&self, query: &str) -> Client {
         let mut c = Client::connect(&format!(
             "ws://127.0.0.1:{}/socket/websocket?{query}&vsn=2.0.0",
@@ -82,33 +93,24 @@ impl Node {
     }
 }
 
-/// Waits until the cluster carries messages: node `from` broadcasts probes until `to` gets one
-/// (engine subscriptions are made in the background, at start and after an outage). Other
-/// frames arriving meanwhile are skipped: after an outage the NATS client delivers what it
-/// buffered while disconnected.
-async fn await_link(from: &Node, to: &mut Client, topic: &str) {
+/// Waits until the cluster carries messages from node `from` to the node of `probe` (a client
+/// of [`Node::probe`]): `from` broadcasts probes until one arrives (engine subscriptions are
+/// made in the background, at start and after an outage), then a last `linked` broadcast that
+/// `probe` reads up to. Order holds per origin node, so no probe of this wait is still on its
+/// way afterwards. Test clients never join the probe topic and never see a probe.
+async fn await_link(from: &Node, probe: &mut Client) {
     for i in 0..100 {
-        from.broadcast(topic, "probe", json!({"i": i})).await;
+        from.broadcast(PROBE_TOPIC, "probe", json!({"i": i})).await;
         let window = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
-        while let Ok(frame) = tokio::time::timeout_at(window, to.recv_json()).await {
+        while let Ok(frame) = tokio::time::timeout_at(window, probe.recv_json()).await {
             if frame[3] == "probe" {
+                from.broadcast(PROBE_TOPIC, "linked", json!({})).await;
+                while probe.recv_json().await[3] != "linked" {}
                 return;
             }
         }
     }
     panic!("the cluster never carried a message");
-}
-
-/// Receives frames until `expected`; every frame before it must be a probe.
-async fn expect_after_probes(c: &mut Client, expected: Value) {
-    loop {
-        let f = c.recv_json().await;
-        if f[3] == "probe" {
-            continue;
-        }
-        assert_eq!(f, expected);
-        return;
-    }
 }
 
 async fn three_nodes(engine: (&str, &str)) {
@@ -126,8 +128,9 @@ async fn three_nodes(engine: (&str, &str)) {
     a.join("1", topic, json!({"joined": "cluster"})).await;
     b.join("1", topic, json!({"joined": "cluster"})).await;
     c.join("1", topic, json!({"joined": "cluster"})).await;
-    for (from, to) in [(&n2, &mut a), (&n3, &mut b), (&n1, &mut c)] {
-        await_link(from, to, topic).await;
+    let (mut p1, mut p2, mut p3) = (n1.probe().await, n2.probe().await, n3.probe().await);
+    for (from, to) in [(&n2, &mut p1), (&n3, &mut p2), (&n1, &mut p3)] {
+        await_link(from, to).await;
     }
 
     // A channel broadcast on node 2 reaches every node once. Order holds per origin node (as in
@@ -135,14 +138,14 @@ async fn three_nodes(engine: (&str, &str)) {
     b.send(json!(["1", "2", topic, "new_msg", {"body": "hi"}]))
         .await;
     let hi = json!([null, null, topic, "new_msg", {"body": "hi"}]);
-    expect_after_probes(&mut b, hi.clone()).await;
+    b.expect(hi.clone()).await;
     n2.broadcast(topic, "marker", json!({})).await;
     let marker = json!([null, null, topic, "marker", {}]);
     for client in [&mut a, &mut c] {
-        expect_after_probes(client, hi.clone()).await;
-        expect_after_probes(client, marker.clone()).await;
+        client.expect(hi.clone()).await;
+        client.expect(marker.clone()).await;
     }
-    expect_after_probes(&mut b, marker).await;
+    b.expect(marker).await;
 
     // broadcast_from on node 1: the others get it, the sender does not. (The ping's reply
     // proves the broadcast was published before the marker, from the same node.)
@@ -153,34 +156,25 @@ async fn three_nodes(engine: (&str, &str)) {
     let from = json!([null, null, topic, "new_msg", {"body": "not alice"}]);
     let marker = json!([null, null, topic, "marker", {"n": 1}]);
     for client in [&mut b, &mut c] {
-        expect_after_probes(client, from.clone()).await;
-        expect_after_probes(client, marker.clone()).await;
+        client.expect(from.clone()).await;
+        client.expect(marker.clone()).await;
     }
-    expect_after_probes(&mut a, marker).await;
+    a.expect(marker).await;
 
     // Intercepted events are filtered by each subscriber on its own node.
     c.send(json!(["1", "4", topic, "shout", {"m": 1}])).await;
-    expect_after_probes(
-        &mut a,
-        json!(["1", null, topic, "shout", {"m": 1, "to": "alice"}]),
-    )
-    .await;
-    expect_after_probes(
-        &mut b,
-        json!(["1", null, topic, "shout", {"m": 1, "to": "bob"}]),
-    )
-    .await;
-    expect_after_probes(
-        &mut c,
-        json!(["1", null, topic, "shout", {"m": 1, "to": null}]),
-    )
-    .await;
+    a.expect(json!(["1", null, topic, "shout", {"m": 1, "to": "alice"}]))
+        .await;
+    b.expect(json!(["1", null, topic, "shout", {"m": 1, "to": "bob"}]))
+        .await;
+    c.expect(json!(["1", null, topic, "shout", {"m": 1, "to": null}]))
+        .await;
 
     // The disconnect broadcast to a socket id closes that user's sockets on every node.
     let mut bob_elsewhere = n3.client("user=bob").await;
     bob_elsewhere.heartbeat("h").await;
     a.send(json!(["1", "5", topic, "ping", {}])).await;
-    expect_after_probes(&mut a, ok_reply(Some("1"), "5", topic, json!({}))).await;
+    a.expect(ok_reply(Some("1"), "5", topic, json!({}))).await;
     n1.broadcast("user_socket:bob", "disconnect", json!({}))
         .await;
     b.expect_close(1001).await;
@@ -432,7 +426,8 @@ async fn engine_outage(var: &str, url: impl Fn(u16) -> String, mut engine: Engin
     let mut b = n2.client("").await;
     a.join("1", topic, json!({"joined": "outage"})).await;
     b.join("1", topic, json!({"joined": "outage"})).await;
-    await_link(&n2, &mut a, topic).await;
+    let mut probe = n1.probe().await;
+    await_link(&n2, &mut probe).await;
     let mut watcher = n1.presence_client("user=watcher").await;
     watcher.send(json!(["1", "1", topic, "phx_join", {}])).await;
     let mut leaver = n2.presence_client("user=leaver").await;
@@ -446,17 +441,15 @@ async fn engine_outage(var: &str, url: impl Fn(u16) -> String, mut engine: Engin
     // Local delivery goes on during the outage.
     b.send(json!(["1", "2", topic, "new_msg", {"body": "local"}]))
         .await;
-    expect_after_probes(
-        &mut b,
-        json!([null, null, topic, "new_msg", {"body": "local"}]),
-    )
-    .await;
+    b.expect(json!([null, null, topic, "new_msg", {"body": "local"}]))
+        .await;
     b.ping_roundtrip("1", "3", topic).await;
 
     engine.start();
     // The nodes reconnect and resubscribe: messages cross again.
-    await_link(&n2, &mut a, topic).await;
-    await_link(&n1, &mut b, topic).await;
+    let mut probe2 = n2.probe().await;
+    await_link(&n2, &mut probe).await;
+    await_link(&n1, &mut probe2).await;
     // Node 1 notices the gap in node 2's changes, asks for its state, and drops the ghost.
     presence_until(&mut watcher, &mut view, |v| !v.contains_key("leaver")).await;
 }
@@ -813,23 +806,20 @@ async fn recovery_across_nodes(engine: (&str, &str)) {
     assert!(start.is_string(), "{start}");
     join_stream(&mut b, topic, json!({})).await;
     // The engine subscriptions are made in the background: wait until both nodes hear.
-    let mut probe = n2.client("").await;
-    probe
-        .join("1", "room:probe", json!({"joined": "probe"}))
-        .await;
-    await_link(&n1, &mut probe, "room:probe").await;
-    let mut probe = n1.client("").await;
-    probe
-        .join("1", "room:probe", json!({"joined": "probe"}))
-        .await;
-    await_link(&n2, &mut probe, "room:probe").await;
+    let mut probe = n2.probe().await;
+    await_link(&n1, &mut probe).await;
+    let mut probe = n1.probe().await;
+    await_link(&n2, &mut probe).await;
 
+    // Broadcasts from alternating nodes, each published once the one before was delivered (a
+    // broadcast is queued, not awaited: only causally ordered ones have a defined order).
+    let mut seen_b = Vec::new();
     for n in 1..=5 {
         let node = if n % 2 == 0 { &n2 } else { &n1 };
         node.broadcast(topic, "new_msg", json!({ "n": n })).await;
+        seen_b.extend(stream_messages(&mut b, 1).await);
     }
     let seen_a = stream_messages(&mut a, 5).await;
-    let seen_b = stream_messages(&mut b, 5).await;
     // One order and the same positions on every node, whichever node published.
     assert_eq!(seen_a, seen_b);
     assert_eq!(
@@ -859,11 +849,8 @@ async fn recovery_across_nodes(engine: (&str, &str)) {
     let replayed = stream_messages(&mut late, 7).await;
     assert_eq!(replayed, [&seen_a[..], &sixth[..], &seventh[..]].concat());
     // And goes live: the 8th once, after the replay.
-    let mut probe = n3.client("").await;
-    probe
-        .join("1", "room:probe", json!({"joined": "probe"}))
-        .await;
-    await_link(&n2, &mut probe, "room:probe").await;
+    let mut probe = n3.probe().await;
+    await_link(&n2, &mut probe).await;
     n2.broadcast(topic, "new_msg", json!({ "n": 8 })).await;
     let eighth = stream_messages(&mut b, 1).await;
     assert_eq!(stream_messages(&mut late, 1).await, eighth);
@@ -911,11 +898,8 @@ async fn recovery_through_an_outage(
     let topic = "stream:outage";
     let mut s1 = n1.client("").await;
     join_stream(&mut s1, topic, json!({})).await;
-    let mut probe = n1.client("").await;
-    probe
-        .join("1", "room:probe", json!({"joined": "probe"}))
-        .await;
-    await_link(&n2, &mut probe, "room:probe").await;
+    let mut probe = n1.probe().await;
+    await_link(&n2, &mut probe).await;
     n2.broadcast(topic, "new_msg", json!({"n": 1})).await;
     let first = stream_messages(&mut s1, 1).await;
 
@@ -929,12 +913,9 @@ async fn recovery_through_an_outage(
     drop(c);
 
     engine.start();
-    let mut probe3 = n3.client("").await;
-    probe3
-        .join("1", "room:probe", json!({"joined": "probe"}))
-        .await;
-    await_link(&n2, &mut probe3, "room:probe").await;
-    await_link(&n2, &mut probe, "room:probe").await;
+    let mut probe3 = n3.probe().await;
+    await_link(&n2, &mut probe3).await;
+    await_link(&n2, &mut probe).await;
     if var == "REDIS_URL" {
         // Node 1's subscription was lost: its stream channel is told to rejoin.
         loop {
