@@ -4,6 +4,12 @@
 //! frame once and queues the same bytes to every subscriber; each connection's task writes
 //! everything queued with one write. It answers `heartbeat` and `ping` (echo) like the
 //! conformance app.
+//!
+//! With `channel_tasks` (`serve-baseline --channel-tasks`, the bench's `--against
+//! baseline-tasks`) each joined topic gets a task of its own that answers the connection's
+//! pushes, as a channel does (Phoenix's process per channel): a push goes to that task through
+//! a queue and its reply comes back through the connection's, two task wake-ups. Against the
+//! plain baseline it shows what that isolation costs by itself, with nothing else of firebrand.
 
 use std::collections::HashMap;
 use std::io;
@@ -46,6 +52,22 @@ type Subscribers = Vec<(u64, Arc<Outq>)>;
 struct Registry {
     topics: RwLock<HashMap<String, Subscribers>>,
     next_id: AtomicU64,
+    channel_tasks: bool,
+}
+
+/// A push for a topic's task: join ref, ref, payload.
+type Push = (Option<String>, Option<String>, Box<RawValue>);
+
+/// A topic's task (`channel_tasks`): answers each push with its reply, queued to the
+/// connection, until the connection drops its sender.
+fn channel_task(topic: String, me: Arc<Outq>) -> tokio::sync::mpsc::UnboundedSender<Push> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Push>();
+    tokio::spawn(async move {
+        while let Some((jr, r, payload)) = rx.recv().await {
+            me.push(reply(jr.as_deref(), r.as_deref(), &topic, payload.get()));
+        }
+    });
+    tx
 }
 
 impl Registry {
@@ -83,9 +105,13 @@ fn server_frame(data: &[u8]) -> Bytes {
     out.into()
 }
 
-/// Serves the baseline on `listener` forever.
-pub(crate) async fn serve(listener: TcpListener) -> io::Result<()> {
-    let reg = Arc::new(Registry::default());
+/// Serves the baseline on `listener` forever (with a task per joined topic for pushes when
+/// `channel_tasks`: see the module docs).
+pub(crate) async fn serve(listener: TcpListener, channel_tasks: bool) -> io::Result<()> {
+    let reg = Arc::new(Registry {
+        channel_tasks,
+        ..Registry::default()
+    });
     loop {
         let (s, _) = listener.accept().await?;
         let _ = s.set_nodelay(true);
@@ -232,6 +258,8 @@ async fn websocket(
     let me = Arc::new(Outq::default());
     let id = reg.next_id.fetch_add(1, Ordering::Relaxed);
     let mut topics: Vec<String> = Vec::new();
+    // With `channel_tasks`: each joined topic's task, by topic.
+    let mut channels: Vec<(String, tokio::sync::mpsc::UnboundedSender<Push>)> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
     let result: io::Result<()> = async {
         loop {
@@ -264,9 +292,24 @@ async fn websocket(
                                     .or_default()
                                     .push((id, me.clone()));
                                 topics.push(topic.to_string());
+                                if reg.channel_tasks {
+                                    let task = channel_task(topic.to_string(), me.clone());
+                                    channels.push((topic.to_string(), task));
+                                }
                                 me.push(reply(jr, r, &topic, "{}"));
                             }
                             "heartbeat" => me.push(reply(None, r, "phoenix", "{}")),
+                            "ping" if reg.channel_tasks => {
+                                let push = (
+                                    jr.map(str::to_owned),
+                                    r.map(str::to_owned),
+                                    payload.to_owned(),
+                                );
+                                if let Some((_, task)) = channels.iter().find(|(t, _)| *t == topic)
+                                {
+                                    let _ = task.send(push);
+                                }
+                            }
                             "ping" => me.push(reply(jr, r, &topic, payload.get())),
                             "new_msg" => reg.broadcast(&topic, "new_msg", payload),
                             _ => {}

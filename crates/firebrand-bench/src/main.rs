@@ -50,8 +50,10 @@ options:
   --server PATH    conformance binary (default: next to this binary)
   --target conformance|server   the firebrand column: the conformance app (default) or
                    firebrand-server (development defaults, metrics on; --server-bin PATH)
-  --against baseline|conformance   the reference column (default: the raw baseline);
-                   `--target server --against conformance`: the server against the library's app
+  --against baseline|baseline-tasks|conformance   the reference column (default: the raw
+                   baseline; baseline-tasks: the same with a task per joined topic answering
+                   pushes, as a channel does); `--target server --against conformance`: the
+                   server against the library's app
   --only firebrand|baseline   run only the firebrand (target) or the reference column
   --repeat N       single-node scenarios: run the servers N times, alternating, and report
                    each metric's median (this machine's run-to-run noise is +-15%); charts: the
@@ -188,8 +190,9 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--against" => {
                 o.against = match v()?.as_str() {
                     "baseline" => Kind::Baseline,
+                    "baseline-tasks" => Kind::BaselineTasks,
                     "conformance" => Kind::Conformance,
-                    a => bail!("unknown reference {a:?} (baseline|conformance)"),
+                    a => bail!("unknown reference {a:?} (baseline|baseline-tasks|conformance)"),
                 }
             }
             "--only" => o.only = Some(v()?.clone()),
@@ -241,6 +244,9 @@ enum Kind {
     FirebrandServer,
     /// The raw broadcaster of `baseline.rs`, run by this binary (`serve-baseline`).
     Baseline,
+    /// The same with a task per joined topic answering pushes, as a channel does
+    /// (`serve-baseline --channel-tasks`): isolation's cost alone.
+    BaselineTasks,
 }
 
 impl Kind {
@@ -252,6 +258,7 @@ impl Kind {
             Kind::Conformance => ("conformance", "conf"),
             Kind::FirebrandServer => ("fb-server", "srv"),
             Kind::Baseline => ("baseline", "base"),
+            Kind::BaselineTasks => ("base-tasks", "tasks"),
         }
     }
 
@@ -259,7 +266,7 @@ impl Kind {
     fn publish_path(self) -> &'static str {
         match self {
             Kind::FirebrandServer => "/api/publish",
-            Kind::Conformance | Kind::Baseline => "/api/broadcast",
+            Kind::Conformance | Kind::Baseline | Kind::BaselineTasks => "/api/broadcast",
         }
     }
 }
@@ -290,6 +297,11 @@ impl Server {
             Kind::Baseline => {
                 let mut c = Command::new(std::env::current_exe()?);
                 c.args(["serve-baseline", "--port", "0"]);
+                c
+            }
+            Kind::BaselineTasks => {
+                let mut c = Command::new(std::env::current_exe()?);
+                c.args(["serve-baseline", "--port", "0", "--channel-tasks"]);
                 c
             }
         };
@@ -348,10 +360,14 @@ impl Drop for Server {
 }
 
 async fn serve_baseline(args: &[String]) -> anyhow::Result<()> {
+    let (args, channel_tasks) = match args {
+        [rest @ .., last] if last == "--channel-tasks" => (rest, true),
+        _ => (args, false),
+    };
     let port: u16 = match args {
         [p, v] if p == "--port" => v.parse()?,
         [] => 4100,
-        _ => bail!("usage: firebrand-bench serve-baseline [--port P]"),
+        _ => bail!("usage: firebrand-bench serve-baseline [--port P] [--channel-tasks]"),
     };
     // The outside instrument's raw baseline listens with a backlog of 4096, as the binaries do.
     let socket = tokio::net::TcpSocket::new_v4()?;
@@ -359,7 +375,7 @@ async fn serve_baseline(args: &[String]) -> anyhow::Result<()> {
     socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
     let listener = socket.listen(4096)?;
     println!("listening on {}", listener.local_addr()?);
-    baseline::serve(listener).await?;
+    baseline::serve(listener, channel_tasks).await?;
     Ok(())
 }
 
@@ -1244,9 +1260,19 @@ mod tests {
     /// 50 subscribers against the in-process baseline: join, one broadcast, one echo.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn smoke_baseline() {
+        smoke(false).await;
+    }
+
+    /// The same with a task per joined topic answering the echo (`--against baseline-tasks`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smoke_baseline_with_channel_tasks() {
+        smoke(true).await;
+    }
+
+    async fn smoke(channel_tasks: bool) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(baseline::serve(listener));
+        tokio::spawn(baseline::serve(listener, channel_tasks));
         let o = parse(&[]).unwrap();
         let subs = Subs::spawn(addr, 50, |_| "room:smoke".into(), &o);
         let (joined, _) = subs.wait_joined(Instant::now()).await.unwrap();
@@ -1263,12 +1289,15 @@ mod tests {
             .await
             .unwrap();
         let mut got = None;
-        ws.until(|d| {
+        // A bound on a reply that never comes (a failure, not a timing goal).
+        let reply = ws.until(|d| {
             got = stamp(d);
             got.is_some()
-        })
-        .await
-        .unwrap();
+        });
+        tokio::time::timeout(Duration::from_secs(30), reply)
+            .await
+            .expect("no echo reply")
+            .unwrap();
         assert_eq!(got, Some(42));
     }
 
