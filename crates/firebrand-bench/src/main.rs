@@ -48,8 +48,10 @@ options:
   --bursts B       fanout: bursts (5)        --burst-size M   broadcasts per burst (100)
   --clients C      echo: clients (1000)      --concurrency K  connects in flight (256)
   --server PATH    conformance binary (default: next to this binary)
-  --target conformance|server   the firebrand column: the conformance app (default) or
-                   firebrand-server (development defaults, metrics on; --server-bin PATH)
+  --target conformance|server|baseline   the firebrand column: the conformance app
+                   (default), firebrand-server (development defaults, metrics on; --server-bin
+                   PATH), or the baseline (`--target baseline --against baseline-tasks`: what a
+                   task per channel costs the raw server)
   --against baseline|baseline-tasks|conformance   the reference column (default: the raw
                    baseline; baseline-tasks: the same with a task per joined topic answering
                    pushes, as a channel does); `--target server --against conformance`: the
@@ -184,7 +186,8 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
                 o.target = match v()?.as_str() {
                     "conformance" => Kind::Conformance,
                     "server" => Kind::FirebrandServer,
-                    t => bail!("unknown target {t:?} (conformance|server)"),
+                    "baseline" => Kind::Baseline,
+                    t => bail!("unknown target {t:?} (conformance|server|baseline)"),
                 }
             }
             "--against" => {
