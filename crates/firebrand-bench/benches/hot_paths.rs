@@ -1,5 +1,5 @@
-//! Criterion benches of the hot paths: V2 encode of a broadcast and decode of a client push
-//! (`firebrand_protocol::Serializer`), topic routing, a broadcast's fan-out into the
+//! Criterion benches of the hot paths: V2 encode of a broadcast and of a reply, decode of a
+//! client push (`firebrand_protocol::Serializer`), topic routing, a broadcast's fan-out into the
 //! connections' queues, a message's way through a channel's mailbox, a frame's way through a
 //! connection's outbox to its writer and the connection's per-read idle bookkeeping
 //! (`firebrand::benching`, hidden entry points).
@@ -31,6 +31,19 @@ fn protocol(c: &mut Criterion) {
         let bin = Payload::binary(vec![7u8; 100]);
         b.iter(|| {
             let out = Outbound::broadcast(black_box("room:fanout"), "bench", &bin);
+            Serializer::V2.encode(&out).unwrap()
+        })
+    });
+    let ping = Payload::json(&serde_json::json!({"t": "000000123456789"})).unwrap();
+    g.bench_function("encode reply (echo's ping)", |b| {
+        b.iter(|| {
+            let out = Outbound::Reply {
+                join_ref: Some("1"),
+                r#ref: Some(black_box("12345")),
+                topic: "room:echo5",
+                status: "ok",
+                payload: &ping,
+            };
             Serializer::V2.encode(&out).unwrap()
         })
     });
