@@ -257,9 +257,8 @@ async fn websocket(
 ) -> io::Result<()> {
     let me = Arc::new(Outq::default());
     let id = reg.next_id.fetch_add(1, Ordering::Relaxed);
-    let mut topics: Vec<String> = Vec::new();
-    // With `channel_tasks`: each joined topic's task, by topic.
-    let mut channels: Vec<(String, tokio::sync::mpsc::UnboundedSender<Push>)> = Vec::new();
+    // The joined topics, each with its task when `channel_tasks`.
+    let mut topics: Vec<(String, Option<tokio::sync::mpsc::UnboundedSender<Push>>)> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
     let result: io::Result<()> = async {
         loop {
@@ -291,11 +290,10 @@ async fn websocket(
                                     .entry(topic.to_string())
                                     .or_default()
                                     .push((id, me.clone()));
-                                topics.push(topic.to_string());
-                                if reg.channel_tasks {
-                                    let task = channel_task(topic.to_string(), me.clone());
-                                    channels.push((topic.to_string(), task));
-                                }
+                                let task = reg
+                                    .channel_tasks
+                                    .then(|| channel_task(topic.to_string(), me.clone()));
+                                topics.push((topic.to_string(), task));
                                 me.push(reply(jr, r, &topic, "{}"));
                             }
                             "heartbeat" => me.push(reply(None, r, "phoenix", "{}")),
@@ -305,7 +303,8 @@ async fn websocket(
                                     r.map(str::to_owned),
                                     payload.to_owned(),
                                 );
-                                if let Some((_, task)) = channels.iter().find(|(t, _)| *t == topic)
+                                if let Some((_, Some(task))) =
+                                    topics.iter().find(|(t, _)| *t == topic)
                                 {
                                     let _ = task.send(push);
                                 }
@@ -351,7 +350,7 @@ async fn websocket(
     }
     .await;
     let mut map = reg.topics.write().unwrap();
-    for t in topics {
+    for (t, _) in topics {
         if let Some(subs) = map.get_mut(&t) {
             subs.retain(|(i, _)| *i != id);
             if subs.is_empty() {
