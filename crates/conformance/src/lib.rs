@@ -97,13 +97,19 @@ struct BroadcastBody {
     payload: serde_json::Map<String, Value>,
 }
 
-/// `POST /api/broadcast {"topic","event","payload"}`: Phoenix's `Endpoint.broadcast`.
+/// `POST /api/broadcast {"topic","event","payload"}`: Phoenix's `Endpoint.broadcast`. As in
+/// Phoenix, a `"disconnect"` to a socket id closes that id's connections: firebrand keeps
+/// socket ids apart from topics (no channel can reach them), so this trusted, server-side call
+/// does it with `Endpoint::disconnect`.
 async fn api_broadcast(
     State(endpoint): State<Endpoint>,
     body: axum::body::Bytes,
 ) -> (StatusCode, Json<Value>) {
     match serde_json::from_slice::<BroadcastBody>(&body) {
         Ok(b) => {
+            if b.event == "disconnect" {
+                endpoint.disconnect(&b.topic);
+            }
             endpoint.broadcast(&b.topic, &b.event, Value::Object(b.payload));
             (StatusCode::OK, Json(json!({"ok": true})))
         }

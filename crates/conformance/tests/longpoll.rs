@@ -438,17 +438,21 @@ async fn a_session_whose_client_leaves_mid_poll_still_ends() {
 }
 
 #[tokio::test]
-async fn a_post_body_over_8_mb_is_refused_with_413_before_it_is_read() {
+async fn a_post_body_over_twice_the_frame_limit_is_refused_with_413_before_it_is_read() {
+    // The default limit: twice the 1 MiB frame limit.
+    const LIMIT: usize = 2 << 20;
     let s = start_with(config(2000)).await;
     let token = session(&s, "").await;
     // Only the head is sent: the answer comes from the declared length.
     let head = format!(
         "POST {LP} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-phoenix-longpoll-token: {token}\r\n\
-         content-length: 8000001\r\n\r\n"
+         content-length: {}\r\n\r\n",
+        LIMIT + 1
     );
     assert_eq!(s.http_status(&head).await, 413);
 
-    // A chunked body is refused once its bytes pass 8 MB, while the client is still sending.
+    // A chunked body is refused once its bytes pass the limit, while the client is still
+    // sending.
     let tcp = TcpStream::connect(s.addr).await.unwrap();
     let (mut rx, mut tx) = tcp.into_split();
     let head = format!(
@@ -458,7 +462,7 @@ async fn a_post_body_over_8_mb_is_refused_with_413_before_it_is_read() {
     let sender = tokio::spawn(async move {
         tx.write_all(head.as_bytes()).await?;
         let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
-        // Up to 100 MiB; the server answers, and stops reading, after about 8 MB.
+        // Up to 100 MiB; the server answers, and stops reading, after about 2 MiB.
         for _ in 0..1600 {
             tx.write_all(chunk.as_bytes()).await?;
         }
@@ -472,8 +476,8 @@ async fn a_post_body_over_8_mb_is_refused_with_413_before_it_is_read() {
     assert_eq!(&head, b"HTTP/1.1 413");
     sender.abort();
 
-    // A body under the limit is read as usual.
-    let heartbeats: String = (0..100)
+    // A body under the limit is read as usual: a batch of 20 frames of 70 KB.
+    let heartbeats: String = (0..20)
         .map(|i| {
             format!(
                 "[null,\"{i}\",\"phoenix\",\"heartbeat\",{{\"pad\":\"{}\"}}]\n",
@@ -481,9 +485,128 @@ async fn a_post_body_over_8_mb_is_refused_with_413_before_it_is_read() {
             )
         })
         .collect();
-    assert!(heartbeats.len() < 8_000_000);
+    assert!(heartbeats.len() > 1 << 20 && heartbeats.len() < LIMIT);
     assert_eq!(
         post(&s, &token, true, &heartbeats).await,
         json!({"status": 200})
     );
+}
+
+#[tokio::test]
+async fn a_post_without_a_live_session_is_answered_before_its_body_is_read() {
+    let s = start_with(config(2000)).await;
+    let ended = session(&s, "&user=gone").await;
+    s.endpoint.disconnect("user_socket:gone");
+    // Its session has ended once a poll says so.
+    loop {
+        let v = http(&s, "GET", LP, &[("x-phoenix-longpoll-token", &ended)], "")
+            .await
+            .json();
+        if v["status"] != 200 && v["status"] != 204 {
+            break;
+        }
+    }
+    // Heads that announce 1 MB and send none of it: no token, a token that is none of ours,
+    // an ended session's. Each is answered at once (the body would never come).
+    for token in [None, Some("not-a-token"), Some(ended.as_str())] {
+        let token = token.map_or(String::new(), |t| {
+            format!("x-phoenix-longpoll-token: {t}\r\n")
+        });
+        let head = format!(
+            "POST {LP} HTTP/1.1\r\nhost: 127.0.0.1\r\n{token}content-length: 1000000\r\n\r\n"
+        );
+        let mut tcp = TcpStream::connect(s.addr).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0; 4096];
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("status") {
+            let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+                .await
+                .expect("answered before the body came")
+                .unwrap();
+            assert!(
+                n > 0,
+                "closed without an answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains(r#"{"status":410}"#), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_post_body_slower_than_the_poll_window_gets_408() {
+    let s = start_with(config(300)).await;
+    let token = session(&s, "").await;
+    // 10 of the 100 bytes announced, then nothing: answered once the window has passed.
+    let head = format!(
+        "POST {LP} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-phoenix-longpoll-token: {token}\r\n\
+         content-length: 100\r\n\r\n[null,\"1\","
+    );
+    assert_eq!(s.http_status(&head).await, 408);
+}
+
+/// A socket that reads a connect param named `token` as the app's credential (as
+/// firebrand-server reads its JWT): anything but `jwt` is refused; no `token` is an anonymous
+/// connection. Its socket id is `anon:<user>`.
+struct TokenSocket;
+
+impl firebrand::Socket for TokenSocket {
+    type Assigns = ();
+
+    async fn connect(&self, info: &firebrand::ConnectInfo) -> Result<(), firebrand::ConnectError> {
+        match info.param("token") {
+            None | Some("jwt") => Ok(()),
+            Some(_) => Err(firebrand::ConnectError::forbidden()),
+        }
+    }
+
+    fn id(&self, _: &()) -> Option<String> {
+        Some("anon:1".into())
+    }
+}
+
+#[tokio::test]
+async fn an_anonymous_client_reconnects_after_its_session_ended() {
+    let endpoint = firebrand::Endpoint::new();
+    let router = axum::Router::new().nest(
+        "/socket",
+        endpoint
+            .socket(TokenSocket)
+            .longpoll(Duration::from_secs(2))
+            .into_router(),
+    );
+    let s = serve(router, endpoint).await;
+    let token = session(&s, "").await;
+    s.endpoint.disconnect("anon:1");
+    // The official client polls with the ended session's token as the *query* param `token`:
+    // it names no session, so a new one starts, and that token is not the app's credential.
+    let again = loop {
+        let v = http(&s, "GET", &format!("{LP}&token={token}"), &[], "")
+            .await
+            .json();
+        if v["status"] != 200 && v["status"] != 204 {
+            break v;
+        }
+    };
+    assert_eq!(again["status"], 410, "{again}");
+    assert_ne!(again["token"], token.as_str());
+    // A client with a credential of its own keeps it.
+    let v = http(&s, "GET", &format!("{LP}&token=jwt&token={token}"), &[], "")
+        .await
+        .json();
+    assert_eq!(v["status"], 410, "{v}");
+    let v = http(
+        &s,
+        "GET",
+        &format!("{LP}&token=forged&token={token}"),
+        &[],
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(v, json!({"status": 403}));
 }

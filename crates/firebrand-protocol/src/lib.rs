@@ -38,6 +38,6 @@ mod message;
 mod payload;
 mod serializer;
 
-pub use message::{Message, Outbound, ServerMessage};
+pub use message::{Message, Outbound, ServerMessage, is_protocol_event};
 pub use payload::{DecodeError, Payload, RawJson};
 pub use serializer::{EncodeError, Encoded, FrameError, Serializer, UnsupportedVsn};

@@ -2,6 +2,27 @@
 
 use crate::payload::Payload;
 
+/// Whether `event` is one the official client handles itself rather than handing to the app:
+/// the protocol's own (`phx_reply`, `phx_close`, `phx_error`, `phx_join`, `phx_leave`, …) and
+/// the internal event phoenix.js resolves a pending push with (`chan_reply_<ref>`: whoever
+/// sends it on a channel answers that channel's push `<ref>`).
+///
+/// A server never sends such an event as a push or broadcast of the app's; firebrand refuses
+/// to (see `firebrand::Endpoint::broadcast`). An app that relays a client's event name to other
+/// clients relays it safely because of that rule.
+///
+/// ```
+/// use firebrand_protocol::is_protocol_event;
+///
+/// assert!(is_protocol_event("chan_reply_7"));
+/// assert!(is_protocol_event("phx_close"));
+/// assert!(!is_protocol_event("new_msg"));
+/// assert!(!is_protocol_event("presence_diff")); // the app's (Presence), not the protocol's
+/// ```
+pub fn is_protocol_event(event: &str) -> bool {
+    event.starts_with("phx_") || event.starts_with("chan_reply_")
+}
+
 /// A message decoded from a client frame.
 ///
 /// Refs are opaque strings that the server echoes; the official client counts `"1"`, `"2"`, ….

@@ -21,7 +21,7 @@
 //! | `GET /api/info` | | `{"node", "nodes", "version", "connections", "topics"}` |
 //! | `GET /api/openapi.json` | | this API as an OpenAPI 3.1 document (no key needed) |
 //!
-//! `payload` is any JSON (`{}` when left out). Events starting with `phx_`, and
+//! `payload` is any JSON (`{}` when left out). Events starting with `phx_` or `chan_reply_`, and
 //! `presence_state` and `presence_diff`, are reserved (422). Node ids are strings (they do not
 //! fit a JavaScript number).
 

@@ -187,9 +187,12 @@ struct TopicChannel {
     occupant: Occupant,
 }
 
-/// Events a client may not push, nor the API publish: the protocol's and Presence's.
+/// Events a client may not push, nor the API publish: those the official client handles
+/// itself rather than handing to the app — the protocol's (`phx_*`, and `chan_reply_<ref>`,
+/// which phoenix.js takes as the reply to its push `<ref>`: relayed, it would let one client
+/// answer another's requests) and Presence's (which would corrupt other clients' lists).
 pub(crate) fn reserved(event: &str) -> bool {
-    event.starts_with("phx_") || event == "presence_state" || event == "presence_diff"
+    firebrand::is_protocol_event(event) || event == "presence_state" || event == "presence_diff"
 }
 
 impl Channel for TopicChannel {

@@ -59,7 +59,7 @@
 //! - `pushes`: `"rejected"`: the error reply `{"reason":"pushes are not allowed"}`.
 //!   `"broadcast"`: the event and payload go as they are to every *other* subscriber of the
 //!   topic (Phoenix's `broadcast_from`: not back to the sender), and the push gets the reply
-//!   `ok` `{}`. Events starting with `phx_`, and `presence_state` and `presence_diff`, are
+//!   `ok` `{}`. Events starting with `phx_` or `chan_reply_`, and `presence_state` and `presence_diff`, are
 //!   refused with `{"reason":"reserved event"}`.
 //! - `presence`: on join, the user is tracked under its `sub` with the meta
 //!   `{"user": sub, "info": <the token's info claim>}` and the client gets `presence_state`, then

@@ -183,6 +183,22 @@ async fn cluster_behaviour(name: &str, var: &str, url: &str) {
         .await;
     }
 
+    // A socket id is not a topic: a `disconnect` published on node 3 to the topic named like
+    // alice's socket id closes nothing; alice on node 1 gets the next publish from node 3.
+    for (topic, event) in [("user_socket:alice", "disconnect"), ("room:1", "news")] {
+        let body = json!({"topic": topic, "event": event, "payload": {"n": 2}}).to_string();
+        let (status, _) = http(
+            nodes[2].port,
+            "POST",
+            "/api/publish",
+            Some(KEY),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(alice.recv_event("news").await[4], json!({"n": 2}));
+
     // A disconnect asked of node 3 closes alice's socket on node 1.
     let body = json!({"user": "alice"}).to_string();
     let (status, _) = http(

@@ -27,7 +27,7 @@ use crate::node::{Hub, Refused};
 /// let endpoint = Endpoint::new();
 /// endpoint.broadcast("room:lobby", "new_msg", json!({"body": "server says hi"}));
 /// endpoint.disconnect("user_socket:42"); // closes every connection of user 42 (code 1001)
-/// assert_eq!(endpoint.stats().broadcasts, 2); // the disconnect is a broadcast too
+/// assert_eq!(endpoint.stats().broadcasts, 1); // a socket id is not a topic
 /// ```
 #[derive(Clone)]
 pub struct Endpoint {
@@ -401,6 +401,15 @@ impl Endpoint {
 
     /// Broadcasts `event` with `payload` to every subscriber of `topic` (Phoenix's
     /// `Endpoint.broadcast`). Never blocks: each subscriber's frame is queued.
+    ///
+    /// The protocol's own events ([`is_protocol_event`](crate::is_protocol_event): `phx_*`,
+    /// and `chan_reply_*`, which phoenix.js takes as the reply to a pending push) are not the
+    /// app's to send: such a broadcast is dropped and logged, here and in every other way to
+    /// broadcast or push (a channel's `broadcast*` and `push`, `local_broadcast`,
+    /// `direct_broadcast`). So a channel that relays a client's event name cannot be made to
+    /// answer or close other clients' channels. `presence_state` and `presence_diff` stay the
+    /// app's (a channel pushes `presence_state` itself); refuse them from clients in the
+    /// channel if its clients must not send them (firebrand-server does).
     pub fn broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
         self.publish(Broadcast::new(topic, event, payload.into()), None);
     }
@@ -433,6 +442,9 @@ impl Endpoint {
     /// Broadcasts to the subscribers of `topic` on this node only (Phoenix's
     /// `local_broadcast`).
     pub fn local_broadcast(&self, topic: &str, event: &str, payload: impl Into<Payload>) {
+        if refused_event(topic, event) {
+            return;
+        }
         self.inner
             .hub
             .dispatch_local(&Broadcast::new(topic, event, payload.into()), None);
@@ -460,6 +472,9 @@ impl Endpoint {
         event: &str,
         payload: impl Into<Payload>,
     ) {
+        if refused_event(topic, event) {
+            return;
+        }
         let broadcast = Broadcast::new(topic, event, payload.into());
         match &self.inner.cluster {
             Some(c) if node != c.node() => c.direct(node, broadcast),
@@ -467,11 +482,20 @@ impl Endpoint {
         }
     }
 
-    /// Closes every connection whose [`Socket::id`](crate::Socket::id) is `socket_id`, with code 1001: the
-    /// `"disconnect"` broadcast of Phoenix. Their channels terminate with
-    /// [`StopReason::Closed`](crate::StopReason::Closed) and get no `phx_close`.
+    /// Closes every connection whose [`Socket::id`](crate::Socket::id) is `socket_id`, on every
+    /// node, with code 1001: what Phoenix does with a `"disconnect"` broadcast on the socket
+    /// id. Their channels terminate with [`StopReason::Closed`](crate::StopReason::Closed) and
+    /// get no `phx_close`.
+    ///
+    /// Unlike Phoenix, a socket id is not a topic: it lives in a registry of its own, so no
+    /// channel can join it (to watch another user's disconnects), and no broadcast on a topic
+    /// of the same name — a client's push relayed by a channel, say — closes anything. This
+    /// method is the only way in.
     pub fn disconnect(&self, socket_id: &str) {
-        self.broadcast(socket_id, "disconnect", Payload::empty());
+        if let Some(c) = &self.inner.cluster {
+            c.disconnect(socket_id);
+        }
+        self.inner.hub.disconnect_local(socket_id);
     }
 
     /// The endpoint's counters.
@@ -602,6 +626,9 @@ impl Endpoint {
 
     /// Broadcasts `b` on every node, to every subscriber but `from`.
     pub(crate) fn publish(&self, b: Broadcast, from: Option<SubId>) {
+        if refused_event(b.topic(), b.event()) {
+            return;
+        }
         if let Some(c) = &self.inner.cluster {
             if let Some(retention) = self.inner.hub.recorded(&b).filter(|_| c.records()) {
                 // Delivered here too when the engine hands it back with its position.
@@ -616,6 +643,9 @@ impl Endpoint {
     /// Broadcasts `b` on every node, to every subscriber but `from`, without recording it in a
     /// recoverable topic's history (no position; never replayed).
     pub(crate) fn publish_unrecorded(&self, b: Broadcast, from: Option<SubId>) {
+        if refused_event(b.topic(), b.event()) {
+            return;
+        }
         if let Some(c) = &self.inner.cluster {
             c.broadcast(&b);
         }
@@ -633,4 +663,18 @@ impl Endpoint {
         locals.push(value.clone());
         value
     }
+}
+
+/// Whether the app's broadcast or push of `event` is refused: the protocol's own events are
+/// not the app's to send ([`Endpoint::broadcast`]). Logged, as the app's bug it is.
+pub(crate) fn refused_event(topic: &str, event: &str) -> bool {
+    let refused = firebrand_protocol::is_protocol_event(event);
+    if refused {
+        tracing::warn!(
+            topic,
+            event,
+            "dropped: the protocol's own events (phx_*, chan_reply_*) are not the app's to send"
+        );
+    }
+    refused
 }

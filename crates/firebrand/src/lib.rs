@@ -135,7 +135,7 @@ mod transport;
 
 pub use endpoint::{Endpoint, EndpointBuilder, HistoryPage, Stats};
 #[doc(inline)]
-pub use firebrand_protocol::{DecodeError, Payload, RawJson};
+pub use firebrand_protocol::{DecodeError, Payload, RawJson, is_protocol_event};
 pub use model::channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};
 pub use model::context::{ChannelContext, ChannelSender, JoinContext, ReplyRef, SendError};
 pub use model::socket::{ConnectError, ConnectInfo, Socket};

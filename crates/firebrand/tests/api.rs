@@ -121,6 +121,14 @@ impl Channel for Probe {
                 ctx.stop(StopReason::Error("asked to".into()));
                 Ok(None)
             }
+            // Relays a client-chosen event name, as a chat's "typing" relay might: to the
+            // others, and back to the client.
+            "relay" => {
+                let event: String = payload.decode()?;
+                ctx.broadcast_from(&event, json!({}));
+                ctx.push(&event, json!({}));
+                Ok(Some(Reply::ok(json!({}))))
+            }
             _ => Ok(None),
         }
     }
@@ -355,6 +363,87 @@ async fn terminate_sees_why_the_channel_ended() {
     h.endpoint.disconnect("user:2");
     assert_eq!(recv(&mut ws).await, json!({"close": 1001}));
     assert_eq!(h.events.recv().await.unwrap(), "terminate Closed");
+}
+
+#[tokio::test]
+async fn a_socket_id_is_not_a_topic() {
+    let h = start().await;
+    let (mut alice, _) = h
+        .connect(&format!("token={}", h.signer.sign(&2u64)), None)
+        .await
+        .unwrap();
+    let (mut eve, _) = h
+        .connect(&format!("token={}", h.signer.sign(&3u64)), None)
+        .await
+        .unwrap();
+    // Eve subscribes a channel to the topic named like alice's socket id, "user:2".
+    send(&mut eve, json!(["1", "1", "probe:eve", "phx_join", {}])).await;
+    let _ = recv(&mut eve).await;
+    send(
+        &mut eve,
+        json!(["1", "2", "probe:eve", "subscribe", "user:2"]),
+    )
+    .await;
+    expect_reply(&mut eve, "2", "ok", json!({})).await;
+    send(&mut alice, json!(["1", "1", "probe:alice", "phx_join", {}])).await;
+    let _ = recv(&mut alice).await;
+
+    // A broadcast of "disconnect" on that topic is only a broadcast: alice stays.
+    h.endpoint.broadcast("user:2", "disconnect", json!({}));
+    let relayed = |event: &str| json!(["1", null, "probe:eve", "relayed", {"from": "user:2", "event": event}]);
+    assert_eq!(recv(&mut eve).await, relayed("disconnect"));
+    send(&mut alice, json!(["1", "2", "probe:alice", "release", {}])).await;
+    expect_reply(&mut alice, "2", "ok", json!({})).await;
+
+    // The socket id's disconnect closes alice, and eve's channel sees nothing of it: the next
+    // broadcast on "user:2" is the next thing it relays.
+    h.endpoint.disconnect("user:2");
+    assert_eq!(recv(&mut alice).await, json!({"close": 1001}));
+    h.endpoint.broadcast("user:2", "fence", json!({}));
+    assert_eq!(recv(&mut eve).await, relayed("fence"));
+}
+
+#[tokio::test]
+async fn the_protocols_own_events_are_never_sent_as_the_apps() {
+    let h = start().await;
+    let token = h.signer.sign(&4u64);
+    let (mut a, _) = h.connect(&format!("token={token}"), None).await.unwrap();
+    let (mut b, _) = h.connect(&format!("token={token}"), None).await.unwrap();
+    for ws in [&mut a, &mut b] {
+        send(ws, json!(["1", "1", "probe:relay", "phx_join", {}])).await;
+        let _ = recv(ws).await;
+    }
+    // A channel relays whatever event name its client asks for: phoenix.js would take
+    // `chan_reply_<ref>` as the reply to its push <ref>, and `phx_close` as its channel closing.
+    for (i, event) in [
+        "chan_reply_2",
+        "chan_reply_1",
+        "phx_close",
+        "phx_reply",
+        "phx_error",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = format!("r{i}");
+        send(&mut a, json!(["1", r, "probe:relay", "relay", event])).await;
+        expect_reply(&mut a, &r, "ok", json!({})).await;
+    }
+    h.endpoint
+        .broadcast("probe:relay", "chan_reply_3", json!({}));
+    h.endpoint
+        .local_broadcast("probe:relay", "phx_close", json!({}));
+    // Then one the app may send: it is the next frame on both connections.
+    send(&mut a, json!(["1", "x", "probe:relay", "relay", "typing"])).await;
+    assert_eq!(
+        recv(&mut a).await,
+        json!(["1", null, "probe:relay", "typing", {}])
+    );
+    expect_reply(&mut a, "x", "ok", json!({})).await;
+    assert_eq!(
+        recv(&mut b).await,
+        json!([null, null, "probe:relay", "typing", {}])
+    );
 }
 
 #[tokio::test]

@@ -216,6 +216,11 @@ impl Cluster {
         Some(read)
     }
 
+    /// Closes the connections of socket id `id` on every other node.
+    pub(crate) fn disconnect(&self, id: &str) {
+        self.send(&Body::Disconnect(id.to_owned()));
+    }
+
     /// Sends `b` to the subscribers of node `to` only.
     pub(crate) fn direct(&self, to: u64, b: Broadcast) {
         self.send(&Body::Direct { to, broadcast: b });
@@ -257,6 +262,7 @@ impl Cluster {
             } => self.answer(from, id, service, body),
             Body::Answer { id, body, .. } => self.answered(from, id, body),
             Body::Direct { .. } => {}
+            Body::Disconnect(id) => self.hub.disconnect_local(&id),
             presence => self.on_gossip(from, presence),
         }
     }

@@ -45,13 +45,14 @@ const KIND_TRANSFER: u8 = 4;
 const KIND_GOODBYE: u8 = 5;
 const KIND_DIRECT: u8 = 6;
 const KIND_ANSWER: u8 = 8;
+const KIND_DISCONNECT: u8 = 9;
 const PAYLOAD_JSON: u8 = 0;
 const PAYLOAD_BINARY: u8 = 1;
 
 /// Whether a message kind is one of the cluster's own; every other kind is a request to the
 /// service of that id ([`Body::Request`]).
 pub(crate) fn is_cluster_kind(kind: u8) -> bool {
-    matches!(kind, 1..=6 | KIND_ANSWER)
+    matches!(kind, 1..=6 | KIND_ANSWER | KIND_DISCONNECT)
 }
 
 /// What a node-to-node message carries.
@@ -83,6 +84,8 @@ pub(crate) enum Body {
     },
     /// Node `to`'s request `id`, answered.
     Answer { to: u64, id: u64, body: Bytes },
+    /// Close the connections of this socket id (not a topic: see `Hub::disconnect_local`).
+    Disconnect(String),
 }
 
 pub(crate) struct NodeMessage {
@@ -122,6 +125,12 @@ pub(crate) fn encode(node: u64, body: &Body) -> Bytes {
         }
         Body::Answer { to, id, body } => {
             return request_bytes(&mut buf, KIND_ANSWER, node, *to, *id, body);
+        }
+        Body::Disconnect(id) => {
+            buf.put_u8(KIND_DISCONNECT);
+            buf.put_u64(node);
+            buf.put_slice(id.as_bytes());
+            return buf.freeze();
         }
         Body::Heartbeat { from, to, delta } => presence(
             KIND_HEARTBEAT,
@@ -215,6 +224,13 @@ pub(crate) fn decode(mut m: &[u8]) -> Result<NodeMessage, MessageError> {
             },
         };
         return Ok(NodeMessage { node, body });
+    }
+    if kind == KIND_DISCONNECT {
+        let id = std::str::from_utf8(m).map_err(|_| MessageError::Malformed)?;
+        return Ok(NodeMessage {
+            node,
+            body: Body::Disconnect(id.to_owned()),
+        });
     }
     let direct_to = if kind == KIND_DIRECT {
         need(m, 8)?;
@@ -359,6 +375,10 @@ mod tests {
         };
         let got = decode(&encode(5, &answer)).unwrap();
         assert!(matches!(got.body, Body::Answer { to: 3, id: 9, ref body } if body.is_empty()));
+        let disconnect = decode(&encode(5, &Body::Disconnect("user_socket:42".into()))).unwrap();
+        assert!(
+            matches!(disconnect, NodeMessage { node: 5, body: Body::Disconnect(ref id) } if id == "user_socket:42")
+        );
         for cut in 1..9 + 16 {
             assert!(decode(&encode(3, &request)[..cut]).is_err(), "cut at {cut}");
         }

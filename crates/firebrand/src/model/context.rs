@@ -193,8 +193,13 @@ impl<C: Channel> ChannelContext<C> {
         self.recovered
     }
 
-    /// Pushes `event` to this client only: `[join_ref, null, topic, event, payload]`.
+    /// Pushes `event` to this client only: `[join_ref, null, topic, event, payload]`. The
+    /// protocol's own events are refused, as for a broadcast
+    /// ([`Endpoint::broadcast`](crate::Endpoint::broadcast)).
     pub fn push(&self, event: &str, payload: impl Into<Payload>) {
+        if crate::endpoint::refused_event(&self.topic, event) {
+            return;
+        }
         let payload = payload.into();
         self.wire.send(&Outbound::push(
             &self.join_ref,

@@ -30,6 +30,10 @@ pub(crate) struct Hub {
     /// This node's id: its presence replica, its long-poll tokens, its cluster messages.
     id: u64,
     pubsub: PubSub,
+    /// Socket ids and the connections that carry them: a registry of its own, apart from the
+    /// topics, so that no channel can join, publish to or watch a socket id
+    /// ([`Hub::disconnect_local`]).
+    sockets: PubSub,
     tracker: Arc<Tracker>,
     /// The histories of recoverable topics, if any topic is.
     history: Option<History>,
@@ -114,6 +118,7 @@ impl Hub {
         Arc::new_cyclic(|me| Hub {
             id,
             pubsub: PubSub::new(),
+            sockets: PubSub::new(),
             tracker: Arc::new(Tracker::new(id, presence_batch, presence_fetch, gossip)),
             history,
             me: me.clone(),
@@ -133,6 +138,25 @@ impl Hub {
 
     pub(crate) fn pubsub(&self) -> &PubSub {
         &self.pubsub
+    }
+
+    /// Registers `outbox` as a connection of socket id `id`; returns what
+    /// [`leave_socket`](Hub::leave_socket) takes.
+    pub(crate) fn join_socket(&self, id: &str, outbox: Arc<Outbox>) -> SubId {
+        self.sockets.subscribe(id, pubsub::Target::Socket(outbox))
+    }
+
+    /// Forgets a connection of socket id `id`.
+    pub(crate) fn leave_socket(&self, id: &str, sub: SubId) {
+        self.sockets.unsubscribe(id, sub);
+    }
+
+    /// Closes this node's connections of socket id `id` (code 1001). Socket ids are not
+    /// topics: nothing a client sends, and no broadcast, reaches them; only
+    /// [`Endpoint::disconnect`](crate::Endpoint::disconnect) does, on every node.
+    pub(crate) fn disconnect_local(&self, id: &str) {
+        let disconnect = Broadcast::new(id, "disconnect", firebrand_protocol::Payload::empty());
+        self.sockets.dispatch(&disconnect, None);
     }
 
     /// The presence tracker, its diff flusher started (which needs a Tokio runtime).

@@ -148,7 +148,8 @@ pub(crate) enum Target {
     },
     /// An extra topic a channel subscribed to: everything goes to `handle_info`.
     Info(Arc<dyn Inbox>),
-    /// A socket's id topic: the `"disconnect"` event closes the connection.
+    /// A connection carrying a socket id, in the hub's registry of socket ids (never in the
+    /// topics'): the `"disconnect"` event closes it.
     Socket(Arc<Outbox>),
 }
 

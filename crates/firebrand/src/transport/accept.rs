@@ -30,12 +30,22 @@ pub(crate) struct SocketConfig {
     pub(crate) write_timeout: Duration,
     /// The long-poll poll window, when long-poll is on.
     pub(crate) longpoll: Option<Duration>,
-    pub(crate) max_longpoll_body: usize,
+    /// `None`: twice `max_frame_size` ([`SocketConfig::longpoll_body_limit`]).
+    pub(crate) max_longpoll_body: Option<usize>,
     pub(crate) message_rate: Option<u32>,
     pub(crate) join_rate: Option<u32>,
     pub(crate) max_payload: usize,
     pub(crate) max_topic_len: usize,
     pub(crate) max_pending_replies: usize,
+}
+
+impl SocketConfig {
+    /// The largest long-poll POST body read: as set, or twice the frame limit (a POST carries
+    /// one frame, or a batch of the official client's queued frames).
+    pub(crate) fn longpoll_body_limit(&self) -> usize {
+        self.max_longpoll_body
+            .unwrap_or(self.max_frame_size.saturating_mul(2))
+    }
 }
 
 impl Default for SocketConfig {
@@ -49,7 +59,7 @@ impl Default for SocketConfig {
             mailbox_limit: 1024,
             write_timeout: Duration::from_secs(10),
             longpoll: None,
-            max_longpoll_body: 8_000_000,
+            max_longpoll_body: None,
             message_rate: Some(500),
             join_rate: Some(100),
             max_payload: 256 * 1024,

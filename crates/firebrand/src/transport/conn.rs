@@ -20,7 +20,7 @@ use crate::model::context::Wire;
 use crate::model::runner::{ChannelHandle, InRejected, SpawnArgs};
 use crate::model::socket::Socket;
 use crate::node::Registered;
-use crate::node::pubsub::{SubId, Target};
+use crate::node::pubsub::SubId;
 use crate::node::queue::{Close, ConnEvent, Frame, Outbox};
 use crate::transport::accept::Shared;
 use crate::transport::ws::{Incoming, Reader, WsError};
@@ -203,7 +203,7 @@ impl<S: Socket> Conn<S> {
         let id_sub = args
             .socket_id
             .as_ref()
-            .map(|id| hub.pubsub().subscribe(id, Target::Socket(outbox.clone())));
+            .map(|id| hub.join_socket(id, outbox.clone()));
         Conn {
             assigns: args.assigns,
             socket_id: args.socket_id,
@@ -240,7 +240,7 @@ impl<S: Socket> Conn<S> {
             ch.inbox.socket_closed(reason.clone());
         }
         if let (Some(id), Some(sub)) = (&self.socket_id, self.id_sub.take()) {
-            self.registered.hub().pubsub().unsubscribe(id, sub);
+            self.registered.hub().leave_socket(id, sub);
         }
     }
 }

@@ -183,9 +183,12 @@ impl<S: Socket> SocketBuilder<S> {
 
     /// The largest long-poll POST body read, in bytes. A larger one is answered HTTP 413
     /// (payload too large) as soon as its `content-length`, or its bytes read so far, pass the
-    /// limit: it is never buffered whole. Default 8 MB (8,000,000 bytes, as Phoenix).
+    /// limit: it is never buffered whole. A body is read only for a live session, and must
+    /// arrive within the poll window (HTTP 408 otherwise). Default: twice
+    /// [`max_frame_size`](SocketBuilder::max_frame_size) (2 MiB; Phoenix reads up to 8 MB
+    /// before it looks for the session).
     pub fn max_longpoll_body(mut self, bytes: usize) -> Self {
-        self.config.max_longpoll_body = bytes;
+        self.config.max_longpoll_body = Some(bytes);
         self
     }
 

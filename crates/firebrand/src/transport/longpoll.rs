@@ -20,9 +20,10 @@
 //! (its queue is dropped, its channels terminate, [`Stats::slow_consumers`](crate::Stats)
 //! counts it), and its next poll starts a new session (`410`). A poll counts as the session's
 //! last one however it ends, also when the client goes away mid-poll and its request is
-//! dropped. A POST body is read up to
-//! [`max_longpoll_body`](crate::SocketBuilder::max_longpoll_body) (8 MB, as Phoenix) and
-//! answered HTTP 413 past it, before it is buffered whole or forwarded to another node.
+//! dropped. A POST is read only once its session is found (else `410` at once, its body
+//! unread), up to [`max_longpoll_body`](crate::SocketBuilder::max_longpoll_body) (twice the
+//! frame limit by default) and within the poll window: past the limit it is answered HTTP 413 before it is
+//! buffered whole or forwarded to another node, past the deadline HTTP 408.
 //!
 //! Every answer is HTTP 200 with the logical status in the body, as Phoenix does (except OPTIONS
 //! and malformed requests: 400).
@@ -389,21 +390,31 @@ fn status(code: u16) -> Response {
     Answer::status(code).into_response()
 }
 
-/// The session token from the `X-Phoenix-Longpoll-Token` header or the *last* `token` query
-/// param: the official client appends the session token after the socket's params, which may
-/// hold a `token` of their own (a JWT: `new Socket(url, {params: {token}})`), as Plug's last
-/// value wins.
-fn token<'a>(headers: &'a HeaderMap, params: &'a [(String, String)]) -> Option<&'a str> {
-    headers
+/// The session token, if the request carries one of this endpoint's, and the query params
+/// without it (what `connect` sees). It is the `X-Phoenix-Longpoll-Token` header or the *last*
+/// `token` query param: the official client appends the session token after the socket's
+/// params, which may hold a `token` of their own (a JWT: `new Socket(url, {params: {token}})`),
+/// as Plug's last value wins. A last `token` that is not one of ours (the app's own param, on
+/// the first poll) stays a param; one of ours never reaches `connect`, even when its session
+/// has ended (read as the app's token, it would refuse an anonymous client's reconnect).
+fn session_token(
+    headers: &HeaderMap,
+    mut params: Vec<(String, String)>,
+) -> (Option<String>, Vec<(String, String)>) {
+    if let Some(t) = headers
         .get("x-phoenix-longpoll-token")
         .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            params
-                .iter()
-                .rev()
-                .find(|(k, _)| k == "token")
-                .map(|(_, v)| v.as_str())
-        })
+    {
+        return (Some(t.to_owned()), params);
+    }
+    let last = params.iter().rposition(|(k, _)| k == "token");
+    match last {
+        Some(i) if Sessions::node_of(&params[i].1).is_some() => {
+            let (_, token) = params.remove(i);
+            (Some(token), params)
+        }
+        _ => (None, params),
+    }
 }
 
 /// Serves one long-poll request of a socket whose poll window is `window`.
@@ -422,13 +433,31 @@ pub(crate) async fn handle<S: Socket>(
     let Some(params) = query_params(&parts.uri) else {
         return (StatusCode::BAD_REQUEST, "invalid query string").into_response();
     };
-    let token = token(&parts.headers, &params).map(str::to_owned);
+    let (token, params) = session_token(&parts.headers, params);
+    let endpoint = &shared.endpoint;
+    let sessions = Sessions::of(endpoint);
+    // The node a token's session lives on, when that is another live node (the request is
+    // forwarded there).
+    let elsewhere = token
+        .as_deref()
+        .and_then(Sessions::node_of)
+        .filter(|&node| node != sessions.node && endpoint.nodes().contains(&node));
     let request = if parts.method == Method::GET {
         Request::Poll
     } else {
+        // The session is found before the body is read: a POST without one is answered at
+        // once, whatever its body (only a session's client may make the server buffer one).
+        let found = token
+            .as_deref()
+            .is_some_and(|t| elsewhere.is_some() || sessions.session(t).is_some());
+        if !found {
+            return Answer::NoSession.into_response();
+        }
         // Read here, before the request may be forwarded: a body over the limit is refused
-        // from its `content-length`, or as soon as its bytes pass the limit.
-        let limit = shared.config.max_longpoll_body;
+        // from its `content-length`, or as soon as its bytes pass the limit; one that takes
+        // longer than the poll window to arrive, with 408 (a client that trickles a body holds
+        // a request and its buffer no longer).
+        let limit = shared.config.longpoll_body_limit();
         let too_large = || (StatusCode::PAYLOAD_TOO_LARGE, "long-poll body too large");
         let declared = parts
             .headers
@@ -437,8 +466,12 @@ pub(crate) async fn handle<S: Socket>(
         if declared.is_some_and(|n| n > limit as u64) {
             return too_large().into_response();
         }
-        let Ok(body) = axum::body::to_bytes(body, limit).await else {
-            return too_large().into_response();
+        let body = match tokio::time::timeout(window, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(_)) => return too_large().into_response(),
+            Err(_) => {
+                return (StatusCode::REQUEST_TIMEOUT, "long-poll body too slow").into_response();
+            }
         };
         let ndjson = parts
             .headers
@@ -446,22 +479,18 @@ pub(crate) async fn handle<S: Socket>(
             .is_some_and(|v| v.as_bytes().starts_with(b"application/x-ndjson"));
         Request::Post { body, ndjson }
     };
-    let endpoint = &shared.endpoint;
-    let sessions = Sessions::of(endpoint);
-    let answer = match &token {
-        None => Answer::NoSession,
-        Some(token) => match Sessions::node_of(token) {
-            Some(node) if node != sessions.node && endpoint.nodes().contains(&node) => forward(
-                endpoint,
-                node,
-                token,
-                request.clone(),
-                window + FORWARD_MARGIN,
-            )
-            .await
-            .unwrap_or(Answer::NoSession),
-            _ => sessions.answer(token, request.clone()).await,
-        },
+    let answer = match (&token, elsewhere) {
+        (None, _) => Answer::NoSession,
+        (Some(token), Some(node)) => forward(
+            endpoint,
+            node,
+            token,
+            request.clone(),
+            window + FORWARD_MARGIN,
+        )
+        .await
+        .unwrap_or(Answer::NoSession),
+        (Some(token), None) => sessions.answer(token, request.clone()).await,
     };
     match (answer, request) {
         (Answer::NoSession, Request::Poll) => start(shared, window, parts, params).await,
@@ -686,20 +715,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_session_token_is_the_last_token_param() {
+    fn the_session_token_is_the_last_token_param_and_never_a_connect_param() {
         let params = |list: &[(&str, &str)]| -> Vec<(String, String)> {
             list.iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         };
+        let ours = Sessions::new(7).token(1);
         let none = HeaderMap::new();
         // The official client: the socket's params (here a JWT named `token`), then the session's.
-        let p = params(&[("token", "jwt"), ("vsn", "2.0.0"), ("token", "session")]);
-        assert_eq!(token(&none, &p), Some("session"));
-        assert_eq!(token(&none, &params(&[("token", "jwt")])), Some("jwt"));
+        let p = params(&[("token", "jwt"), ("vsn", "2.0.0"), ("token", &ours)]);
+        let (token, rest) = session_token(&none, p.clone());
+        assert_eq!(token.as_deref(), Some(ours.as_str()));
+        assert_eq!(rest, params(&[("token", "jwt"), ("vsn", "2.0.0")]));
+        // The first poll: the app's own `token` is no session token, and stays a param.
+        let jwt = params(&[("token", "jwt")]);
+        assert_eq!(session_token(&none, jwt.clone()), (None, jwt));
         let mut headers = HeaderMap::new();
         headers.insert("x-phoenix-longpoll-token", HeaderValue::from_static("h"));
-        assert_eq!(token(&headers, &p), Some("h"));
+        assert_eq!(session_token(&headers, p.clone()), (Some("h".into()), p));
     }
 
     fn session() -> (
