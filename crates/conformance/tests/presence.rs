@@ -328,3 +328,54 @@ async fn two_tabs_of_one_user_are_two_metas() {
         [ref1]
     );
 }
+
+/// Two sockets of one user on a topic, the second going away right after joining (a tab
+/// opened and closed, well within the batch window): a third client sees the second's join
+/// and then its leave as two diffs, as Phoenix sends them, never one diff with the key on both
+/// sides. Once by `phx_leave` sent behind the join, once by closing the socket.
+#[tokio::test]
+async fn a_second_socket_leaving_right_after_joining_is_a_join_diff_then_a_leave_diff() {
+    let s = start().await;
+    let mut observer = s.presence_client("").await;
+    observer.join("1", "room:p6", json!({"joined": "p6"})).await;
+    // The first tabs stay (a tab going away would be a change of its own).
+    let mut first_tabs = Vec::new();
+    for (user, how) in [("twin1", "leave"), ("twin2", "close")] {
+        let mut tab1 = s.presence_client(&format!("user={user}")).await;
+        let state = join_with_presence(&mut tab1, "1", "room:p6").await;
+        let ref1 = metas(&state, user)[0]["phx_ref"].clone();
+        let d = next_diff(&mut observer).await;
+        assert_eq!(
+            d,
+            json!({"joins": {user: {"metas": metas(&state, user)}}, "leaves": {}})
+        );
+
+        // The first tab's diff just went out: the second tab's join and leave come within
+        // the window.
+        let mut tab2 = s.presence_client(&format!("user={user}")).await;
+        match how {
+            "leave" => {
+                tab2.send(json!(["1", "1", "room:p6", "phx_join", {}]))
+                    .await;
+                tab2.send(json!(["1", "2", "room:p6", "phx_leave", {}]))
+                    .await;
+            }
+            _ => {
+                join_with_presence(&mut tab2, "1", "room:p6").await;
+                tab2.ws.close(None).await.unwrap();
+            }
+        }
+        let joined = next_diff(&mut observer).await;
+        assert_eq!(joined["leaves"], json!({}), "{how}: {joined}");
+        let m = metas(&joined["joins"], user);
+        assert_eq!(m.len(), 1, "{how}: {joined}");
+        assert_ne!(m[0]["phx_ref"], ref1, "{how}: {joined}");
+        let left = next_diff(&mut observer).await;
+        assert_eq!(
+            left,
+            json!({"joins": {}, "leaves": {user: {"metas": m}}}),
+            "{how}"
+        );
+        first_tabs.push(tab1);
+    }
+}

@@ -202,9 +202,10 @@ impl EndpointBuilder {
 
     /// The presence batch window. A topic whose last `presence_diff` went out longer ago than
     /// this sends the next change's diff at once (one diff per change, as Phoenix does);
-    /// changes that come faster are merged into one diff at the end of the window, so a room
-    /// where thousands join at once costs a few diffs per window, not one per join. Default
-    /// 20 ms.
+    /// changes that come faster go out at the end of the window, those of distinct keys merged
+    /// into one diff, so a room where thousands join at once costs a few diffs per window, not
+    /// one per join. Two changes of one key (a join and its leave) are never merged: they go
+    /// out as two diffs, in order, as Phoenix sends them. Default 20 ms.
     pub fn presence_batch(mut self, window: Duration) -> Self {
         self.presence_batch = window;
         self

@@ -9,11 +9,17 @@
 //! `{"joins": {key: {"metas": [...]}}, "leaves": {...}}`, exactly as Phoenix sends them, so the
 //! official client's `Presence` class stays in sync: one diff per change, at once, while a
 //! topic's changes come further apart than the batch window (20 ms by default,
-//! [`EndpointBuilder::presence_batch`](crate::EndpointBuilder::presence_batch)); changes that come
-//! faster are merged into one diff per window, so a room where N users join at once costs a few
-//! diffs, not N² messages. A channel pushes the current list (`presence_state`) itself after
-//! joining — Phoenix's after-join idiom — and from then on its client gets the diffs of later
-//! changes only: never a diff of a change the list already holds, none missed, none twice.
+//! [`EndpointBuilder::presence_batch`](crate::EndpointBuilder::presence_batch)). Changes that come
+//! faster go out at the end of the window, changes of distinct keys merged into one diff, so a
+//! room where N users join at once costs a few diffs, not N² messages. A diff never merges two
+//! changes of one key, which Phoenix sends apart: a tab opened and closed within the window is a
+//! join diff, then a leave diff. A change is never split either: an update (a leave and a join
+//! of one key) is one diff, as Phoenix's `update` sends it, and so is a gossip round from
+//! another node (Phoenix reports a merged delta at once).
+//!
+//! A channel pushes the current list (`presence_state`) itself after joining — Phoenix's
+//! after-join idiom — and from then on its client gets the diffs of later changes only: never a
+//! diff of a change the list already holds, none missed, none twice.
 //!
 //! ```
 //! # use firebrand::*;
@@ -38,7 +44,7 @@
 
 pub(crate) mod crdt;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -102,12 +108,63 @@ struct Change {
 }
 
 /// A topic's changes not yet broadcast, and when its last diff went out.
+///
+/// The changes are cut into consecutive segments, each sent as one diff: a change whose key
+/// already changed in the last segment (a join, then the leave of the same key; a user's second
+/// tab) starts a new one, so a diff never merges two changes of one key, which Phoenix sends
+/// apart. Changes of distinct keys share a segment (a storm's joins: a few diffs per window).
+/// A change is never split: its elements (an update's leave and join, a gossip round's joins
+/// and leaves) go out in one diff, as Phoenix sends them.
 struct TopicDiff {
     changes: Vec<Change>,
+    /// Where each segment after the first starts in `changes`, in order.
+    cuts: Vec<usize>,
+    /// The keys of the last segment, each with the number of the last change of it there.
+    keys: HashMap<Arc<str>, u64>,
     /// When the last diff of this topic was sent (`None`: never, or long ago).
     last: Option<Instant>,
     /// When the pending changes are due (`None`: nothing pending).
     due: Option<Instant>,
+}
+
+impl TopicDiff {
+    /// Appends an element of change `change.seq` (a change's elements come one after the
+    /// other), starting a new segment with the change when its key changed earlier in the
+    /// last one: the elements of this change already appended move along with it.
+    fn push(&mut self, change: Change) {
+        let seq = change.seq;
+        if self
+            .keys
+            .get(&change.entry.key)
+            .is_some_and(|&earlier| earlier != seq)
+        {
+            let start = self
+                .changes
+                .iter()
+                .rposition(|c| c.seq != seq)
+                .map_or(0, |i| i + 1);
+            self.cuts.push(start);
+            self.keys.clear();
+            for c in &self.changes[start..] {
+                self.keys.insert(c.entry.key.clone(), seq);
+            }
+        }
+        self.keys.insert(change.entry.key.clone(), seq);
+        self.changes.push(change);
+    }
+
+    /// Takes the pending changes, one list per segment, in order.
+    fn take_segments(&mut self) -> Vec<Vec<Change>> {
+        let mut changes = std::mem::take(&mut self.changes);
+        let mut segments = Vec::with_capacity(self.cuts.len() + 1);
+        for cut in self.cuts.drain(..).rev() {
+            segments.push(changes.split_off(cut));
+        }
+        segments.push(changes);
+        segments.reverse();
+        self.keys.clear();
+        segments
+    }
 }
 
 /// Everything behind the tracker's lock. One lock, so that a change's number, its place in
@@ -430,6 +487,8 @@ impl Tracker {
                 .entry(entry.topic.clone())
                 .or_insert_with(|| TopicDiff {
                     changes: Vec::new(),
+                    cuts: Vec::new(),
+                    keys: HashMap::new(),
                     last: None,
                     due: None,
                 });
@@ -441,7 +500,7 @@ impl Tracker {
                 topic.due = Some(due);
                 wake = true;
             }
-            topic.changes.push(Change {
+            topic.push(Change {
                 seq,
                 dot,
                 entry,
@@ -492,7 +551,7 @@ impl Tracker {
             let batch = self.batch;
             inner.pending.retain(|topic, diff| match diff.due {
                 Some(at) if at <= now => {
-                    due.push((topic.clone(), std::mem::take(&mut diff.changes)));
+                    due.push((topic.clone(), diff.take_segments()));
                     diff.due = None;
                     diff.last = Some(now);
                     true
@@ -504,12 +563,16 @@ impl Tracker {
                 None => diff.last.is_some_and(|last| now < last + batch),
             });
         }
-        for (topic, changes) in due {
-            sink.publish_diff(&Diff {
-                tracker: self,
-                topic: &topic,
-                changes,
-            });
+        // One task sends them all, each topic's segments in order: a topic's diffs never
+        // reorder.
+        for (topic, segments) in due {
+            for changes in segments {
+                sink.publish_diff(&Diff {
+                    tracker: self,
+                    topic: &topic,
+                    changes,
+                });
+            }
         }
         next
     }
@@ -532,7 +595,8 @@ impl Drop for Tracker {
     }
 }
 
-/// The changes of one topic sent together: numbered `first..=last`.
+/// Changes of one topic sent together (a segment of [`TopicDiff`]): numbered `first..=last`,
+/// no two of them of the same key.
 ///
 /// Every subscriber of the topic has a cursor: the last change its client knows of (from
 /// the `presence_state` it was sent, [`Tracker::list_for`], or from when it started getting
@@ -561,35 +625,20 @@ impl Sequenced for Diff<'_> {
 
     /// The `presence_diff` of the changes after `cursor`; `None` when nothing is left.
     ///
-    /// Each element is announced by what its first and last change say: joined, left,
-    /// or both when it came and went (the client applies joins before leaves, so it ends up
-    /// without it either way). An element that left and came back (a node forgotten and
-    /// heard from again) is unchanged for a client that had it, so it is not announced.
+    /// No two changes here are of one key, so each element (a dot, of one key) joins or
+    /// leaves once: the diff lists each as its change says.
     fn since(&self, cursor: u64) -> Option<Broadcast> {
-        let mut seen: BTreeMap<Dot, (&Change, &Change)> = BTreeMap::new();
-        for c in self.changes.iter().filter(|c| c.seq > cursor) {
-            seen.entry(c.dot)
-                .and_modify(|(_, last)| *last = c)
-                .or_insert((c, c));
-        }
-        if seen.is_empty() {
-            return None;
-        }
         let (mut joins, mut leaves) = (Vec::new(), Vec::new());
-        for (dot, (first, last)) in &seen {
-            match (first.join, last.join) {
-                (true, true) => joins.push((*dot, &last.entry)),
-                (false, false) => leaves.push((*dot, &first.entry)),
-                (true, false) => {
-                    joins.push((*dot, &first.entry));
-                    leaves.push((*dot, &first.entry));
-                }
-                (false, true) => {}
-            }
+        for c in self.changes.iter().filter(|c| c.seq > cursor) {
+            let side = if c.join { &mut joins } else { &mut leaves };
+            side.push((c.dot, &c.entry));
         }
         if joins.is_empty() && leaves.is_empty() {
             return None;
         }
+        // Metas of one key in dot order, as in a list.
+        joins.sort_unstable_by_key(|(dot, _)| *dot);
+        leaves.sort_unstable_by_key(|(dot, _)| *dot);
         let t = self.tracker;
         let fast = t
             .fetch
@@ -749,8 +798,18 @@ mod tests {
 
     struct Collect(Mutex<Vec<(String, Value)>>);
 
+    /// A diff never holds two changes of one key (Phoenix sends them apart).
+    fn assert_one_change_per_key(diff: &Diff<'_>) {
+        let mut seen: HashMap<&str, u64> = HashMap::new();
+        for c in &diff.changes {
+            let seq = *seen.entry(&c.entry.key).or_insert(c.seq);
+            assert_eq!(seq, c.seq, "two changes of {:?} in one diff", c.entry.key);
+        }
+    }
+
     impl DiffSink for Collect {
         fn publish_diff(&self, diff: &Diff<'_>) {
+            assert_one_change_per_key(diff);
             if let Some(b) = diff.since(0) {
                 self.0
                     .lock()
@@ -854,12 +913,14 @@ mod tests {
             Err(PresenceError::MetaNotObject)
         );
         t.flush_now(&sink);
+        // Two changes of one key: two diffs, as Phoenix sends them.
         let diffs = std::mem::take(&mut *sink.0.lock());
-        assert_eq!(diffs.len(), 1);
+        assert_eq!(diffs.len(), 2);
         assert_eq!(
             refs(&diffs[0].1, "joins", "alice"),
-            [r1.clone(), r2.clone()]
+            std::slice::from_ref(&r1)
         );
+        assert_eq!(refs(&diffs[1].1, "joins", "alice"), [r2]);
 
         // An update is one diff with a join (carrying phx_ref_prev) and a leave.
         let r3 = t
@@ -887,30 +948,266 @@ mod tests {
         t.untrack_owner(a);
         t.untrack(b, "room:1", "alice");
         t.flush_now(&sink);
-        let diff = sink.0.lock().pop().unwrap().1;
-        assert_eq!(refs(&diff, "leaves", "alice").len(), 2);
+        let diffs = std::mem::take(&mut *sink.0.lock());
+        assert_eq!(diffs.len(), 2);
+        assert_eq!(refs(&diffs[0].1, "leaves", "alice").len(), 1);
+        assert_eq!(refs(&diffs[1].1, "leaves", "alice").len(), 1);
         assert_eq!(t.list("room:1").to_value().unwrap(), serde_json::json!({}));
     }
 
-    /// A presence that comes and goes within one batch is still announced as both, since a
-    /// client may have seen it in a presence_state meanwhile (otherwise it would keep a ghost).
+    /// The diffs collected so far: (joins, leaves) as `key:phx_ref` lists.
+    fn sides(sink: &Collect) -> Vec<(Vec<String>, Vec<String>)> {
+        let side = |v: &Value| -> Vec<String> {
+            let mut out = Vec::new();
+            for (key, entry) in v.as_object().unwrap() {
+                for m in entry["metas"].as_array().unwrap() {
+                    out.push(format!("{key}:{}", m["phx_ref"].as_str().unwrap()));
+                }
+            }
+            out
+        };
+        std::mem::take(&mut *sink.0.lock())
+            .iter()
+            .map(|(_, d)| (side(&d["joins"]), side(&d["leaves"])))
+            .collect()
+    }
+
+    /// A tab opened and closed within the batch window of a quiet topic: a join diff, then a
+    /// leave diff, as Phoenix sends them (never one diff with the key on both sides).
     #[test]
-    fn a_presence_that_comes_and_goes_within_a_batch_is_announced_as_both() {
-        let t = Tracker::new(1, Duration::ZERO, None, false);
+    fn a_join_then_a_leave_within_the_window_are_two_diffs_in_order() {
+        let batch = Duration::from_millis(20);
+        let t = Tracker::new(1, batch, None, false);
         let sink = Collect(Mutex::new(Vec::new()));
+        // A diff just went out: the next changes wait for the end of the window.
+        t.track(t.new_owner(), "room:1", "bob", serde_json::json!({}))
+            .unwrap();
+        let start = Instant::now();
+        assert_eq!(t.flush_due(start, &sink), None);
+        assert_eq!(sides(&sink).len(), 1);
         let a = t.new_owner();
         let r = t
             .track(a, "room:1", "alice", serde_json::json!({}))
             .unwrap();
         t.untrack_owner(a);
-        t.flush_now(&sink);
-        let diffs = sink.0.lock();
-        assert_eq!(diffs.len(), 1);
+        let due = t.flush_due(start, &sink).expect("held for the window");
+        assert!(sides(&sink).is_empty());
+        t.flush_due(due, &sink);
+        let alice = format!("alice:{r}");
         assert_eq!(
-            refs(&diffs[0].1, "joins", "alice"),
-            std::slice::from_ref(&r)
+            sides(&sink),
+            [(vec![alice.clone()], vec![]), (vec![], vec![alice])]
         );
-        assert_eq!(refs(&diffs[0].1, "leaves", "alice"), [r]);
+    }
+
+    /// A second tab of one user leaves right after joining: its join and its leave are diffs
+    /// of their own, and so is the first tab's join before them.
+    #[test]
+    fn a_second_tab_leaving_within_the_window_is_a_diff_of_its_own() {
+        let t = Tracker::new(1, Duration::ZERO, None, false);
+        let sink = Collect(Mutex::new(Vec::new()));
+        let (tab1, tab2) = (t.new_owner(), t.new_owner());
+        let r1 = t
+            .track(tab1, "room:1", "alice", serde_json::json!({}))
+            .unwrap();
+        let r2 = t
+            .track(tab2, "room:1", "alice", serde_json::json!({}))
+            .unwrap();
+        t.untrack(tab2, "room:1", "alice");
+        t.flush_now(&sink);
+        let (a1, a2) = (format!("alice:{r1}"), format!("alice:{r2}"));
+        assert_eq!(
+            sides(&sink),
+            [
+                (vec![a1], vec![]),
+                (vec![a2.clone()], vec![]),
+                (vec![], vec![a2])
+            ]
+        );
+    }
+
+    /// Changes of distinct keys within the window are merged (a storm costs a few diffs, not
+    /// one per change); a later change of a key already in the diff starts the next one, which
+    /// again takes the changes of distinct keys after it.
+    #[test]
+    fn changes_of_distinct_keys_within_the_window_are_merged() {
+        const N: usize = 50;
+        let t = Tracker::new(1, Duration::ZERO, None, false);
+        let sink = Collect(Mutex::new(Vec::new()));
+        let owners: Vec<Owner> = (0..N).map(|_| t.new_owner()).collect();
+        for (i, o) in owners.iter().enumerate() {
+            t.track(*o, "room:1", &format!("u{i}"), serde_json::json!({}))
+                .unwrap();
+        }
+        // A change on another topic does not cut this topic's diff.
+        t.track(owners[0], "room:2", "u0", serde_json::json!({}))
+            .unwrap();
+        t.untrack(owners[0], "room:1", "u0");
+        t.untrack(owners[1], "room:1", "u1");
+        t.track(t.new_owner(), "room:1", "late", serde_json::json!({}))
+            .unwrap();
+        t.flush_now(&sink);
+        let diffs = std::mem::take(&mut *sink.0.lock());
+        let room1: Vec<&Value> = diffs
+            .iter()
+            .filter(|(topic, _)| topic == "room:1")
+            .map(|(_, d)| d)
+            .collect();
+        assert_eq!(room1.len(), 2);
+        assert_eq!(room1[0]["joins"].as_object().unwrap().len(), N);
+        assert_eq!(room1[0]["leaves"], serde_json::json!({}));
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&room1[1]["joins"]), ["late"]);
+        assert_eq!(keys(&room1[1]["leaves"]), ["u0", "u1"]);
+    }
+
+    /// An update is one change (a leave and a join of one key): one diff with both, as
+    /// Phoenix's `update` sends it, even right after the track it updates.
+    #[test]
+    fn an_update_is_one_diff_even_within_the_window() {
+        let t = Tracker::new(1, Duration::ZERO, None, false);
+        let sink = Collect(Mutex::new(Vec::new()));
+        let a = t.new_owner();
+        let r1 = t
+            .track(a, "room:1", "alice", serde_json::json!({}))
+            .unwrap();
+        let r2 = t
+            .update(a, "room:1", "alice", serde_json::json!({"away": true}))
+            .unwrap();
+        t.track(t.new_owner(), "room:1", "bob", serde_json::json!({}))
+            .unwrap();
+        t.flush_now(&sink);
+        let (a1, a2) = (format!("alice:{r1}"), format!("alice:{r2}"));
+        let diffs = sides(&sink);
+        assert_eq!(diffs.len(), 2);
+        assert_eq!(diffs[0], (vec![a1.clone()], vec![]));
+        // Bob's join, of another key, joins the update's diff.
+        assert_eq!(diffs[1].1, [a1]);
+        assert_eq!(diffs[1].0.len(), 2);
+        assert!(diffs[1].0.contains(&a2));
+    }
+
+    /// A gossip round from another node is one change: one diff with all its joins and
+    /// leaves (Phoenix reports a merged delta at once), cut from a local change of its keys.
+    #[test]
+    fn a_gossip_round_is_one_diff_apart_from_changes_of_its_keys() {
+        let here = Tracker::new(1, Duration::ZERO, None, true);
+        let two = Tracker::new(2, Duration::ZERO, None, true);
+        let sink = Collect(Mutex::new(Vec::new()));
+        let local = here
+            .track(here.new_owner(), "room:g", "alice", serde_json::json!({}))
+            .unwrap();
+        let tab1 = two.new_owner();
+        let r1 = two
+            .track(tab1, "room:g", "alice", serde_json::json!({}))
+            .unwrap();
+        let rb = two
+            .track(two.new_owner(), "room:g", "bob", serde_json::json!({}))
+            .unwrap();
+        assert!(here.merge_remote(2, &two.take_delta().0));
+        // Node 2's alice closes a tab and opens another between two rounds.
+        two.untrack_owner(tab1);
+        let r2 = two
+            .track(two.new_owner(), "room:g", "alice", serde_json::json!({}))
+            .unwrap();
+        assert!(here.merge_remote(2, &two.take_delta().0));
+        here.flush_now(&sink);
+        let mut diffs = sides(&sink);
+        for (joins, leaves) in &mut diffs {
+            joins.sort();
+            leaves.sort();
+        }
+        let (a1, a2) = (format!("alice:{r1}"), format!("alice:{r2}"));
+        assert_eq!(
+            diffs,
+            [
+                (vec![format!("alice:{local}")], vec![]),
+                (vec![a1.clone(), format!("bob:{rb}")], vec![]),
+                (vec![a2], vec![a1]),
+            ]
+        );
+    }
+
+    /// A subscriber of the real PubSub: its outbox and its cursor.
+    fn subscriber(
+        hub: &Hub,
+        topic: &str,
+    ) -> (
+        Arc<crate::node::queue::Outbox>,
+        Arc<crate::node::queue::Mailbox<crate::model::context::ChannelMsg<()>>>,
+    ) {
+        use crate::node::pubsub::{Inbox, Target};
+        let outbox = Arc::new(crate::node::queue::Outbox::new(1 << 20));
+        let mailbox = Arc::new(crate::node::queue::Mailbox::new(16));
+        let inbox: Arc<dyn Inbox> = mailbox.clone();
+        hub.0.subscribe(
+            topic,
+            Target::Fastlane {
+                outbox: outbox.clone(),
+                serializer: firebrand_protocol::Serializer::V2,
+                intercepts: &[],
+                inbox,
+            },
+        );
+        (outbox, mailbox)
+    }
+
+    /// The `presence_diff` payloads queued to a subscriber.
+    fn received(outbox: &crate::node::queue::Outbox) -> Vec<Value> {
+        use crate::node::queue::Frame;
+        outbox
+            .take()
+            .frames
+            .into_iter()
+            .map(|frame| {
+                let Frame::Text(text) = frame else {
+                    panic!("text frames only")
+                };
+                let msg: Value = serde_json::from_slice(&text).unwrap();
+                assert_eq!(msg[3], "presence_diff");
+                msg[4].clone()
+            })
+            .collect()
+    }
+
+    /// Cut into several diffs, the changes still reach each subscriber after its list only:
+    /// never a diff of a change its list holds, none missed, none twice, in order.
+    #[test]
+    fn each_subscriber_gets_the_diffs_after_its_list_only() {
+        let topic = "room:c";
+        let t = Tracker::new(1, Duration::ZERO, None, false);
+        let hub = Hub(crate::node::pubsub::PubSub::new());
+        let before = subscriber(&hub, topic);
+        t.list_for(topic, &before.1.cursor);
+        let a = t.new_owner();
+        t.track(a, topic, "alice", serde_json::json!({})).unwrap();
+        t.track(t.new_owner(), topic, "bob", serde_json::json!({}))
+            .unwrap();
+        // Lists while alice's and bob's joins are pending: holds both.
+        let between = subscriber(&hub, topic);
+        let state = t.list_for(topic, &between.1.cursor).to_value().unwrap();
+        assert_eq!(state.as_object().unwrap().len(), 2);
+        t.track(t.new_owner(), topic, "carol", serde_json::json!({}))
+            .unwrap();
+        t.untrack_owner(a);
+        // Lists after every change: gets nothing.
+        let after = subscriber(&hub, topic);
+        t.list_for(topic, &after.1.cursor);
+        t.flush_now(&hub);
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        let all = received(&before.0);
+        assert_eq!(all.len(), 2, "{all:?}");
+        // Carol's join, of another key, joins the first diff; alice's leave starts the next.
+        assert_eq!(keys(&all[0]["joins"]), ["alice", "bob", "carol"]);
+        assert_eq!(keys(&all[1]["joins"]), Vec::<String>::new());
+        assert_eq!(keys(&all[1]["leaves"]), ["alice"]);
+        // Its list holds the first diff's first two changes: it gets the rest.
+        let got = received(&between.0);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(keys(&got[0]["joins"]), ["carol"]);
+        assert_eq!(keys(&got[0]["leaves"]), Vec::<String>::new());
+        assert_eq!(got[1], all[1]);
+        assert!(received(&after.0).is_empty());
     }
 
     #[test]
@@ -1078,6 +1375,7 @@ mod tests {
 
     impl DiffSink for Hub {
         fn publish_diff(&self, diff: &Diff<'_>) {
+            assert_one_change_per_key(diff);
             self.0.dispatch_sequenced(diff);
         }
     }
