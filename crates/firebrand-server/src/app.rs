@@ -361,7 +361,7 @@ pub fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
         Some(Cluster::Redis(url)) => {
             // Without its password: an error is printed, logged, collected.
             let adapter = firebrand_redis::RedisAdapter::new(url)
-                .map_err(|e| anyhow::anyhow!(crate::config::redact_url(&e.to_string())))
+                .map_err(|e| anyhow::anyhow!(crate::config::redact_in(e.to_string(), url)))
                 .with_context(|| {
                     format!("invalid Redis URL {:?}", crate::config::redact_url(url))
                 })?;

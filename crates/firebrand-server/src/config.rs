@@ -456,7 +456,7 @@ fn credentials(url: &str) -> Option<(usize, &str)> {
 }
 
 /// `message` (about `url`) without `url`'s credentials.
-fn redact_in(message: String, url: &str) -> String {
+pub(crate) fn redact_in(message: String, url: &str) -> String {
     match credentials(url) {
         Some((_, secret)) => {
             let escaped = format!("{secret:?}");
