@@ -4,9 +4,9 @@
 //! Every request but `GET /api/openapi.json` needs `Authorization: Bearer <api.key>` (see
 //! [`config`](crate::config); compared in constant time). With no key configured the API is
 //! disabled (403), except in development mode (no auth key) on a loopback address, where it is
-//! open without a key — and then only to requests whose `Host` is a loopback name
-//! (`localhost`, `127.0.0.1` or `[::1]`, any port), so that a web page the developer visits
-//! cannot reach it through DNS rebinding. Bodies are JSON: a `POST` must say
+//! open without a key — and then (but for the OpenAPI document) only to requests whose `Host`
+//! is a loopback name (`localhost`, `127.0.0.1` or `[::1]`, any port), so that a web page the
+//! developer visits cannot reach it through DNS rebinding. Bodies are JSON: a `POST` must say
 //! `Content-Type: application/json` (a form or `text/plain` body, which a web page can send
 //! without asking, is refused), and is at most 2 MiB. Every answer is JSON. Errors are
 //! `{"error": "<reason>"}` with the status saying which kind: 400 (a body or query that does not
