@@ -4,11 +4,16 @@
 //! Every request but `GET /api/openapi.json` needs `Authorization: Bearer <api.key>` (see
 //! [`config`](crate::config); compared in constant time). With no key configured the API is
 //! disabled (403), except in development mode (no auth key) on a loopback address, where it is
-//! open without a key. Bodies are JSON; every answer is JSON. Errors are `{"error": "<reason>"}`
-//! with the status saying which kind: 400 (a body or query that does not parse: the reason
-//! names the field), 401 (no key, or the wrong one), 403 (the API is disabled), 404 (no such
-//! route), 405 (another method expected), 422 (well-formed but unacceptable: an empty topic, a
-//! reserved event, a topic without history).
+//! open without a key — and then (but for the OpenAPI document) only to requests whose `Host`
+//! is a loopback name (`localhost`, `127.0.0.1` or `[::1]`, any port), so that a web page the
+//! developer visits cannot reach it through DNS rebinding. Bodies are JSON: a `POST` must say
+//! `Content-Type: application/json` (a form or `text/plain` body, which a web page can send
+//! without asking, is refused), and is at most 2 MiB. Every answer is JSON. Errors are
+//! `{"error": "<reason>"}` with the status saying which kind: 400 (a body or query that does not
+//! parse: the reason names the field), 401 (no key, or the wrong one), 403 (the API is
+//! disabled, or open and asked with another `Host`), 404 (no such route), 405 (another method
+//! expected), 413 (a body over 2 MiB), 415 (a `POST` without a JSON `Content-Type`), 422
+//! (well-formed but unacceptable: an empty topic, a reserved event, a topic without history).
 //!
 //! | request | body or query | answer |
 //! | --- | --- | --- |
@@ -30,7 +35,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Query, Request, State};
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -47,6 +52,9 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// At most this many topics in one `publish_many`.
 pub const MAX_TOPICS: usize = 10_000;
+
+/// The largest body accepted (413 above): 2 MiB.
+pub const MAX_BODY: usize = 2 * 1024 * 1024;
 
 #[derive(Clone)]
 struct Api {
@@ -66,6 +74,12 @@ pub enum ApiError {
     WrongKey,
     /// 403: no key is configured.
     Disabled,
+    /// 403: the API is open without a key, and the request's `Host` is not a loopback name.
+    ForeignHost(String),
+    /// 413: the body is over [`MAX_BODY`].
+    TooLarge,
+    /// 415: a body without a JSON `Content-Type`.
+    NotJson,
     /// 404: no such route.
     NoRoute(String),
     /// 405: the route exists with another method.
@@ -87,6 +101,22 @@ impl ApiError {
             ApiError::Disabled => (
                 StatusCode::FORBIDDEN,
                 "the server API is disabled: configure api.key (FIREBRAND_API_KEY)".into(),
+            ),
+            ApiError::ForeignHost(host) => (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "host {host:?} refused: the API is open without a key (development mode) to \
+                     loopback hosts only (localhost, 127.0.0.1, [::1]); configure api.key \
+                     (FIREBRAND_API_KEY) to call it under another name"
+                ),
+            ),
+            ApiError::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over the limit of {} MiB", MAX_BODY >> 20),
+            ),
+            ApiError::NotJson => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be JSON, sent with Content-Type: application/json".into(),
             ),
             ApiError::NoRoute(route) => (StatusCode::NOT_FOUND, format!("no such route: {route}")),
             ApiError::MethodNotAllowed(route) => (
@@ -136,7 +166,8 @@ pub fn router(access: ApiAccess, endpoint: Endpoint) -> Router {
         .fold(Router::new(), |r, (_, path, handler)| {
             r.route(path, handler)
         })
-        .route_layer(middleware::from_fn_with_state(api.clone(), authorize));
+        .route_layer(middleware::from_fn_with_state(api.clone(), authorize))
+        .layer(DefaultBodyLimit::max(MAX_BODY));
     let routes = authorized
         .route("/openapi.json", get(openapi))
         .fallback(|method: Method, uri: Uri| async move {
@@ -152,7 +183,12 @@ pub fn router(access: ApiAccess, endpoint: Endpoint) -> Router {
 /// Lets the request through with the right key (or when the API is open).
 async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Response {
     let key = match &*api.access {
-        ApiAccess::Open => return next.run(request).await,
+        ApiAccess::Open => {
+            return match loopback_host(&request) {
+                Ok(()) => next.run(request).await,
+                Err(e) => e.into_response(),
+            };
+        }
         ApiAccess::Disabled => return ApiError::Disabled.into_response(),
         ApiAccess::Key(key) => key,
     };
@@ -166,6 +202,87 @@ async fn authorize(State(api): State<Api>, request: Request, next: Next) -> Resp
         Some(given) if same(given.trim().as_bytes(), key.as_bytes()) => next.run(request).await,
         Some(_) => ApiError::WrongKey.into_response(),
     }
+}
+
+/// Whether the request names a loopback host (`localhost`, `127.0.0.1`, `[::1]`, with any
+/// port): what the open API answers, so that a page from another name that resolves to
+/// 127.0.0.1 (DNS rebinding) cannot use it.
+fn loopback_host(request: &Request) -> Result<(), ApiError> {
+    let host = match request.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok()),
+    };
+    let Some(host) = host else {
+        return Err(ApiError::ForeignHost(String::new()));
+    };
+    if is_loopback_host(host) {
+        Ok(())
+    } else {
+        Err(ApiError::ForeignHost(host.to_owned()))
+    }
+}
+
+/// `localhost`, `127.0.0.1` or `[::1]`, each with a port or without.
+fn is_loopback_host(host: &str) -> bool {
+    let (loopback, port) = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((name, rest)) => match (rest, rest.strip_prefix(':')) {
+                ("", _) => (name == "::1", ""),
+                (_, Some(port)) => (name == "::1", port),
+                (_, None) => return false,
+            },
+            None => return false,
+        },
+        None => {
+            let (name, port) = host.split_once(':').unwrap_or((host, ""));
+            (
+                name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1",
+                port,
+            )
+        }
+    };
+    loopback && port.bytes().all(|b| b.is_ascii_digit())
+}
+/// A JSON body: with a JSON `Content-Type` (else 415), at most [`MAX_BODY`] (else 413), that
+/// parses as `T` (else 400).
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_json);
+        if !json {
+            return Err(ApiError::NotJson);
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge
+            } else {
+                ApiError::BadRequest(format!("invalid body: {}", e.body_text()))
+            }
+        })?;
+        body(&bytes).map(JsonBody)
+    }
+}
+
+/// `application/json` (parameters allowed) or `application/<something>+json`.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Compares in time that depends on the lengths only, not on where the bytes differ.
@@ -222,12 +339,14 @@ struct Publish {
     payload: Value,
 }
 
-async fn publish(State(api): State<Api>, bytes: Bytes) -> Result<impl IntoResponse, ApiError> {
-    let Publish {
+async fn publish(
+    State(api): State<Api>,
+    JsonBody(Publish {
         topic,
         event,
         payload,
-    } = body(&bytes)?;
+    }): JsonBody<Publish>,
+) -> Result<impl IntoResponse, ApiError> {
     check_topic(&topic)?;
     check_event(&event)?;
     api.endpoint.broadcast(&topic, &event, payload);
@@ -243,12 +362,14 @@ struct PublishMany {
     payload: Value,
 }
 
-async fn publish_many(State(api): State<Api>, bytes: Bytes) -> Result<impl IntoResponse, ApiError> {
-    let PublishMany {
+async fn publish_many(
+    State(api): State<Api>,
+    JsonBody(PublishMany {
         topics,
         event,
         payload,
-    } = body(&bytes)?;
+    }): JsonBody<PublishMany>,
+) -> Result<impl IntoResponse, ApiError> {
     if topics.is_empty() || topics.len() > MAX_TOPICS {
         return Err(ApiError::Unprocessable(format!(
             "topics: between 1 and {MAX_TOPICS} expected, got {}",
@@ -271,8 +392,10 @@ struct Disconnect {
     user: String,
 }
 
-async fn disconnect(State(api): State<Api>, bytes: Bytes) -> Result<impl IntoResponse, ApiError> {
-    let Disconnect { user } = body(&bytes)?;
+async fn disconnect(
+    State(api): State<Api>,
+    JsonBody(Disconnect { user }): JsonBody<Disconnect>,
+) -> Result<impl IntoResponse, ApiError> {
     if user.is_empty() {
         return Err(ApiError::Unprocessable("user is empty".into()));
     }
@@ -378,6 +501,55 @@ mod tests {
         routed.sort();
         documented.sort();
         assert_eq!(routed, documented);
+    }
+
+    #[test]
+    fn json_content_types() {
+        for yes in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "APPLICATION/JSON",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json(yes), "{yes}");
+        }
+        for no in ["", "text/plain", "application/jsonx", "text/json+x", "json"] {
+            assert!(!is_json(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        let check = |host: &str| {
+            let request = Request::builder()
+                .uri("/api/info")
+                .header(header::HOST, host)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            loopback_host(&request).is_ok()
+        };
+        for yes in [
+            "localhost",
+            "localhost:4000",
+            "127.0.0.1:1",
+            "[::1]",
+            "[::1]:4000",
+        ] {
+            assert!(check(yes), "{yes}");
+        }
+        for no in [
+            "example.com",
+            "localhost.example.com",
+            "127.0.0.1.nip.io",
+            "::1",
+            "[::1]x",
+            "[::1]5",
+            "localhost:80x",
+            "127.0.0.2",
+            "",
+        ] {
+            assert!(!check(no), "{no}");
+        }
     }
 
     #[test]

@@ -362,8 +362,12 @@ pub fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
     let builder = Endpoint::builder();
     let builder = match &config.cluster {
         Some(Cluster::Redis(url)) => {
+            // Without its password: an error is printed, logged, collected.
             let adapter = firebrand_redis::RedisAdapter::new(url)
-                .with_context(|| format!("invalid Redis URL {url:?}"))?;
+                .map_err(|e| anyhow::anyhow!(crate::config::redact_in(e.to_string(), url)))
+                .with_context(|| {
+                    format!("invalid Redis URL {:?}", crate::config::redact_url(url))
+                })?;
             builder.adapter(adapter.namespace(&config.namespace))
         }
         Some(Cluster::Nats(url)) => {

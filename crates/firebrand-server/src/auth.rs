@@ -7,6 +7,8 @@
 //!   ES256 with the configured public key (`alg: none`, and any other algorithm, is refused);
 //! - carry `exp` (not passed, with 60 s of leeway for clock skew) and a non-empty string `sub`,
 //!   which becomes the user id;
+//! - carry neither `topic` nor `topics`: those make a join token (see
+//!   [`Verifier::verify_join`]), which is never accepted as a connection token;
 //! - carry the configured `aud` and `iss`, if those are configured (a token with an `aud` is
 //!   refused when no audience is configured).
 //!
@@ -14,6 +16,14 @@
 //! token refuses the connection with HTTP 403, as Phoenix refuses a connect; it never falls
 //! back to an anonymous connection. A connection without a token is accepted (anonymous) only
 //! when `allow_anonymous` is on. In development mode (no key configured) tokens are not read.
+//!
+//! **What `exp` does.** A connection token's `exp` is checked once, when the connection is made
+//! (the WebSocket handshake, or the long-poll session's first request); a join token's, at each
+//! join it is sent with. An open connection is not closed when its token expires, and its
+//! channels stay joined: to end a user's access, call `POST /api/disconnect`. A client that
+//! reconnects (phoenix.js does after a network error) is checked again, with the params it
+//! sends then: give phoenix.js's `params` as a function (`params: () => ({token:
+//! currentToken()})`) so that a reconnect carries a fresh token, not the expired one.
 
 use std::fmt;
 use std::str::FromStr;
@@ -81,11 +91,29 @@ impl fmt::Debug for Verifier {
 
 /// Why a token was refused.
 #[derive(Debug)]
-pub struct AuthError(jsonwebtoken::errors::Error);
+pub struct AuthError(Refusal);
+
+#[derive(Debug)]
+enum Refusal {
+    Jwt(jsonwebtoken::errors::Error),
+    /// A connection token with a `topic` or `topics` claim: a join token.
+    JoinToken,
+}
+
+impl From<jsonwebtoken::errors::Error> for AuthError {
+    fn from(e: jsonwebtoken::errors::Error) -> Self {
+        AuthError(Refusal::Jwt(e))
+    }
+}
 
 impl fmt::Display for AuthError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "token refused: {}", self.0)
+        match &self.0 {
+            Refusal::Jwt(e) => write!(f, "token refused: {e}"),
+            Refusal::JoinToken => f.write_str(
+                "token refused: a join token (with a topic or topics claim) is not a connection token",
+            ),
+        }
     }
 }
 
@@ -144,6 +172,21 @@ struct Claims {
     sub: String,
     #[serde(default)]
     info: Value,
+    /// Join tokens' claims: a connection token must carry neither.
+    #[serde(default)]
+    topic: Present,
+    #[serde(default)]
+    topics: Present,
+}
+
+/// Whether a claim is there, whatever its value (`null` included).
+#[derive(Default)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Present(true))
+    }
 }
 
 impl Verifier {
@@ -198,12 +241,15 @@ impl Verifier {
 
     /// The user `token` authenticates, or why it is refused.
     pub fn verify(&self, token: &str) -> Result<User, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(AuthError)?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
         if data.claims.sub.is_empty() {
-            return Err(AuthError(
-                jsonwebtoken::errors::ErrorKind::InvalidSubject.into(),
-            ));
+            return Err(jsonwebtoken::errors::Error::from(
+                jsonwebtoken::errors::ErrorKind::InvalidSubject,
+            )
+            .into());
+        }
+        if data.claims.topic.0 || data.claims.topics.0 {
+            return Err(AuthError(Refusal::JoinToken));
         }
         Ok(User {
             id: Some(data.claims.sub),
@@ -218,7 +264,7 @@ impl Verifier {
         let mut validation = self.validation.clone();
         validation.required_spec_claims.remove("sub");
         let data = jsonwebtoken::decode::<JoinClaims>(token, &self.key, &validation)
-            .map_err(|e| JoinTokenError::Invalid(AuthError(e)))?;
+            .map_err(|e| JoinTokenError::Invalid(e.into()))?;
         let claims = data.claims;
         if claims.topic.as_deref() != Some(topic) && !claims.topics.iter().any(|t| t == topic) {
             return Err(JoinTokenError::OtherTopic);
@@ -277,6 +323,19 @@ mod tests {
         assert!(v.verify("not a token").is_err());
         let wrong = hs(json!({"sub": "a", "exp": now() + 60}), "other");
         assert!(v.verify(&wrong).is_err());
+    }
+
+    #[test]
+    fn a_join_token_is_not_a_connection_token() {
+        let v = Verifier::hs256(b"s3cret").unwrap();
+        for claims in [
+            json!({"sub": "alice", "exp": now() + 60, "topic": "doc:1"}),
+            json!({"sub": "alice", "exp": now() + 60, "topics": ["doc:1"]}),
+            json!({"sub": "alice", "exp": now() + 60, "topic": null}),
+        ] {
+            let e = v.verify(&hs(claims.clone(), "s3cret")).unwrap_err();
+            assert!(e.to_string().contains("join token"), "{claims}: {e}");
+        }
     }
 
     #[test]

@@ -13,15 +13,16 @@
 //! redis_url = "redis://127.0.0.1:6379"
 //! nats_url = "nats://127.0.0.1:4222"
 //! namespace = "firebrand"     # separates clusters sharing one Redis or NATS
-//! secret = "…"                # authenticates node-to-node messages (the same on every node)
+//! secret = "…"                # authenticates node-to-node messages (the same on every node; 32 bytes+)
 //!
 //! [auth]                      # at most one key: a shared secret or a public key file
-//! jwt_hs256_secret = "…"      # HS256
+//! jwt_hs256_secret = "…"      # HS256; 32 bytes or more
 //! jwt_public_key_file = "jwt.pub.pem"  # a PEM public key (relative to the config file)…
 //! jwt_algorithm = "RS256"     # …and its algorithm: "RS256" or "ES256"
-//! audience = "my-app"         # if set, tokens must carry this `aud`
-//! issuer = "https://auth.example.com"  # if set, tokens must carry this `iss`
+//! audience = "my-app"         # if set, tokens must carry this `aud` (needs a key)
+//! issuer = "https://auth.example.com"  # if set, tokens must carry this `iss` (needs a key)
 //! allow_anonymous = false     # connections without a token; default: true only with no key
+//!                             # (with no key on a non-loopback listen: must be written true)
 //! connect_url = "http://127.0.0.1:8000/firebrand/connect"  # the backend decides each connect
 //! connect_headers = ["cookie"]  # request headers sent along to connect_url
 //!
@@ -30,7 +31,7 @@
 //!
 //! [webhooks]                  # tell the backend about topics and presences (see `webhooks`)
 //! url = "http://127.0.0.1:8000/firebrand/events"  # POSTed one event at a time
-//! secret = "…"                # signs each body (HMAC-SHA256); required with url
+//! secret = "…"                # signs each body (HMAC-SHA256); required with url; 32 bytes+
 //! events = ["topic_occupied", "topic_vacated", "presence_join", "presence_leave"]  # default all
 //!
 //! [[namespace]]               # the rules of the topics starting with `prefix`; one table each
@@ -103,7 +104,18 @@
 //! a typo is never silently ignored. With no file and no variables the server runs in
 //! development mode: it listens on 127.0.0.1:4000 and anyone may connect.
 //!
-//! Environment variables (an empty value counts as unset):
+//! **Safe by default.** These are errors (naming the key's line or the variable, and the fix):
+//! no authentication (no JWT key, no `connect_url`) on a `listen` address other than loopback
+//! unless `allow_anonymous = true` is written (in the file or `FIREBRAND_ALLOW_ANONYMOUS`); a
+//! secret shorter than [`MIN_SECRET_BYTES`] (`auth.jwt_hs256_secret`, `webhooks.secret`,
+//! `cluster.secret`; `api.key` needs 16 characters); `audience` or `issuer` without a JWT key;
+//! a variable set to the empty string (an empty `FIREBRAND_JWT_SECRET` from a secret mount that
+//! failed must not start a server without auth). [`Config::warnings`] says what the binary logs
+//! as warnings: development mode, a cluster without `cluster.secret`. Secrets are never printed:
+//! `Debug` and `Display` leave them out, an error quoting a line of the file hides a secret's
+//! value, and URLs have their password replaced ([`redact_url`]).
+//!
+//! Environment variables (one set to the empty string is an error, not unset):
 //!
 //! | variable | overrides |
 //! | --- | --- |
@@ -147,6 +159,9 @@ use crate::webhooks::{Event, WebhookConfig};
 
 /// The development default of `server.listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4000";
+
+/// The shortest secret accepted: `auth.jwt_hs256_secret`, `webhooks.secret`, `cluster.secret`.
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// The server's settings, resolved from the file, the environment and the defaults.
 #[non_exhaustive]
@@ -318,13 +333,35 @@ impl Config {
         self.auth.is_open()
     }
 
+    /// What an operator should know is unsafe about this configuration (the binary logs each
+    /// with `tracing::warn!`): development mode, a cluster without `cluster.secret`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.is_development() {
+            warnings.push(format!(
+                "development mode: no authentication is configured (no JWT key, no \
+                 auth.connect_url), so anyone who reaches {} may connect, anonymously; set \
+                 auth.jwt_hs256_secret (FIREBRAND_JWT_SECRET) to require tokens",
+                self.listen
+            ));
+        }
+        if let (Some(cluster), None) = (&self.cluster, &self.cluster_secret) {
+            warnings.push(format!(
+                "cluster without cluster.secret: whoever can publish on the {} engine is \
+                 trusted as a node; set cluster.secret (FIREBRAND_CLUSTER_SECRET, 32 bytes or \
+                 more, the same on every node)",
+                cluster.engine()
+            ));
+        }
+        warnings
+    }
+
     /// Reads `file` (if any), then applies the environment given by `env` (a variable's value
     /// by name, e.g. `|name| std::env::var(name).ok()`).
     pub fn load(
         file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let env = |name: &str| env(name).filter(|v| !v.is_empty());
         let (source, raw) = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -395,6 +432,42 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// `url` with its credentials hidden: `redis://:***@host`, `nats://***@host` (a user alone may
+/// be a token), `redis://user:***@host`. A URL without credentials is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    match credentials(url) {
+        Some((start, secret)) => format!("{}***{}", &url[..start], &url[start + secret.len()..]),
+        None => url.to_owned(),
+    }
+}
+
+/// The secret part of `url`'s credentials (the password, or a user given alone), and where it
+/// starts.
+fn credentials(url: &str) -> Option<(usize, &str)> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    match userinfo.find(':') {
+        Some(colon) => Some((start + colon + 1, &userinfo[colon + 1..])),
+        None => Some((start, userinfo)),
+    }
+    .filter(|(_, secret)| !secret.is_empty())
+}
+
+/// `message` (about `url`) without `url`'s credentials.
+pub(crate) fn redact_in(message: String, url: &str) -> String {
+    match credentials(url) {
+        Some((_, secret)) => {
+            let escaped = format!("{secret:?}");
+            message
+                .replace(secret, "***")
+                .replace(&escaped[1..escaped.len() - 1], "***")
+        }
+        None => message,
+    }
+}
+
 /// The 1-based line and column (in characters) of byte `offset` of `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -418,10 +491,30 @@ fn describe(text: &str, e: &toml::de::Error) -> String {
     match e.span() {
         Some(span) => {
             let (line, _) = line_col(text, span.start);
-            let quoted = text.lines().nth(line - 1).unwrap_or("").trim();
+            // An unknown key may be a secret's, misspelt: its value is hidden too.
+            let unknown = message.starts_with("unknown field");
+            let quoted = hide_value(text.lines().nth(line - 1).unwrap_or("").trim(), unknown);
             format!("{message}\n  {line} | {quoted}")
         }
         None => message.to_owned(),
+    }
+}
+
+/// A quoted line of the file, without the value if it may be a secret (`always`, or its key says
+/// secret or key) and without a URL's credentials.
+fn hide_value(line: &str, always: bool) -> String {
+    let Some((key, value)) = line.split_once('=') else {
+        return line.to_owned();
+    };
+    let name = key.to_ascii_lowercase();
+    if always
+        || ["secret", "key", "password", "token"]
+            .iter()
+            .any(|w| name.contains(w))
+    {
+        format!("{key}= …")
+    } else {
+        format!("{key}={}", redact_url(value))
     }
 }
 
@@ -541,6 +634,14 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Result<Option<Setting<T>>, ConfigError> {
         if let Some(v) = (self.env)(var) {
+            if v.is_empty() {
+                return Err(ConfigError {
+                    location: Location::Env(var),
+                    message: "is empty: unset it, or give it a value (an empty variable is an \
+                              error, not unset: a secret mount that failed, say)"
+                        .into(),
+                });
+            }
             let value = parse(&v).map_err(|message| ConfigError {
                 location: Location::Env(var),
                 message,
@@ -582,17 +683,36 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         }
     }
 
+    /// A secret's value, refused if shorter than [`MIN_SECRET_BYTES`] (never printed).
+    fn secret(&self, s: Setting<String>, key: &str) -> Result<String, ConfigError> {
+        if s.value.len() < MIN_SECRET_BYTES {
+            return Err(self.error(
+                s.from,
+                key,
+                format_args!(
+                    "is too short ({} bytes): use {MIN_SECRET_BYTES} bytes or more, random \
+                     (e.g. `openssl rand -hex 32`)",
+                    s.value.len()
+                ),
+            ));
+        }
+        Ok(s.value)
+    }
+
     fn resolve(&self, raw: RawFile) -> Result<Config, ConfigError> {
         let text = |v: &str| Ok(v.to_owned());
-        let listen = match self.pick(raw.server.listen, "FIREBRAND_LISTEN", text)? {
-            Some(s) => s.value.parse::<SocketAddr>().map_err(|e| {
-                self.error(
-                    s.from,
-                    "server.listen",
-                    format_args!("{e} (write an address and port, e.g. \"0.0.0.0:4000\")"),
-                )
-            })?,
-            None => DEFAULT_LISTEN.parse().expect("a valid default"),
+        let (listen, listen_from) = match self.pick(raw.server.listen, "FIREBRAND_LISTEN", text)? {
+            Some(s) => (
+                s.value.parse::<SocketAddr>().map_err(|e| {
+                    self.error(
+                        s.from,
+                        "server.listen",
+                        format_args!("{e} (write an address and port, e.g. \"0.0.0.0:4000\")"),
+                    )
+                })?,
+                Some(s.from),
+            ),
+            None => (DEFAULT_LISTEN.parse().expect("a valid default"), None),
         };
         let drain_ms = self.pick(raw.server.drain_ms, "FIREBRAND_DRAIN_MS", |v| {
             v.parse::<u64>()
@@ -650,9 +770,35 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             .map_or_else(|| "firebrand".to_owned(), |s| s.value);
         let cluster_secret = self
             .pick(raw.cluster.secret, "FIREBRAND_CLUSTER_SECRET", text)?
-            .map(|s| s.value);
+            .map(|s| self.secret(s, "cluster.secret"))
+            .transpose()?;
 
+        // Whether allow_anonymous is written (resolve_auth reads its value).
+        let anonymous_written = self
+            .pick(
+                raw.auth.allow_anonymous.clone(),
+                "FIREBRAND_ALLOW_ANONYMOUS",
+                parse_bool,
+            )?
+            .is_some();
         let auth = self.resolve_auth(raw.auth)?;
+        if let Some(from) = listen_from
+            && auth.is_open()
+            && !anonymous_written
+            && !listen.ip().is_loopback()
+        {
+            return Err(self.error(
+                from,
+                "server.listen",
+                format_args!(
+                    "{listen} is not a loopback address, and no authentication is configured: \
+                     anyone who reaches it could connect. Set a JWT key (auth.jwt_hs256_secret \
+                     or FIREBRAND_JWT_SECRET, or auth.jwt_public_key_file) or auth.connect_url; \
+                     or, to let anyone connect on purpose, write allow_anonymous = true under \
+                     [auth] (or FIREBRAND_ALLOW_ANONYMOUS=true)"
+                ),
+            ));
+        }
         let namespaces = self.resolve_namespaces(raw.namespace, &auth)?;
         let api = match self.pick(raw.api.key, "FIREBRAND_API_KEY", text)? {
             Some(key) if key.value.len() < 16 => {
@@ -689,7 +835,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         let url = self.pick(raw.url, "FIREBRAND_WEBHOOK_URL", text)?;
         let secret = self.pick(raw.secret, "FIREBRAND_WEBHOOK_SECRET", text)?;
         let (url, secret) = match (url, secret) {
-            (Some(url), Some(secret)) => (url, secret),
+            (Some(url), Some(secret)) => (url, self.secret(secret, "webhooks.secret")?),
             (Some(url), None) => {
                 return Err(self.error(
                     url.from,
@@ -718,7 +864,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         let parsed = url
             .value
             .parse()
-            .map_err(|e| self.error(url.from, "webhooks.url", e))?;
+            .map_err(|e| self.error(url.from, "webhooks.url", redact_in(e, &url.value)))?;
         let events = match raw.events {
             Some(events) => {
                 let at = From::File(events.span().start);
@@ -736,7 +882,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         };
         Ok(Some(WebhookConfig {
             url: parsed,
-            secret: secret.value,
+            secret,
             events,
         }))
     }
@@ -854,9 +1000,9 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         match (wanted, url) {
             (true, Some(url)) => {
                 let at = From::File(url.span().start);
-                Ok(Some(
-                    url.get_ref().parse().map_err(|e| self.error(at, key, e))?,
-                ))
+                Ok(Some(url.get_ref().parse().map_err(|e| {
+                    self.error(at, key, redact_in(e, url.get_ref()))
+                })?))
             }
             (true, None) => Err(self.error(
                 From::File(rule_at.unwrap_or(0)),
@@ -888,7 +1034,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                 value: s
                     .value
                     .parse::<BackendUrl>()
-                    .map_err(|e| self.error(s.from, "auth.connect_url", e))?,
+                    .map_err(|e| self.error(s.from, "auth.connect_url", redact_in(e, &s.value)))?,
                 from: s.from,
             }),
             None => None,
@@ -925,10 +1071,14 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                     "is set, but auth.jwt_public_key_file is not",
                 ));
             }
-            (Some(s), None, None) => Some(
-                Verifier::hs256(s.value.as_bytes())
-                    .map_err(|e| self.error(s.from, "auth.jwt_hs256_secret", e))?,
-            ),
+            (Some(s), None, None) => {
+                let from = s.from;
+                let secret = self.secret(s, "auth.jwt_hs256_secret")?;
+                Some(
+                    Verifier::hs256(secret.as_bytes())
+                        .map_err(|e| self.error(from, "auth.jwt_hs256_secret", e))?,
+                )
+            }
             (None, Some(k), None) => {
                 return Err(self.error(
                     k.from,
@@ -961,6 +1111,19 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             }
             (None, None, None) => None,
         };
+        if verifier.is_none() {
+            // Nothing would check them: an error rather than silently dropped.
+            for (setting, key) in [(&audience, "auth.audience"), (&issuer, "auth.issuer")] {
+                if let Some(s) = setting {
+                    return Err(self.error(
+                        s.from,
+                        key,
+                        "is set, but no JWT key is configured to check tokens with \
+                         (auth.jwt_hs256_secret or auth.jwt_public_key_file)",
+                    ));
+                }
+            }
+        }
         let verifier = verifier.map(|v| {
             v.audience(audience.map(|s| s.value))
                 .issuer(issuer.map(|s| s.value))
@@ -1032,6 +1195,8 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
 mod tests {
     use super::*;
 
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
     fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = std::env::temp_dir().join(format!(
             "firebrand-server-config-{}-{:?}",
@@ -1066,6 +1231,15 @@ mod tests {
             .to_string();
         assert!(e.contains("firebrand.toml:3:1:"), "{e}");
         assert!(e.contains("drain_msec"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_secret_is_not_quoted() {
+        let e = load("[auth]\njwt_hs256_secrte = \"hunter2-hunter2\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("jwt_hs256_secrte"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]
@@ -1117,17 +1291,21 @@ mod tests {
 
     #[test]
     fn a_secret_turns_off_anonymous_by_default() {
-        let config = load("[auth]\njwt_hs256_secret = \"s3cret\"\n", &[]).unwrap();
+        let config = load(
+            "[auth]\njwt_hs256_secret = \"0123456789abcdef0123456789abcdef\"\n",
+            &[],
+        )
+        .unwrap();
         assert!(!config.is_development());
         assert!(!config.auth.allow_anonymous);
-        let config = load("", &[("FIREBRAND_JWT_SECRET", "s3cret")]).unwrap();
+        let config = load("", &[("FIREBRAND_JWT_SECRET", SECRET)]).unwrap();
         assert!(!config.auth.allow_anonymous);
     }
 
     #[test]
     fn contradictions_are_errors() {
         let e = load(
-            "[auth]\njwt_hs256_secret = \"s\"\n",
+            "[auth]\njwt_hs256_secret = \"0123456789abcdef0123456789abcdef\"\n",
             &[("FIREBRAND_JWT_PUBLIC_KEY_FILE", "k.pem")],
         )
         .unwrap_err()
@@ -1162,7 +1340,7 @@ mod tests {
     #[test]
     fn namespaces_with_their_options_and_defaults() {
         let config = load(
-            "[auth]\njwt_hs256_secret = \"s\"\n\n[[namespace]]\nprefix = \"room:\"\n\
+            "[auth]\njwt_hs256_secret = \"0123456789abcdef0123456789abcdef\"\n\n[[namespace]]\nprefix = \"room:\"\n\
              pushes = \"broadcast\"\npresence = true\nhistory = { size = 5, max_age_ms = 1000 }\n\n\
              [[namespace]]\nprefix = \"doc:\"\njoin = \"token\"\n",
             &[],
@@ -1186,7 +1364,11 @@ mod tests {
     fn without_namespaces_one_catch_all() {
         let dev = Config::load(None, |_| None).unwrap();
         assert_eq!(dev.namespaces.find("x").unwrap().pushes, Pushes::Broadcast);
-        let keyed = load("[auth]\njwt_hs256_secret = \"s\"\n", &[]).unwrap();
+        let keyed = load(
+            "[auth]\njwt_hs256_secret = \"0123456789abcdef0123456789abcdef\"\n",
+            &[],
+        )
+        .unwrap();
         assert_eq!(keyed.namespaces.find("x").unwrap().pushes, Pushes::Rejected);
     }
 
@@ -1221,9 +1403,17 @@ mod tests {
     fn the_api_key_and_the_api_in_development() {
         let dev = Config::load(None, |_| None).unwrap();
         assert_eq!(dev.api, ApiAccess::Open);
-        let exposed = load("[server]\nlisten = \"0.0.0.0:4000\"\n", &[]).unwrap();
+        let exposed = load(
+            "[server]\nlisten = \"0.0.0.0:4000\"\n[auth]\nallow_anonymous = true\n",
+            &[],
+        )
+        .unwrap();
         assert_eq!(exposed.api, ApiAccess::Disabled);
-        let keyed = load("[auth]\njwt_hs256_secret = \"s\"\n", &[]).unwrap();
+        let keyed = load(
+            "[auth]\njwt_hs256_secret = \"0123456789abcdef0123456789abcdef\"\n",
+            &[],
+        )
+        .unwrap();
         assert_eq!(keyed.api, ApiAccess::Disabled);
         let key = "0123456789abcdef0123";
         let with_key = load("", &[("FIREBRAND_API_KEY", key)]).unwrap();
@@ -1296,32 +1486,38 @@ mod tests {
     fn webhooks() {
         assert!(load("", &[]).unwrap().webhooks.is_none());
         let config = load(
-            "[webhooks]\nurl = \"http://127.0.0.1:9/w\"\nsecret = \"s\"\nevents = [\"presence_join\"]\n",
+            "[webhooks]\nurl = \"http://127.0.0.1:9/w\"\nsecret = \"0123456789abcdef0123456789abcdef\"\nevents = [\"presence_join\"]\n",
             &[],
         )
         .unwrap();
         let hooks = config.webhooks.as_ref().unwrap();
         assert_eq!(hooks.events, [Event::PresenceJoin]);
-        assert!(!format!("{config:?}").contains("\"s\""));
+        assert!(!format!("{config:?}").contains(SECRET));
         let env = load(
             "",
             &[
                 ("FIREBRAND_WEBHOOK_URL", "http://x/w"),
-                ("FIREBRAND_WEBHOOK_SECRET", "s"),
+                ("FIREBRAND_WEBHOOK_SECRET", SECRET),
             ],
         )
         .unwrap();
         assert_eq!(env.webhooks.unwrap().events, Event::ALL);
         for (text, line) in [
             ("[webhooks]\nurl = \"http://x/w\"\n", 2),
-            ("[webhooks]\nsecret = \"s\"\n", 2),
-            ("[webhooks]\nurl = \"https://x/w\"\nsecret = \"s\"\n", 2),
             (
-                "[webhooks]\nurl = \"http://x/w\"\nsecret = \"s\"\nevents = [\"joined\"]\n",
+                "[webhooks]\nsecret = \"0123456789abcdef0123456789abcdef\"\n",
+                2,
+            ),
+            (
+                "[webhooks]\nurl = \"https://x/w\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n",
+                2,
+            ),
+            (
+                "[webhooks]\nurl = \"http://x/w\"\nsecret = \"0123456789abcdef0123456789abcdef\"\nevents = [\"joined\"]\n",
                 4,
             ),
             (
-                "[webhooks]\nurl = \"http://x/w\"\nsecret = \"s\"\nevents = []\n",
+                "[webhooks]\nurl = \"http://x/w\"\nsecret = \"0123456789abcdef0123456789abcdef\"\nevents = []\n",
                 4,
             ),
         ] {
@@ -1331,6 +1527,31 @@ mod tests {
                 "{text}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        for (url, redacted) in [
+            ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
+            ("redis://user:pw@host", "redis://user:***@host"),
+            ("nats://token@host:4222", "nats://***@host:4222"),
+            ("redis://host:6379", "redis://host:6379"),
+            ("redis://host/a@b", "redis://host/a@b"),
+            ("redis://:p:w@h", "redis://:***@h"),
+            ("u:pw@h", "u:***@h"),
+        ] {
+            assert_eq!(redact_url(url), redacted, "{url}");
+        }
+        let e = redact_in("\"http://u:pw@h/\": credentials".into(), "http://u:pw@h/");
+        assert_eq!(e, "\"http://u:***@h/\": credentials");
+        assert_eq!(
+            hide_value("jwt_hs256_secret = \"hunter2\"", false),
+            "jwt_hs256_secret = …"
+        );
+        assert_eq!(
+            hide_value("redis_url = 5 # redis://:pw@h", false),
+            "redis_url = 5 # redis://:***@h"
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //!
 //! Clients connect with the official `phoenix` client (`new Socket("ws://host:4000/socket",
 //! {params: {token}})`), authenticated by a JWT that the backend signs ([`auth`]); the server
-//! is configured by one TOML file and environment variables ([`config`]).
+//! is configured by one TOML file and environment variables ([`config`]). It is safe by default:
+//! it will not start without authentication on an address other than loopback unless
+//! `allow_anonymous = true` is written, refuses short secrets and empty variables, logs a
+//! warning in development mode, and never prints a secret ([`config`] has the rules).
 //!
 //! Topics are grouped in [namespaces](namespace) by prefix (`room:`, `user:`, `doc:` …), each
 //! saying who may join, what happens to client pushes, whether presence is tracked and how much

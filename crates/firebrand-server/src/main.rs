@@ -50,13 +50,17 @@ fn parse_args() -> Result<Command, String> {
             return Err("give one of --config and --check-config, once".into());
         }
     }
-    Ok(command.unwrap_or_else(|| {
-        Command::Serve(
-            std::env::var_os("FIREBRAND_CONFIG")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from),
-        )
-    }))
+    match command {
+        Some(command) => Ok(command),
+        None => match std::env::var_os("FIREBRAND_CONFIG") {
+            Some(v) if v.is_empty() => Err(
+                "environment variable FIREBRAND_CONFIG: is empty: unset it, or name the config \
+                 file (an empty variable is an error, not unset)"
+                    .into(),
+            ),
+            v => Ok(Command::Serve(v.map(PathBuf::from))),
+        },
+    }
 }
 
 async fn shutdown_signal() {
@@ -88,17 +92,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if check {
-        let file = file.as_deref().unwrap_or_else(|| "".as_ref()).display();
-        println!("{file}: ok: {config}");
-        return ExitCode::SUCCESS;
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: not as escape codes in a collected log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // What is unsafe about it, logged (for --check-config too).
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    if check {
+        let file = file.as_deref().unwrap_or_else(|| "".as_ref()).display();
+        println!("{file}: ok: {config}");
+        return ExitCode::SUCCESS;
+    }
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,12 +7,12 @@ use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-const SECRET: &str = "test-secret-not-for-production";
+const SECRET: &str = "test-secret-not-for-production-0123456789";
 const KEY: &str = "api-key-for-the-tests-0123456789";
 
 const CONFIG: &str = r#"
 [auth]
-jwt_hs256_secret = "test-secret-not-for-production"
+jwt_hs256_secret = "test-secret-not-for-production-0123456789"
 
 [api]
 key = "api-key-for-the-tests-0123456789"
@@ -241,6 +241,67 @@ async fn errors_are_json_with_a_reason() {
     let (status, body) = get(&server, "/api/publish").await;
     assert_eq!(status, 405, "{body}");
     assert!(body["error"].is_string());
+}
+
+#[tokio::test]
+async fn posts_need_a_json_content_type() {
+    let server = server("content-type").await;
+    let publish = br#"{"topic": "room:1", "event": "news"}"#;
+    let auth = format!("Bearer {KEY}");
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonx"),
+    ] {
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(content_type.map(|c| ("content-type", c)));
+        let (status, body) =
+            http_with(server.port, "POST", "/api/publish", &headers, publish).await;
+        assert_eq!(status, 415, "{content_type:?}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("application/json"),
+            "{body}"
+        );
+    }
+    for content_type in [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON",
+    ] {
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", content_type),
+        ];
+        let (status, body) =
+            http_with(server.port, "POST", "/api/publish", &headers, publish).await;
+        assert_eq!(status, 200, "{content_type}: {body}");
+    }
+    // The key is checked first: without it, 401 whatever the type.
+    let (status, _) = http_with(server.port, "POST", "/api/publish", &[], publish).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn a_body_over_2_mb_gets_a_json_413() {
+    let server = server("too-large").await;
+    let mut publish = br#"{"topic": "room:1", "event": "news", "payload": ""#.to_vec();
+    publish.resize(publish.len() + 2 * 1024 * 1024, b'x');
+    publish.extend_from_slice(br#""}"#);
+    let auth = format!("Bearer {KEY}");
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let (status, body) = http_with(server.port, "POST", "/api/publish", &headers, &publish).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("2 MiB"), "{body}");
+    // Just under the limit: published.
+    publish.truncate(2 * 1024 * 1024 - 2);
+    publish.extend_from_slice(br#""}"#);
+    let (status, body) = http_with(server.port, "POST", "/api/publish", &headers, &publish).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-const JWT: &str = "jwt-secret-for-cluster-tests";
+const JWT: &str = "jwt-secret-for-cluster-tests-0123456789";
 const KEY: &str = "cluster-test-api-key-0123456789";
 
 fn token(sub: &str) -> String {
@@ -89,7 +89,10 @@ async fn three_nodes(name: &str, var: &str, url: &str, hooks: &str) -> (Vec<Serv
                     ("FIREBRAND_JWT_SECRET", JWT),
                     ("FIREBRAND_API_KEY", KEY),
                     ("FIREBRAND_WEBHOOK_URL", hooks),
-                    ("FIREBRAND_WEBHOOK_SECRET", "cluster-webhooks"),
+                    (
+                        "FIREBRAND_WEBHOOK_SECRET",
+                        "cluster-webhooks-secret-0123456789abcdef",
+                    ),
                 ],
             )
             .await,

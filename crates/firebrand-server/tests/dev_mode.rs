@@ -14,6 +14,12 @@ async fn without_config_anyone_connects_and_joins() {
     assert!(banner.contains(&url), "{banner}");
     assert!(banner.contains("anyone may connect"), "{banner}");
     assert!(banner.contains("FIREBRAND_JWT_SECRET"), "{banner}");
+    // And logs it as a warning.
+    assert!(
+        server.logged(&["WARN", "development mode"]).await,
+        "{:?}",
+        server.log.lock().unwrap()
+    );
 
     let mut client = connect(&server.url(), None).await.open();
     assert_eq!(client.join("room:a").await, ("ok".into(), json!({})));
@@ -51,6 +57,43 @@ async fn the_api_is_open_without_a_key() {
     let (status, body) = http(server.port, "GET", "/api/info", None, None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["node"], json!(null));
+}
+
+#[tokio::test]
+async fn the_open_api_answers_loopback_hosts_only() {
+    let server = spawn(&[], &[]).await;
+    let port = server.port.to_string();
+    for host in [
+        "localhost".to_owned(),
+        format!("localhost:{port}"),
+        "127.0.0.1".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "[::1]".to_owned(),
+        format!("[::1]:{port}"),
+        "LOCALHOST".to_owned(),
+    ] {
+        let (status, body) =
+            http_with(server.port, "GET", "/api/info", &[("host", &host)], b"").await;
+        assert_eq!(status, 200, "{host}: {body}");
+    }
+    // A page the developer visits, whose name resolves to 127.0.0.1 (DNS rebinding), or any
+    // other name: refused, with a JSON error.
+    for host in [
+        "evil.example.com",
+        "evil.example.com:4000",
+        "localhost.evil.example.com",
+        "127.0.0.1.nip.io",
+    ] {
+        let (status, body) =
+            http_with(server.port, "GET", "/api/info", &[("host", host)], b"").await;
+        assert_eq!(status, 403, "{host}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("host"), "{body}");
+        let publish = br#"{"topic": "room:a", "event": "e"}"#;
+        let headers = [("host", host), ("content-type", "application/json")];
+        let (status, body) =
+            http_with(server.port, "POST", "/api/publish", &headers, publish).await;
+        assert_eq!(status, 403, "{host}: {body}");
+    }
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-const SECRET: &str = "test-secret-not-for-production";
+const SECRET: &str = "test-secret-not-for-production-0123456789";
 
 fn hs256(claims: &Value, secret: &str) -> String {
     sign(
@@ -79,6 +79,26 @@ async fn bad_tokens_are_refused_with_403() {
     }
     // No token: refused, as a secret is configured (allow_anonymous defaults to false).
     assert_eq!(connect(&server.url(), None).await.refused(), 403);
+}
+
+#[tokio::test]
+async fn a_join_token_is_not_a_connection_token() {
+    let server = spawn(&[], &[("FIREBRAND_JWT_SECRET", SECRET)]).await;
+    let exp = now() + 300;
+    for claims in [
+        json!({"sub": "alice", "exp": exp, "topic": "doc:1"}),
+        json!({"sub": "alice", "exp": exp, "topics": ["doc:1"]}),
+        json!({"sub": "alice", "exp": exp, "topics": []}),
+        json!({"sub": "alice", "exp": exp, "topic": null}),
+    ] {
+        let token = hs256(&claims, SECRET);
+        let status = connect(&with_token(&server, &token), None).await;
+        assert!(matches!(status, Connect::Refused(403)), "{claims}");
+        let status = connect(&server.url(), Some(&token)).await;
+        assert!(matches!(status, Connect::Refused(403)), "{claims}");
+    }
+    let token = hs256(&claims("alice"), SECRET);
+    connect(&with_token(&server, &token), None).await.open();
 }
 
 #[tokio::test]

@@ -6,11 +6,11 @@ use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
-const SECRET: &str = "test-secret-not-for-production";
+const SECRET: &str = "test-secret-not-for-production-0123456789";
 
 const CONFIG: &str = r#"
 [auth]
-jwt_hs256_secret = "test-secret-not-for-production"
+jwt_hs256_secret = "test-secret-not-for-production-0123456789"
 
 [[namespace]]
 prefix = "room:"

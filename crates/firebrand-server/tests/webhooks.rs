@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio::sync::mpsc;
 
-const SECRET: &str = "webhook-secret";
-const JWT: &str = "jwt-secret-for-webhook-tests";
+const SECRET: &str = "webhook-secret-for-the-tests-0123456789";
+const JWT: &str = "jwt-secret-for-webhook-tests-0123456789";
 
 /// `sha256=<hex>` of `body`, as the receiver computes it.
 fn signature(body: &[u8]) -> String {

@@ -54,14 +54,33 @@ pub fn command(args: &[&str], envs: &[(&str, &str)]) -> Command {
     cmd
 }
 
-/// A running server: its port and the lines it printed after `listening on`.
+/// A running server: its port, the lines it printed after `listening on`, and what it has
+/// written to stderr (its log) so far.
 pub struct Server {
     pub child: Child,
     pub port: u16,
     pub banner: Vec<String>,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
+    /// Waits (a few seconds at most) for a line of the log holding every one of `words`.
+    pub async fn logged(&self, words: &[&str]) -> bool {
+        for _ in 0..50 {
+            let found = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|line| words.iter().all(|w| line.contains(w)));
+            if found {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     pub fn url(&self) -> String {
         format!("ws://127.0.0.1:{}/socket/websocket?vsn=2.0.0", self.port)
     }
@@ -95,14 +114,19 @@ pub async fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Server {
     }
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
     tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(_)) = lines.next_line().await {}
+        while let Ok(Some(line)) = lines.next_line().await {
+            kept.lock().unwrap().push(line);
+        }
     });
     Server {
         child,
         port,
         banner,
+        log,
     }
 }
 
@@ -263,24 +287,56 @@ pub async fn http(
     key: Option<&str>,
     body: Option<&str>,
 ) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n");
-    if let Some(key) = key {
-        request.push_str(&format!("authorization: Bearer {key}\r\n"));
+    let mut headers = vec![("content-type", "application/json")];
+    let auth = key.map(|key| format!("Bearer {key}"));
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth));
     }
-    let body = body.unwrap_or("");
-    request.push_str(&format!(
-        "content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    ));
-    stream.write_all(request.as_bytes()).await.unwrap();
+    http_with(port, method, path, &headers, body.unwrap_or("").as_bytes()).await
+}
+
+/// An HTTP/1.1 request with these headers (`host: 127.0.0.1` unless one is given, and
+/// `content-length`): `(status, JSON body, or the body as a JSON string if it is not JSON)`.
+pub async fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        request.push_str("host: 127.0.0.1\r\n");
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    let mut request = request.into_bytes();
+    request.extend_from_slice(body);
+    // Written meanwhile: the server may answer (and stop reading) before the body's end.
+    let (mut reader, mut writer) = stream.into_split();
+    let writing = tokio::spawn(async move {
+        let _ = writer.write_all(&request).await;
+        writer
+    });
     let mut response = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut response))
-        .await
-        .expect("no HTTP response in time")
-        .unwrap();
+    let mut chunk = [0u8; 16384];
+    loop {
+        match tokio::time::timeout(WAIT, reader.read(&mut chunk))
+            .await
+            .expect("no HTTP response in time")
+        {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&chunk[..n]),
+            // A reset after the answer (the body was not read to its end).
+            Err(_) if !response.is_empty() => break,
+            Err(e) => panic!("no HTTP response: {e}"),
+        }
+    }
+    drop(writing);
     let response = String::from_utf8(response).unwrap();
     let status = response[9..12].parse().unwrap();
     let (head, rest) = response.split_once("\r\n\r\n").unwrap();
