@@ -79,6 +79,7 @@ fn prometheus() -> Option<PrometheusHandle> {
             };
             firebrand::metrics::describe();
             crate::webhooks::describe();
+            crate::backend::describe();
             // Folds the histograms' samples in between scrapes (bounded memory unscraped).
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let upkeep = handle.clone();
