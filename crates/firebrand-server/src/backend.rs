@@ -17,9 +17,9 @@
 //! up.
 //!
 //! **Connections and the cap.** Calls go through one pooled HTTP/1.1 client with keep-alive:
-//! a connection that answered is reused by the next call to the same host (port included), and
-//! closed after [`POOL_IDLE`] unused (below the keep-alive timeouts of common servers, so that
-//! the backend rarely closes one under a request). At most `[server] backend_max_calls`
+//! a connection that answered is reused by the next call to the same host (port included),
+//! but not after [`POOL_IDLE`] unused (below the keep-alive timeouts of common servers, so
+//! that the backend rarely closes one under a request). At most `[server] backend_max_calls`
 //! (default [`DEFAULT_MAX_CALLS`]) calls are in flight at once on a node, all URLs together,
 //! and at most that many connections are open to each host: a reconnect storm of 10,000
 //! clients is at most that many concurrent requests to the backend, not 10,000 connections.
@@ -27,8 +27,8 @@
 //! gets 503, the join and the push the error reply `{"reason":"backend unavailable"}`);
 //! phoenix.js reconnects with a backoff, which spreads the storm. Refusals are counted in the
 //! metric `firebrand_backend_calls_refused_total{call="connect"|"join"|"push"}`, logged at
-//! debug level each, and warned about at most every 10 seconds. A call that times out drops
-//! its request, which closes its connection. Webhook requests use a client of their own (one
+//! debug level each, and warned about at most every 10 seconds. A call that times out gives up
+//! its request, and its connection is not reused. Webhook requests use a client of their own (one
 //! at a time, see [`webhooks`](crate::webhooks)), outside the cap.
 
 use std::collections::HashMap;
