@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::auth::{User, Verifier};
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::config::{Cluster, Config, ConnectHook};
 use crate::namespace::{JoinRule, Namespace, Namespaces, Pushes};
 use crate::webhooks::{Occupant, Webhooks};
@@ -108,7 +108,7 @@ impl ServerSocket {
         match self
             .rules
             .backend
-            .call::<ConnectAnswer>(&hook.url, &body)
+            .call::<ConnectAnswer>("connect", &hook.url, &body)
             .await
         {
             Ok(ConnectAnswer {
@@ -128,7 +128,10 @@ impl ServerSocket {
                 Err(ConnectError::forbidden())
             }
             Err(e) => {
-                tracing::warn!(?peer, error = %e, "connection refused: the connect backend is unavailable");
+                // A refusal for too many calls in flight is logged by the backend (rate-limited).
+                if !matches!(e, BackendError::Busy(_)) {
+                    tracing::warn!(?peer, error = %e, "connection refused: the connect backend is unavailable");
+                }
                 Err(ConnectError::status(
                     axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 ))
@@ -220,7 +223,7 @@ impl Channel for TopicChannel {
                     return Err(refused(&"no join_url"));
                 };
                 let body = json!({"user": user.id, "topic": topic, "params": params.to_value()});
-                match rules.backend.call::<JoinAnswer>(url, &body).await {
+                match rules.backend.call::<JoinAnswer>("join", url, &body).await {
                     Ok(JoinAnswer {
                         allow: true,
                         reply: r,
@@ -241,7 +244,9 @@ impl Channel for TopicChannel {
                     }
                     Err(e) if e.is_refusal() => return Err(refused(&e)),
                     Err(e) => {
-                        tracing::warn!(topic, error = %e, "join refused: the join backend is unavailable");
+                        if !matches!(e, BackendError::Busy(_)) {
+                            tracing::warn!(topic, error = %e, "join refused: the join backend is unavailable");
+                        }
                         return Err(JoinError::reason("backend unavailable"));
                     }
                 }
@@ -330,7 +335,7 @@ impl TopicChannel {
         };
         let Session { user, rules } = ctx.assigns();
         let body = json!({"user": user.id, "topic": ctx.topic(), "event": event, "payload": value});
-        let answer = rules.backend.call::<PushAnswer>(url, &body).await;
+        let answer = rules.backend.call::<PushAnswer>("push", url, &body).await;
         match answer {
             Ok(PushAnswer {
                 action: PushAction::Broadcast,
@@ -349,7 +354,9 @@ impl TopicChannel {
             )),
             Err(e) if e.is_refusal() => Err(Reply::error(json!({"reason": "rejected"}))),
             Err(e) => {
-                tracing::warn!(topic = ctx.topic(), error = %e, "push refused: the push backend is unavailable");
+                if !matches!(e, BackendError::Busy(_)) {
+                    tracing::warn!(topic = ctx.topic(), error = %e, "push refused: the push backend is unavailable");
+                }
                 Err(Reply::error(json!({"reason": "backend unavailable"})))
             }
         }
@@ -405,9 +412,14 @@ pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
         rules: Arc::new(Rules {
             namespaces: config.namespaces.clone(),
             verifier: config.auth.verifier.clone(),
-            backend: config.backend,
+            backend: config.backend.clone(),
             webhooks: match &config.webhooks {
-                Some(hooks) => Webhooks::start(hooks, config.backend, endpoint.node()),
+                // A client of their own, outside the calls' cap: one request at a time.
+                Some(hooks) => Webhooks::start(
+                    hooks,
+                    Backend::new(config.backend.timeout(), 1),
+                    endpoint.node(),
+                ),
                 None => Webhooks::default(),
             },
         }),

@@ -12,25 +12,58 @@
 //! is logged.
 //!
 //! URLs are `http://` (no TLS: the backend is expected on the same host or private network).
-//! Each call opens its own connection (HTTP/1.1, `connection: close`). A call holds up its
-//! channel's later messages while it runs (a channel handles one message at a time), and the
-//! connect of its connection; other connections and channels are not held up.
+//! A call holds up its channel's later messages while it runs (a channel handles one message
+//! at a time), and the connect of its connection; other connections and channels are not held
+//! up.
+//!
+//! **Connections and the cap.** Calls go through one pooled HTTP/1.1 client with keep-alive:
+//! a connection that answered is reused by the next call to the same host (port included),
+//! but not after [`POOL_IDLE`] unused (below the keep-alive timeouts of common servers, so
+//! that the backend rarely closes one under a request). At most `[server] backend_max_calls`
+//! (default [`DEFAULT_MAX_CALLS`]) calls are in flight at once on a node, all URLs together,
+//! and at most that many connections are open to each host: a reconnect storm of 10,000
+//! clients is at most that many concurrent requests to the backend, not 10,000 connections.
+//! A call beyond the cap is refused at once, never queued ([`BackendError::Busy`]: the connect
+//! gets 503, the join and the push the error reply `{"reason":"backend unavailable"}`);
+//! phoenix.js reconnects with a backoff, which spreads the storm. Refusals are counted in the
+//! metric `firebrand_backend_calls_refused_total{call="connect"|"join"|"push"}`, logged at
+//! debug level each, and warned about at most every 10 seconds. A call that times out gives up
+//! its request, and its connection is not reused. Webhook requests use a client of their own (one
+//! at a time, see [`webhooks`](crate::webhooks)), outside the cap.
 
+use std::collections::HashMap;
 use std::fmt;
-use std::time::Duration;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::http::{Request, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The default of `server.backend_timeout_ms`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(2000);
 
+/// The default of `server.backend_max_calls`: calls in flight at once, per node.
+pub const DEFAULT_MAX_CALLS: usize = 64;
+
+/// How long a pooled connection is kept unused before it is closed.
+pub const POOL_IDLE: Duration = Duration::from_millis(1500);
+
 /// The largest answer read from the backend.
 pub const MAX_ANSWER: usize = 1 << 20;
+
+/// At most one warning about refused calls per this period.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// A backend URL: `http://host[:port]/path`.
 #[derive(Clone, PartialEq, Eq)]
@@ -91,6 +124,8 @@ pub enum BackendError {
     Status(u16),
     /// An answer that is not the expected JSON.
     Invalid(String),
+    /// Not called: `server.backend_max_calls` calls were in flight already.
+    Busy(usize),
 }
 
 impl fmt::Display for BackendError {
@@ -101,6 +136,10 @@ impl fmt::Display for BackendError {
             BackendError::Http(e) => write!(f, "HTTP error: {e}"),
             BackendError::Status(s) => write!(f, "answered HTTP {s}"),
             BackendError::Invalid(e) => write!(f, "invalid answer: {e}"),
+            BackendError::Busy(cap) => write!(
+                f,
+                "not called: {cap} calls in flight already (server.backend_max_calls)"
+            ),
         }
     }
 }
@@ -115,95 +154,267 @@ impl BackendError {
     }
 }
 
-/// Makes backend calls, each bounded by a timeout.
-#[derive(Debug, Clone, Copy)]
+/// Describes the backend metrics to the installed recorder.
+pub(crate) fn describe() {
+    metrics::describe_counter!(
+        "firebrand_backend_calls_refused_total",
+        "Backend calls refused at once, not made, because server.backend_max_calls were in flight (call: connect, join, push)."
+    );
+}
+
+/// Makes backend calls through a pooled keep-alive client, each bounded by a timeout, at
+/// most `max_calls` at once; cheap to clone (the clones share the pool and the cap).
+#[derive(Clone)]
 pub struct Backend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     timeout: Duration,
+    max_calls: usize,
+    calls: Arc<Semaphore>,
+    client: Client<Connector, Full<Bytes>>,
+    /// Calls refused since the start, and when the last warning about them was logged (in
+    /// milliseconds since `started`, plus one; 0: never).
+    refused: AtomicU64,
+    warned: AtomicU64,
+    started: Instant,
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend")
+            .field("timeout", &self.inner.timeout)
+            .field("max_calls", &self.inner.max_calls)
+            .finish()
+    }
 }
 
 impl Backend {
-    /// Calls bounded by `timeout`.
-    pub fn new(timeout: Duration) -> Self {
-        Backend { timeout }
+    /// Calls bounded by `timeout`, at most `max_calls` (at least 1) at once. Needs no runtime
+    /// to be made, but its calls run in a tokio runtime.
+    pub fn new(timeout: Duration, max_calls: usize) -> Self {
+        let max_calls = max_calls.max(1);
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeout));
+        let connector = Connector {
+            http,
+            cap: max_calls,
+            wait: timeout,
+            hosts: Arc::default(),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(max_calls)
+            .build(connector);
+        Backend {
+            inner: Arc::new(Inner {
+                timeout,
+                max_calls,
+                calls: Arc::new(Semaphore::new(max_calls)),
+                client,
+                refused: AtomicU64::new(0),
+                warned: AtomicU64::new(0),
+                started: Instant::now(),
+            }),
+        }
     }
 
     /// The bound on each call.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.inner.timeout
     }
 
-    /// POSTs `body` to `url`; the answer, decoded.
+    /// The most calls in flight at once.
+    pub fn max_calls(&self) -> usize {
+        self.inner.max_calls
+    }
+
+    /// POSTs `body` to `url`; the answer, decoded. `call` names the call in the metrics
+    /// (`"connect"`, `"join"`, `"push"`).
     pub async fn call<T: DeserializeOwned>(
         &self,
+        call: &'static str,
         url: &BackendUrl,
         body: &Value,
     ) -> Result<T, BackendError> {
-        let bytes = self.post(url, body.to_string(), &[]).await?;
+        let bytes = self.post(call, url, body.to_string(), &[]).await?;
         serde_json::from_slice(&bytes).map_err(|e| BackendError::Invalid(e.to_string()))
     }
 
     /// POSTs the JSON `body` to `url` with the extra `headers`; the answer's body (a status
-    /// other than 2xx is an error). Bounded by the timeout, like [`call`](Backend::call).
+    /// other than 2xx is an error). Bounded by the timeout and refused beyond the cap, like
+    /// [`call`](Backend::call).
     pub async fn post(
+        &self,
+        call: &'static str,
+        url: &BackendUrl,
+        body: String,
+        headers: &[(&'static str, String)],
+    ) -> Result<Bytes, BackendError> {
+        let Ok(_permit) = self.inner.calls.clone().try_acquire_owned() else {
+            self.refused(call);
+            return Err(BackendError::Busy(self.inner.max_calls));
+        };
+        let timeout = self.inner.timeout;
+        tokio::time::timeout(timeout, self.send(url, body, headers))
+            .await
+            .map_err(|_| BackendError::Timeout(timeout))?
+    }
+
+    /// Counts a refused call; warns at most every [`WARN_EVERY`] (a storm must not flood the
+    /// logs).
+    fn refused(&self, call: &'static str) {
+        metrics::counter!("firebrand_backend_calls_refused_total", "call" => call).increment(1);
+        let inner = &*self.inner;
+        let total = inner.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(call, "backend call refused: too many in flight");
+        let now = inner.started.elapsed().as_millis() as u64 + 1;
+        let last = inner.warned.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
+        if due
+            && inner
+                .warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                max_calls = inner.max_calls,
+                refused_since_start = total,
+                "backend calls refused: server.backend_max_calls in flight already (next warning in 10 s at the earliest)"
+            );
+        }
+    }
+
+    async fn send(
         &self,
         url: &BackendUrl,
         body: String,
         headers: &[(&'static str, String)],
     ) -> Result<Bytes, BackendError> {
-        tokio::time::timeout(self.timeout, post(url, body, self.timeout, headers))
+        let mut request = Request::post(url.uri.clone());
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let request = request
+            .header(header::HOST, &url.authority)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, "firebrand-server")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| BackendError::Http(e.to_string()))?;
+        let response = self.inner.client.request(request).await.map_err(|e| {
+            // The cause's text ("connection refused"…) rather than the client's summary.
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            if e.is_connect() {
+                BackendError::Unreachable(std::io::Error::other(cause.to_string()))
+            } else {
+                BackendError::Http(cause.to_string())
+            }
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(BackendError::Status(status.as_u16()));
+        }
+        let body = Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
             .await
-            .map_err(|_| BackendError::Timeout(self.timeout))?
+            .map_err(|e| BackendError::Http(e.to_string()))?;
+        Ok(body.to_bytes())
     }
 }
 
-async fn post(
-    url: &BackendUrl,
-    body: String,
-    bound: Duration,
-    headers: &[(&'static str, String)],
-) -> Result<Bytes, BackendError> {
-    let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(BackendError::Unreachable)?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| BackendError::Http(e.to_string()))?;
-    // Drives the connection until it ends, or the bound passes (a call that timed out leaves
-    // its connection to a slow backend behind).
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(bound, conn).await;
-    });
-    let path = url
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let mut request = Request::post(path);
-    for (name, value) in headers {
-        request = request.header(*name, value);
+/// Opens the pool's connections: at most `cap` open at once to each host (waiting up to
+/// `wait` for one to close), so that the pool never holds more than the cap of connections to
+/// a host, whatever the timing of calls ending and connections returning to it.
+#[derive(Clone)]
+struct Connector {
+    http: HttpConnector,
+    cap: usize,
+    wait: Duration,
+    /// The open connections' permits, per host.
+    hosts: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Capped;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Capped, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
     }
-    let request = request
-        .header(header::HOST, &url.authority)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::ACCEPT, "application/json")
-        .header(header::CONNECTION, "close")
-        .header(header::USER_AGENT, "firebrand-server")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| BackendError::Http(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| BackendError::Http(e.to_string()))?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(BackendError::Status(status.as_u16()));
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let host = uri.authority().map_or("", |a| a.as_str()).to_owned();
+        let slots = self
+            .hosts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(host)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.cap)))
+            .clone();
+        let mut http = self.http.clone();
+        let wait = self.wait;
+        Box::pin(async move {
+            let permit = tokio::time::timeout(wait, slots.acquire_owned())
+                .await
+                .map_err(|_| "no connection to the backend closed in time")??;
+            std::future::poll_fn(|cx| http.poll_ready(cx)).await?;
+            let io = http.call(uri).await?;
+            Ok(Capped {
+                io,
+                _permit: permit,
+            })
+        })
     }
-    let body = Limited::new(response.into_body(), MAX_ANSWER)
-        .collect()
-        .await
-        .map_err(|e| BackendError::Http(e.to_string()))?;
-    Ok(body.to_bytes())
+}
+
+/// A connection, holding its place among its host's until it is dropped (closed).
+struct Capped {
+    io: TokioIo<tokio::net::TcpStream>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection for Capped {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for Capped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Capped {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

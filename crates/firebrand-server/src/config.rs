@@ -8,6 +8,7 @@
 //! longpoll = true             # also serve the long-poll transport (default true)
 //! metrics = true              # serve Prometheus metrics at GET /metrics (default true)
 //! backend_timeout_ms = 2000   # bound on every call to the backend (connect, join, push)
+//! backend_max_calls = 64      # calls to the backend in flight at once; beyond, refused at once
 //!
 //! [cluster]                   # at most one of redis_url and nats_url
 //! redis_url = "redis://127.0.0.1:6379"
@@ -75,8 +76,9 @@
 //! Namespaces are configured in the file only (no environment variables).
 //!
 //! **Calls to the backend.** The server can ask the backend over HTTP (POST, JSON both ways;
-//! `http://` URLs; each call bounded by `server.backend_timeout_ms`; see
-//! [`backend`] for what happens when the backend is down or slow):
+//! `http://` URLs; each call bounded by `server.backend_timeout_ms`; at most
+//! `server.backend_max_calls` in flight at once, pooled keep-alive connections; see
+//! [`backend`] for what happens when the backend is down, slow or the cap reached):
 //!
 //! - `auth.connect_url`: every connect is decided by the backend instead of by a JWT. The body
 //!   is `{"params": {name: value}, "headers": {name: value}, "auth_token": <phoenix.js's
@@ -126,6 +128,7 @@
 //! | `FIREBRAND_LONGPOLL` | `server.longpoll` (`true` or `false`) |
 //! | `FIREBRAND_METRICS` | `server.metrics` (`true` or `false`) |
 //! | `FIREBRAND_BACKEND_TIMEOUT_MS` | `server.backend_timeout_ms` |
+//! | `FIREBRAND_BACKEND_MAX_CALLS` | `server.backend_max_calls` |
 //! | `REDIS_URL` | `cluster.redis_url` |
 //! | `NATS_URL` | `cluster.nats_url` |
 //! | `FIREBRAND_CLUSTER_NAMESPACE` | `cluster.namespace` |
@@ -578,6 +581,7 @@ struct RawServer {
     longpoll: Option<Spanned<bool>>,
     metrics: Option<Spanned<bool>>,
     backend_timeout_ms: Option<Spanned<u64>>,
+    backend_max_calls: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -740,13 +744,29 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                     .map_err(|e| format!("{e} (milliseconds expected)"))
             },
         )?;
-        let backend = Backend::new(match timeout {
+        let timeout = match timeout {
             Some(Setting { value: 0, from }) => {
                 return Err(self.error(from, "server.backend_timeout_ms", "must be above 0"));
             }
             Some(s) => Duration::from_millis(s.value),
             None => backend::DEFAULT_TIMEOUT,
-        });
+        };
+        let max_calls = self.pick(
+            raw.server.backend_max_calls,
+            "FIREBRAND_BACKEND_MAX_CALLS",
+            |v| {
+                v.parse::<u64>()
+                    .map_err(|e| format!("{e} (a count expected)"))
+            },
+        )?;
+        let max_calls = match max_calls {
+            Some(Setting { value: 0, from }) => {
+                return Err(self.error(from, "server.backend_max_calls", "must be above 0"));
+            }
+            Some(s) => usize::try_from(s.value).unwrap_or(usize::MAX),
+            None => backend::DEFAULT_MAX_CALLS,
+        };
+        let backend = Backend::new(timeout, max_calls);
 
         let redis = self.pick(raw.cluster.redis_url, "REDIS_URL", text)?;
         let nats = self.pick(raw.cluster.nats_url, "NATS_URL", text)?;
@@ -1428,7 +1448,7 @@ mod tests {
     #[test]
     fn backend_calls() {
         let config = load(
-            "[server]\nbackend_timeout_ms = 300\n[auth]\nconnect_url = \"http://127.0.0.1:9/c\"\n\
+            "[server]\nbackend_timeout_ms = 300\nbackend_max_calls = 8\n[auth]\nconnect_url = \"http://127.0.0.1:9/c\"\n\
              connect_headers = [\"Cookie\"]\n[[namespace]]\nprefix = \"a:\"\njoin = \"backend\"\n\
              join_url = \"http://127.0.0.1:9/j\"\npushes = \"backend\"\npush_url = \"http://127.0.0.1:9/p\"\n",
             &[],
@@ -1436,6 +1456,13 @@ mod tests {
         .unwrap();
         let hook = config.auth.connect.as_ref().unwrap();
         assert_eq!(hook.headers, ["cookie"]);
+        assert_eq!(config.backend.max_calls(), 8);
+        assert_eq!(
+            load("", &[]).unwrap().backend.max_calls(),
+            backend::DEFAULT_MAX_CALLS
+        );
+        let env = load("", &[("FIREBRAND_BACKEND_MAX_CALLS", "3")]).unwrap();
+        assert_eq!(env.backend.max_calls(), 3);
         // A connect backend is not development mode: the API needs a key, pushes are rejected.
         assert!(!config.is_development());
         assert!(!config.auth.allow_anonymous);
@@ -1473,6 +1500,7 @@ mod tests {
             ),
             ("[auth]\nconnect_url = \"x\"\n", 2),
             ("[server]\nbackend_timeout_ms = 0\n", 2),
+            ("[server]\nbackend_max_calls = 0\n", 2),
         ] {
             let e = load(text, &[]).unwrap_err().to_string();
             assert!(

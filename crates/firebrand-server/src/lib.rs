@@ -21,9 +21,12 @@
 //! The server can call the backend too ([`backend`]): to decide each connect (instead of a JWT,
 //! e.g. from a session cookie), each join of a namespace, and each push of a namespace (broadcast
 //! as it is, rewritten, or rejected, with the backend's reply). Every call is bounded by a
-//! timeout: a backend that is down or slow refuses, it never holds a client up longer.
+//! timeout: a backend that is down or slow refuses, it never holds a client up longer. The calls
+//! share a pool of keep-alive connections and a cap on calls in flight (beyond it a call is
+//! refused at once), so that a reconnect storm does not become a storm on the backend.
 //!
-//! And it can tell the backend what happens ([`webhooks`], signed with HMAC-SHA256): a topic
+//! And it can tell the backend what happens ([`webhooks`], each event with a unique id, signed
+//! with HMAC-SHA256 over the attempt's timestamp and the body): a topic
 //! occupied or vacated, a user's presence joining or leaving a topic.
 //!
 //! For operations ([`ops`]): `GET /health`, `GET /ready` (503 while draining) and Prometheus

@@ -23,6 +23,7 @@
 //! | `firebrand_cluster_received_total`, `firebrand_cluster_lost_total`, `firebrand_cluster_rejected_total` | counter |
 //! | `firebrand_join_seconds`, `firebrand_broadcast_queue_seconds` | histogram |
 //! | `firebrand_webhooks_sent_total`, `firebrand_webhooks_lost_total{reason}` (`queue_full`, `failed`): see [`webhooks`](crate::webhooks) | counter |
+//! | `firebrand_backend_calls_refused_total{call}` (`connect`, `join`, `push`): see [`backend`](crate::backend) | counter |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -79,6 +80,7 @@ fn prometheus() -> Option<PrometheusHandle> {
             };
             firebrand::metrics::describe();
             crate::webhooks::describe();
+            crate::backend::describe();
             // Folds the histograms' samples in between scrapes (bounded memory unscraped).
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let upkeep = handle.clone();

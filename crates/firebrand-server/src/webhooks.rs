@@ -5,15 +5,28 @@
 //! Each event is POSTed on its own as JSON:
 //!
 //! ```json
-//! {"event": "presence_join", "topic": "room:1", "user": "alice",
+//! {"id": "5f0c9a…e1", "event": "presence_join", "topic": "room:1", "user": "alice",
 //!  "meta": {"user": "alice", "info": {}}, "node": "8f3…", "time_ms": 1764441600000}
 //! ```
 //!
+//! `id` is the event's unique id (32 hex digits: 64 random bits drawn when the server starts,
+//! then a counter; unique across nodes and restarts), the same in every attempt to send it;
 //! `user` and `meta` are there for the presence events only; `node` is the node id as a string
-//! (`null` without a cluster); `time_ms` is when the event happened (Unix milliseconds). Two
-//! headers go along: `x-firebrand-timestamp` (the same `time_ms`) and `x-firebrand-signature:
-//! sha256=<hex>`, the HMAC-SHA256 of the body (the exact bytes) keyed with the secret. Check
-//! it, in constant time, before trusting a body; reject old `time_ms` to refuse replays.
+//! (`null` without a cluster); `time_ms` is when the event happened (Unix milliseconds).
+//!
+//! **Signature.** Three headers go along: `x-firebrand-event-id` (the body's `id`),
+//! `x-firebrand-timestamp` (Unix milliseconds of *this attempt*: a retried event carries a
+//! fresh one) and `x-firebrand-signature: sha256=<hex>`, the HMAC-SHA256 keyed with the secret
+//! of `"{timestamp}.{body}"` (the timestamp header's digits, a dot, the body's exact bytes; see
+//! [`sign`]). A receiver checks the signature in constant time, then refuses a timestamp more
+//! than a few minutes from its clock (a replay of a captured request, once the window passed),
+//! then drops an `id` it has already seen (a retry whose first answer was lost, or a replay
+//! inside the window): keep the ids seen for at least the window. The window needs to cover
+//! clock skew and one request's transit only (an attempt is abandoned after
+//! `server.backend_timeout_ms`), not the time an event waits in the queue: 5 minutes is ample.
+//! Do not refuse an event for an old `time_ms`: it may have waited up to [`max_event_age`]
+//! (the queue full of events ahead, each failing every attempt; about 7 hours with the
+//! default 2 s timeout).
 //!
 //! **Semantics, per node.** Each node reports its own view:
 //!
@@ -27,18 +40,21 @@
 //!   last presence there gone. The same user on two nodes gives a join from each; use
 //!   `GET /api/presence` for the cluster's list.
 //!
-//! **Delivery.** Events wait in a queue of [`QUEUE`] and one task sends them in order, each
-//! request bounded by `server.backend_timeout_ms`, retried [`ATTEMPTS`] times in all with a
-//! backoff (100 ms, then doubling) on a failure (unreachable, timeout, a status other than
-//! 2xx). Channels never wait for it: when the queue is full the oldest event is dropped. A
-//! dropped event, and one that failed every attempt, is lost: it is logged and counted in the
-//! metric `firebrand_webhooks_lost_total{reason="queue_full"|"failed"}` (sent ones in
-//! `firebrand_webhooks_sent_total`). Delivery is at most once; a server that stops drops what
-//! is queued.
+//! **Delivery.** Events wait in a queue of [`QUEUE`] and one task sends them in order (on a
+//! keep-alive connection of its own, outside `server.backend_max_calls`), each request bounded
+//! by `server.backend_timeout_ms`, tried [`ATTEMPTS`] times in all with a backoff (100 ms,
+//! then doubling) on a failure (unreachable, timeout, a status other than 2xx). Channels never
+//! wait for it: when the queue is full the oldest event is dropped. A dropped event, and one
+//! that failed every attempt, is lost: it is logged and counted in the metric
+//! `firebrand_webhooks_lost_total{reason="queue_full"|"failed"}` (sent ones in
+//! `firebrand_webhooks_sent_total`). An attempt that timed out may still have reached the
+//! receiver, so a retry can deliver an event twice: deduplicating on `id` makes delivery at
+//! most once. A server that stops drops what is queued.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
@@ -56,6 +72,15 @@ pub const ATTEMPTS: u32 = 3;
 
 /// The first retry's backoff; each next one doubles it.
 const BACKOFF: Duration = Duration::from_millis(100);
+
+/// The longest an event may wait, from when it happened (`time_ms`) to its last attempt, with
+/// requests bounded by `timeout`: [`QUEUE`] events (the full queue ahead of it, and itself),
+/// each tried [`ATTEMPTS`] times, each attempt bounded by `timeout`, with the backoffs in
+/// between. 4096 × (3 × 2 s + 0.3 s) ≈ 7.2 hours with the default timeout.
+pub fn max_event_age(timeout: Duration) -> Duration {
+    let backoffs: Duration = (0..ATTEMPTS - 1).map(|i| BACKOFF * 2u32.pow(i)).sum();
+    (timeout * ATTEMPTS + backoffs) * QUEUE as u32
+}
 
 /// The kinds of event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -126,9 +151,12 @@ pub(crate) fn describe() {
     );
 }
 
-/// The signature header's value for `body`: `sha256=<hex HMAC-SHA256 of body>`.
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
+/// The signature header's value for a request with the timestamp header `timestamp` and the
+/// body `body`: `sha256=<hex HMAC-SHA256 of "{timestamp}.{body}">`.
+pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key size");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
     let digest = mac.finalize().into_bytes();
     let mut out = String::with_capacity(7 + 64);
@@ -149,6 +177,9 @@ pub struct Webhooks {
 struct Inner {
     events: Vec<Event>,
     node: Option<String>,
+    /// The events' ids: random bits drawn at start, then a counter.
+    id_prefix: u64,
+    next_id: AtomicU64,
     /// Channels per topic on this node.
     topics: Mutex<HashMap<String, usize>>,
     /// Presences per (topic, user) on this node.
@@ -164,6 +195,8 @@ impl Webhooks {
         let inner = Arc::new(Inner {
             events: config.events.clone(),
             node: node.map(|n| n.to_string()),
+            id_prefix: random_prefix(),
+            next_id: AtomicU64::new(0),
             topics: Mutex::default(),
             presences: Mutex::default(),
             queue: Mutex::new(VecDeque::new()),
@@ -289,10 +322,10 @@ impl Inner {
         if !self.events.contains(&event) {
             return;
         }
-        let time_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let time_ms = now_ms();
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut body = json!({
+            "id": format!("{:016x}{n:016x}", self.id_prefix),
             "event": event.name(),
             "topic": topic,
             "node": self.node,
@@ -314,6 +347,29 @@ impl Inner {
             tracing::warn!(event = %old["event"], topic = %old["topic"], "webhook lost: the queue is full");
         }
         self.ready.notify_one();
+    }
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// 64 random bits (from the OS; should it fail, the time and the process id, unique enough
+/// across restarts).
+fn random_prefix() -> u64 {
+    let mut bytes = [0; 8];
+    match getrandom::fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(e) => {
+            tracing::warn!(error = %e, "no random bits for the webhook ids: using the time");
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ (u64::from(std::process::id()) << 32)
+        }
     }
 }
 
@@ -347,16 +403,20 @@ async fn send_loop(
             }
         };
         let body = next.to_string();
-        let headers = [
-            ("x-firebrand-timestamp", next["time_ms"].to_string()),
-            (
-                "x-firebrand-signature",
-                sign(secret.as_bytes(), body.as_bytes()),
-            ),
-        ];
+        let id = next["id"].as_str().unwrap_or_default().to_owned();
         let mut backoff = BACKOFF;
         for attempt in 1..=ATTEMPTS {
-            match backend.post(&url, body.clone(), &headers).await {
+            // Each attempt signed with its own time: a retry is as fresh as a first attempt.
+            let timestamp = now_ms().to_string();
+            let headers = [
+                ("x-firebrand-event-id", id.clone()),
+                (
+                    "x-firebrand-signature",
+                    sign(secret.as_bytes(), &timestamp, body.as_bytes()),
+                ),
+                ("x-firebrand-timestamp", timestamp),
+            ];
+            match backend.post("webhook", &url, body.clone(), &headers).await {
                 Ok(_) => {
                     metrics::counter!("firebrand_webhooks_sent_total").increment(1);
                     break;
@@ -381,11 +441,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signature_is_hex_hmac_sha256() {
-        // RFC 4231, test case 2.
+    fn signature_is_hex_hmac_sha256_of_timestamp_dot_body() {
+        let mac = |msg: &[u8]| {
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(b"Jefe").unwrap();
+            mac.update(msg);
+            mac.finalize().into_bytes()
+        };
+        // The RFC's vector checks the HMAC itself.
+        let rfc: String = mac(b"what do ya want for nothing?")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(
-            sign(b"Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            rfc,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let expected: String = mac(b"1764441600000.{\"a\":1}")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            sign(b"Jefe", "1764441600000", br#"{"a":1}"#),
+            format!("sha256={expected}")
+        );
+        assert_ne!(
+            sign(b"Jefe", "1764441600001", br#"{"a":1}"#),
+            sign(b"Jefe", "1764441600000", br#"{"a":1}"#)
+        );
+    }
+
+    #[test]
+    fn the_longest_wait_is_the_full_queue_failing() {
+        assert_eq!(
+            max_event_age(Duration::from_secs(2)),
+            Duration::from_millis(4096 * 6300)
         );
     }
 

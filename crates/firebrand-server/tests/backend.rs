@@ -1,10 +1,13 @@
 //! Calls to the backend over HTTP, against a real backend (axum on 127.0.0.1:0, in this
 //! process): connects allowed and refused, a backend that is down or slow, joins allowed and
-//! refused with the backend's reply, pushes rewritten and rejected.
+//! refused with the backend's reply, pushes rewritten and rejected; and, against a raw TCP
+//! backend counting its connections, a reconnect storm held to `backend_max_calls`
+//! connections, the excess refused at once, and connections reused.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -343,5 +346,224 @@ async fn accepted_push_is_next_frame(from: &mut Client, to: &mut Client, jr: &st
     assert_eq!(
         to.recv().await,
         json!([null, null, "chat:room", "plain", { "n": n }])
+    );
+}
+
+/// A raw HTTP/1.1 backend on a TCP listener, counting the TCP connections it is sent: open now,
+/// the most open at once, accepted in all, and the requests. It answers every request (a
+/// connect, join or push alike) with `{"allow": true, "user": "u", "action": "broadcast"}`,
+/// after `SLOW` when the body holds `"slow"`, and keeps the connection open for the next one.
+#[derive(Clone, Default)]
+struct Counting {
+    open: Arc<AtomicUsize>,
+    most_open: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+const SLOW: Duration = Duration::from_millis(1500);
+
+impl Counting {
+    async fn start() -> (SocketAddr, Counting) {
+        let counts = Counting::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = counts.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                c.accepted.fetch_add(1, Ordering::SeqCst);
+                let now = c.open.fetch_add(1, Ordering::SeqCst) + 1;
+                c.most_open.fetch_max(now, Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let _ = c.serve(stream).await;
+                    c.open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, counts)
+    }
+
+    /// Answers the requests of one connection until it closes.
+    async fn serve(&self, stream: tokio::net::TcpStream) -> std::io::Result<()> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+        let mut stream = BufReader::new(stream);
+        loop {
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if stream.read_line(&mut line).await? == 0 {
+                    return Ok(());
+                }
+                let line = line.trim_end().to_ascii_lowercase();
+                if line.is_empty() {
+                    break;
+                }
+                if let Some(v) = line.strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            stream.read_exact(&mut body).await?;
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            if String::from_utf8_lossy(&body).contains("\"slow\"") {
+                tokio::time::sleep(SLOW).await;
+            }
+            let answer = r#"{"allow": true, "user": "u", "action": "broadcast"}"#;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+            stream.get_mut().write_all(response.as_bytes()).await?;
+        }
+    }
+
+    fn get(n: &AtomicUsize) -> usize {
+        n.load(Ordering::SeqCst)
+    }
+}
+
+/// The value of the counter `line_start` (a metric name with its labels) at `/metrics`.
+async fn metric(port: u16, line_start: &str) -> f64 {
+    let (_, text) = http(port, "GET", "/metrics", None, None).await;
+    text.as_str()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_reconnect_storm_never_opens_more_than_the_cap_of_backend_connections() {
+    const CAP: usize = 8;
+    const CLIENTS: usize = 200;
+    let (addr, counts) = Counting::start().await;
+    let dir = temp_dir("storm");
+    let path = dir.join("firebrand.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nbackend_timeout_ms = 5000\nbackend_max_calls = {CAP}\n\n\
+             [auth]\nconnect_url = \"http://{addr}/connect\"\n"
+        ),
+    )
+    .unwrap();
+    let server = spawn(&["--config", path.to_str().unwrap()], &[]).await;
+
+    // Every client at once; the backend takes SLOW to answer each.
+    let url = url(&server, "token=slow");
+    let storm: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let outcome = connect(&url, None).await;
+                (outcome, start.elapsed())
+            })
+        })
+        .collect();
+    let mut opened = Vec::new();
+    let mut refused = 0;
+    for task in storm {
+        match task.await.unwrap() {
+            (Connect::Open(client), took) => {
+                assert!(took >= SLOW - Duration::from_millis(50), "{took:?}");
+                opened.push(client);
+            }
+            (Connect::Refused(status), took) => {
+                assert_eq!(status, 503);
+                // At once: not queued behind the calls in flight.
+                assert!(
+                    took < SLOW - Duration::from_millis(300),
+                    "refused after {took:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    let most = Counting::get(&counts.most_open);
+    assert!(most <= CAP, "{most} connections to the backend at once");
+    assert!(opened.len() >= CAP, "only {} opened", opened.len());
+    assert!(refused >= CLIENTS / 2, "only {refused} refused");
+    assert_eq!(opened.len(), Counting::get(&counts.requests));
+    assert_eq!(
+        metric(
+            server.port,
+            "firebrand_backend_calls_refused_total{call=\"connect\"}"
+        )
+        .await,
+        refused as f64
+    );
+
+    // One call at a time: the connections are reused, not one per call.
+    let before = Counting::get(&counts.accepted);
+    let fast = format!("{}&token=fast", server.url());
+    for _ in 0..20 {
+        opened.push(Box::new(connect(&fast, None).await.open()));
+    }
+    let new = Counting::get(&counts.accepted) - before;
+    assert!(new <= 1, "{new} new connections for 20 sequential calls");
+    assert!(Counting::get(&counts.most_open) <= CAP);
+}
+
+#[tokio::test]
+async fn joins_and_pushes_beyond_the_cap_are_refused_at_once() {
+    let (addr, counts) = Counting::start().await;
+    let dir = temp_dir("cap-joins");
+    let path = dir.join("firebrand.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nbackend_timeout_ms = 5000\nbackend_max_calls = 1\n\n\
+             [[namespace]]\nprefix = \"priv:\"\njoin = \"backend\"\njoin_url = \"http://{addr}/join\"\n\n\
+             [[namespace]]\nprefix = \"chat:\"\npushes = \"backend\"\npush_url = \"http://{addr}/push\"\n"
+        ),
+    )
+    .unwrap();
+    let server = spawn(&["--config", path.to_str().unwrap()], &[]).await;
+    let mut a = connect(&server.url(), None).await.open();
+    let mut b = connect(&server.url(), None).await.open();
+    assert_eq!(a.join("chat:x").await.0, "ok");
+    assert_eq!(b.join("chat:x").await.0, "ok");
+    // A's push holds the only call for SLOW.
+    let slow = a
+        .send(Some("1"), "chat:x", "say", json!({"t": "slow"}))
+        .await;
+    while Counting::get(&counts.requests) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let start = Instant::now();
+    assert_eq!(
+        b.join("priv:1").await,
+        ("error".into(), json!({"reason": "backend unavailable"}))
+    );
+    let r = b
+        .send(Some("1"), "chat:x", "say", json!({"t": "fast"}))
+        .await;
+    assert_eq!(
+        b.reply(&r).await,
+        ("error".into(), json!({"reason": "backend unavailable"}))
+    );
+    assert!(start.elapsed() < SLOW / 2, "{:?}", start.elapsed());
+    assert_eq!(a.reply(&slow).await.0, "ok");
+    // The call done, the next one passes.
+    assert_eq!(b.join("priv:1").await.0, "ok");
+    assert_eq!(
+        metric(
+            server.port,
+            "firebrand_backend_calls_refused_total{call=\"join\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            server.port,
+            "firebrand_backend_calls_refused_total{call=\"push\"}"
+        )
+        .await,
+        1.0
     );
 }

@@ -1,15 +1,19 @@
 //! Webhooks against a real receiver (axum on 127.0.0.1:0, in this process): topics occupied
 //! and vacated once per node, presence joins and leaves with user and meta, every body signed,
-//! and a receiver that is down neither holds joins up nor goes unnoticed.
+//! and a receiver that is down neither holds joins up nor goes unnoticed. Every request is
+//! verified as the README tells receivers: the signature over the attempt's timestamp and the
+//! body, and a unique event id (the same across the attempts of one event).
 
 mod common;
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use common::*;
 use hmac::{Hmac, Mac};
@@ -21,9 +25,11 @@ use tokio::sync::mpsc;
 const SECRET: &str = "webhook-secret-for-the-tests-0123456789";
 const JWT: &str = "jwt-secret-for-webhook-tests-0123456789";
 
-/// `sha256=<hex>` of `body`, as the receiver computes it.
-fn signature(body: &[u8]) -> String {
+/// `sha256=<hex>` of `"{timestamp}.{body}"`, as the receiver computes it.
+fn signature(timestamp: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
     mac.update(body);
     let hex: String = mac
         .finalize()
@@ -34,31 +40,110 @@ fn signature(body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
-/// Checks the signature and the timestamp of each event, and passes the body on.
-async fn receive(State(tx): State<mpsc::UnboundedSender<Value>>, headers: HeaderMap, body: Bytes) {
-    let signed = headers["x-firebrand-signature"].to_str().unwrap();
-    assert_eq!(signed, signature(&body), "a bad signature");
-    let event: Value = serde_json::from_slice(&body).unwrap();
-    let stamp = headers["x-firebrand-timestamp"].to_str().unwrap();
-    assert_eq!(stamp, event["time_ms"].to_string());
-    let _ = tx.send(event);
+/// One request the receiver got.
+#[derive(Debug)]
+struct Delivery {
+    id: String,
+    timestamp: String,
+    signature: String,
+    body: Bytes,
+    /// Whether the receiver answered 2xx.
+    accepted: bool,
 }
 
-/// The receiver on a free port; the events it got, in order.
-async fn receiver() -> (String, mpsc::UnboundedReceiver<Value>) {
+impl Delivery {
+    /// Verifies it as a receiver should, and decodes the event: the signature over the
+    /// timestamp and the body, a timestamp within 5 minutes of now and not before the event,
+    /// the id header the body's.
+    fn verify(&self) -> Value {
+        assert_eq!(
+            self.signature,
+            signature(&self.timestamp, &self.body),
+            "a bad signature"
+        );
+        // The timestamp is signed: changed by a millisecond, or left out, it fails.
+        let stamp: u64 = self.timestamp.parse().unwrap();
+        assert_ne!(
+            self.signature,
+            signature(&(stamp + 1).to_string(), &self.body)
+        );
+        assert_ne!(self.signature, signature("", &self.body));
+        let now = now() * 1000;
+        assert!(stamp.abs_diff(now) < 5 * 60 * 1000, "{stamp} vs {now}");
+        let event: Value = serde_json::from_slice(&self.body).unwrap();
+        assert!(stamp >= event["time_ms"].as_u64().unwrap());
+        assert_eq!(event["id"], self.id.as_str());
+        assert_eq!(self.id.len(), 32, "{}", self.id);
+        assert!(self.id.bytes().all(|b| b.is_ascii_hexdigit()));
+        event
+    }
+}
+
+#[derive(Clone)]
+struct Receiver {
+    tx: mpsc::UnboundedSender<Delivery>,
+    /// Answer 500 to the first attempt of each event.
+    fail_first: bool,
+    seen: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Passes each request on, accepted (200) unless it is the first attempt of an event and the
+/// receiver fails those.
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map_or("", |v| v.to_str().unwrap())
+            .to_owned()
+    };
+    let id = header("x-firebrand-event-id");
+    let accepted = !r.fail_first || !r.seen.lock().unwrap().insert(id.clone());
+    let _ = r.tx.send(Delivery {
+        id,
+        timestamp: header("x-firebrand-timestamp"),
+        signature: header("x-firebrand-signature"),
+        body,
+        accepted,
+    });
+    if accepted {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    }
+}
+
+/// The receiver on a free port; the requests it got, in order.
+async fn receiver_failing_first(fail_first: bool) -> (String, mpsc::UnboundedReceiver<Delivery>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let app = Router::new().route("/events", post(receive)).with_state(tx);
+    let state = Receiver {
+        tx,
+        fail_first,
+        seen: Arc::default(),
+    };
+    let app = Router::new()
+        .route("/events", post(receive))
+        .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     (format!("http://{addr}/events"), rx)
 }
 
-async fn next(rx: &mut mpsc::UnboundedReceiver<Value>) -> Value {
+async fn receiver() -> (String, mpsc::UnboundedReceiver<Delivery>) {
+    receiver_failing_first(false).await
+}
+
+/// The next request, as it came.
+async fn next_delivery(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Delivery {
     tokio::time::timeout(WAIT, rx.recv())
         .await
         .expect("no webhook in time")
         .unwrap()
+}
+
+/// The next event, verified.
+async fn next(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Value {
+    next_delivery(rx).await.verify()
 }
 
 fn token(sub: &str) -> String {
@@ -211,4 +296,41 @@ async fn a_receiver_that_is_down_holds_nothing_up_and_the_loss_is_counted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(lost >= 1.0, "no loss counted");
+}
+
+#[tokio::test]
+async fn each_event_has_a_unique_id_and_each_attempt_a_fresh_signed_timestamp() {
+    let mut ids = HashSet::new();
+    for _restart in 0..2 {
+        // A receiver each: the first server's vacated events do not mix in.
+        let (url, mut rx) = receiver_failing_first(true).await;
+        let envs = [
+            ("FIREBRAND_WEBHOOK_URL", url.as_str()),
+            ("FIREBRAND_WEBHOOK_SECRET", SECRET),
+        ];
+        let server = spawn(&[], &envs).await;
+        let mut client = connect(&server.url(), None).await.open();
+        for topic in ["room:1", "room:2"] {
+            assert_eq!(client.join(topic).await.0, "ok");
+            // Refused, then retried after the backoff: the same event, id and body, with a
+            // later timestamp, signed anew.
+            let first = next_delivery(&mut rx).await;
+            assert!(!first.accepted);
+            let event = first.verify();
+            assert_eq!(event["topic"], topic);
+            let retry = next_delivery(&mut rx).await;
+            assert!(retry.accepted);
+            assert_eq!(retry.verify(), event);
+            assert_eq!((&retry.id, &retry.body), (&first.id, &first.body));
+            let (t1, t2): (u64, u64) = (
+                first.timestamp.parse().unwrap(),
+                retry.timestamp.parse().unwrap(),
+            );
+            assert!(t2 >= t1 + 100, "{t1} then {t2}: not the attempt's time");
+            assert_ne!(retry.signature, first.signature);
+            // Unique: across events, and across servers (a restart, another node).
+            assert!(ids.insert(first.id), "a repeated id");
+        }
+    }
+    assert_eq!(ids.len(), 4);
 }
