@@ -98,6 +98,13 @@ pub struct Stats {
     /// cluster secret, without a valid tag or replayed; presence gossip of other nodes'
     /// presences; long-poll answers from a node that was not asked.
     pub cluster_rejected: u64,
+    /// Bytes the histories of [recoverable](EndpointBuilder::history) topics hold on this node,
+    /// as their [budget](EndpointBuilder::history_budget) counts them.
+    pub history_bytes: u64,
+    /// History entries evicted (oldest first, across topics) to keep within the
+    /// [budget](EndpointBuilder::history_budget). A rejoin from before one of them answers
+    /// `recovered: false` on a node alone (in a cluster, the engine is read).
+    pub history_evictions: u64,
 }
 
 /// What a recoverable topic's history holds, from [`Endpoint::history`].
@@ -153,9 +160,13 @@ pub struct EndpointBuilder {
     down_after: Duration,
     cluster_secret: Option<Vec<u8>>,
     history: Vec<(Box<str>, Retention)>,
+    history_budget: usize,
 }
 
 impl EndpointBuilder {
+    /// The default [`history_budget`](Self::history_budget): 64 MiB.
+    pub const DEFAULT_HISTORY_BUDGET: usize = 64 << 20;
+
     /// Makes the topics matching `pattern` (`"stream:*"`, or one topic) **recoverable**: their
     /// last `size` broadcasts (none older than `max_age`) are kept, each with a position that
     /// travels in the message's `ref` slot, and a client that rejoins with the last position it
@@ -194,9 +205,45 @@ impl EndpointBuilder {
     /// node, also after the one it was on died; configure every node alike. Each node keeps
     /// its own ring of recent broadcasts as a cache, so most rejoins do not ask the engine.
     /// With an adapter that keeps none, topics are not recoverable and `build` logs a warning.
+    ///
+    /// Clients choose topic names: what all the recoverable topics of a node keep is bounded
+    /// by the [`history_budget`](Self::history_budget), not only by `size` and `max_age`.
     pub fn history(mut self, pattern: &str, size: usize, max_age: Duration) -> Self {
         self.history
             .push((pattern.into(), Retention { size, max_age }));
+        self
+    }
+
+    /// The most bytes the histories of all [recoverable](Self::history) topics hold on this
+    /// node together. Default [`DEFAULT_HISTORY_BUDGET`](Self::DEFAULT_HISTORY_BUDGET),
+    /// 64 MiB.
+    ///
+    /// An entry is counted for twice its payload, topic and event (the broadcast, and the frame
+    /// encoded for subscribers and replays) plus 512 bytes, and a topic holding entries for its
+    /// name plus 512 bytes: about what the process's memory grows by. When a broadcast would
+    /// take the total past the budget, the **oldest entries across all topics** are evicted
+    /// first (counted in [`Stats::history_evictions`]; the total is
+    /// [`Stats::history_bytes`]). An evicted entry is gone from its topic's history as if
+    /// trimmed by `size` or `max_age`: a client rejoining from before it gets
+    /// `recovered: false` on a node alone, never a wrong `true`; on a clustered node the ring
+    /// is only a cache of the engine's history, so such a rejoin reads the engine and still
+    /// recovers what the engine keeps.
+    ///
+    /// Without a budget, topics named by clients (one client joining `stream:1`, `stream:2`, …
+    /// and broadcasting on them) could pin `size` frames of up to 1 MiB each, per topic, for
+    /// `max_age`. 64 MiB keeps, say, 25 topics' full rings of 1,000 messages of 1 KiB, or
+    /// 80,000 messages of 128 bytes, while bounding what a node spends on its histories.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let endpoint = firebrand::Endpoint::builder()
+    ///     .history("stream:*", 1000, Duration::from_secs(300))
+    ///     .history_budget(256 << 20) // 256 MiB
+    ///     .build();
+    /// # drop(endpoint);
+    /// ```
+    pub fn history_budget(mut self, bytes: usize) -> Self {
+        self.history_budget = bytes;
         self
     }
 
@@ -260,10 +307,11 @@ impl EndpointBuilder {
     /// (on a thread of the cluster's own; see [`crate::cluster::Adapter::start`]).
     pub fn build(self) -> Endpoint {
         let engine = self.adapter.as_ref().map(|a| a.history().is_some());
+        let budget = self.history_budget as u64;
         let history = match (self.history.is_empty(), engine) {
             (true, _) => None,
-            (false, None) => Some(History::new(self.history, false)),
-            (false, Some(true)) => Some(History::new(self.history, true)),
+            (false, None) => Some(History::new(self.history, false, budget)),
+            (false, Some(true)) => Some(History::new(self.history, true, budget)),
             (false, Some(false)) => {
                 tracing::warn!("this cluster adapter keeps no history: topics are not recoverable");
                 None
@@ -312,6 +360,7 @@ impl Endpoint {
             down_after: Duration::from_secs(5),
             cluster_secret: None,
             history: Vec::new(),
+            history_budget: EndpointBuilder::DEFAULT_HISTORY_BUDGET,
         }
     }
 
@@ -510,6 +559,7 @@ impl Endpoint {
             .as_ref()
             .map_or((0, 0, 0), |c| c.link().counts());
         let refused = |r: Refused| c.refused[r as usize].load(Ordering::Relaxed);
+        let (history_bytes, history_evictions) = hub.history().map_or((0, 0), |h| h.usage());
         Stats {
             connections: hub.connection_count(),
             connections_opened: hub.connections_opened(),
@@ -536,6 +586,8 @@ impl Endpoint {
             cluster_received,
             cluster_lost,
             cluster_rejected,
+            history_bytes,
+            history_evictions,
         }
     }
 

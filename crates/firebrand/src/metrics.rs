@@ -38,6 +38,8 @@
 //! | `firebrand_cluster_received_total` | counter | messages received from other nodes |
 //! | `firebrand_cluster_lost_total` | counter | messages the adapter could not send |
 //! | `firebrand_cluster_rejected_total` | counter | messages from other nodes dropped (undecodable, forged, replayed…) |
+//! | `firebrand_history_bytes` | gauge | bytes the recoverable topics' histories hold on this node ([`Stats::history_bytes`](crate::Stats::history_bytes); at most about [`history_budget`](crate::EndpointBuilder::history_budget)) |
+//! | `firebrand_history_evictions_total` | counter | history entries evicted, oldest first, to keep within the budget |
 //! | `firebrand_draining` | gauge | 1 while the endpoint drains, else 0 |
 //! | `firebrand_cluster_ready` | gauge | 1 while the cluster's engine is reachable (or there is no cluster), else 0: [`Endpoint::cluster_ready`] |
 //! | `firebrand_join_seconds` | histogram | from a channel's join starting (its [`Channel::join`](crate::Channel::join) called) to its `ok` reply queued |
@@ -107,6 +109,10 @@ pub fn describe() {
             "firebrand_cluster_rejected_total",
             "Messages from other nodes dropped.",
         ),
+        (
+            "firebrand_history_evictions_total",
+            "History entries evicted to keep within the budget.",
+        ),
     ] {
         describe_counter!(name, help);
     }
@@ -114,6 +120,11 @@ pub fn describe() {
         "firebrand_bytes_out_total",
         Unit::Bytes,
         "Bytes written to WebSocket clients."
+    );
+    describe_gauge!(
+        "firebrand_history_bytes",
+        Unit::Bytes,
+        "Bytes the recoverable topics' histories hold."
     );
     for (name, help) in [
         ("firebrand_connections", "Open connections."),
@@ -159,6 +170,7 @@ pub fn record(endpoint: &Endpoint) {
         ("firebrand_cluster_received_total", s.cluster_received),
         ("firebrand_cluster_lost_total", s.cluster_lost),
         ("firebrand_cluster_rejected_total", s.cluster_rejected),
+        ("firebrand_history_evictions_total", s.history_evictions),
     ];
     for (name, value) in counters {
         counter!(name).absolute(value);
@@ -184,6 +196,7 @@ pub fn record(endpoint: &Endpoint) {
     gauge!("firebrand_channels").set(channels as f64);
     gauge!("firebrand_topics").set(s.topics as f64);
     gauge!("firebrand_presences").set(s.presences as f64);
+    gauge!("firebrand_history_bytes").set(s.history_bytes as f64);
     gauge!("firebrand_draining").set(if endpoint.is_draining() { 1.0 } else { 0.0 });
     gauge!("firebrand_cluster_ready").set(if endpoint.cluster_ready() { 1.0 } else { 0.0 });
 }

@@ -31,11 +31,35 @@
 //! (offset ≤ top). So a lagging node neither replays a broadcast and then delivers it live, nor
 //! skips one for the subscribers it already had.
 //!
+//! **The byte budget.** Clients choose topic names, so the rings of a recoverable pattern could
+//! hold `size` broadcasts of up to a frame each for as many topics as clients invent. All the
+//! rings of a node share one budget in bytes ([`EndpointBuilder::history_budget`]): each entry
+//! costs an estimate of what it keeps alive ([`cost`]: its payload, topic and event twice —
+//! the broadcast and its encoded frame — plus a fixed overhead), and a ring that holds entries
+//! costs a fixed overhead and its topic's name. Every entry recorded is also queued, in the
+//! order recorded, in one FIFO of `(ring, epoch, offset)`; when the total passes the budget, the
+//! FIFO's front is popped and its ring's entries up to that offset are evicted — the oldest
+//! entries across all topics go first. An eviction raises the ring's base as a trim by size or
+//! age does, so a `since` before it is not in the ring: on a node alone it answers
+//! `recovered: false` (the broadcasts are gone), on an engine-fed node the engine is read as
+//! for any position the cache does not hold. Never a wrong `recovered: true`.
+//!
+//! The budget is enforced after the topic's lock is released (the entries evicted are other
+//! topics', and a thread never holds two rings' locks): the total may pass the budget by what
+//! the appends in flight add. The byte and entry totals are atomics; the FIFO has its own
+//! mutex, held for a `push_back` under the topic's lock (the map of topics already takes a
+//! global mutex per broadcast) and, when over budget, for a `pop_front` per eviction. Entries
+//! that leave their ring otherwise (trimmed by size or age, a restart) leave stale records in
+//! the FIFO: they are skipped when popped, and purged (the FIFO rebuilt with its live,
+//! distinct records) whenever it holds more than twice the live entries plus [`PURGE_SLACK`],
+//! so the FIFO stays within a constant factor of what the rings hold.
+//!
 //! [`History::append`]: History::append
+//! [`EndpointBuilder::history_budget`]: crate::EndpointBuilder::history_budget
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -88,6 +112,58 @@ pub(crate) struct History {
     /// Whether an engine gives the positions ([`History::record`]) rather than this node
     /// ([`History::append`]).
     fed: bool,
+    budget: Budget,
+}
+
+/// The rings' shared byte budget (see the module docs).
+struct Budget {
+    /// The most bytes the rings hold (as [`cost`] counts them) before the oldest entries go.
+    limit: u64,
+    /// What the rings hold now: the sum of their [`Ring::bytes`].
+    bytes: AtomicU64,
+    /// The entries the rings hold now.
+    entries: AtomicU64,
+    /// Entries evicted for the budget.
+    evictions: AtomicU64,
+    /// Every entry recorded, oldest first (some already gone from their ring: stale).
+    fifo: Mutex<VecDeque<Kept>>,
+    /// Whether the FIFO holds too many stale records: the next append purges it.
+    purge_due: AtomicBool,
+}
+
+/// A record of the FIFO: the entry at `offset` of `ring`'s `epoch`.
+struct Kept {
+    ring: Arc<Mutex<Ring>>,
+    epoch: u64,
+    offset: u64,
+}
+
+/// What one entry is counted for, beyond its broadcast's bytes: the ring's slot, the shared
+/// broadcast (its header, strings' allocations, position, frame slots) and its FIFO record.
+/// With [`cost`], about what a node's RSS grows by per kept message (the history-cost bench:
+/// ~910 B per 128-byte message).
+const ENTRY_OVERHEAD: u64 = 512;
+/// What a ring holding entries is counted for, beyond its topic's name: the map's slot, the
+/// ring and its deque.
+const TOPIC_OVERHEAD: u64 = 512;
+/// Stale FIFO records tolerated beyond the live entries before a purge.
+const PURGE_SLACK: u64 = 1024;
+
+/// What an entry holding `b` is counted for: its payload, topic and event twice (the
+/// broadcast, and the frame encoded for its subscribers and replays, kept with it), plus
+/// [`ENTRY_OVERHEAD`].
+fn cost(b: &Broadcast) -> u64 {
+    let data = b.payload().len() + b.topic().len() + b.event().len();
+    2 * data as u64 + ENTRY_OVERHEAD
+}
+
+/// Moves `total` by what a ring's count went from `before` to `after`.
+fn adjust(total: &AtomicU64, before: u64, after: u64) {
+    if after >= before {
+        total.fetch_add(after - before, Ordering::Relaxed);
+    } else {
+        total.fetch_sub(before - after, Ordering::Relaxed);
+    }
 }
 
 /// One topic's history: every broadcast of `epoch` with an offset in `(base, top]`.
@@ -99,9 +175,18 @@ struct Ring {
     /// Whether `epoch`, `base` and `top` are known: an engine-fed ring knows nothing until its
     /// first broadcast or read.
     known: bool,
-    /// `(offset, when, broadcast with its position)`, oldest first.
+    /// `(offset, when, broadcast with its position)`, oldest first. Changed only through
+    /// [`Ring::pop`], [`Ring::clear`] and [`Ring::add`], which keep `bytes` and `added`.
     entries: VecDeque<(u64, Instant, Broadcast)>,
     last_used: Instant,
+    /// The [`cost`] of the entries.
+    entry_bytes: u64,
+    /// What the ring costs while it holds entries: its topic's name and [`TOPIC_OVERHEAD`].
+    topic_bytes: u64,
+    /// The offsets added since the budget last took them (for its FIFO).
+    added: Vec<u64>,
+    /// Forgotten (removed from the map): whoever locks it after takes the topic's new ring.
+    dropped: bool,
 }
 
 /// What a join gets: the topic's current position (`None`: unknown, the engine could not be
@@ -136,14 +221,33 @@ fn gap(topic: &str) -> Broadcast {
 }
 
 impl History {
-    /// The histories of a node alone (`fed` false) or of a node an engine feeds.
-    pub(crate) fn new(routes: Vec<(Box<str>, Retention)>, fed: bool) -> Self {
+    /// The histories of a node alone (`fed` false) or of a node an engine feeds, holding at
+    /// most about `budget` bytes (see the module docs).
+    pub(crate) fn new(routes: Vec<(Box<str>, Retention)>, fed: bool, budget: u64) -> Self {
         History {
             routes,
             topics: Mutex::default(),
             appends: AtomicU64::new(0),
             fed,
+            budget: Budget {
+                limit: budget,
+                bytes: AtomicU64::new(0),
+                entries: AtomicU64::new(0),
+                evictions: AtomicU64::new(0),
+                fifo: Mutex::default(),
+                purge_due: AtomicBool::new(false),
+            },
         }
+    }
+
+    /// The bytes the rings hold now (as [`cost`] counts them), and the entries evicted for the
+    /// budget so far.
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        let b = &self.budget;
+        (
+            b.bytes.load(Ordering::Relaxed),
+            b.evictions.load(Ordering::Relaxed),
+        )
     }
 
     /// The retention of `topic`, if it is recoverable.
@@ -184,9 +288,99 @@ impl History {
                     known: !self.fed,
                     entries: VecDeque::new(),
                     last_used: Instant::now(),
+                    entry_bytes: 0,
+                    topic_bytes: topic.len() as u64 + TOPIC_OVERHEAD,
+                    added: Vec::new(),
+                    dropped: false,
                 }))
             })
             .clone()
+    }
+
+    /// Runs `f` on `topic`'s ring under its lock, then accounts for what `f` changed and, the
+    /// lock released, enforces the budget.
+    fn with_ring<R>(&self, topic: &str, f: impl FnOnce(&mut Ring) -> R) -> R {
+        let out = loop {
+            let ring = self.ring(topic);
+            let mut r = ring.lock();
+            if r.dropped {
+                // Forgotten by a sweep between the map and the lock: take the new one.
+                continue;
+            }
+            let before = r.counts();
+            let out = f(&mut r);
+            self.settle(&ring, &mut r, before);
+            break out;
+        };
+        self.enforce();
+        out
+    }
+
+    /// Accounts for a ring's change from `before` (its bytes and entries), under its lock:
+    /// the totals move, and the entries added are queued in the FIFO.
+    fn settle(&self, ring: &Arc<Mutex<Ring>>, r: &mut Ring, before: (u64, u64)) {
+        let b = &self.budget;
+        let after = r.counts();
+        adjust(&b.bytes, before.0, after.0);
+        adjust(&b.entries, before.1, after.1);
+        if !r.added.is_empty() {
+            let mut fifo = b.fifo.lock();
+            for offset in r.added.drain(..) {
+                fifo.push_back(Kept {
+                    ring: ring.clone(),
+                    epoch: r.epoch,
+                    offset,
+                });
+            }
+            let live = b.entries.load(Ordering::Relaxed);
+            if fifo.len() as u64 > 2 * live + PURGE_SLACK {
+                b.purge_due.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// While the rings hold more than the budget, evicts the oldest entries (the FIFO's
+    /// front), of any topic; purges the FIFO when it is due. Called with no ring locked.
+    fn enforce(&self) {
+        let b = &self.budget;
+        if b.purge_due.swap(false, Ordering::Relaxed) {
+            self.purge();
+        }
+        while b.bytes.load(Ordering::Relaxed) > b.limit {
+            let Some(kept) = b.fifo.lock().pop_front() else {
+                break;
+            };
+            let mut r = kept.ring.lock();
+            if !kept.live(&r) {
+                continue;
+            }
+            let before = r.counts();
+            let mut evicted = 0;
+            while r.entries.front().is_some_and(|(o, _, _)| *o <= kept.offset) {
+                r.pop();
+                evicted += 1;
+            }
+            self.settle(&kept.ring, &mut r, before);
+            b.evictions.fetch_add(evicted, Ordering::Relaxed);
+        }
+    }
+
+    /// Rebuilds the FIFO with its live records, each once, in order (records queued
+    /// meanwhile go after them). Called with no ring locked.
+    fn purge(&self) {
+        let b = &self.budget;
+        let old = std::mem::take(&mut *b.fifo.lock());
+        let mut seen = HashSet::new();
+        let mut kept = VecDeque::new();
+        for k in old {
+            let live = k.live(&k.ring.lock());
+            if live && seen.insert((Arc::as_ptr(&k.ring) as usize, k.epoch, k.offset)) {
+                kept.push_back(k);
+            }
+        }
+        let mut fifo = b.fifo.lock();
+        kept.extend(fifo.drain(..));
+        *fifo = kept;
     }
 
     /// On a node alone: records `b` in its topic's history with the next position, and hands
@@ -199,11 +393,11 @@ impl History {
         retention: Retention,
         dispatch: impl FnOnce(&Broadcast),
     ) {
-        let ring = self.ring(b.topic());
-        let mut r = ring.lock();
-        let offset = r.top + 1;
-        let positioned = r.push(b, offset, Instant::now(), retention);
-        dispatch(&positioned);
+        self.with_ring(b.topic(), |r| {
+            let offset = r.top + 1;
+            let positioned = r.push(b, offset, Instant::now(), retention);
+            dispatch(&positioned);
+        });
     }
 
     /// On an engine-fed node: records `b`, delivered by the engine at `at`, and hands it to
@@ -218,24 +412,24 @@ impl History {
         retention: Retention,
         mut dispatch: impl FnMut(&Broadcast),
     ) {
-        let ring = self.ring(b.topic());
-        let mut r = ring.lock();
-        if !r.known || r.epoch != at.epoch {
-            r.restart(at.epoch, at.offset.saturating_sub(1));
-        } else if at.offset <= r.top {
-            return;
-        } else if at.prev.is_some_and(|p| p != r.top) {
-            tracing::warn!(
-                topic = b.topic(),
-                from = r.top,
-                to = at.offset,
-                "history: this node missed broadcasts; the topic's channels rejoin to recover them"
-            );
-            dispatch(&gap(b.topic()));
-            r.restart(at.epoch, at.offset - 1);
-        }
-        let positioned = r.push(b, at.offset, Instant::now(), retention);
-        dispatch(&positioned);
+        self.with_ring(b.topic(), |r| {
+            if !r.known || r.epoch != at.epoch {
+                r.restart(at.epoch, at.offset.saturating_sub(1));
+            } else if at.offset <= r.top {
+                return;
+            } else if at.prev.is_some_and(|p| p != r.top) {
+                tracing::warn!(
+                    topic = b.topic(),
+                    from = r.top,
+                    to = at.offset,
+                    "history: this node missed broadcasts; the topic's channels rejoin to recover them"
+                );
+                dispatch(&gap(b.topic()));
+                r.restart(at.epoch, at.offset - 1);
+            }
+            let positioned = r.push(b, at.offset, Instant::now(), retention);
+            dispatch(&positioned);
+        });
     }
 
     /// The engine's delivery to this node was interrupted (its subscription was lost): every
@@ -250,8 +444,10 @@ impl History {
             .collect();
         for (topic, ring) in rings {
             let mut r = ring.lock();
+            let before = r.counts();
             r.known = false;
-            r.entries.clear();
+            r.clear();
+            self.settle(&ring, &mut r, before);
             dispatch(&gap(&topic));
         }
     }
@@ -276,54 +472,54 @@ impl History {
         dispatch: impl FnMut(&Broadcast),
         f: impl FnOnce(CatchUp) -> R,
     ) -> Result<R, Query> {
-        let ring = self.ring(topic);
-        let mut r = ring.lock();
-        let now = Instant::now();
-        r.trim(now, retention);
-        r.last_used = now;
-        let tag = tag(topic);
-        let asked = read.is_some() || !self.fed;
-        if let Some(Some(read)) = read {
-            r.absorb(read, tag, retention, now, dispatch);
-        }
-        let since = since.map(|s| Position::decode(s).filter(|p| p.tag == tag));
-        let (recovered, replay) = match since {
-            None if r.known && (asked || r.base == 0 || r.entries.len() >= recent) => {
-                let skip = r.entries.len().saturating_sub(recent);
-                let replay = r.entries.iter().skip(skip).map(|(_, _, b)| b.clone());
-                (None, replay.collect())
+        self.with_ring(topic, |r| {
+            let now = Instant::now();
+            r.trim(now, retention);
+            r.last_used = now;
+            let tag = tag(topic);
+            let asked = read.is_some() || !self.fed;
+            if let Some(Some(read)) = read {
+                r.absorb(read, tag, retention, now, dispatch);
             }
-            None if asked => (None, Vec::new()),
-            None => return Err(Query::Last(recent)),
-            Some(Some(p))
-                if r.known && p.epoch == r.epoch && r.base <= p.offset && p.offset <= r.top =>
-            {
-                let replay = r.entries.iter().filter(|(o, _, _)| *o > p.offset);
-                (Some(true), replay.map(|(_, _, b)| b.clone()).collect())
-            }
-            Some(Some(p)) if !asked => {
-                // From the ring's top when the client saw more than this node has received so
-                // far: the read then brings this node up to date too.
-                let same = r.known && p.epoch == r.epoch;
-                let after = if same { p.offset.min(r.top) } else { p.offset };
-                return Err(Query::After(after));
-            }
-            Some(None) if !asked && !r.known => return Err(Query::Last(0)),
-            Some(_) => (Some(false), Vec::new()),
-        };
-        let position = r.known.then(|| {
-            Position {
-                epoch: r.epoch,
-                offset: r.top,
-                tag,
-            }
-            .encode()
-        });
-        Ok(f(CatchUp {
-            position,
-            recovered,
-            replay,
-        }))
+            let since = since.map(|s| Position::decode(s).filter(|p| p.tag == tag));
+            let (recovered, replay) = match since {
+                None if r.known && (asked || r.base == 0 || r.entries.len() >= recent) => {
+                    let skip = r.entries.len().saturating_sub(recent);
+                    let replay = r.entries.iter().skip(skip).map(|(_, _, b)| b.clone());
+                    (None, replay.collect())
+                }
+                None if asked => (None, Vec::new()),
+                None => return Err(Query::Last(recent)),
+                Some(Some(p))
+                    if r.known && p.epoch == r.epoch && r.base <= p.offset && p.offset <= r.top =>
+                {
+                    let replay = r.entries.iter().filter(|(o, _, _)| *o > p.offset);
+                    (Some(true), replay.map(|(_, _, b)| b.clone()).collect())
+                }
+                Some(Some(p)) if !asked => {
+                    // From the ring's top when the client saw more than this node has received so
+                    // far: the read then brings this node up to date too.
+                    let same = r.known && p.epoch == r.epoch;
+                    let after = if same { p.offset.min(r.top) } else { p.offset };
+                    return Err(Query::After(after));
+                }
+                Some(None) if !asked && !r.known => return Err(Query::Last(0)),
+                Some(_) => (Some(false), Vec::new()),
+            };
+            let position = r.known.then(|| {
+                Position {
+                    epoch: r.epoch,
+                    offset: r.top,
+                    tag,
+                }
+                .encode()
+            });
+            Ok(f(CatchUp {
+                position,
+                recovered,
+                replay,
+            }))
+        })
     }
 
     /// Forgets topics whose history is empty and was not used for their `max_age`.
@@ -337,8 +533,12 @@ impl History {
             let Some(mut r) = ring.try_lock() else {
                 return true;
             };
+            let before = r.counts();
             r.trim(now, retention);
-            !r.entries.is_empty() || now - r.last_used < retention.max_age
+            self.settle(ring, &mut r, before);
+            let keep = !r.entries.is_empty() || now - r.last_used < retention.max_age;
+            r.dropped = !keep;
+            keep
         });
     }
 
@@ -349,15 +549,62 @@ impl History {
     }
 }
 
+impl Kept {
+    /// Whether its entry is still in `ring` (locked).
+    fn live(&self, ring: &Ring) -> bool {
+        !ring.dropped
+            && ring.known
+            && ring.epoch == self.epoch
+            && ring.base < self.offset
+            && self.offset <= ring.top
+            && !ring.entries.is_empty()
+    }
+}
+
 impl Ring {
+    /// What the ring counts for the budget: its bytes (its entries', and its own while it
+    /// holds any) and its entries.
+    fn counts(&self) -> (u64, u64) {
+        let own = if self.entries.is_empty() {
+            0
+        } else {
+            self.topic_bytes
+        };
+        (self.entry_bytes + own, self.entries.len() as u64)
+    }
+
+    /// Drops the oldest entry: the base moves up to it.
+    fn pop(&mut self) {
+        if let Some((offset, _, b)) = self.entries.pop_front() {
+            self.base = offset;
+            self.entry_bytes -= cost(&b);
+        }
+    }
+
+    /// Drops every entry (the caller moves the base).
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.entry_bytes = 0;
+    }
+
+    /// Adds an entry at the back (newest) or the front (older than the others).
+    fn add(&mut self, entry: (u64, Instant, Broadcast), front: bool) {
+        self.entry_bytes += cost(&entry.2);
+        self.added.push(entry.0);
+        if front {
+            self.entries.push_front(entry);
+        } else {
+            self.entries.push_back(entry);
+        }
+    }
+
     /// Drops the entries older than `max_age`.
     fn trim(&mut self, now: Instant, retention: Retention) {
-        while let Some((offset, at, _)) = self.entries.front() {
+        while let Some((_, at, _)) = self.entries.front() {
             if now - *at <= retention.max_age {
                 break;
             }
-            self.base = *offset;
-            self.entries.pop_front();
+            self.pop();
         }
     }
 
@@ -367,7 +614,7 @@ impl Ring {
         self.base = offset;
         self.top = offset;
         self.known = true;
-        self.entries.clear();
+        self.clear();
     }
 
     /// Adds `b` at `offset` (above the top) and returns it with its position.
@@ -383,7 +630,7 @@ impl Ring {
             .encode(),
         );
         self.top = offset;
-        self.entries.push_back((offset, at, positioned.clone()));
+        self.add((offset, at, positioned.clone()), false);
         self.keep(retention.size);
         positioned
     }
@@ -391,9 +638,7 @@ impl Ring {
     /// Keeps the newest `size` entries.
     fn keep(&mut self, size: usize) {
         while self.entries.len() > size {
-            if let Some((offset, _, _)) = self.entries.pop_front() {
-                self.base = offset;
-            }
+            self.pop();
         }
     }
 
@@ -428,7 +673,7 @@ impl Ring {
                 .map(|(o, age, b)| (*o, at(*age), positioned(b, *o)))
                 .collect::<Vec<_>>();
             for entry in older {
-                self.entries.push_front(entry);
+                self.add(entry, true);
             }
             self.base = read.from;
         }
@@ -436,7 +681,7 @@ impl Ring {
             if offset > self.top {
                 let b = positioned(&b, offset);
                 self.top = offset;
-                self.entries.push_back((offset, at(age), b.clone()));
+                self.add((offset, at(age), b.clone()), false);
                 dispatch(&b);
             }
         }
@@ -509,7 +754,7 @@ mod tests {
     }
 
     fn history() -> History {
-        History::new(vec![("stream:*".into(), retention(3))], false)
+        History::new(vec![("stream:*".into(), retention(3))], false, u64::MAX)
     }
 
     fn publish(h: &History, topic: &str, n: u64) -> String {
@@ -662,7 +907,7 @@ mod tests {
     impl Fed {
         fn new() -> Self {
             Fed {
-                h: History::new(vec![("stream:*".into(), retention(3))], true),
+                h: History::new(vec![("stream:*".into(), retention(3))], true, u64::MAX),
                 dispatched: Vec::new(),
             }
         }
@@ -804,5 +1049,149 @@ mod tests {
         f.h.interrupted(|b| sink.push((b.event().to_owned(), None)));
         assert_eq!(f.dispatched, [(GAP_EVENT.to_owned(), None)]);
         assert_eq!(f.join(Some(&at(3)), None), Err(Query::After(3)));
+    }
+
+    /// A node alone's history of `stream:*` (size `size`) within `budget` bytes.
+    fn budgeted(size: usize, budget: u64) -> History {
+        History::new(vec![("stream:*".into(), retention(size))], false, budget)
+    }
+
+    /// What one entry of `publish(_, topic, n)` (n < 10) and one ring holding entries count.
+    fn costs(topic: &str) -> (u64, u64) {
+        let b = Broadcast::new(
+            topic,
+            "new_msg",
+            Payload::from(serde_json::json!({ "n": 1 })),
+        );
+        (cost(&b), topic.len() as u64 + TOPIC_OVERHEAD)
+    }
+
+    fn fifo_len(h: &History) -> u64 {
+        h.budget.fifo.lock().len() as u64
+    }
+
+    fn live_entries(h: &History) -> u64 {
+        h.budget.entries.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn past_the_budget_the_oldest_entries_go_first_across_topics() {
+        let (entry, ring) = costs("stream:a");
+        // Two rings of two entries each, exactly.
+        let h = budgeted(10, 2 * ring + 4 * entry);
+        let (_, _, b0) = catch_up(&h, "stream:b", None);
+        let a1 = publish(&h, "stream:a", 1);
+        let a2 = publish(&h, "stream:a", 2);
+        publish(&h, "stream:b", 1);
+        publish(&h, "stream:b", 2);
+        assert_eq!(h.usage(), (2 * ring + 4 * entry, 0), "at the budget, not past it");
+        // Past it: the oldest of all (a1, then a2) go, though b's are newer and b grows.
+        publish(&h, "stream:a", 3);
+        assert_eq!(h.usage(), (2 * ring + 4 * entry, 1));
+        publish(&h, "stream:b", 3);
+        assert_eq!(h.usage(), (2 * ring + 4 * entry, 2));
+        // From before an evicted entry: not recovered, nothing replayed (a node alone: gone).
+        assert_eq!(catch_up(&h, "stream:a", Some(&a1)).0, Some(false));
+        assert_eq!(catch_up(&h, "stream:a", Some(&a1)).1, Vec::<u64>::new());
+        // From the evicted front itself, everything after it is still there.
+        assert_eq!(catch_up(&h, "stream:a", Some(&a2)).0, Some(true));
+        assert_eq!(catch_up(&h, "stream:a", Some(&a2)).1, [3]);
+        assert_eq!(catch_up(&h, "stream:b", Some(&b0)).1, [1, 2, 3]);
+        // Then b's first (older than a's last), b's second, and a's last: its ring, empty,
+        // costs nothing; a position at its top missed nothing and is still recovered.
+        let a3 = catch_up(&h, "stream:a", None).2;
+        publish(&h, "stream:b", 4);
+        assert_eq!(h.usage(), (2 * ring + 4 * entry, 3));
+        assert_eq!(catch_up(&h, "stream:b", Some(&b0)).0, Some(false));
+        publish(&h, "stream:b", 5);
+        publish(&h, "stream:b", 6);
+        assert_eq!(h.usage(), (ring + 4 * entry, 5));
+        assert_eq!(catch_up(&h, "stream:a", Some(&a3)), (Some(true), vec![], a3.clone()));
+        assert_eq!(catch_up(&h, "stream:a", Some(&a2)).0, Some(false));
+        assert_eq!(catch_up(&h, "stream:b", Some(&b0)).1, Vec::<u64>::new());
+        let b2 = Position::decode(&b0).map(|p| Position { offset: 2, ..p }).unwrap();
+        assert_eq!(catch_up(&h, "stream:b", Some(&b2.encode())).1, [3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_budget_below_one_entry_keeps_nothing_and_never_says_recovered_wrongly() {
+        let h = budgeted(10, 0);
+        let p1 = publish(&h, "stream:a", 1);
+        let p2 = publish(&h, "stream:a", 2);
+        assert_eq!(h.usage(), (0, 2));
+        assert_eq!(catch_up(&h, "stream:a", Some(&p1)).0, Some(false));
+        assert_eq!(catch_up(&h, "stream:a", Some(&p2)).0, Some(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_byte_total_goes_back_down_when_entries_are_trimmed_or_expire() {
+        let (entry, ring) = costs("stream:a");
+        let h = budgeted(3, u64::MAX);
+        for n in 1..=9 {
+            publish(&h, "stream:a", n);
+            publish(&h, "stream:b", n);
+        }
+        // Size 3: three entries per ring are counted, not nine.
+        assert_eq!(h.usage(), (2 * ring + 6 * entry, 0));
+        assert_eq!(live_entries(&h), 6);
+        // Expired: a join trims its topic's ring; the sweep the others and forgets them.
+        tokio::time::advance(Duration::from_secs(301)).await;
+        catch_up(&h, "stream:a", None);
+        assert_eq!(h.usage(), (ring + 3 * entry, 0));
+        tokio::time::advance(Duration::from_secs(301)).await;
+        h.sweep();
+        assert_eq!((h.usage(), live_entries(&h), h.topic_count()), ((0, 0), 0, 0));
+        // An engine-fed node forgets its rings when interrupted.
+        let mut f = Fed::new();
+        for n in 1..=2 {
+            f.record(n, Some(n - 1));
+        }
+        assert_eq!(f.h.usage().0, ring + 2 * entry);
+        f.h.interrupted(|_| {});
+        assert_eq!(f.h.usage(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fifo_sheds_the_records_of_trimmed_entries() {
+        // Never over budget, so nothing is popped for it: entries trimmed by size and age
+        // would leave their records behind for ever without the purge.
+        let h = budgeted(3, u64::MAX);
+        let bound = |h: &History| 2 * live_entries(h) + PURGE_SLACK + 1;
+        for n in 0..20_000u64 {
+            publish(&h, &format!("stream:{}", n % 7), n % 10);
+            assert!(fifo_len(&h) <= bound(&h), "{} records at {n}", fifo_len(&h));
+        }
+        for n in 0..5_000u64 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            publish(&h, &format!("stream:t{n}"), n % 10);
+            assert!(fifo_len(&h) <= bound(&h), "{} records at {n}", fifo_len(&h));
+        }
+        // What is left after a purge is each live entry's record, once.
+        h.purge();
+        assert_eq!(fifo_len(&h), live_entries(&h));
+    }
+
+    #[test]
+    fn on_an_engine_fed_node_an_evicted_front_is_read_from_the_engine() {
+        let (entry, ring) = costs("stream:a");
+        let mut f = Fed::new();
+        f.h = History::new(vec![("stream:*".into(), retention(3))], true, ring + 2 * entry);
+        for n in 1..=3 {
+            f.record(n, Some(n - 1));
+        }
+        // The ring (a cache) holds 2 and 3; the engine still has 1: a join from 0 reads it.
+        assert_eq!(f.h.usage(), (ring + 2 * entry, 1));
+        assert_eq!(f.join(Some(&at(1)), None), Ok((Some(true), vec![2, 3])));
+        assert_eq!(f.join(Some(&at(0)), None), Err(Query::After(0)));
+        assert_eq!(
+            f.join(Some(&at(0)), Some(Some(read(0, 3)))),
+            Ok((Some(true), vec![1, 2, 3]))
+        );
+        // The read's entries count too: back within the budget after the answer, the oldest
+        // record (2) evicting what is older in its ring (the 1 just read) with it.
+        assert_eq!(f.h.usage(), (ring + entry, 3));
+        assert_eq!(f.join(Some(&at(0)), None), Err(Query::After(0)));
+        // A failed read: not recovered, never a wrong true.
+        assert_eq!(f.join(Some(&at(0)), Some(None)), Ok((Some(false), vec![])));
     }
 }
