@@ -24,13 +24,18 @@ enum Engine {
 type On = (Engine, &'static str);
 
 /// The conformance app with `config`, on a node alone or of a cluster of its own on `engine`.
-async fn start_on((engine, case): On, config: Config) -> Server {
+async fn start_on(on: On, config: Config) -> Server {
+    start_budgeted(on, config, firebrand::EndpointBuilder::DEFAULT_HISTORY_BUDGET).await
+}
+
+/// [`start_on`], the node's histories within `budget` bytes.
+async fn start_budgeted((engine, case): On, config: Config, budget: usize) -> Server {
     // Warnings (a failed read, a lost append) show in a failing test's output.
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn")
         .with_test_writer()
         .try_init();
-    let builder = firebrand_conformance::endpoint(&config);
+    let builder = firebrand_conformance::endpoint(&config).history_budget(budget);
     let namespace = format!("recovery-{case}-{}", std::process::id());
     let builder = match engine {
         Engine::Alone => builder,
@@ -85,6 +90,7 @@ on_every_engine!(
     v1_clients_get_the_position_as_ref_and_binary_broadcasts_are_not_recorded,
     rejoins_racing_a_publisher_see_every_message_once_in_order,
     only_new_msg_and_api_broadcasts_are_recorded,
+    past_the_history_budget_the_oldest_go_first_and_are_not_recovered_alone,
 );
 
 /// Joins `topic` with `params`; returns the reply's response.
@@ -353,4 +359,50 @@ async fn only_new_msg_and_api_broadcasts_are_recorded(engine: On) {
     assert_eq!(reply["recovered"], true);
     assert_eq!(received(&mut back, 1).await, third);
     back.ping_roundtrip("1", "2", topic).await;
+}
+
+async fn past_the_history_budget_the_oldest_go_first_and_are_not_recovered_alone(engine: On) {
+    // About five entries of these (each counted 2 × (payload, topic, event) + 512 bytes; a
+    // topic holding any, its name + 512).
+    const BUDGET: usize = 4000;
+    let server = start_budgeted(engine, Config::default(), BUDGET).await;
+    let mut watcher = server.client("vsn=2.0.0").await;
+    let start = join(&mut watcher, "1", "stream:old", json!({})).await["position"].clone();
+    join(&mut watcher, "2", "stream:new", json!({})).await;
+    for n in 1..=2 {
+        publish(&server, "stream:old", n).await;
+    }
+    let old = received(&mut watcher, 2).await;
+    // Another topic fills the budget: the oldest entries, stream:old's, are evicted.
+    for n in 1..=4 {
+        publish(&server, "stream:new", n).await;
+    }
+    received(&mut watcher, 4).await;
+    let stats = server.endpoint.stats();
+    assert!(stats.history_evictions >= 1, "{stats:?}");
+    assert!(stats.history_bytes <= BUDGET as u64, "{stats:?}");
+
+    let mut back = server.client("vsn=2.0.0").await;
+    let reply = join(&mut back, "1", "stream:old", json!({"since": start})).await;
+    assert_eq!(reply["position"], json!(old[1].1));
+    match engine.0 {
+        // The first is gone from this node: not recovered, nothing replayed.
+        Engine::Alone => {
+            assert_eq!(reply["recovered"], false);
+            back.ping_roundtrip("1", "2", "stream:old").await;
+        }
+        // The ring is only the node's cache: the engine still has them.
+        Engine::Redis | Engine::Nats => {
+            assert_eq!(reply["recovered"], true);
+            assert_eq!(received(&mut back, 2).await, old);
+        }
+    }
+    // The newest are kept.
+    let kept = server
+        .endpoint
+        .history("stream:new", None)
+        .await
+        .unwrap()
+        .broadcasts;
+    assert!(kept.len() >= 2, "{}", kept.len());
 }

@@ -245,8 +245,34 @@ mod tests {
         assert!(text.contains("# HELP firebrand_joins_total Channel joins answered ok."));
         assert!(text.contains("# TYPE firebrand_joins_total counter"));
 
+        assert_eq!(value(&text, "firebrand_history_bytes"), 0.0);
+        assert_eq!(value(&text, "firebrand_history_evictions_total"), 0.0);
+
         endpoint.shutdown(std::time::Duration::ZERO).await;
         let text = render(&endpoint);
         assert_eq!(value(&text, "firebrand_draining"), 1.0);
+    }
+
+    #[tokio::test]
+    async fn record_publishes_the_history_budget_s_evictions() {
+        let endpoint = Endpoint::builder()
+            .history("stream:*", 100, std::time::Duration::from_secs(60))
+            .history_budget(2000)
+            .build();
+        for n in 0..10 {
+            endpoint.broadcast("stream:a", "new", serde_json::json!({ "n": n }));
+        }
+        let stats = endpoint.stats();
+        assert!(stats.history_evictions > 0 && stats.history_bytes <= 2000);
+        let text = render(&endpoint);
+        assert_eq!(
+            value(&text, "firebrand_history_evictions_total"),
+            stats.history_evictions as f64
+        );
+        assert_eq!(
+            value(&text, "firebrand_history_bytes"),
+            stats.history_bytes as f64
+        );
+        assert!(text.contains("# TYPE firebrand_history_bytes gauge"));
     }
 }
