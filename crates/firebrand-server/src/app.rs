@@ -386,6 +386,7 @@ pub fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
         Some(secret) => builder.cluster_secret(secret.clone()),
         None => builder,
     };
+    let builder = builder.history_budget(config.history_budget);
     // Recoverable namespaces, longest prefix first (the library takes the first match; the
     // config makes sure a namespace inside a recoverable one is recoverable too).
     let builder = config

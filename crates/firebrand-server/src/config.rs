@@ -9,6 +9,7 @@
 //! metrics = true              # serve Prometheus metrics at GET /metrics (default true)
 //! backend_timeout_ms = 2000   # bound on every call to the backend (connect, join, push)
 //! backend_max_calls = 64      # calls to the backend in flight at once; beyond, refused at once
+//! history_budget_mb = 64      # what all recoverable topics' histories hold on this node, in MiB
 //!
 //! [cluster]                   # at most one of redis_url and nats_url
 //! redis_url = "redis://127.0.0.1:6379"
@@ -71,7 +72,11 @@
 //!   `max_age_ms`) are kept, and a client that rejoins with `{since: position}` gets what it
 //!   missed (see `firebrand::EndpointBuilder::history`). In a cluster the engine keeps it
 //!   (configure every node alike). A namespace inside a recoverable one (`room:vip:` in
-//!   `room:`) must have a history too.
+//!   `room:`) must have a history too. Clients choose topic names, so what all the recoverable
+//!   topics of a node hold together is bounded by `server.history_budget_mb` (default 64 MiB,
+//!   the library's `EndpointBuilder::DEFAULT_HISTORY_BUDGET`): past it, the oldest entries of
+//!   any topic are evicted first, and a client rejoining from before one of them gets
+//!   `recovered: false` on a node alone (in a cluster the engine still has them and is read).
 //!
 //! Namespaces are configured in the file only (no environment variables).
 //!
@@ -129,6 +134,7 @@
 //! | `FIREBRAND_METRICS` | `server.metrics` (`true` or `false`) |
 //! | `FIREBRAND_BACKEND_TIMEOUT_MS` | `server.backend_timeout_ms` |
 //! | `FIREBRAND_BACKEND_MAX_CALLS` | `server.backend_max_calls` |
+//! | `FIREBRAND_HISTORY_BUDGET_MB` | `server.history_budget_mb` |
 //! | `REDIS_URL` | `cluster.redis_url` |
 //! | `NATS_URL` | `cluster.nats_url` |
 //! | `FIREBRAND_CLUSTER_NAMESPACE` | `cluster.namespace` |
@@ -182,6 +188,9 @@ pub struct Config {
     pub metrics: bool,
     /// Makes the calls to the backend (bounded by `server.backend_timeout_ms`).
     pub backend: Backend,
+    /// The most bytes all recoverable topics' histories hold on this node
+    /// (`server.history_budget_mb`; default the library's, 64 MiB).
+    pub history_budget: usize,
     /// The cluster engine, if any.
     pub cluster: Option<Cluster>,
     /// Separates clusters that share one engine.
@@ -269,6 +278,7 @@ impl fmt::Debug for Config {
             .field("longpoll", &self.longpoll)
             .field("metrics", &self.metrics)
             .field("backend", &self.backend)
+            .field("history_budget", &self.history_budget)
             .field("cluster", &self.cluster.as_ref().map(Cluster::engine))
             .field("namespace", &self.namespace)
             .field(
@@ -315,6 +325,10 @@ impl fmt::Display for Config {
         }
         if let Some(w) = &self.webhooks {
             write!(f, ", webhooks to {:?}", w.url)?;
+        }
+        if self.namespaces.iter().any(|ns| ns.history.is_some()) {
+            let mib = self.history_budget as f64 / f64::from(1 << 20);
+            write!(f, ", history budget {mib} MiB")?;
         }
         Ok(())
     }
@@ -582,6 +596,7 @@ struct RawServer {
     metrics: Option<Spanned<bool>>,
     backend_timeout_ms: Option<Spanned<u64>>,
     backend_max_calls: Option<Spanned<u64>>,
+    history_budget_mb: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -767,6 +782,30 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             None => backend::DEFAULT_MAX_CALLS,
         };
         let backend = Backend::new(timeout, max_calls);
+        let budget = self.pick(
+            raw.server.history_budget_mb,
+            "FIREBRAND_HISTORY_BUDGET_MB",
+            |v| {
+                v.parse::<u64>()
+                    .map_err(|e| format!("{e} (MiB expected)"))
+            },
+        )?;
+        let history_budget = match budget {
+            Some(Setting { value: 0, from }) => {
+                return Err(self.error(
+                    from,
+                    "server.history_budget_mb",
+                    "must be above 0 (leave the namespaces' history out to keep none)",
+                ));
+            }
+            Some(s) => usize::try_from(s.value)
+                .ok()
+                .and_then(|mb| mb.checked_mul(1 << 20))
+                .ok_or_else(|| {
+                    self.error(s.from, "server.history_budget_mb", "is too large")
+                })?,
+            None => firebrand::EndpointBuilder::DEFAULT_HISTORY_BUDGET,
+        };
 
         let redis = self.pick(raw.cluster.redis_url, "REDIS_URL", text)?;
         let nats = self.pick(raw.cluster.nats_url, "NATS_URL", text)?;
@@ -840,6 +879,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             longpoll,
             metrics,
             backend,
+            history_budget,
             cluster,
             namespace,
             cluster_secret,
@@ -1474,6 +1514,28 @@ mod tests {
         let env = load("", &[("FIREBRAND_CONNECT_URL", "http://x/c")]).unwrap();
         assert!(env.auth.connect.is_some());
         assert!(load("", &[("FIREBRAND_CONNECT_URL", "https://x/c")]).is_err());
+    }
+
+    #[test]
+    fn history_budget() {
+        let default = firebrand::EndpointBuilder::DEFAULT_HISTORY_BUDGET;
+        assert_eq!(load("", &[]).unwrap().history_budget, default);
+        let file = load("[server]\nhistory_budget_mb = 8\n", &[]).unwrap();
+        assert_eq!(file.history_budget, 8 << 20);
+        let env = load(
+            "[server]\nhistory_budget_mb = 8\n",
+            &[("FIREBRAND_HISTORY_BUDGET_MB", "3")],
+        )
+        .unwrap();
+        assert_eq!(env.history_budget, 3 << 20);
+        for (text, envs, wanted) in [
+            ("[server]\nhistory_budget_mb = 0\n", &[][..], "firebrand.toml:2:"),
+            ("", &[("FIREBRAND_HISTORY_BUDGET_MB", "lots")][..], "FIREBRAND_HISTORY_BUDGET_MB"),
+            ("[server]\nhistory_budget_mb = -1\n", &[][..], "firebrand.toml:2:"),
+        ] {
+            let e = load(text, envs).unwrap_err().to_string();
+            assert!(e.contains(wanted), "{text} {envs:?}: {e}");
+        }
     }
 
     #[test]

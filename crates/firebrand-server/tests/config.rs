@@ -241,3 +241,32 @@ async fn passwords_in_urls_are_never_printed() {
     assert!(stderr.contains("jwt_hs256_secrte"), "{stderr}");
     assert!(!stderr.contains(password), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_history_budget_is_read_from_the_file_or_the_environment() {
+    let recoverable = "[[namespace]]\nprefix = \"stream:\"\nhistory = { size = 100, max_age_ms = 60000 }\n";
+    // The library's default, 64 MiB, unless set.
+    let (code, stdout, stderr) = check("budget-default", recoverable, &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(", history budget 64 MiB"), "{stdout}");
+    let file = format!("[server]\nhistory_budget_mb = 16\n\n{recoverable}");
+    let (code, stdout, stderr) = check("budget-file", &file, &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(", history budget 16 MiB"), "{stdout}");
+    let envs = [("FIREBRAND_HISTORY_BUDGET_MB", "32")];
+    let (code, stdout, stderr) = check("budget-env", &file, &envs).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains(", history budget 32 MiB"), "{stdout}");
+
+    // Zero, or not a number: an error naming the line or the variable.
+    let (code, _, stderr) = check("budget-zero", "[server]\nhistory_budget_mb = 0\n", &[]).await;
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("firebrand.toml:2:") && stderr.contains("history_budget_mb"),
+        "{stderr}"
+    );
+    let envs = [("FIREBRAND_HISTORY_BUDGET_MB", "lots")];
+    let (code, _, stderr) = check("budget-bad-env", "", &envs).await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("FIREBRAND_HISTORY_BUDGET_MB"), "{stderr}");
+}
