@@ -218,3 +218,45 @@ async fn ready_once_the_cluster_engine_is_reached() {
         assert_eq!(ready, (200, json!({"ready": true})), "{var}");
     }
 }
+
+#[tokio::test]
+async fn the_history_budget_evicts_and_is_counted_in_the_metrics() {
+    let dir = temp_dir("history-budget");
+    let path = dir.join("firebrand.toml");
+    std::fs::write(
+        &path,
+        "[server]\nhistory_budget_mb = 1\n\n[[namespace]]\nprefix = \"\"\npushes = \"broadcast\"\n\
+         history = { size = 100, max_age_ms = 60000 }\n",
+    )
+    .unwrap();
+    let server = spawn(&["--config", path.to_str().unwrap()], &[]).await;
+    let big = "x".repeat(300_000);
+    for topic in ["stream:a", "stream:b", "stream:a"] {
+        let body = json!({"topic": topic, "event": "new_msg", "payload": {"s": big}});
+        let (status, body) = http(
+            server.port,
+            "POST",
+            "/api/publish",
+            None,
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Each counts about 600 kB: within 1 MiB, one at a time; the oldest go first.
+    let text = metrics(server.port).await;
+    assert_eq!(value(&text, "firebrand_history_evictions_total"), 2.0);
+    let bytes = value(&text, "firebrand_history_bytes");
+    assert!(bytes > 600_000.0 && bytes <= f64::from(1 << 20), "{bytes}");
+    assert!(text.contains("# TYPE firebrand_history_bytes gauge"), "{text}");
+    promtool_check(&text);
+    let (status, page) = http(
+        server.port,
+        "GET",
+        "/api/history?topic=stream:b",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((status, page["messages"].as_array().map(Vec::len)), (200, Some(0)), "{page}");
+}
