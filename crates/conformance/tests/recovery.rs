@@ -25,7 +25,12 @@ type On = (Engine, &'static str);
 
 /// The conformance app with `config`, on a node alone or of a cluster of its own on `engine`.
 async fn start_on(on: On, config: Config) -> Server {
-    start_budgeted(on, config, firebrand::EndpointBuilder::DEFAULT_HISTORY_BUDGET).await
+    start_budgeted(
+        on,
+        config,
+        firebrand::EndpointBuilder::DEFAULT_HISTORY_BUDGET,
+    )
+    .await
 }
 
 /// [`start_on`], the node's histories within `budget` bytes.

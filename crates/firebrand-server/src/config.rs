@@ -785,10 +785,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         let budget = self.pick(
             raw.server.history_budget_mb,
             "FIREBRAND_HISTORY_BUDGET_MB",
-            |v| {
-                v.parse::<u64>()
-                    .map_err(|e| format!("{e} (MiB expected)"))
-            },
+            |v| v.parse::<u64>().map_err(|e| format!("{e} (MiB expected)")),
         )?;
         let history_budget = match budget {
             Some(Setting { value: 0, from }) => {
@@ -801,9 +798,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             Some(s) => usize::try_from(s.value)
                 .ok()
                 .and_then(|mb| mb.checked_mul(1 << 20))
-                .ok_or_else(|| {
-                    self.error(s.from, "server.history_budget_mb", "is too large")
-                })?,
+                .ok_or_else(|| self.error(s.from, "server.history_budget_mb", "is too large"))?,
             None => firebrand::EndpointBuilder::DEFAULT_HISTORY_BUDGET,
         };
 
@@ -1529,9 +1524,21 @@ mod tests {
         .unwrap();
         assert_eq!(env.history_budget, 3 << 20);
         for (text, envs, wanted) in [
-            ("[server]\nhistory_budget_mb = 0\n", &[][..], "firebrand.toml:2:"),
-            ("", &[("FIREBRAND_HISTORY_BUDGET_MB", "lots")][..], "FIREBRAND_HISTORY_BUDGET_MB"),
-            ("[server]\nhistory_budget_mb = -1\n", &[][..], "firebrand.toml:2:"),
+            (
+                "[server]\nhistory_budget_mb = 0\n",
+                &[][..],
+                "firebrand.toml:2:",
+            ),
+            (
+                "",
+                &[("FIREBRAND_HISTORY_BUDGET_MB", "lots")][..],
+                "FIREBRAND_HISTORY_BUDGET_MB",
+            ),
+            (
+                "[server]\nhistory_budget_mb = -1\n",
+                &[][..],
+                "firebrand.toml:2:",
+            ),
         ] {
             let e = load(text, envs).unwrap_err().to_string();
             assert!(e.contains(wanted), "{text} {envs:?}: {e}");

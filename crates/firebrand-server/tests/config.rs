@@ -244,7 +244,8 @@ async fn passwords_in_urls_are_never_printed() {
 
 #[tokio::test]
 async fn the_history_budget_is_read_from_the_file_or_the_environment() {
-    let recoverable = "[[namespace]]\nprefix = \"stream:\"\nhistory = { size = 100, max_age_ms = 60000 }\n";
+    let recoverable =
+        "[[namespace]]\nprefix = \"stream:\"\nhistory = { size = 100, max_age_ms = 60000 }\n";
     // The library's default, 64 MiB, unless set.
     let (code, stdout, stderr) = check("budget-default", recoverable, &[]).await;
     assert_eq!(code, Some(0), "{stderr}");

@@ -248,7 +248,10 @@ async fn the_history_budget_evicts_and_is_counted_in_the_metrics() {
     assert_eq!(value(&text, "firebrand_history_evictions_total"), 2.0);
     let bytes = value(&text, "firebrand_history_bytes");
     assert!(bytes > 600_000.0 && bytes <= f64::from(1 << 20), "{bytes}");
-    assert!(text.contains("# TYPE firebrand_history_bytes gauge"), "{text}");
+    assert!(
+        text.contains("# TYPE firebrand_history_bytes gauge"),
+        "{text}"
+    );
     promtool_check(&text);
     let (status, page) = http(
         server.port,
@@ -258,5 +261,9 @@ async fn the_history_budget_evicts_and_is_counted_in_the_metrics() {
         None,
     )
     .await;
-    assert_eq!((status, page["messages"].as_array().map(Vec::len)), (200, Some(0)), "{page}");
+    assert_eq!(
+        (status, page["messages"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{page}"
+    );
 }

@@ -109,6 +109,8 @@
 //!   frame's `ref` slot; a client that rejoins with `{"since": P}` gets what it missed, in
 //!   order and once, and the reply says whether it was `recovered`. In a cluster the history
 //!   lives in the engine (Redis streams, NATS JetStream), so a client recovers on any node.
+//!   All the topics' histories of a node share a byte budget
+//!   ([`EndpointBuilder::history_budget`]), the oldest entries evicted first.
 //! - **Server-side subscribers.** [`Endpoint::subscribe`] gives Rust code outside any channel
 //!   a topic's broadcasts from every node (a job that persists messages, a webhook sender),
 //!   bounded: a reader that falls behind loses the oldest and is told ([`Lagged`]).

@@ -1084,7 +1084,11 @@ mod tests {
         let a2 = publish(&h, "stream:a", 2);
         publish(&h, "stream:b", 1);
         publish(&h, "stream:b", 2);
-        assert_eq!(h.usage(), (2 * ring + 4 * entry, 0), "at the budget, not past it");
+        assert_eq!(
+            h.usage(),
+            (2 * ring + 4 * entry, 0),
+            "at the budget, not past it"
+        );
         // Past it: the oldest of all (a1, then a2) go, though b's are newer and b grows.
         publish(&h, "stream:a", 3);
         assert_eq!(h.usage(), (2 * ring + 4 * entry, 1));
@@ -1106,10 +1110,15 @@ mod tests {
         publish(&h, "stream:b", 5);
         publish(&h, "stream:b", 6);
         assert_eq!(h.usage(), (ring + 4 * entry, 5));
-        assert_eq!(catch_up(&h, "stream:a", Some(&a3)), (Some(true), vec![], a3.clone()));
+        assert_eq!(
+            catch_up(&h, "stream:a", Some(&a3)),
+            (Some(true), vec![], a3.clone())
+        );
         assert_eq!(catch_up(&h, "stream:a", Some(&a2)).0, Some(false));
         assert_eq!(catch_up(&h, "stream:b", Some(&b0)).1, Vec::<u64>::new());
-        let b2 = Position::decode(&b0).map(|p| Position { offset: 2, ..p }).unwrap();
+        let b2 = Position::decode(&b0)
+            .map(|p| Position { offset: 2, ..p })
+            .unwrap();
         assert_eq!(catch_up(&h, "stream:b", Some(&b2.encode())).1, [3, 4, 5, 6]);
     }
 
@@ -1140,7 +1149,10 @@ mod tests {
         assert_eq!(h.usage(), (ring + 3 * entry, 0));
         tokio::time::advance(Duration::from_secs(301)).await;
         h.sweep();
-        assert_eq!((h.usage(), live_entries(&h), h.topic_count()), ((0, 0), 0, 0));
+        assert_eq!(
+            (h.usage(), live_entries(&h), h.topic_count()),
+            ((0, 0), 0, 0)
+        );
         // An engine-fed node forgets its rings when interrupted.
         let mut f = Fed::new();
         for n in 1..=2 {
@@ -1175,7 +1187,11 @@ mod tests {
     fn on_an_engine_fed_node_an_evicted_front_is_read_from_the_engine() {
         let (entry, ring) = costs("stream:a");
         let mut f = Fed::new();
-        f.h = History::new(vec![("stream:*".into(), retention(3))], true, ring + 2 * entry);
+        f.h = History::new(
+            vec![("stream:*".into(), retention(3))],
+            true,
+            ring + 2 * entry,
+        );
         for n in 1..=3 {
             f.record(n, Some(n - 1));
         }
