@@ -343,7 +343,8 @@ impl History {
     /// front), of any topic; purges the FIFO when it is due. Called with no ring locked.
     fn enforce(&self) {
         let b = &self.budget;
-        if b.purge_due.swap(false, Ordering::Relaxed) {
+        // (Loaded first: a swap on every broadcast would contend for the flag's cache line.)
+        if b.purge_due.load(Ordering::Relaxed) && b.purge_due.swap(false, Ordering::Relaxed) {
             self.purge();
         }
         while b.bytes.load(Ordering::Relaxed) > b.limit {
@@ -1209,5 +1210,45 @@ mod tests {
         assert_eq!(f.join(Some(&at(0)), None), Err(Query::After(0)));
         // A failed read: not recovered, never a wrong true.
         assert_eq!(f.join(Some(&at(0)), Some(None)), Ok((Some(false), vec![])));
+    }
+
+    #[test]
+    fn concurrent_appends_keep_the_count_exact_and_the_rings_within_the_budget() {
+        let (entry, ring) = costs("stream:0");
+        let budget = 5 * ring + 40 * entry;
+        let h = Arc::new(budgeted(8, budget));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let h = h.clone();
+                std::thread::spawn(move || {
+                    for n in 0..5_000u64 {
+                        let topic = format!("stream:{}", (n * 7 + t) % 9);
+                        publish(&h, &topic, n % 10);
+                        if n % 97 == 0 {
+                            catch_up(&h, &topic, None);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let rings: Vec<_> = h.topics.lock().values().cloned().collect();
+        let (mut bytes, mut entries) = (0, 0);
+        for ring in rings {
+            let r = ring.lock();
+            let (b, e) = r.counts();
+            let offsets: Vec<_> = r.entries.iter().map(|(o, _, _)| *o).collect();
+            let exact: Vec<_> = (r.base + 1..=r.top).collect();
+            assert_eq!(offsets, exact, "every offset in (base, top], nothing else");
+            let costs: u64 = r.entries.iter().map(|(_, _, b)| cost(b)).sum();
+            assert_eq!(costs, r.entry_bytes);
+            (bytes, entries) = (bytes + b, entries + e);
+        }
+        assert_eq!((h.usage().0, live_entries(&h)), (bytes, entries));
+        assert!(bytes <= budget, "{bytes} > {budget}");
+        assert!(h.usage().1 > 0);
+        assert!(fifo_len(&h) <= 2 * entries + PURGE_SLACK + 1);
     }
 }
