@@ -51,6 +51,7 @@ fn subscribe(pubsub: &PubSub, outbox: &Arc<Outbox>) {
         serializer: Serializer::V2,
         intercepts: &[],
         inbox,
+        seen: None,
     };
     pubsub.subscribe("room:bench", target);
 }

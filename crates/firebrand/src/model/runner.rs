@@ -22,7 +22,7 @@ use crate::endpoint::Endpoint;
 use crate::limits::Limit;
 use crate::model::channel::{Channel, Reply, StopReason};
 use crate::model::context::{ChannelContext, ChannelMsg, JoinContext, Wire};
-use crate::node::pubsub::{Inbox, Target};
+use crate::node::pubsub::{Inbox, Seen, Target};
 use crate::node::queue::{ConnEvent, Delivered, Mailbox};
 
 /// Everything a channel task needs to start.
@@ -331,15 +331,16 @@ impl<C: Channel> Runner<C> {
             }
         };
         // Subscribe before replying, so a broadcast sent after the client saw "ok" reaches it.
-        let target = || Target::Fastlane {
+        let target = |seen: Option<Seen>| Target::Fastlane {
             outbox: ctx.wire.outbox.clone(),
             serializer: ctx.wire.serializer,
             intercepts: C::INTERCEPTS,
             inbox: ctx.mailbox.clone() as Arc<dyn Inbox>,
+            seen: seen.map(Box::new),
         };
         match recoverable {
             None => {
-                ctx.sub_id = Some(hub.pubsub().subscribe(&ctx.topic, target()));
+                ctx.sub_id = Some(hub.pubsub().subscribe(&ctx.topic, target(None)));
                 ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(joined.reply));
             }
             Some((history, retention)) => {
@@ -358,12 +359,12 @@ impl<C: Channel> Runner<C> {
                         since.as_deref(),
                         recent,
                         |c| {
-                            let sub_id = hub.pubsub().subscribe(&ctx.topic, target());
+                            let sub_id = hub.pubsub().subscribe(&ctx.topic, target(c.seen));
                             let recovered = c.recovered;
                             let reply = reply.take().unwrap_or_else(Payload::empty);
                             let reply = with_position(reply, c.position, c.recovered);
                             ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(reply));
-                            let replay = target();
+                            let replay = target(None);
                             for b in &c.replay {
                                 replay.replay(b);
                             }

@@ -66,7 +66,7 @@ use base64::Engine;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::pubsub::Broadcast;
+use super::pubsub::{Broadcast, Seen};
 
 /// How much of a topic's history is kept: at most `size` broadcasts, none older than
 /// `max_age`.
@@ -195,6 +195,9 @@ pub(crate) struct CatchUp {
     pub(crate) position: Option<String>,
     pub(crate) recovered: Option<bool>,
     pub(crate) replay: Vec<Broadcast>,
+    /// The position the client rejoined with, when it is one of this topic's: what it has
+    /// seen, which it must never be sent again (see `Target::Fastlane`).
+    pub(crate) seen: Option<Seen>,
 }
 
 /// Where an engine-fed broadcast sits in its topic's history, as the engine delivered it.
@@ -483,6 +486,10 @@ impl History {
                 r.absorb(read, tag, retention, now, dispatch);
             }
             let since = since.map(|s| Position::decode(s).filter(|p| p.tag == tag));
+            let seen = since.flatten().map(|p| Seen {
+                epoch: p.epoch,
+                offset: p.offset,
+            });
             let (recovered, replay) = match since {
                 None if r.known && (asked || r.base == 0 || r.entries.len() >= recent) => {
                     let skip = r.entries.len().saturating_sub(recent);
@@ -519,6 +526,7 @@ impl History {
                 position,
                 recovered,
                 replay,
+                seen,
             }))
         })
     }
@@ -629,6 +637,10 @@ impl Ring {
                 tag: tag(b.topic()),
             }
             .encode(),
+            Seen {
+                epoch: self.epoch,
+                offset,
+            },
         );
         self.top = offset;
         self.add((offset, at, positioned.clone()), false);
@@ -663,8 +675,12 @@ impl Ring {
         }
         let epoch = self.epoch;
         let at = |age: Duration| now.checked_sub(age).unwrap_or(now);
-        let positioned =
-            |b: &Broadcast, offset| b.with_position(Position { epoch, offset, tag }.encode());
+        let positioned = |b: &Broadcast, offset| {
+            b.with_position(
+                Position { epoch, offset, tag }.encode(),
+                Seen { epoch, offset },
+            )
+        };
         if read.from < self.base && read.top >= self.base {
             let older = read
                 .entries

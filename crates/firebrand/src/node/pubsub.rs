@@ -35,6 +35,8 @@ struct BroadcastInner {
     payload: Payload,
     /// Its position in its topic's history, on a recoverable topic (the frame's `ref`).
     position: Option<Box<str>>,
+    /// That position's epoch and offset.
+    at: Option<Seen>,
     /// Its frame per serializer (V1, V2), encoded on first use: once per broadcast, however
     /// many subscribers (and replays) it has.
     frames: [OnceLock<Option<Frame>>; 2],
@@ -48,6 +50,7 @@ impl Broadcast {
             event: event.into(),
             payload,
             position: None,
+            at: None,
             frames: Default::default(),
         }))
     }
@@ -58,16 +61,24 @@ impl Broadcast {
         self.0.position.as_deref()
     }
 
-    /// The same broadcast at `position` in its topic's history.
-    pub(crate) fn with_position(&self, position: String) -> Broadcast {
+    /// The same broadcast at `position` (epoch and offset `at`) in its topic's history.
+    pub(crate) fn with_position(&self, position: String, at: Seen) -> Broadcast {
         let b = &self.0;
         Broadcast(Arc::new(BroadcastInner {
             topic: b.topic.clone(),
             event: b.event.clone(),
             payload: b.payload.clone(),
             position: Some(position.into()),
+            at: Some(at),
             frames: Default::default(),
         }))
+    }
+
+    /// Whether it is a recorded broadcast that a client which has seen `seen` already has.
+    fn seen_by(&self, seen: &Seen) -> bool {
+        self.0
+            .at
+            .is_some_and(|at| at.epoch == seen.epoch && at.offset <= seen.offset)
     }
 
     /// Its frame for `serializer`, encoded once (`None`: not encodable for it, e.g. a binary
@@ -137,6 +148,13 @@ pub(crate) trait Inbox: Send + Sync {
     fn info(&self, broadcast: Broadcast);
 }
 
+/// A position in a recoverable topic's history: its epoch and offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Seen {
+    pub(crate) epoch: u64,
+    pub(crate) offset: u64,
+}
+
 /// Where a subscription delivers.
 pub(crate) enum Target {
     /// A joined channel: frames go straight to the connection, intercepts to the channel task.
@@ -145,6 +163,11 @@ pub(crate) enum Target {
         serializer: Serializer,
         intercepts: &'static [&'static str],
         inbox: Arc<dyn Inbox>,
+        /// The position its client rejoined with: a recorded broadcast at or before it is
+        /// never delivered to it, however late this node receives it (a node whose engine
+        /// feed lags or stalled behind the node the client saw it on). Boxed: most channels
+        /// have none.
+        seen: Option<Box<Seen>>,
     },
     /// An extra topic a channel subscribed to: everything goes to `handle_info`.
     Info(Arc<dyn Inbox>),
@@ -179,11 +202,14 @@ impl Target {
             serializer,
             intercepts,
             inbox,
+            seen,
         } = self
         else {
             return 0;
         };
-        if intercepted.check(intercepts, b.event()) {
+        if seen.as_deref().is_some_and(|seen| b.seen_by(seen)) {
+            0
+        } else if intercepted.check(intercepts, b.event()) {
             inbox.intercepted(b.clone());
             0
         } else if let Some(frame) = b.frame(*serializer)
@@ -361,7 +387,66 @@ impl PubSub {
 
 #[cfg(test)]
 mod tests {
-    use super::Intercepted;
+    use super::*;
+    use crate::model::context::ChannelMsg;
+    use crate::node::queue::Mailbox;
+
+    #[test]
+    fn a_subscriber_never_gets_a_recorded_broadcast_it_has_seen() {
+        let pubsub = PubSub::new();
+        let subscribe = |seen: Option<Seen>| {
+            let outbox = Arc::new(Outbox::new(1 << 20));
+            let inbox: Arc<dyn Inbox> = Arc::new(Mailbox::<ChannelMsg<()>>::new(16));
+            let target = Target::Fastlane {
+                outbox: outbox.clone(),
+                serializer: Serializer::V2,
+                intercepts: &[],
+                inbox,
+                seen: seen.map(Box::new),
+            };
+            pubsub.subscribe("stream:a", target);
+            outbox
+        };
+        // One client rejoined with the position (epoch 7, offset 5), seen on another node;
+        // the other joined afresh.
+        let rejoined = subscribe(Some(Seen {
+            epoch: 7,
+            offset: 5,
+        }));
+        let fresh = subscribe(None);
+        let at = |epoch, offset| {
+            Broadcast::new(
+                "stream:a",
+                "new_msg",
+                Payload::from(serde_json::json!({"n": offset})),
+            )
+            .with_position(format!("A{epoch}.{offset}"), Seen { epoch, offset })
+        };
+        // This node's feed lagged: 4, 5 and 6 of epoch 7 arrive now; then the history starts
+        // over (epoch 8) at 1; an unrecorded broadcast goes to all.
+        for b in [at(7, 4), at(7, 5), at(7, 6), at(8, 1)] {
+            pubsub.dispatch(&b, None);
+        }
+        pubsub.dispatch(
+            &Broadcast::new("stream:a", "typing", Payload::empty()),
+            None,
+        );
+        let refs = |outbox: &Outbox| -> Vec<String> {
+            outbox
+                .take_frames()
+                .into_iter()
+                .map(|f| match f {
+                    Frame::Text(t) => {
+                        let v: serde_json::Value = serde_json::from_slice(&t).unwrap();
+                        v[1].as_str().unwrap_or("-").to_owned()
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(refs(&rejoined), ["A7.6", "A8.1", "-"]);
+        assert_eq!(refs(&fresh), ["A7.4", "A7.5", "A7.6", "A8.1", "-"]);
+    }
 
     #[test]
     fn the_intercept_check_is_remembered_per_list_only() {

@@ -1147,6 +1147,7 @@ mod tests {
                 serializer: firebrand_protocol::Serializer::V2,
                 intercepts: &[],
                 inbox,
+                seen: None,
             },
         );
         (outbox, mailbox)
@@ -1455,6 +1456,7 @@ mod tests {
                             serializer: Serializer::V2,
                             intercepts: &[],
                             inbox,
+                            seen: None,
                         });
                         let mut sub = Sub { outbox, mailbox, view: ClientView::default(), lists_later: mode == 2 };
                         match mode {
