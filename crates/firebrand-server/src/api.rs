@@ -86,6 +86,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     /// 422: well-formed, but not acceptable.
     Unprocessable(String),
+    /// 503: what was asked cannot be answered now (the cluster's history engine cannot be
+    /// read); ask again.
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -124,6 +127,7 @@ impl ApiError {
                 format!("method not allowed: {route}"),
             ),
             ApiError::Unprocessable(why) => (StatusCode::UNPROCESSABLE_ENTITY, why.clone()),
+            ApiError::Unavailable(why) => (StatusCode::SERVICE_UNAVAILABLE, why.clone()),
         }
     }
 }
@@ -435,6 +439,11 @@ async fn history(
             "topic {topic:?} keeps no history (its namespace has no history)"
         )));
     };
+    if page.unavailable {
+        return Err(ApiError::Unavailable(
+            "the cluster's history engine cannot be read to check since; try again".into(),
+        ));
+    }
     let messages: Vec<Value> = page
         .broadcasts
         .iter()

@@ -120,6 +120,10 @@ pub struct HistoryPage {
     /// The kept broadcasts (after `since`, if given), oldest first, each with its
     /// [`position`](Broadcast::position).
     pub broadcasts: Vec<Broadcast>,
+    /// With `since`, on a clustered node: the engine had to be read to check it and could not
+    /// be (then `recovered` is `None` and `broadcasts` empty): ask again later. A channel join
+    /// in that case is refused with `{"reason": "history unavailable"}`.
+    pub unavailable: bool,
 }
 
 impl Default for Endpoint {
@@ -414,6 +418,7 @@ impl Endpoint {
                 HistoryPage {
                     position: c.position,
                     recovered: c.recovered,
+                    unavailable: c.unavailable,
                     broadcasts: c.replay,
                 }
             })

@@ -351,7 +351,7 @@ impl<C: Channel> Runner<C> {
                 let (since, recent) = (since.flatten(), joined.recent);
                 let mut reply = Some(joined.reply);
                 let endpoint = &ctx.endpoint;
-                let (sub_id, recovered) = endpoint
+                let caught_up = endpoint
                     .catch_up(
                         history,
                         &ctx.topic,
@@ -359,6 +359,13 @@ impl<C: Channel> Runner<C> {
                         since.as_deref(),
                         recent,
                         |c| {
+                            if c.unavailable {
+                                // phoenix.js rejoins after its backoff, on a node that can
+                                // answer by then.
+                                let why = serde_json::json!({"reason": "history unavailable"});
+                                ctx.wire.reply(jr, r, &ctx.topic, &Reply::error(why));
+                                return None;
+                            }
                             let sub_id = hub.pubsub().subscribe(&ctx.topic, target(c.seen));
                             let recovered = c.recovered;
                             let reply = reply.take().unwrap_or_else(Payload::empty);
@@ -368,10 +375,19 @@ impl<C: Channel> Runner<C> {
                             for b in &c.replay {
                                 replay.replay(b);
                             }
-                            (sub_id, recovered)
+                            Some((sub_id, recovered))
                         },
                     )
                     .await;
+                let Some((sub_id, recovered)) = caught_up else {
+                    tracing::info!(
+                        topic = &*ctx.topic,
+                        "join refused: the history engine cannot be read to check its position"
+                    );
+                    hub.count_join_refused();
+                    close_replaced(ctx, join.replaces.as_deref());
+                    return false;
+                };
                 ctx.sub_id = Some(sub_id);
                 ctx.recovered = recovered;
             }

@@ -198,6 +198,11 @@ pub(crate) struct CatchUp {
     /// The position the client rejoined with, when it is one of this topic's: what it has
     /// seen, which it must never be sent again (see `Target::Fastlane`).
     pub(crate) seen: Option<Seen>,
+    /// Whether the join cannot be answered truthfully: the client's position is one of this
+    /// topic's, this node's cache does not decide it, and the engine could not be read. The
+    /// join is refused (the client retries) rather than told `recovered: false` about
+    /// broadcasts that may well still be there.
+    pub(crate) unavailable: bool,
 }
 
 /// Where an engine-fed broadcast sits in its topic's history, as the engine delivered it.
@@ -482,6 +487,7 @@ impl History {
             r.last_used = now;
             let tag = tag(topic);
             let asked = read.is_some() || !self.fed;
+            let unread = matches!(read, Some(None));
             if let Some(Some(read)) = read {
                 r.absorb(read, tag, retention, now, dispatch);
             }
@@ -512,8 +518,12 @@ impl History {
                     return Err(Query::After(after));
                 }
                 Some(None) if !asked && !r.known => return Err(Query::Last(0)),
+                // A position of this topic that the engine was asked about and could not
+                // answer for: gone or not, nobody here knows.
+                Some(Some(_)) if unread => (None, Vec::new()),
                 Some(_) => (Some(false), Vec::new()),
             };
+            let unavailable = unread && matches!(since, Some(Some(_))) && recovered.is_none();
             let position = r.known.then(|| {
                 Position {
                     epoch: r.epoch,
@@ -527,6 +537,7 @@ impl History {
                 recovered,
                 replay,
                 seen,
+                unavailable,
             }))
         })
     }
@@ -1007,7 +1018,8 @@ mod tests {
         // Knows nothing yet: a join asks the engine; a failed read answers "not recovered".
         assert_eq!(f.join(None, None), Err(Query::Last(0)));
         assert_eq!(f.join(Some(&at(2)), None), Err(Query::After(2)));
-        assert_eq!(f.join(Some(&at(2)), Some(None)), Ok((Some(false), vec![])));
+        // (`None`: unavailable, the join is refused; see the test after this one.)
+        assert_eq!(f.join(Some(&at(2)), Some(None)), Ok((None, vec![])));
         // Delivered 4 and 5 by the engine (the first one starts the ring: it knows nothing
         // before it).
         for n in 4..=5 {
@@ -1023,6 +1035,43 @@ mod tests {
         );
         assert_eq!(f.join(Some(&at(2)), None), Ok((Some(true), vec![3, 4, 5])));
         assert_eq!(f.dispatched.len(), 2, "nothing dispatched twice");
+    }
+
+    #[test]
+    fn a_position_the_engine_could_not_be_asked_about_is_unavailable_not_lost() {
+        let mut f = Fed::new();
+        for n in 4..=5 {
+            f.record(n, Some(n - 1));
+        }
+        let ask = |since: &str, read: Option<Option<Read>>| {
+            f.h.catch_up(
+                "stream:a",
+                retention(3),
+                Some(since),
+                0,
+                read,
+                |_| {},
+                |c| (c.recovered, c.unavailable, c.seen),
+            )
+        };
+        let seen = |offset| Some(Seen { epoch: 7, offset });
+        // Ahead of this node (a client saw 9 elsewhere), or behind its cache: the engine must
+        // say, and cannot: unavailable, not `recovered: false`.
+        for offset in [9, 2] {
+            assert_eq!(ask(&at(offset), None), Err(Query::After(offset.min(5))));
+            assert_eq!(ask(&at(offset), Some(None)), Ok((None, true, seen(offset))));
+        }
+        // What the cache decides needs no engine.
+        assert_eq!(ask(&at(4), Some(None)), Ok((Some(true), false, seen(4))));
+        // Not a position of this topic: not recovered, whatever the engine.
+        assert_eq!(ask("garbage", Some(None)), Ok((Some(false), false, None)));
+        // The engine answered and no longer has it: truly gone.
+        let mut gone = read(3, 5);
+        gone.entries.clear();
+        assert_eq!(
+            ask(&at(1), Some(Some(gone))),
+            Ok((Some(false), false, seen(1)))
+        );
     }
 
     #[test]
@@ -1224,8 +1273,8 @@ mod tests {
         // record (2) evicting what is older in its ring (the 1 just read) with it.
         assert_eq!(f.h.usage(), (ring + entry, 3));
         assert_eq!(f.join(Some(&at(0)), None), Err(Query::After(0)));
-        // A failed read: not recovered, never a wrong true.
-        assert_eq!(f.join(Some(&at(0)), Some(None)), Ok((Some(false), vec![])));
+        // A failed read: unavailable (the join is refused), never a wrong true.
+        assert_eq!(f.join(Some(&at(0)), Some(None)), Ok((None, vec![])));
     }
 
     #[test]
