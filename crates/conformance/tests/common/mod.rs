@@ -2,6 +2,8 @@
 //! expects exact frames.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod faults;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

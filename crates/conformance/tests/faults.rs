@@ -1,0 +1,653 @@
+//! Network faults (issue 26): the fault proxy of `common::faults` on its own, then conformance
+//! nodes whose link to the engine (the real Redis and NATS on this machine) goes through it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::faults::Proxy;
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::Child;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_tungstenite::tungstenite::Message;
+
+// ---------------------------------------------------------------------------------------------
+// The proxy itself, in front of a listener of the test's own (both ends in hand).
+
+/// A listener for the proxy to forward to, and the proxy.
+async fn proxy() -> (Proxy, TcpListener) {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (Proxy::start(upstream.local_addr().unwrap()).await, upstream)
+}
+
+/// A connection through `proxy`: (the client's end, the upstream's end).
+async fn through(proxy: &Proxy, upstream: &TcpListener) -> (TcpStream, TcpStream) {
+    let client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let (server, _) = timeout(WAIT, upstream.accept()).await.unwrap().unwrap();
+    (client, server)
+}
+
+async fn read_n(s: &mut (impl AsyncReadExt + Unpin), n: usize) -> Vec<u8> {
+    let mut b = vec![0; n];
+    timeout(WAIT, s.read_exact(&mut b)).await.unwrap().unwrap();
+    b
+}
+
+/// Asserts that nothing arrives on `s` for `window`: an absence, which only a window shows.
+async fn quiet(s: &mut (impl AsyncReadExt + Unpin), window: Duration) {
+    let mut b = [0u8; 1];
+    if let Ok(r) = timeout(window, s.read(&mut b)).await {
+        panic!("expected nothing, got {r:?} {b:?}");
+    }
+}
+
+/// `len` bytes of a pattern that shows any loss, duplication or reordering.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i / 7) as u8).wrapping_mul(31) ^ (i as u8) ^ seed)
+        .collect()
+}
+
+#[tokio::test]
+async fn proxy_passes_both_ways_and_counts() {
+    let (proxy, upstream) = proxy().await;
+    let (mut client, mut server) = through(&proxy, &upstream).await;
+    client.write_all(b"hello").await.unwrap();
+    assert_eq!(read_n(&mut server, 5).await, b"hello");
+    server.write_all(b"bye").await.unwrap();
+    assert_eq!(read_n(&mut client, 3).await, b"bye");
+    let c = proxy.counters();
+    assert_eq!(
+        (c.accepted, c.open, c.up, c.down, c.dropped),
+        (1, 1, 5, 3, 0)
+    );
+    // A FIN crosses too, and the connection is then closed.
+    client.shutdown().await.unwrap();
+    assert_eq!(server.read(&mut [0u8; 1]).await.unwrap(), 0);
+    drop(server);
+    assert_eq!(client.read(&mut [0u8; 1]).await.unwrap(), 0);
+    proxy.until(WAIT, |c| c.open == 0).await;
+}
+
+/// Held: nothing crosses either way for as long as it lasts, the senders block once the
+/// kernel's buffers are full (the proxy holds no more than a chunk), and on pass everything
+/// arrives, in order, nothing lost.
+#[tokio::test]
+async fn proxy_holds_both_ways_then_delivers_everything_in_order() {
+    let (proxy, upstream) = proxy().await;
+    let (client, server) = through(&proxy, &upstream).await;
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    cw.write_all(b"a").await.unwrap();
+    assert_eq!(read_n(&mut sr, 1).await, b"a");
+
+    proxy.hold();
+    // More than loopback's socket buffers hold: the writers must block.
+    const LEN: usize = 24 << 20;
+    let (up, down) = (pattern(LEN, 1), pattern(LEN, 2));
+    let writer_up = tokio::spawn({
+        let up = up.clone();
+        async move { cw.write_all(&up).await.map(|()| cw) }
+    });
+    let writer_down = tokio::spawn({
+        let down = down.clone();
+        async move { sw.write_all(&down).await.map(|()| sw) }
+    });
+    quiet(&mut sr, Duration::from_millis(500)).await;
+    quiet(&mut cr, Duration::from_millis(10)).await;
+    let c = proxy.counters();
+    assert_eq!((c.up, c.down, c.open), (1, 0, 1), "{c:?}");
+    assert!(!writer_up.is_finished() && !writer_down.is_finished());
+
+    proxy.pass();
+    let (got_up, got_down) = tokio::join!(read_n(&mut sr, LEN), read_n(&mut cr, LEN));
+    assert!(got_up == up, "client to upstream: bytes lost or reordered");
+    assert!(
+        got_down == down,
+        "upstream to client: bytes lost or reordered"
+    );
+    let _cw = writer_up.await.unwrap().unwrap();
+    let _sw = writer_down.await.unwrap().unwrap();
+    let c = proxy.counters();
+    assert_eq!((c.up, c.down), (1 + LEN as u64, LEN as u64));
+}
+
+/// A connection made while held reaches the upstream only once passing (a SYN does not cross a
+/// stalled network either).
+#[tokio::test]
+async fn proxy_connects_upstream_only_when_passing() {
+    let (proxy, upstream) = proxy().await;
+    proxy.hold();
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    client.write_all(b"early").await.unwrap();
+    assert!(
+        timeout(Duration::from_millis(300), upstream.accept())
+            .await
+            .is_err(),
+        "connected upstream while held"
+    );
+    proxy.pass();
+    let (mut server, _) = timeout(WAIT, upstream.accept()).await.unwrap().unwrap();
+    assert_eq!(read_n(&mut server, 5).await, b"early");
+}
+
+/// Dropping: what is read meanwhile is lost, both ways, and the connection lives on.
+#[tokio::test]
+async fn proxy_drops_bytes_and_keeps_the_connection() {
+    let (proxy, upstream) = proxy().await;
+    let (mut client, mut server) = through(&proxy, &upstream).await;
+    proxy.drop_bytes();
+    client.write_all(b"lost!").await.unwrap();
+    server.write_all(b"gone").await.unwrap();
+    proxy.until(WAIT, |c| c.dropped == 9).await;
+    proxy.pass();
+    client.write_all(b"kept").await.unwrap();
+    assert_eq!(read_n(&mut server, 4).await, b"kept");
+    server.write_all(b"back").await.unwrap();
+    assert_eq!(read_n(&mut client, 4).await, b"back");
+    let c = proxy.counters();
+    assert_eq!((c.up, c.down, c.dropped, c.open), (4, 4, 9, 1), "{c:?}");
+}
+
+/// A reset: both peers of every connection get an RST (a read fails with ConnectionReset, no
+/// EOF first); new connections work as before.
+#[tokio::test]
+async fn proxy_resets_every_connection() {
+    let (proxy, upstream) = proxy().await;
+    let (mut c1, mut s1) = through(&proxy, &upstream).await;
+    let (mut c2, mut s2) = through(&proxy, &upstream).await;
+    c1.write_all(b"x").await.unwrap();
+    assert_eq!(read_n(&mut s1, 1).await, b"x");
+
+    proxy.reset();
+    for s in [&mut c1, &mut s1, &mut c2, &mut s2] {
+        let r = timeout(WAIT, s.read(&mut [0u8; 16])).await.unwrap();
+        let kind = r.as_ref().map_err(std::io::Error::kind);
+        assert_eq!(
+            kind.err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
+    let c = proxy.until(WAIT, |c| c.open == 0).await;
+    assert_eq!((c.accepted, c.resets), (2, 2));
+
+    let (mut c3, mut s3) = through(&proxy, &upstream).await;
+    c3.write_all(b"again").await.unwrap();
+    assert_eq!(read_n(&mut s3, 5).await, b"again");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conformance nodes (processes) whose engine link goes through the proxy.
+
+struct Engine {
+    /// The node's variable for it: REDIS_URL or NATS_URL.
+    var: &'static str,
+    scheme: &'static str,
+    addr: &'static str,
+}
+
+const REDIS: Engine = Engine {
+    var: "REDIS_URL",
+    scheme: "redis",
+    addr: "127.0.0.1:6379",
+};
+const NATS: Engine = Engine {
+    var: "NATS_URL",
+    scheme: "nats",
+    addr: "127.0.0.1:4222",
+};
+/// The topic of [`await_link`]'s probes.
+const PROBE_TOPIC: &str = "room:probe";
+
+struct Node {
+    /// The process; dropping it kills the node (`kill_on_drop`).
+    _child: Child,
+    port: u16,
+}
+
+/// A node of the cluster `namespace` whose engine is at `addr` (the engine's, or a proxy's).
+async fn node(engine: &Engine, addr: SocketAddr, namespace: &str) -> Node {
+    let url = format!("{}://{addr}", engine.scheme);
+    let (child, port) =
+        spawn_conformance(&[(engine.var, &url), ("CLUSTER_NAMESPACE", namespace)]).await;
+    Node {
+        _child: child,
+        port,
+    }
+}
+
+impl Node {
+    async fn client(&self) -> Client {
+        let mut c = Client::connect(&format!(
+            "ws://127.0.0.1:{}/socket/websocket?vsn=2.0.0",
+            self.port
+        ))
+        .await;
+        c.hide_presence = true;
+        c
+    }
+
+    /// A client on the probe topic, for [`await_link`].
+    async fn probe(&self) -> Client {
+        let mut probe = self.client().await;
+        probe
+            .join("1", PROBE_TOPIC, json!({"joined": "probe"}))
+            .await;
+        probe
+    }
+
+    /// `POST /api/broadcast` on this node.
+    async fn broadcast(&self, topic: &str, event: &str, payload: Value) {
+        let body = json!({"topic": topic, "event": event, "payload": payload}).to_string();
+        let mut tcp = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let req = format!(
+            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        timeout(WAIT, tcp.read_to_string(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+}
+
+/// Waits until the cluster carries messages from node `from` to the node of `probe` (as in
+/// cluster.rs): probes until one arrives, then a `linked` marker that `probe` reads up to.
+async fn await_link(from: &Node, probe: &mut Client) {
+    for i in 0..100 {
+        from.broadcast(PROBE_TOPIC, "probe", json!({"i": i})).await;
+        let window = Instant::now() + Duration::from_millis(100);
+        while let Ok(frame) = timeout_at(window, probe.recv_json()).await {
+            if frame[3] == "probe" {
+                from.broadcast(PROBE_TOPIC, "linked", json!({})).await;
+                while probe.recv_json().await[3] != "linked" {}
+                return;
+            }
+        }
+    }
+    panic!("the cluster never carried a message");
+}
+
+/// Joins `topic` with `params` (join_ref = ref = `jr`); the reply's response.
+async fn join_stream(c: &mut Client, jr: &str, topic: &str, params: Value) -> Value {
+    c.send(json!([jr, jr, topic, "phx_join", params])).await;
+    loop {
+        let f = c.recv_json().await;
+        if f[3] == "phx_reply" && f[1] == jr {
+            assert_eq!(f[4]["status"], "ok", "{f}");
+            return f[4]["response"].clone();
+        }
+    }
+}
+
+/// The next `count` `new_msg` broadcasts on `c`: `(n, position)` each.
+async fn stream_messages(c: &mut Client, count: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let f = c.recv_json().await;
+        if f[3] == "new_msg" {
+            let position = f[1].as_str().expect("a position").to_owned();
+            got.push((f[4]["n"].as_u64().unwrap(), position));
+        }
+    }
+    got
+}
+
+/// The next JSON frame on `c` (presence frames skipped), or `None` at `deadline`. (Unlike
+/// [`Client::recv`], a quiet spell longer than [`WAIT`] is no failure here.)
+async fn next_frame(c: &mut Client, deadline: Instant) -> Option<Value> {
+    loop {
+        match timeout_at(deadline, c.ws.next()).await {
+            Err(_) => return None,
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if !matches!(v[3].as_str(), Some("presence_state" | "presence_diff")) {
+                    return Some(v);
+                }
+            }
+            Ok(Some(Ok(Message::Close(close)))) => panic!("the node closed the socket: {close:?}"),
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(e))) => panic!("transport error: {e}"),
+            Ok(None) => panic!("the socket ended"),
+        }
+    }
+}
+
+/// What a client on the stalled node saw, as a StreamChannel client that rejoins on
+/// `phx_error` (at once here; phoenix.js after a back-off) from the last position it saw.
+struct Observer {
+    topic: &'static str,
+    /// The position of the first join: the rejoin's `since` if no message came before.
+    start: String,
+    /// The join_ref of the latest join.
+    join_ref: u32,
+    /// Every `new_msg` received, in arrival order: `(n, position)`.
+    messages: Vec<(u64, String)>,
+    /// Frames other than `new_msg`, in arrival order.
+    others: Vec<Value>,
+    /// The replies to the rejoins.
+    rejoins: Vec<Value>,
+}
+
+impl Observer {
+    /// Records `f`, rejoining on a `phx_error`; returns its event.
+    async fn on(&mut self, c: &mut Client, f: Value) -> String {
+        let event = f[3].as_str().unwrap_or_default().to_owned();
+        match event.as_str() {
+            "new_msg" => {
+                let position = f[1].as_str().expect("a position").to_owned();
+                self.messages.push((f[4]["n"].as_u64().unwrap(), position));
+                return event;
+            }
+            "phx_error" => {
+                let since = self.messages.last().map_or(&self.start, |m| &m.1).clone();
+                self.join_ref += 1;
+                let jr = self.join_ref.to_string();
+                c.send(json!([jr, jr, self.topic, "phx_join", { "since": since }]))
+                    .await;
+            }
+            "phx_reply" if f[1] == f[0] && f[0] != "1" => self.rejoins.push(f[4].clone()),
+            _ => {}
+        }
+        self.others.push(f);
+        event
+    }
+
+    /// How many of the messages are distinct.
+    fn distinct(&self) -> usize {
+        let mut ns: Vec<u64> = self.messages.iter().map(|m| m.0).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        ns.len()
+    }
+}
+
+/// A stall of node A's engine link (both ways, no FIN or RST) while node B publishes 20
+/// messages on a stream topic: after the heal, the client on A has each of them exactly once,
+/// in order, with B's positions — delivered late by the healed link, or (if A says its channel
+/// errored) recovered by a rejoin with the last position seen.
+async fn a_stalled_link_heals(engine: Engine, hold: Duration) {
+    const COUNT: usize = 20;
+    let direct: SocketAddr = engine.addr.parse().unwrap();
+    let proxy = Proxy::start(direct).await;
+    let ns = format!("faults-stall-{}-{}", std::process::id(), engine.var);
+    let a = node(&engine, proxy.addr(), &ns).await;
+    let b = node(&engine, direct, &ns).await;
+    let topic = "stream:stall";
+    let mut c = a.client().await;
+    let start = join_stream(&mut c, "1", topic, json!({})).await["position"].clone();
+    let mut seen = Observer {
+        topic,
+        start: start.as_str().expect("a position").to_owned(),
+        join_ref: 1,
+        messages: Vec::new(),
+        others: Vec::new(),
+        rejoins: Vec::new(),
+    };
+    let mut witness = b.client().await;
+    join_stream(&mut witness, "1", topic, json!({})).await;
+    let mut probe = a.probe().await;
+    await_link(&b, &mut probe).await;
+    let mut probe = b.probe().await;
+    await_link(&a, &mut probe).await;
+    let before = proxy.counters();
+
+    proxy.hold();
+    let held_at = Instant::now();
+    for n in 1..=COUNT {
+        b.broadcast(topic, "new_msg", json!({ "n": n })).await;
+    }
+    let expected = stream_messages(&mut witness, COUNT).await;
+    // The deliberate stall; what reaches the client on A meanwhile is recorded.
+    let mut during_hold = 0;
+    while let Some(f) = next_frame(&mut c, held_at + hold).await {
+        during_hold += 1;
+        seen.on(&mut c, f).await;
+    }
+    let held = proxy.counters();
+
+    proxy.pass();
+    let healed = Instant::now();
+    b.broadcast(topic, "marker", json!({})).await;
+    // Everything, once, within a bound: the 20 and the marker after them.
+    let deadline = healed + Duration::from_secs(30);
+    let mut all_at = (seen.distinct() == COUNT).then(Duration::default);
+    let mut marker = false;
+    while !(marker && seen.distinct() == COUNT) {
+        let Some(f) = next_frame(&mut c, deadline).await else {
+            break;
+        };
+        marker |= seen.on(&mut c, f).await == "marker";
+        if seen.distinct() == COUNT && all_at.is_none() {
+            all_at = Some(healed.elapsed());
+        }
+    }
+    // And nothing more: a ping's reply comes after anything already queued for the client.
+    let jr = seen.join_ref.to_string();
+    c.send(json!([jr, "end", topic, "ping", {}])).await;
+    loop {
+        let f = next_frame(&mut c, Instant::now() + WAIT)
+            .await
+            .expect("no reply to the last ping");
+        if f[3] == "phx_reply" && f[1] == "end" {
+            break;
+        }
+        seen.on(&mut c, f).await;
+    }
+    let after = proxy.counters();
+    eprintln!(
+        "{}: held {hold:?}; frames on A during the hold: {during_hold}; all {COUNT} at \
+         {all_at:?} after pass(); marker: {marker}; messages received: {} (distinct {}); \
+         other frames: {:?}; rejoin replies: {:?}; proxy before the hold {before:?}, at its \
+         end {held:?}, at the end {after:?}",
+        engine.var,
+        seen.messages.len(),
+        seen.distinct(),
+        seen.others,
+        seen.rejoins,
+    );
+
+    let mut received: Vec<u64> = seen.messages.iter().map(|m| m.0).collect();
+    for n in 1..=COUNT as u64 {
+        let copies = received.iter().filter(|&&m| m == n).count();
+        assert!(
+            copies <= 1,
+            "issue 26: message {n} delivered {copies} times: {received:?}"
+        );
+        assert!(copies == 1, "message {n} never delivered: {received:?}");
+    }
+    for r in &seen.rejoins {
+        assert_eq!(r["status"], "ok", "{r}");
+        assert_eq!(
+            r["response"]["recovered"], true,
+            "issue 26: a rejoin after a stall answered recovered: false: {r}"
+        );
+    }
+    received.dedup();
+    assert_eq!(
+        received,
+        (1..=COUNT as u64).collect::<Vec<_>>(),
+        "out of order"
+    );
+    assert_eq!(seen.messages, expected, "other positions than node B's");
+    assert!(marker, "the marker never arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5s_stall_of_the_redis_link_delivers_everything_once() {
+    a_stalled_link_heals(REDIS, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5s_stall_of_the_nats_link_delivers_everything_once() {
+    on_nats(
+        "faults-stall",
+        a_stalled_link_heals(NATS, Duration::from_secs(5)),
+    )
+    .await;
+}
+
+/// Issue 26's case: a client that got messages on node B moves to node A while A's engine link
+/// is stalled, rejoining with B's latest position. Never twice: nothing at or before that
+/// position may reach it; never falsely lost: the messages are in the engine, so the join must
+/// not answer `recovered: false` (A may make it wait, or refuse it: then the client retries, on
+/// a 1 s back-off as phoenix.js); and what B publishes afterwards arrives once, in order.
+async fn a_rejoin_on_a_stalled_node(engine: Engine, hold: Duration) {
+    const COUNT: u64 = 10;
+    let direct: SocketAddr = engine.addr.parse().unwrap();
+    let proxy = Proxy::start(direct).await;
+    let ns = format!("faults-moved-{}-{}", std::process::id(), engine.var);
+    let a = node(&engine, proxy.addr(), &ns).await;
+    let b = node(&engine, direct, &ns).await;
+    let topic = "stream:moved";
+    let mut on_b = b.client().await;
+    join_stream(&mut on_b, "1", topic, json!({})).await;
+    let mut probe = a.probe().await;
+    await_link(&b, &mut probe).await;
+    let mut probe = b.probe().await;
+    await_link(&a, &mut probe).await;
+
+    proxy.hold();
+    let held_at = Instant::now();
+    for n in 1..=COUNT {
+        b.broadcast(topic, "new_msg", json!({ "n": n })).await;
+    }
+    let first = stream_messages(&mut on_b, COUNT as usize).await;
+    drop(on_b);
+    // The client moves to A with the last position it saw.
+    let mut c = a.client().await;
+    let since = first.last().unwrap().1.clone();
+    let deadline = held_at + hold + Duration::from_secs(30);
+    let mut seen = Observer {
+        topic,
+        start: since.clone(),
+        join_ref: 1,
+        messages: Vec::new(),
+        others: Vec::new(),
+        rejoins: Vec::new(),
+    };
+    let mut replies = Vec::new();
+    let joined = 'join: loop {
+        let jr = seen.join_ref.to_string();
+        c.send(json!([jr, jr, topic, "phx_join", { "since": since }]))
+            .await;
+        let sent = Instant::now();
+        while let Some(f) = next_frame(&mut c, deadline).await {
+            if f[3] == "phx_reply" && f[1] == jr.as_str() {
+                replies.push((sent.duration_since(held_at), sent.elapsed(), f[4].clone()));
+                if f[4]["status"] == "ok" {
+                    break 'join f[4]["response"].clone();
+                }
+                // Refused: retry after phoenix.js's first back-off.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                seen.join_ref += 1;
+                continue 'join;
+            }
+            seen.on(&mut c, f).await;
+        }
+        panic!("no join by the deadline: {replies:?}");
+    };
+    for n in COUNT + 1..=2 * COUNT {
+        b.broadcast(topic, "new_msg", json!({ "n": n })).await;
+    }
+    // The rest of the stall.
+    while let Some(f) = next_frame(&mut c, held_at + hold).await {
+        seen.on(&mut c, f).await;
+    }
+    proxy.pass();
+    let healed = Instant::now();
+    b.broadcast(topic, "marker", json!({})).await;
+    let mut marker = false;
+    while !marker {
+        let Some(f) = next_frame(&mut c, healed + Duration::from_secs(30)).await else {
+            break;
+        };
+        marker |= seen.on(&mut c, f).await == "marker";
+    }
+    let done_at = healed.elapsed();
+    let jr = seen.join_ref.to_string();
+    c.send(json!([jr, "end", topic, "ping", {}])).await;
+    loop {
+        let f = next_frame(&mut c, Instant::now() + WAIT)
+            .await
+            .expect("no reply to the last ping");
+        if f[3] == "phx_reply" && f[1] == "end" {
+            break;
+        }
+        seen.on(&mut c, f).await;
+    }
+    let received: Vec<u64> = seen.messages.iter().map(|m| m.0).collect();
+    eprintln!(
+        "{}: held {hold:?}; join replies (sent at, answered after, reply): {replies:?}; \
+         marker: {marker} at {done_at:?} after pass(); messages received: {received:?}; \
+         other frames: {:?}; rejoin replies: {:?}; proxy: {:?}",
+        engine.var,
+        seen.others,
+        seen.rejoins,
+        proxy.counters(),
+    );
+    let old: Vec<u64> = received.iter().copied().filter(|&n| n <= COUNT).collect();
+    assert!(
+        old.is_empty(),
+        "issue 26: messages at or before the join's position delivered again: {old:?} (all: \
+         {received:?})"
+    );
+    assert_eq!(
+        joined["recovered"], true,
+        "issue 26: the join with a position still in the engine answered recovered: false: \
+         {joined}"
+    );
+    for r in &seen.rejoins {
+        assert_eq!(r["response"]["recovered"], true, "issue 26: {r}");
+    }
+    let mut deduped = received.clone();
+    deduped.dedup();
+    assert_eq!(deduped, received, "issue 26: duplicates: {received:?}");
+    assert_eq!(
+        received,
+        (COUNT + 1..=2 * COUNT).collect::<Vec<_>>(),
+        "missing or out of order"
+    );
+    assert!(marker, "the marker never arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "issue 26: the join answers recovered: false (position null) after 1 s, then the held \
+            messages at or before its position are delivered again after the heal"]
+async fn a_rejoin_on_a_node_with_a_stalled_redis_link_is_exact() {
+    a_rejoin_on_a_stalled_node(REDIS, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "issue 26: the join answers recovered: false (position null) after 2 s, then the held \
+            messages at or before its position are delivered again after the heal"]
+async fn a_rejoin_on_a_node_with_a_stalled_nats_link_is_exact() {
+    on_nats(
+        "faults-moved",
+        a_rejoin_on_a_stalled_node(NATS, Duration::from_secs(5)),
+    )
+    .await;
+}
+
+/// Runs `case` (whose cluster namespace is `{prefix}-{pid}-NATS_URL`), then deletes its
+/// JetStream stream, which NATS keeps on disk: pass or fail.
+async fn on_nats(prefix: &str, case: impl Future<Output = ()> + Send + 'static) {
+    let result = tokio::spawn(case).await;
+    let js =
+        async_nats::jetstream::new(async_nats::connect("nats://127.0.0.1:4222").await.unwrap());
+    let name = format!("FIREBRAND_{prefix}-{}-NATS_URL", std::process::id());
+    let deleted = js.delete_stream(name).await;
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
+    deleted.unwrap();
+}
