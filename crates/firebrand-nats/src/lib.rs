@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use base64::Engine;
 use bytes::Bytes;
 use firebrand::cluster::{
@@ -396,6 +397,15 @@ async fn read(
     // Before the entries: a topic with none has the stream's last sequence as its top, and
     // anything appended after this is above it.
     let before = stream.info().await?.clone();
+    // The subject's last entry now: the read goes on until it (not until the consumer says
+    // nothing is pending: after a link stalled and healed, an ordered consumer was seen to
+    // report 0 pending after the first of ten entries, and the read then claimed a top far
+    // below the topic's).
+    let last = match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => Some(m.sequence),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => None,
+        Err(e) => return Err(e.into()),
+    };
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: subject,
@@ -403,18 +413,17 @@ async fn read(
             ..Default::default()
         })
         .await?;
-    let mut pending = consumer.cached_info().num_pending;
-    let mut all = Vec::new();
-    if pending > 0 {
+    let mut all: Vec<Entry> = Vec::new();
+    if let Some(last) = last {
         let mut messages = consumer.messages().await?;
         let now = time::OffsetDateTime::now_utc();
-        while pending > 0 {
+        while all.last().is_none_or(|e| e.offset < last) {
             let Some(message) = messages.next().await else {
-                break;
+                // A partial read must not pass for the topic's whole history.
+                return Err("nats: the read ended before the topic's last entry".into());
             };
             let message = message?;
             let info = message.info()?;
-            pending = info.pending;
             let age = (now - info.published).max(time::Duration::ZERO);
             all.push(Entry {
                 offset: info.stream_sequence,
