@@ -4,7 +4,7 @@ import {test, before, after, afterEach} from "node:test"
 import assert from "node:assert/strict"
 import jwt from "jsonwebtoken"
 import {LongPoll, Presence} from "phoenix"
-import {connected, disconnectAll, next, outcome, socket, startServer, topic, within} from "./support.mjs"
+import {connected, disconnectAll, next, outcome, socket, startServer, topic, within, apiPost} from "./support.mjs"
 
 const SECRET = "js-suite-secret-not-for-production"
 const API_KEY = "js-suite-api-key-0123456789"
@@ -36,14 +36,7 @@ afterEach(disconnectAll)
 const token = (sub, info) => jwt.sign({sub, info}, SECRET, {algorithm: "HS256", expiresIn: "5m"})
 
 /** POST /api/<path> with the key: resolves with [status, JSON body]. */
-async function api(path, body) {
-  const res = await fetch(`${server.http}/api/${path}`, {
-    method: "POST",
-    headers: {authorization: `Bearer ${API_KEY}`, "content-type": "application/json"},
-    body: JSON.stringify(body),
-  })
-  return [res.status, await res.json()]
-}
+const api = (path, body) => apiPost(server, API_KEY, path, body)
 
 test("join, then receive what the backend publishes with fetch()", async () => {
   const t = topic("room:")

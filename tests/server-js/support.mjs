@@ -85,6 +85,16 @@ export async function startServer(toml, files = {}) {
   }
 }
 
+/** POST /api/<path> of `server` with the API key `key` and the JSON `body`: resolves with [status, JSON body]. */
+export async function apiPost(server, key, path, body) {
+  const res = await fetch(`${server.http}/api/${path}`, {
+    method: "POST",
+    headers: {authorization: `Bearer ${key}`, "content-type": "application/json"},
+    body: JSON.stringify(body),
+  })
+  return [res.status, await res.json()]
+}
+
 const sockets = new Set()
 
 /** A phoenix.js Socket over `ws` with `opts` (params, authToken, transport…), not yet connected. */

@@ -5,21 +5,12 @@ mod common;
 
 use std::process::Stdio;
 
+use common::cluster::*;
 use common::*;
 use serde_json::{Value, json};
-use tokio::process::Child;
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 const NATS: &str = "nats://127.0.0.1:4222";
-/// The topic of [`await_link`]'s probes.
-const PROBE_TOPIC: &str = "room:probe";
-
-struct Node {
-    /// The process; dropping it kills the node (`kill_on_drop`).
-    _child: Child,
-    port: u16,
-}
-
 /// Starts a node joined to the cluster `namespace` on `engine` (REDIS_URL or NATS_URL).
 async fn node(engine: (&str, &str), namespace: &str) -> Node {
     node_with(engine, namespace, &[]).await
@@ -28,89 +19,7 @@ async fn node(engine: (&str, &str), namespace: &str) -> Node {
 async fn node_with(engine: (&str, &str), namespace: &str, envs: &[(&str, &str)]) -> Node {
     let mut all = vec![(engine.0, engine.1), ("CLUSTER_NAMESPACE", namespace)];
     all.extend_from_slice(envs);
-    let (child, port) = spawn_conformance(&all).await;
-    Node {
-        _child: child,
-        port,
-    }
-}
-
-impl Node {
-    /// A client that sees presence frames too.
-    async fn presence_client(&self, query: &str) -> Client {
-        Client::connect(&format!(
-            "ws://127.0.0.1:{}/socket/websocket?{query}&vsn=2.0.0",
-            self.port
-        ))
-        .await
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self._child.id().unwrap().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args([sig, &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
-
-    /// A client on the probe topic, for [`await_link`].
-    async fn probe(&self) -> Client {
-        let mut probe = self.client("").await;
-        probe
-            .join("1", PROBE_TOPIC, json!({"joined": "probe"}))
-            .await;
-        probe
-    }
-
-    async fn client(&self, query: &str) -> Client {
-        let mut c = Client::connect(&format!(
-            "ws://127.0.0.1:{}/socket/websocket?{query}&vsn=2.0.0",
-            self.port
-        ))
-        .await;
-        c.hide_presence = true;
-        c
-    }
-
-    /// `POST /api/broadcast` on this node.
-    async fn broadcast(&self, topic: &str, event: &str, payload: Value) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let body = json!({"topic": topic, "event": event, "payload": payload}).to_string();
-        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .unwrap();
-        let req = format!(
-            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        tcp.read_to_string(&mut out).await.unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    }
-}
-
-/// Waits until the cluster carries messages from node `from` to the node of `probe` (a client
-/// of [`Node::probe`]): `from` broadcasts probes until one arrives (engine subscriptions are
-/// made in the background, at start and after an outage), then a last `linked` broadcast that
-/// `probe` reads up to. Order holds per origin node, so no probe of this wait is still on its
-/// way afterwards. Test clients never join the probe topic and never see a probe.
-async fn await_link(from: &Node, probe: &mut Client) {
-    for i in 0..100 {
-        from.broadcast(PROBE_TOPIC, "probe", json!({"i": i})).await;
-        let window = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
-        while let Ok(frame) = tokio::time::timeout_at(window, probe.recv_json()).await {
-            if frame[3] == "probe" {
-                from.broadcast(PROBE_TOPIC, "linked", json!({})).await;
-                while probe.recv_json().await[3] != "linked" {}
-                return;
-            }
-        }
-    }
-    panic!("the cluster never carried a message");
+    node_env(&all).await
 }
 
 async fn three_nodes(engine: (&str, &str)) {
@@ -764,31 +673,6 @@ async fn with_a_cluster_secret_forged_messages_are_dropped() {
     );
 }
 
-/// Joins `topic` with `params` on `c`; the reply's response.
-async fn join_stream(c: &mut Client, topic: &str, params: Value) -> Value {
-    c.send(json!(["1", "1", topic, "phx_join", params])).await;
-    loop {
-        let f = c.recv_json().await;
-        if f[3] == "phx_reply" {
-            assert_eq!(f[4]["status"], "ok", "{f}");
-            return f[4]["response"].clone();
-        }
-    }
-}
-
-/// The next `count` `new_msg` broadcasts on `c`: `(n, position)` each.
-async fn stream_messages(c: &mut Client, count: usize) -> Vec<(u64, String)> {
-    let mut got = Vec::new();
-    while got.len() < count {
-        let f = c.recv_json().await;
-        if f[3] == "new_msg" {
-            let position = f[1].as_str().expect("a position").to_owned();
-            got.push((f[4]["n"].as_u64().unwrap(), position));
-        }
-    }
-    got
-}
-
 /// Recovery across a cluster whose history is in the engine: positions are the same on every
 /// node; a client whose node was SIGKILLed rejoins another with the last position it saw and
 /// gets what it missed, once, in order; a node started later (which never saw those
@@ -802,9 +686,9 @@ async fn recovery_across_nodes(engine: (&str, &str)) {
     );
     let topic = "stream:everywhere";
     let (mut a, mut b) = (n1.client("").await, n2.client("").await);
-    let start = join_stream(&mut a, topic, json!({})).await["position"].clone();
+    let start = join_stream(&mut a, "1", topic, json!({})).await["position"].clone();
     assert!(start.is_string(), "{start}");
-    join_stream(&mut b, topic, json!({})).await;
+    join_stream(&mut b, "1", topic, json!({})).await;
     // The engine subscriptions are made in the background: wait until both nodes hear.
     let mut probe = n2.probe().await;
     await_link(&n1, &mut probe).await;
@@ -833,7 +717,7 @@ async fn recovery_across_nodes(engine: (&str, &str)) {
     n2.broadcast(topic, "new_msg", json!({ "n": 6 })).await;
     let sixth = stream_messages(&mut b, 1).await;
     let mut back = n2.client("").await;
-    let reply = join_stream(&mut back, topic, json!({ "since": seen_a[1].1 })).await;
+    let reply = join_stream(&mut back, "1", topic, json!({ "since": seen_a[1].1 })).await;
     assert_eq!(reply["recovered"], true, "{reply}");
     n2.broadcast(topic, "new_msg", json!({ "n": 7 })).await;
     let got = stream_messages(&mut back, 5).await;
@@ -843,7 +727,7 @@ async fn recovery_across_nodes(engine: (&str, &str)) {
     // A node started now never saw any of it: it reads the engine.
     let n3 = node_with(engine, &ns, &secret).await;
     let mut late = n3.client("").await;
-    let reply = join_stream(&mut late, topic, json!({ "since": start })).await;
+    let reply = join_stream(&mut late, "1", topic, json!({ "since": start })).await;
     assert_eq!(reply["recovered"], true, "{reply}");
     assert_eq!(reply["position"], json!(seventh[0].1));
     let replayed = stream_messages(&mut late, 7).await;
@@ -858,10 +742,10 @@ async fn recovery_across_nodes(engine: (&str, &str)) {
     // A position of another topic is not recovered.
     let other_life = {
         let mut c = n3.client("").await;
-        join_stream(&mut c, "stream:elsewhere", json!({})).await["position"].clone()
+        join_stream(&mut c, "1", "stream:elsewhere", json!({})).await["position"].clone()
     };
     let mut c = n3.client("").await;
-    let reply = join_stream(&mut c, topic, json!({ "since": other_life })).await;
+    let reply = join_stream(&mut c, "1", topic, json!({ "since": other_life })).await;
     assert_eq!(reply["recovered"], false, "{reply}");
 }
 
@@ -898,7 +782,7 @@ async fn recovery_through_an_outage(
     let (n1, n2) = (node(engine_env, &ns).await, node(engine_env, &ns).await);
     let topic = "stream:outage";
     let mut s1 = n1.client("").await;
-    join_stream(&mut s1, topic, json!({})).await;
+    join_stream(&mut s1, "1", topic, json!({})).await;
     let mut probe = n1.probe().await;
     await_link(&n2, &mut probe).await;
     n2.broadcast(topic, "new_msg", json!({"n": 1})).await;
@@ -930,7 +814,7 @@ async fn recovery_through_an_outage(
         }
     }
     let mut c = n3.client("").await;
-    let reply = join_stream(&mut c, topic, json!({ "since": first[0].1 })).await;
+    let reply = join_stream(&mut c, "1", topic, json!({ "since": first[0].1 })).await;
     assert_eq!(reply["recovered"], keeps, "{reply}");
     // Broadcasts carry positions again, on every node.
     n2.broadcast(topic, "new_msg", json!({"n": 3})).await;

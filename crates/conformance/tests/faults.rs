@@ -6,13 +6,13 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::cluster::*;
 use common::faults::Proxy;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::Child;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -202,104 +202,10 @@ const NATS: Engine = Engine {
     scheme: "nats",
     addr: "127.0.0.1:4222",
 };
-/// The topic of [`await_link`]'s probes.
-const PROBE_TOPIC: &str = "room:probe";
-
-struct Node {
-    /// The process; dropping it kills the node (`kill_on_drop`).
-    _child: Child,
-    port: u16,
-}
-
 /// A node of the cluster `namespace` whose engine is at `addr` (the engine's, or a proxy's).
 async fn node(engine: &Engine, addr: SocketAddr, namespace: &str) -> Node {
     let url = format!("{}://{addr}", engine.scheme);
-    let (child, port) =
-        spawn_conformance(&[(engine.var, &url), ("CLUSTER_NAMESPACE", namespace)]).await;
-    Node {
-        _child: child,
-        port,
-    }
-}
-
-impl Node {
-    async fn client(&self) -> Client {
-        let mut c = Client::connect(&format!(
-            "ws://127.0.0.1:{}/socket/websocket?vsn=2.0.0",
-            self.port
-        ))
-        .await;
-        c.hide_presence = true;
-        c
-    }
-
-    /// A client on the probe topic, for [`await_link`].
-    async fn probe(&self) -> Client {
-        let mut probe = self.client().await;
-        probe
-            .join("1", PROBE_TOPIC, json!({"joined": "probe"}))
-            .await;
-        probe
-    }
-
-    /// `POST /api/broadcast` on this node.
-    async fn broadcast(&self, topic: &str, event: &str, payload: Value) {
-        let body = json!({"topic": topic, "event": event, "payload": payload}).to_string();
-        let mut tcp = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
-        let req = format!(
-            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        timeout(WAIT, tcp.read_to_string(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    }
-}
-
-/// Waits until the cluster carries messages from node `from` to the node of `probe` (as in
-/// cluster.rs): probes until one arrives, then a `linked` marker that `probe` reads up to.
-async fn await_link(from: &Node, probe: &mut Client) {
-    for i in 0..100 {
-        from.broadcast(PROBE_TOPIC, "probe", json!({"i": i})).await;
-        let window = Instant::now() + Duration::from_millis(100);
-        while let Ok(frame) = timeout_at(window, probe.recv_json()).await {
-            if frame[3] == "probe" {
-                from.broadcast(PROBE_TOPIC, "linked", json!({})).await;
-                while probe.recv_json().await[3] != "linked" {}
-                return;
-            }
-        }
-    }
-    panic!("the cluster never carried a message");
-}
-
-/// Joins `topic` with `params` (join_ref = ref = `jr`); the reply's response.
-async fn join_stream(c: &mut Client, jr: &str, topic: &str, params: Value) -> Value {
-    c.send(json!([jr, jr, topic, "phx_join", params])).await;
-    loop {
-        let f = c.recv_json().await;
-        if f[3] == "phx_reply" && f[1] == jr {
-            assert_eq!(f[4]["status"], "ok", "{f}");
-            return f[4]["response"].clone();
-        }
-    }
-}
-
-/// The next `count` `new_msg` broadcasts on `c`: `(n, position)` each.
-async fn stream_messages(c: &mut Client, count: usize) -> Vec<(u64, String)> {
-    let mut got = Vec::new();
-    while got.len() < count {
-        let f = c.recv_json().await;
-        if f[3] == "new_msg" {
-            let position = f[1].as_str().expect("a position").to_owned();
-            got.push((f[4]["n"].as_u64().unwrap(), position));
-        }
-    }
-    got
+    node_env(&[(engine.var, &url), ("CLUSTER_NAMESPACE", namespace)]).await
 }
 
 /// The next JSON frame on `c` (presence frames skipped), or `None` at `deadline`. (Unlike
@@ -362,6 +268,22 @@ impl Observer {
         event
     }
 
+    /// Records what is still on its way to `c`, up to the reply to a last ping: a reply comes
+    /// after anything queued for the client before it (so nothing more is coming).
+    async fn drain(&mut self, c: &mut Client) {
+        let jr = self.join_ref.to_string();
+        c.send(json!([jr, "end", self.topic, "ping", {}])).await;
+        loop {
+            let f = next_frame(c, Instant::now() + WAIT)
+                .await
+                .expect("no reply to the last ping");
+            if f[3] == "phx_reply" && f[1] == "end" {
+                return;
+            }
+            self.on(c, f).await;
+        }
+    }
+
     /// How many of the messages are distinct.
     fn distinct(&self) -> usize {
         let mut ns: Vec<u64> = self.messages.iter().map(|m| m.0).collect();
@@ -371,19 +293,30 @@ impl Observer {
     }
 }
 
+/// The proxy, node A (its engine link through the proxy) and node B (direct) of one cluster
+/// (namespace `{prefix}-{pid}-{engine var}`), linked both ways.
+async fn stalling_pair(engine: &Engine, prefix: &str) -> (Proxy, Node, Node) {
+    let direct: SocketAddr = engine.addr.parse().unwrap();
+    let proxy = Proxy::start(direct).await;
+    let ns = format!("{prefix}-{}-{}", std::process::id(), engine.var);
+    let a = node(engine, proxy.addr(), &ns).await;
+    let b = node(engine, direct, &ns).await;
+    let mut probe = a.probe().await;
+    await_link(&b, &mut probe).await;
+    let mut probe = b.probe().await;
+    await_link(&a, &mut probe).await;
+    (proxy, a, b)
+}
+
 /// A stall of node A's engine link (both ways, no FIN or RST) while node B publishes 20
 /// messages on a stream topic: after the heal, the client on A has each of them exactly once,
 /// in order, with B's positions — delivered late by the healed link, or (if A says its channel
 /// errored) recovered by a rejoin with the last position seen.
 async fn a_stalled_link_heals(engine: Engine, hold: Duration) {
     const COUNT: usize = 20;
-    let direct: SocketAddr = engine.addr.parse().unwrap();
-    let proxy = Proxy::start(direct).await;
-    let ns = format!("faults-stall-{}-{}", std::process::id(), engine.var);
-    let a = node(&engine, proxy.addr(), &ns).await;
-    let b = node(&engine, direct, &ns).await;
+    let (proxy, a, b) = stalling_pair(&engine, "faults-stall").await;
     let topic = "stream:stall";
-    let mut c = a.client().await;
+    let mut c = a.client("").await;
     let start = join_stream(&mut c, "1", topic, json!({})).await["position"].clone();
     let mut seen = Observer {
         topic,
@@ -393,12 +326,8 @@ async fn a_stalled_link_heals(engine: Engine, hold: Duration) {
         others: Vec::new(),
         rejoins: Vec::new(),
     };
-    let mut witness = b.client().await;
+    let mut witness = b.client("").await;
     join_stream(&mut witness, "1", topic, json!({})).await;
-    let mut probe = a.probe().await;
-    await_link(&b, &mut probe).await;
-    let mut probe = b.probe().await;
-    await_link(&a, &mut probe).await;
     let before = proxy.counters();
 
     proxy.hold();
@@ -431,18 +360,7 @@ async fn a_stalled_link_heals(engine: Engine, hold: Duration) {
             all_at = Some(healed.elapsed());
         }
     }
-    // And nothing more: a ping's reply comes after anything already queued for the client.
-    let jr = seen.join_ref.to_string();
-    c.send(json!([jr, "end", topic, "ping", {}])).await;
-    loop {
-        let f = next_frame(&mut c, Instant::now() + WAIT)
-            .await
-            .expect("no reply to the last ping");
-        if f[3] == "phx_reply" && f[1] == "end" {
-            break;
-        }
-        seen.on(&mut c, f).await;
-    }
+    seen.drain(&mut c).await;
     let after = proxy.counters();
     eprintln!(
         "{}: held {hold:?}; frames on A during the hold: {during_hold}; all {COUNT} at \
@@ -503,18 +421,10 @@ async fn a_5s_stall_of_the_nats_link_delivers_everything_once() {
 /// a 1 s back-off as phoenix.js); and what B publishes afterwards arrives once, in order.
 async fn a_rejoin_on_a_stalled_node(engine: Engine, hold: Duration) {
     const COUNT: u64 = 10;
-    let direct: SocketAddr = engine.addr.parse().unwrap();
-    let proxy = Proxy::start(direct).await;
-    let ns = format!("faults-moved-{}-{}", std::process::id(), engine.var);
-    let a = node(&engine, proxy.addr(), &ns).await;
-    let b = node(&engine, direct, &ns).await;
+    let (proxy, a, b) = stalling_pair(&engine, "faults-moved").await;
     let topic = "stream:moved";
-    let mut on_b = b.client().await;
+    let mut on_b = b.client("").await;
     join_stream(&mut on_b, "1", topic, json!({})).await;
-    let mut probe = a.probe().await;
-    await_link(&b, &mut probe).await;
-    let mut probe = b.probe().await;
-    await_link(&a, &mut probe).await;
 
     proxy.hold();
     let held_at = Instant::now();
@@ -524,7 +434,7 @@ async fn a_rejoin_on_a_stalled_node(engine: Engine, hold: Duration) {
     let first = stream_messages(&mut on_b, COUNT as usize).await;
     drop(on_b);
     // The client moves to A with the last position it saw.
-    let mut c = a.client().await;
+    let mut c = a.client("").await;
     let since = first.last().unwrap().1.clone();
     let deadline = held_at + hold + Duration::from_secs(30);
     let mut seen = Observer {
@@ -578,17 +488,7 @@ async fn a_rejoin_on_a_stalled_node(engine: Engine, hold: Duration) {
         marker |= seen.on(&mut c, f).await == "marker";
     }
     let done_at = healed.elapsed();
-    let jr = seen.join_ref.to_string();
-    c.send(json!([jr, "end", topic, "ping", {}])).await;
-    loop {
-        let f = next_frame(&mut c, Instant::now() + WAIT)
-            .await
-            .expect("no reply to the last ping");
-        if f[3] == "phx_reply" && f[1] == "end" {
-            break;
-        }
-        seen.on(&mut c, f).await;
-    }
+    seen.drain(&mut c).await;
     let received: Vec<u64> = seen.messages.iter().map(|m| m.0).collect();
     eprintln!(
         "{}: held {hold:?}; join replies (sent at, answered after, reply): {replies:?}; \

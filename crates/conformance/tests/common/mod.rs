@@ -2,6 +2,7 @@
 //! expects exact frames.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
 pub mod faults;
 
 use std::net::SocketAddr;
