@@ -47,8 +47,10 @@ pub trait Socket: Send + Sync + 'static {
         info: &ConnectInfo,
     ) -> impl Future<Output = Result<Self::Assigns, ConnectError>> + Send;
 
-    /// The socket id: every connection of one id can be closed at once by broadcasting
-    /// `"disconnect"` on it ([`Endpoint::disconnect`](crate::Endpoint::disconnect)). `None` (the default) for anonymous ones.
+    /// The socket id: every connection of one id, on every node, can be closed at once with
+    /// [`Endpoint::disconnect`](crate::Endpoint::disconnect) (Phoenix's `"disconnect"`
+    /// broadcast on the id). Unlike Phoenix's, it is not a topic: no channel can join it or
+    /// broadcast to it. `None` (the default) for anonymous connections.
     fn id(&self, assigns: &Self::Assigns) -> Option<String> {
         let _ = assigns;
         None
