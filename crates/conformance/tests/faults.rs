@@ -551,3 +551,80 @@ async fn on_nats(prefix: &str, case: impl Future<Output = ()> + Send + 'static) 
     }
     deleted.unwrap();
 }
+
+/// Polls `ready` every 20 ms until it holds (for at most `within`); how long that took.
+async fn until_ready(what: &str, within: Duration, ready: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+/// A node whose engine link goes silent (held: no FIN, no RST, the engine's client sees a
+/// connection that is up) notices it by its own heartbeats not coming back: it is not ready
+/// (`Endpoint::cluster_ready`, firebrand-server's `/ready`) and counts the stall, within the
+/// documented bound (3 heartbeats, at least 2 s), and is ready again once the link carries.
+async fn a_silent_link_is_noticed(engine: Engine) {
+    let proxy = Proxy::start(engine.addr.parse().unwrap()).await;
+    let url = format!("{}://{}", engine.scheme, proxy.addr());
+    let ns = format!("faults-silent-{}-{}", std::process::id(), engine.var);
+    let heartbeat = Duration::from_millis(200);
+    let build = |url: &str| {
+        let builder = firebrand::Endpoint::builder().presence_heartbeat(heartbeat);
+        match engine.var {
+            "REDIS_URL" => builder.adapter(
+                firebrand_redis::RedisAdapter::new(url)
+                    .unwrap()
+                    .namespace(&ns),
+            ),
+            _ => builder.adapter(firebrand_nats::NatsAdapter::new(url).namespace(&ns)),
+        }
+        .build()
+    };
+    let endpoint = build(&url);
+    // Linked: a broadcast of another node (straight to the engine) reaches this one.
+    let other = build(&format!("{}://{}", engine.scheme, engine.addr));
+    let mut heard = endpoint.subscribe("room:probe", 16);
+    let linked = async {
+        loop {
+            other.broadcast("room:probe", "probe", json!({}));
+            if timeout(Duration::from_millis(100), heard.recv())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+    };
+    timeout(4 * WAIT, linked).await.expect("never linked");
+    assert!(endpoint.cluster_ready());
+    assert_eq!(endpoint.stats().cluster_stalls, 0);
+
+    proxy.hold();
+    let noticed = until_ready("the stall noticed", 4 * WAIT, || !endpoint.cluster_ready()).await;
+    assert_eq!(
+        endpoint.stats().cluster_stalls,
+        1,
+        "noticed after {noticed:?}"
+    );
+    proxy.pass();
+    let healed = until_ready("ready again", 4 * WAIT, || endpoint.cluster_ready()).await;
+    assert_eq!(endpoint.stats().cluster_stalls, 1);
+    eprintln!(
+        "{}: stall noticed {noticed:?} after the hold (bound: {:?}), ready {healed:?} after the heal",
+        engine.var,
+        (heartbeat * 3).max(Duration::from_secs(2)),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_link_is_noticed() {
+    a_silent_link_is_noticed(REDIS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nats_link_is_noticed() {
+    a_silent_link_is_noticed(NATS).await;
+}

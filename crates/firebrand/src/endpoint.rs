@@ -101,6 +101,10 @@ pub struct Stats {
     /// Bytes the histories of [recoverable](EndpointBuilder::history) topics hold on this node,
     /// as their [budget](EndpointBuilder::history_budget) counts them.
     pub history_bytes: u64,
+    /// Stalls of the cluster engine link noticed: none of this node's own heartbeats came
+    /// back within three heartbeat periods (at least 2 s), though the adapter's connection
+    /// looked up. The node is not [ready](Endpoint::cluster_ready) while one lasts.
+    pub cluster_stalls: u64,
     /// History entries evicted (oldest first, across topics) to keep within the
     /// [budget](EndpointBuilder::history_budget). A rejoin from before one of them answers
     /// `recovered: false` on a node alone (in a cluster, the engine is read).
@@ -591,6 +595,7 @@ impl Endpoint {
             cluster_received,
             cluster_lost,
             cluster_rejected,
+            cluster_stalls: self.inner.cluster.as_ref().map_or(0, |c| c.link().stalls()),
             history_bytes,
             history_evictions,
         }
@@ -605,8 +610,12 @@ impl Endpoint {
 
     /// Whether the cluster's engine is reachable, as its adapter last said
     /// ([`ClusterLink::engine_reachable`](crate::cluster::ClusterLink::engine_reachable)):
-    /// true without a cluster, and with an adapter that does not say. For a readiness probe:
-    /// a node cut off from its engine neither sends to nor hears from the other nodes.
+    /// true without a cluster, and with an adapter that does not say; and its link is not
+    /// silent: a link that stops carrying without closing (which the engine's client does not
+    /// notice for as long as TCP retries) is noticed when none of this node's own heartbeats
+    /// come back for three heartbeat periods, at least 2 s ([`Stats::cluster_stalls`]). For a
+    /// readiness probe: a node cut off from its engine neither sends to nor hears from the
+    /// other nodes.
     pub fn cluster_ready(&self) -> bool {
         self.inner
             .cluster

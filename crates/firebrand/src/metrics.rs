@@ -113,6 +113,10 @@ pub fn describe() {
             "firebrand_history_evictions_total",
             "History entries evicted to keep within the budget.",
         ),
+        (
+            "firebrand_cluster_stalls_total",
+            "Stalls of the cluster engine link noticed (this node's own messages not coming back).",
+        ),
     ] {
         describe_counter!(name, help);
     }
@@ -171,6 +175,7 @@ pub fn record(endpoint: &Endpoint) {
         ("firebrand_cluster_lost_total", s.cluster_lost),
         ("firebrand_cluster_rejected_total", s.cluster_rejected),
         ("firebrand_history_evictions_total", s.history_evictions),
+        ("firebrand_cluster_stalls_total", s.cluster_stalls),
     ];
     for (name, value) in counters {
         counter!(name).absolute(value);

@@ -82,7 +82,14 @@ pub(super) async fn run(cluster: Weak<Cluster>) {
             last_sent = Some(now);
         }
         cluster.forget_silent_nodes(now);
+        cluster.link().check_echo(stall_after(heartbeat));
     }
+}
+
+/// How long without hearing its own heartbeats back a node counts its engine link stalled:
+/// three heartbeat periods, and at least 2 s (a busy engine is not a stalled one).
+pub(crate) fn stall_after(heartbeat: Duration) -> Duration {
+    (heartbeat * 3).max(Duration::from_secs(2))
 }
 
 impl Cluster {

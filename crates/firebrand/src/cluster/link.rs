@@ -3,7 +3,8 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -32,6 +33,15 @@ pub(crate) struct LinkInner {
     pub(crate) auth: Option<Auth>,
     /// The largest retention among the endpoint's recoverable topics, if any.
     pub(crate) retention: Option<Retention>,
+    /// The engine's echo: when this node last heard one of its own messages back (or the
+    /// adapter last said the engine is reachable), in milliseconds since `started` plus one
+    /// (0: never, and then nothing is judged).
+    pub(crate) started: Instant,
+    pub(crate) echoed: AtomicU64,
+    /// Whether the echo is overdue: the link is silent though it may look connected.
+    pub(crate) stalled: AtomicBool,
+    /// Stalls noticed.
+    pub(crate) stalls: AtomicU64,
 }
 
 /// The adapter has not said whether the engine is reachable.
@@ -80,6 +90,10 @@ impl ClusterLink {
                 engine: AtomicU8::new(UNREPORTED),
                 auth,
                 retention,
+                started: Instant::now(),
+                echoed: AtomicU64::new(0),
+                stalled: AtomicBool::new(false),
+                stalls: AtomicU64::new(0),
             }),
         }
     }
@@ -105,12 +119,67 @@ impl ClusterLink {
     /// An adapter that never calls it is taken as reachable.
     pub fn engine_reachable(&self, reachable: bool) {
         let state = if reachable { REACHABLE } else { UNREACHABLE };
+        if reachable {
+            // From now on this node's own messages come back (the silence check counts from
+            // here).
+            self.heard_echo();
+        }
         self.inner.engine.store(state, Ordering::Relaxed);
     }
 
-    /// Whether the engine is reachable, as far as the adapter said.
+    /// Whether the engine is reachable, as far as the adapter said, and its link is not
+    /// silent ([`check_echo`](ClusterLink::check_echo)).
     pub(crate) fn is_engine_reachable(&self) -> bool {
         self.inner.engine.load(Ordering::Relaxed) != UNREACHABLE
+            && !self.inner.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Stalls of the engine link noticed so far.
+    pub(crate) fn stalls(&self) -> u64 {
+        self.inner.stalls.load(Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// This node heard one of its own messages back from the engine: its link carries.
+    fn heard_echo(&self) {
+        let i = &self.inner;
+        let now = self.now_ms();
+        let last = i.echoed.swap(now, Ordering::Relaxed);
+        if i.stalled.swap(false, Ordering::Relaxed) {
+            let silent = Duration::from_millis(now.saturating_sub(last));
+            tracing::warn!(
+                silent_ms = silent.as_millis() as u64,
+                "cluster engine link carries again"
+            );
+        }
+    }
+
+    /// Notices a silent link: a link that stops carrying bytes without closing (a dead
+    /// switch, a paused VM) looks connected to the engine's client for as long as TCP keeps
+    /// retrying. Every node hears its own heartbeats back (engines deliver a message to every
+    /// subscriber, its sender's node too); when none came back for `after`, the link is
+    /// counted stalled until one does: the node is not ready
+    /// ([`Endpoint::cluster_ready`](crate::Endpoint::cluster_ready)), and it is logged and
+    /// counted. Judged from the adapter's first report of a reachable engine, or the first
+    /// echo heard (an adapter that reports nothing and an engine that never echoes are not
+    /// judged).
+    pub(crate) fn check_echo(&self, after: Duration) {
+        let i = &self.inner;
+        let last = i.echoed.load(Ordering::Relaxed);
+        if last == 0 || i.stalled.load(Ordering::Relaxed) {
+            return;
+        }
+        let silent = Duration::from_millis(self.now_ms().saturating_sub(last));
+        if silent > after && !i.stalled.swap(true, Ordering::Relaxed) {
+            i.stalls.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                silent_ms = silent.as_millis() as u64,
+                "cluster engine link silent: none of this node's messages came back; not ready until they do"
+            );
+        }
     }
 
     /// This node's id (random, new on every start).
@@ -133,7 +202,7 @@ impl ClusterLink {
             },
         };
         match decode(message) {
-            Ok(msg) if msg.node == self.inner.node => {}
+            Ok(msg) if msg.node == self.inner.node => self.heard_echo(),
             Ok(msg)
                 if opened
                     .is_some_and(|(auth, counter, time)| !auth.fresh(msg.node, counter, time)) =>
@@ -270,23 +339,36 @@ mod tests {
     fn link(node: u64, secret: Option<&[u8]>) -> (ClusterLink, Arc<parking_lot::Mutex<Vec<u64>>>) {
         let got = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let sink = got.clone();
-        let link = ClusterLink {
-            inner: Arc::new(LinkInner {
-                node,
-                deliver: Box::new(move |inbound| {
-                    if let Inbound::Message { from, .. } = inbound {
-                        sink.lock().push(from)
-                    }
-                }),
-                received: AtomicU64::new(0),
-                lost: AtomicU64::new(0),
-                rejected: AtomicU64::new(0),
-                engine: std::sync::atomic::AtomicU8::new(UNREPORTED),
-                auth: secret.map(Auth::new),
-                retention: None,
-            }),
-        };
+        let deliver = Box::new(move |inbound| {
+            if let Inbound::Message { from, .. } = inbound {
+                sink.lock().push(from)
+            }
+        });
+        let link = ClusterLink::new(node, deliver, secret.map(Auth::new), None);
         (link, got)
+    }
+
+    #[test]
+    fn a_link_whose_own_messages_stop_coming_back_is_stalled_until_they_do() {
+        let (link, _) = link(1, None);
+        let silent = Duration::ZERO;
+        // Not judged before the engine was reported reachable or echoed.
+        std::thread::sleep(Duration::from_millis(2));
+        link.check_echo(silent);
+        assert!(link.is_engine_reachable());
+        link.engine_reachable(true);
+        std::thread::sleep(Duration::from_millis(2));
+        link.check_echo(Duration::from_secs(60));
+        assert!(link.is_engine_reachable(), "within the bound");
+        link.check_echo(silent);
+        link.check_echo(silent);
+        assert!(!link.is_engine_reachable());
+        assert_eq!(link.stalls(), 1, "one stall, however often checked");
+        // Its own heartbeat comes back: it carries again.
+        let own = encode(1, &Body::TransferRequest { to: 2 });
+        link.receive(&own);
+        assert!(link.is_engine_reachable());
+        assert_eq!(link.stalls(), 1);
     }
 
     #[test]
