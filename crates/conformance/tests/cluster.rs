@@ -101,32 +101,6 @@ async fn three_nodes_over_nats() {
     three_nodes(("NATS_URL", NATS)).await;
 }
 
-/// Joins `topic` and collects presence frames (state and diffs) into one view of who is here,
-/// until `done(view)` holds.
-async fn presence_until(
-    c: &mut Client,
-    view: &mut serde_json::Map<String, Value>,
-    done: impl Fn(&serde_json::Map<String, Value>) -> bool,
-) {
-    while !done(view) {
-        let f = c.recv_json().await;
-        match f[3].as_str() {
-            Some("presence_state") => {
-                *view = f[4].as_object().unwrap().clone();
-            }
-            Some("presence_diff") => {
-                for (k, v) in f[4]["joins"].as_object().unwrap() {
-                    view.insert(k.clone(), v.clone());
-                }
-                for k in f[4]["leaves"].as_object().unwrap().keys() {
-                    view.remove(k);
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
 async fn presence_across_nodes(engine: (&str, &str)) {
     let ns = format!("presence-{}-{}", std::process::id(), engine.0);
     let fast = [

@@ -204,8 +204,20 @@ const NATS: Engine = Engine {
 };
 /// A node of the cluster `namespace` whose engine is at `addr` (the engine's, or a proxy's).
 async fn node(engine: &Engine, addr: SocketAddr, namespace: &str) -> Node {
+    node_with(engine, addr, namespace, &[]).await
+}
+
+/// [`node`], with more of the node's environment.
+async fn node_with(
+    engine: &Engine,
+    addr: SocketAddr,
+    namespace: &str,
+    envs: &[(&str, &str)],
+) -> Node {
     let url = format!("{}://{addr}", engine.scheme);
-    node_env(&[(engine.var, &url), ("CLUSTER_NAMESPACE", namespace)]).await
+    let mut all = vec![(engine.var, url.as_str()), ("CLUSTER_NAMESPACE", namespace)];
+    all.extend_from_slice(envs);
+    node_env(&all).await
 }
 
 /// The next JSON frame on `c` (presence frames skipped), or `None` at `deadline`. (Unlike
@@ -627,4 +639,60 @@ async fn a_silent_redis_link_is_noticed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_nats_link_is_noticed() {
     a_silent_link_is_noticed(NATS).await;
+}
+
+/// Presence across a stall longer than the down period, as Phoenix behaves across a netsplit:
+/// each side counts the other down and its users leave (`presence_diff` leaves) while it lasts;
+/// once the link carries again, both sides list everyone again (joins), on every node.
+async fn presence_after_a_stall(engine: Engine) {
+    let direct: SocketAddr = engine.addr.parse().unwrap();
+    let proxy = Proxy::start(direct).await;
+    let ns = format!("faults-split-{}-{}", std::process::id(), engine.var);
+    let fast = [
+        ("PRESENCE_HEARTBEAT_MS", "200"),
+        ("PRESENCE_DOWN_MS", "1000"),
+    ];
+    let a = node_with(&engine, proxy.addr(), &ns, &fast).await;
+    let b = node_with(&engine, direct, &ns, &fast).await;
+    let topic = "room:split";
+    let mut alice = a.presence_client("user=alice").await;
+    alice.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let mut bob = b.presence_client("user=bob").await;
+    bob.send(json!(["1", "1", topic, "phx_join", {}])).await;
+    let (mut on_a, mut on_b) = (serde_json::Map::new(), serde_json::Map::new());
+    let both =
+        |v: &serde_json::Map<String, Value>| v.contains_key("alice") && v.contains_key("bob");
+    presence_until(&mut alice, &mut on_a, both).await;
+    presence_until(&mut bob, &mut on_b, both).await;
+
+    proxy.hold();
+    let held = Instant::now();
+    // Each side counts the other down: its user leaves the other's list.
+    presence_until(&mut bob, &mut on_b, |v| !v.contains_key("alice")).await;
+    let b_split = held.elapsed();
+    presence_until(&mut alice, &mut on_a, |v| !v.contains_key("bob")).await;
+    let a_split = held.elapsed();
+    assert!(on_a.contains_key("alice") && on_b.contains_key("bob"));
+    tokio::time::sleep_until(held + Duration::from_secs(3)).await;
+
+    proxy.pass();
+    let healed = Instant::now();
+    presence_until(&mut bob, &mut on_b, both).await;
+    presence_until(&mut alice, &mut on_a, both).await;
+    eprintln!(
+        "{}: stall of 3 s: bob saw alice leave after {b_split:?}, alice saw bob leave after \
+         {a_split:?}; both listed again {:?} after the heal",
+        engine.var,
+        healed.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_converges_after_a_stall_of_the_redis_link() {
+    presence_after_a_stall(REDIS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_converges_after_a_stall_of_the_nats_link() {
+    on_nats("faults-split", presence_after_a_stall(NATS)).await;
 }

@@ -126,3 +126,29 @@ pub async fn stream_messages(c: &mut Client, count: usize) -> Vec<(u64, String)>
     }
     got
 }
+
+/// Joins `topic` and collects presence frames (state and diffs) into one view of who is here,
+/// until `done(view)` holds.
+pub async fn presence_until(
+    c: &mut Client,
+    view: &mut serde_json::Map<String, Value>,
+    done: impl Fn(&serde_json::Map<String, Value>) -> bool,
+) {
+    while !done(view) {
+        let f = c.recv_json().await;
+        match f[3].as_str() {
+            Some("presence_state") => {
+                *view = f[4].as_object().unwrap().clone();
+            }
+            Some("presence_diff") => {
+                for (k, v) in f[4]["joins"].as_object().unwrap() {
+                    view.insert(k.clone(), v.clone());
+                }
+                for k in f[4]["leaves"].as_object().unwrap().keys() {
+                    view.remove(k);
+                }
+            }
+            _ => {}
+        }
+    }
+}
