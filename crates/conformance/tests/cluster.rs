@@ -550,7 +550,7 @@ async fn redis_publish(namespace: &str, message: &[u8]) {
     assert!(answer.starts_with(':'), "{answer:?}");
 }
 
-/// A node's id in its cluster, read from a long-poll session token it signs.
+/// A node's id in its cluster, read from a long-poll session token it signs (`[tag, node, id]`).
 async fn node_id(node: &Node) -> u64 {
     use base64::Engine;
     let start = http_json(node.port, "GET", LP, "", "").await;
@@ -559,7 +559,7 @@ async fn node_id(node: &Node) -> u64 {
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(data)
         .unwrap();
-    serde_json::from_slice::<Value>(&json).unwrap()["d"][0]
+    serde_json::from_slice::<Value>(&json).unwrap()["d"][1]
         .as_u64()
         .unwrap()
 }

@@ -453,7 +453,7 @@ impl Endpoint {
             read = Some(match (caught_up, &self.inner.cluster) {
                 (Ok(done), _) => return done,
                 (Err(query), Some(cluster)) => cluster.read_history(topic, query, retention).await,
-                (Err(_), None) => None,
+                (Err(_), None) => Err(crate::node::history::Unread::Unknown),
             });
         }
     }

@@ -143,6 +143,16 @@ impl ClusterLink {
         self.inner.started.elapsed().as_millis() as u64 + 1
     }
 
+    /// A mark for [`echoed_after`](ClusterLink::echoed_after): now.
+    pub(crate) fn echo_mark(&self) -> u64 {
+        self.now_ms()
+    }
+
+    /// Whether one of this node's own messages came back since `mark` (its link carried).
+    pub(crate) fn echoed_after(&self, mark: u64) -> bool {
+        self.inner.echoed.load(Ordering::Relaxed) > mark
+    }
+
     /// This node heard one of its own messages back from the engine: its link carries.
     fn heard_echo(&self) {
         let i = &self.inner;
@@ -169,11 +179,19 @@ impl ClusterLink {
     pub(crate) fn check_echo(&self, after: Duration) {
         let i = &self.inner;
         let last = i.echoed.load(Ordering::Relaxed);
-        if last == 0 || i.stalled.load(Ordering::Relaxed) {
+        // An outage the adapter reported is not a silent link (its reconnection restarts the
+        // count).
+        let reported = i.engine.load(Ordering::Relaxed) == UNREACHABLE;
+        if last == 0 || reported || i.stalled.load(Ordering::Relaxed) {
             return;
         }
         let silent = Duration::from_millis(self.now_ms().saturating_sub(last));
         if silent > after && !i.stalled.swap(true, Ordering::Relaxed) {
+            if i.echoed.load(Ordering::Relaxed) != last {
+                // An echo came meanwhile (received off this thread): not silent after all.
+                i.stalled.store(false, Ordering::Relaxed);
+                return;
+            }
             i.stalls.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 silent_ms = silent.as_millis() as u64,
@@ -366,8 +384,17 @@ mod tests {
         assert_eq!(link.stalls(), 1, "one stall, however often checked");
         // Its own heartbeat comes back: it carries again.
         let own = encode(1, &Body::TransferRequest { to: 2 });
+        let mark = link.echo_mark();
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(!link.echoed_after(mark));
         link.receive(&own);
+        assert!(link.echoed_after(mark));
         assert!(link.is_engine_reachable());
+        assert_eq!(link.stalls(), 1);
+        // An outage the adapter reports is not counted as a silent link.
+        link.engine_reachable(false);
+        std::thread::sleep(Duration::from_millis(2));
+        link.check_echo(silent);
         assert_eq!(link.stalls(), 1);
     }
 

@@ -40,7 +40,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::node::Hub;
-use crate::node::history::Read;
+use crate::node::history::{Read, Unread};
 use crate::node::pubsub::{Broadcast, SubId};
 pub use history::{Entries, Entry, HistoryEngine, HistoryError, Query, Retention};
 pub use link::ClusterLink;
@@ -169,14 +169,20 @@ impl Cluster {
     }
 
     /// Reads `topic`'s history in the engine (on the cluster thread, within
-    /// [`history::READ_TIMEOUT`]); `None` when it cannot be read.
+    /// [`history::READ_TIMEOUT`]). When it gives no answer, says why: the engine could not be
+    /// asked (an error, or no answer while this node's link heard none of its own messages
+    /// back: cut off, or silent), or it was slow on a link that carries.
     pub(crate) async fn read_history(
         &self,
         topic: &str,
         query: Query,
         retention: Retention,
-    ) -> Option<Read> {
-        let read = self.adapter.history()?.read(topic, query, retention);
+    ) -> Result<Read, Unread> {
+        let Some(engine) = self.adapter.history() else {
+            return Err(Unread::Unknown);
+        };
+        let read = engine.read(topic, query, retention);
+        let mark = self.link.echo_mark();
         let read = self
             .runtime
             .handle
@@ -185,11 +191,15 @@ impl Cluster {
             Ok(Ok(Ok(entries))) => entries,
             Ok(Ok(Err(e))) => {
                 tracing::warn!(topic, error = %e, "history read failed");
-                return None;
+                return Err(Unread::Unknown);
+            }
+            Ok(Err(_)) | Err(_) if self.link.echoed_after(mark) => {
+                tracing::warn!(topic, "history read timed out (the engine is slow)");
+                return Err(Unread::Slow);
             }
             Ok(Err(_)) | Err(_) => {
-                tracing::warn!(topic, "history read timed out");
-                return None;
+                tracing::warn!(topic, "history read timed out (the engine link is silent)");
+                return Err(Unread::Unknown);
             }
         };
         // An engine's claim never reaches past its top (a forged `since` must not make this
@@ -213,7 +223,7 @@ impl Cluster {
                 }
             }
         }
-        Some(read)
+        Ok(read)
     }
 
     /// Closes the connections of socket id `id` on every other node.

@@ -102,6 +102,17 @@ pub(crate) struct Read {
     pub(crate) entries: Vec<(u64, Duration, Broadcast)>,
 }
 
+/// Why an engine read gave no answer ([`History::catch_up`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unread {
+    /// The engine could not be asked: an error, or no answer while this node's link was
+    /// silent. Whether the broadcasts are still there is unknown: a join is refused (the client
+    /// retries).
+    Unknown,
+    /// The engine answered too slowly on a link that carries: given up, as not recovered.
+    Slow,
+}
+
 /// The histories of a node's recoverable topics.
 pub(crate) struct History {
     /// Topic patterns (`stream:*`, or an exact topic) and their retention; the first match
@@ -467,8 +478,8 @@ impl History {
     /// replies and queues the replay; no broadcast of the topic is dispatched meanwhile.
     ///
     /// On an engine-fed node whose ring cannot answer, returns `Err(query)` without calling
-    /// `f`: read the engine, then call again with the read (`Some(None)`: the engine could not
-    /// be read); a second call always answers. A read is merged into the ring first (see the
+    /// `f`: read the engine, then call again with the read (`Some(Err(why))`: it gave no
+    /// answer); a second call always answers. A read is merged into the ring first (see the
     /// module docs), its broadcasts this node had not received yet going to `dispatch`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn catch_up<R>(
@@ -477,7 +488,7 @@ impl History {
         retention: Retention,
         since: Option<&str>,
         recent: usize,
-        read: Option<Option<Read>>,
+        read: Option<Result<Read, Unread>>,
         dispatch: impl FnMut(&Broadcast),
         f: impl FnOnce(CatchUp) -> R,
     ) -> Result<R, Query> {
@@ -487,15 +498,12 @@ impl History {
             r.last_used = now;
             let tag = tag(topic);
             let asked = read.is_some() || !self.fed;
-            let unread = matches!(read, Some(None));
-            if let Some(Some(read)) = read {
+            let unread = matches!(read, Some(Err(Unread::Unknown)));
+            if let Some(Ok(read)) = read {
                 r.absorb(read, tag, retention, now, dispatch);
             }
             let since = since.map(|s| Position::decode(s).filter(|p| p.tag == tag));
-            let seen = since.flatten().map(|p| Seen {
-                epoch: p.epoch,
-                offset: p.offset,
-            });
+
             let (recovered, replay) = match since {
                 None if r.known && (asked || r.base == 0 || r.entries.len() >= recent) => {
                     let skip = r.entries.len().saturating_sub(recent);
@@ -524,6 +532,15 @@ impl History {
                 Some(_) => (Some(false), Vec::new()),
             };
             let unavailable = unread && matches!(since, Some(Some(_))) && recovered.is_none();
+            // What the client has seen, when this history holds it (recovered): never a
+            // position this history does not reach, which a lost tail would make it skip.
+            let seen = since
+                .flatten()
+                .filter(|_| recovered == Some(true))
+                .map(|p| Seen {
+                    epoch: p.epoch,
+                    offset: p.offset,
+                });
             let position = r.known.then(|| {
                 Position {
                     epoch: r.epoch,
@@ -961,7 +978,7 @@ mod tests {
         fn join(
             &mut self,
             since: Option<&str>,
-            read: Option<Option<Read>>,
+            read: Option<Result<Read, Unread>>,
         ) -> Result<(Option<bool>, Vec<u64>), Query> {
             let sink = &mut self.dispatched;
             self.h.catch_up(
@@ -1019,7 +1036,10 @@ mod tests {
         assert_eq!(f.join(None, None), Err(Query::Last(0)));
         assert_eq!(f.join(Some(&at(2)), None), Err(Query::After(2)));
         // (`None`: unavailable, the join is refused; see the test after this one.)
-        assert_eq!(f.join(Some(&at(2)), Some(None)), Ok((None, vec![])));
+        assert_eq!(
+            f.join(Some(&at(2)), Some(Err(Unread::Unknown))),
+            Ok((None, vec![]))
+        );
         // Delivered 4 and 5 by the engine (the first one starts the ring: it knows nothing
         // before it).
         for n in 4..=5 {
@@ -1030,7 +1050,7 @@ mod tests {
         assert_eq!(f.join(Some(&at(4)), None), Ok((Some(true), vec![5])));
         assert_eq!(f.join(Some(&at(2)), None), Err(Query::After(2)));
         assert_eq!(
-            f.join(Some(&at(2)), Some(Some(read(2, 5)))),
+            f.join(Some(&at(2)), Some(Ok(read(2, 5)))),
             Ok((Some(true), vec![3, 4, 5]))
         );
         assert_eq!(f.join(Some(&at(2)), None), Ok((Some(true), vec![3, 4, 5])));
@@ -1043,7 +1063,7 @@ mod tests {
         for n in 4..=5 {
             f.record(n, Some(n - 1));
         }
-        let ask = |since: &str, read: Option<Option<Read>>| {
+        let ask = |since: &str, read: Option<Result<Read, Unread>>| {
             f.h.catch_up(
                 "stream:a",
                 retention(3),
@@ -1059,19 +1079,31 @@ mod tests {
         // say, and cannot: unavailable, not `recovered: false`.
         for offset in [9, 2] {
             assert_eq!(ask(&at(offset), None), Err(Query::After(offset.min(5))));
-            assert_eq!(ask(&at(offset), Some(None)), Ok((None, true, seen(offset))));
+            assert_eq!(
+                ask(&at(offset), Some(Err(Unread::Unknown))),
+                Ok((None, true, None))
+            );
         }
         // What the cache decides needs no engine.
-        assert_eq!(ask(&at(4), Some(None)), Ok((Some(true), false, seen(4))));
+        assert_eq!(
+            ask(&at(4), Some(Err(Unread::Unknown))),
+            Ok((Some(true), false, seen(4)))
+        );
+        // Slow on a link that carries: given up, as not recovered (not refused for ever).
+        assert_eq!(
+            ask(&at(9), Some(Err(Unread::Slow))),
+            Ok((Some(false), false, None))
+        );
         // Not a position of this topic: not recovered, whatever the engine.
-        assert_eq!(ask("garbage", Some(None)), Ok((Some(false), false, None)));
+        assert_eq!(
+            ask("garbage", Some(Err(Unread::Unknown))),
+            Ok((Some(false), false, None))
+        );
         // The engine answered and no longer has it: truly gone.
         let mut gone = read(3, 5);
         gone.entries.clear();
-        assert_eq!(
-            ask(&at(1), Some(Some(gone))),
-            Ok((Some(false), false, seen(1)))
-        );
+        // (And what it has seen is not kept: this history does not hold it.)
+        assert_eq!(ask(&at(1), Some(Ok(gone))), Ok((Some(false), false, None)));
     }
 
     #[test]
@@ -1082,7 +1114,7 @@ mod tests {
         // 3, dispatched to this node's subscribers now; their own arrival later is skipped.
         assert_eq!(f.join(Some(&at(3)), None), Err(Query::After(1)));
         assert_eq!(
-            f.join(Some(&at(3)), Some(Some(read(1, 3)))),
+            f.join(Some(&at(3)), Some(Ok(read(1, 3)))),
             Ok((Some(true), vec![]))
         );
         f.record(2, Some(1));
@@ -1266,7 +1298,7 @@ mod tests {
         assert_eq!(f.join(Some(&at(1)), None), Ok((Some(true), vec![2, 3])));
         assert_eq!(f.join(Some(&at(0)), None), Err(Query::After(0)));
         assert_eq!(
-            f.join(Some(&at(0)), Some(Some(read(0, 3)))),
+            f.join(Some(&at(0)), Some(Ok(read(0, 3)))),
             Ok((Some(true), vec![1, 2, 3]))
         );
         // The read's entries count too: back within the budget after the answer, the oldest
@@ -1274,7 +1306,10 @@ mod tests {
         assert_eq!(f.h.usage(), (ring + entry, 3));
         assert_eq!(f.join(Some(&at(0)), None), Err(Query::After(0)));
         // A failed read: unavailable (the join is refused), never a wrong true.
-        assert_eq!(f.join(Some(&at(0)), Some(None)), Ok((None, vec![])));
+        assert_eq!(
+            f.join(Some(&at(0)), Some(Err(Unread::Unknown))),
+            Ok((None, vec![]))
+        );
     }
 
     #[test]

@@ -232,6 +232,9 @@ impl Hub {
         };
         let (started, mut delivered) = (Started::now(), 0);
         history.record(b, at, retention, |b| {
+            // A gap's `phx_error` (no position) goes to every subscriber, the publisher's too:
+            // its client must rejoin as well.
+            let from = from.filter(|_| b.position().is_some());
             delivered += self.pubsub.dispatch(b, from)
         });
         self.count_broadcast(delivered, started);

@@ -63,6 +63,9 @@ const MAX_LINES: usize = 100;
 /// How long a session token stays valid (the session usually ends long before).
 const TOKEN_MAX_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
 
+/// The first field of a session token's data.
+const SESSION_TAG: &str = "firebrand.lp";
+
 /// How much longer than the poll window a node waits for a forwarded request's answer.
 const FORWARD_MARGIN: Duration = Duration::from_secs(5);
 
@@ -189,19 +192,24 @@ impl Sessions {
         }
     }
 
+    /// A session token: `(SESSION_TAG, node, id)` signed, so that it is told apart from an
+    /// app's own token (a `TokenSigner` token of two numbers, say) passed as a `token` param.
     fn token(&self, id: u64) -> String {
-        self.signer.sign(&(self.node, id))
+        self.signer.sign(&(SESSION_TAG, self.node, id))
     }
 
-    /// The node a token says its session lives on (not verified: only that node can).
+    /// The node a token says its session lives on, if it has a session token's shape (not
+    /// verified: only that node can).
     fn node_of(token: &str) -> Option<u64> {
-        crate::token::peek::<(u64, u64)>(token).map(|(node, _)| node)
+        crate::token::peek::<(String, u64, u64)>(token)
+            .filter(|(tag, _, _)| tag == SESSION_TAG)
+            .map(|(_, node, _)| node)
     }
 
     /// The session a token names, if it is genuine, of this node, unexpired and still running.
     fn session(&self, token: &str) -> Option<(u64, Arc<Session>)> {
-        let (node, id): (u64, u64) = self.signer.verify(token, TOKEN_MAX_AGE).ok()?;
-        if node != self.node {
+        let (tag, node, id): (String, u64, u64) = self.signer.verify(token, TOKEN_MAX_AGE).ok()?;
+        if tag != SESSION_TAG || node != self.node {
             return None;
         }
         let session = self.map.lock().get(&id).cloned()?;
@@ -728,9 +736,13 @@ mod tests {
         let (token, rest) = session_token(&none, p.clone());
         assert_eq!(token.as_deref(), Some(ours.as_str()));
         assert_eq!(rest, params(&[("token", "jwt"), ("vsn", "2.0.0")]));
-        // The first poll: the app's own `token` is no session token, and stays a param.
+        // The first poll: the app's own `token` is no session token, and stays a param — also
+        // a token of firebrand's own signer carrying two numbers, as a session token's did.
         let jwt = params(&[("token", "jwt")]);
         assert_eq!(session_token(&none, jwt.clone()), (None, jwt));
+        let app = TokenSigner::new(b"the app's key", "user socket").sign(&(7u64, 1u64));
+        let app = params(&[("token", &app)]);
+        assert_eq!(session_token(&none, app.clone()), (None, app));
         let mut headers = HeaderMap::new();
         headers.insert("x-phoenix-longpoll-token", HeaderValue::from_static("h"));
         assert_eq!(session_token(&headers, p.clone()), (Some("h".into()), p));
