@@ -72,13 +72,16 @@ const USAGE = `usage: node jitter.mjs [options] [path/to/conformance]
   --label L            name of the server in the SUMMARY line (default firebrand, or the --url)
   --nodes N            start N conformance nodes in a cluster (default 1; needs --engine when N > 1)
   --engine E           the cluster's engine: redis (127.0.0.1:6379) or nats (127.0.0.1:4222)
-  --kill-one           SIGKILL node 1 halfway through the run`
+  --kill-one           SIGKILL node 1 halfway through the run
+  --stall-one S        node 1 reaches the engine through a proxy that holds every byte both ways (no FIN, no
+                       RST) for S seconds from a third of the run, then delivers them in order; the
+                       broadcasts are published on the other nodes`
 
 function parseArgs(argv) {
   const o = {
     topics: [], clients: 200, duration: 120, rate: 2, period: 15, outage: 2, settle: 20, event: "tick", together: false,
     bin: process.env.CONFORMANCE_BIN || path.join(here, "../../target/release/conformance"),
-    url: null, expectDelivered: null, label: null, nodes: 1, engine: null, killOne: false,
+    url: null, expectDelivered: null, label: null, nodes: 1, engine: null, killOne: false, stallOne: 0,
   }
   const num = (name, v, min, max) => {
     const x = Number(v)
@@ -108,6 +111,7 @@ function parseArgs(argv) {
       case "--nodes": o.nodes = Math.floor(num(a, val(), 1, 8)); break
       case "--engine": o.engine = val(); break
       case "--kill-one": o.killOne = true; break
+      case "--stall-one": o.stallOne = num(a, val(), 1, 3600); break
       case "-h": case "--help": console.log(USAGE); process.exit(0)
       default:
         if (a.startsWith("-")) usage(`unknown option ${a}`)
@@ -117,6 +121,8 @@ function parseArgs(argv) {
   if (o.topics.length === 0) o.topics = ["room:jitter"]
   if (o.nodes > 1 && !["redis", "nats"].includes(o.engine)) usage("--nodes > 1 needs --engine redis or --engine nats")
   if (o.killOne && o.nodes < 2) usage("--kill-one needs --nodes 2 or more")
+  if (o.stallOne && o.nodes < 2) usage("--stall-one needs --nodes 2 or more")
+  if (o.stallOne && o.killOne) usage("--stall-one and --kill-one do not go together")
   if (o.url && o.nodes > 1) usage("--url and --nodes do not go together")
   if (o.outage >= o.period) usage("--outage must be shorter than --period")
   if (o.url) {
@@ -189,6 +195,38 @@ async function stopServer(node) {
   if (code === "timeout") { node.proc.kill("SIGKILL"); await node.exited }
   return code
 }
+
+/**
+ * A TCP proxy on a free loopback port in front of 127.0.0.1:`upstream`, for --stall-one: `hold()`
+ * stops reading both ways (the bytes wait in the kernel's buffers, the connections stay open: no
+ * FIN, no RST), `pass()` delivers everything held, in order, and forwards again.
+ */
+async function stallProxy(upstream) {
+  let held = false
+  const pairs = new Set()
+  const forward = (from, to) => {
+    from.on("data", (d) => { if (!to.write(d)) from.pause() })
+    to.on("drain", () => { if (!held) from.resume() })
+    from.on("end", () => to.end())
+    from.on("error", () => to.destroy())
+    from.on("close", () => { to.destroy(); pairs.delete(from) })
+  }
+  const srv = net.createServer((c) => {
+    const u = net.connect(upstream, "127.0.0.1")
+    forward(c, u)
+    forward(u, c)
+    pairs.add(c).add(u)
+    if (held) { c.pause(); u.pause() }
+  })
+  await new Promise((resolve) => srv.listen(0, "127.0.0.1", resolve))
+  return {
+    port: srv.address().port,
+    hold() { held = true; for (const s of pairs) s.pause() },
+    pass() { held = false; for (const s of pairs) s.resume() },
+    close() { for (const s of pairs) s.destroy(); srv.close() },
+  }
+}
+let stall = null
 
 /** The nodes clients may connect to, and those the publisher uses (both shrink with --kill-one). */
 let connectPorts = []
@@ -342,7 +380,14 @@ async function main() {
         opts.engine === "redis" ? "redis://127.0.0.1:6379" : "nats://127.0.0.1:4222"
       env.CLUSTER_NAMESPACE = `jitter-${process.pid}-${Date.now()}`
     }
-    for (let i = 0; i < opts.nodes; i++) await startServer(opts.bin, env)
+    if (opts.stallOne) {
+      // Node 1's engine link goes through the proxy.
+      const engine = opts.engine === "redis" ? 6379 : 4222
+      stall = await stallProxy(engine)
+      const key = opts.engine === "redis" ? "REDIS_URL" : "NATS_URL"
+      await startServer(opts.bin, {...env, [key]: `${opts.engine}://127.0.0.1:${stall.port}`})
+    }
+    for (let i = servers.length; i < opts.nodes; i++) await startServer(opts.bin, env)
     const port = server.port
     wsUrl = `ws://127.0.0.1:${port}/socket`
     httpBase = `http://127.0.0.1:${port}`
@@ -350,11 +395,13 @@ async function main() {
       (opts.nodes > 1 ? ` over ${opts.engine}` : ""))
   }
   connectPorts = servers.map((n) => n.port)
-  publishPorts = [...connectPorts]
+  // With --stall-one, broadcasts are published on the other nodes (node 1 is the stalled one).
+  publishPorts = opts.stallOne ? connectPorts.slice(1) : [...connectPorts]
   let nextPublish = 0
   const publishBase = () => (publishPorts.length > 1 ? `http://127.0.0.1:${publishPorts[nextPublish++ % publishPorts.length]}` : httpBase)
   const label = opts.label || (opts.url ? opts.url
-    : opts.nodes > 1 ? `firebrand, ${opts.nodes} nodes over ${opts.engine}${opts.killOne ? ", one SIGKILLed" : ""}` : "firebrand")
+    : opts.nodes > 1 ? `firebrand, ${opts.nodes} nodes over ${opts.engine}${opts.killOne ? ", one SIGKILLed" : ""}` +
+      `${opts.stallOne ? `, node 1's engine link held ${opts.stallOne} s` : ""}` : "firebrand")
   const failures = []
 
   // Clients: connect and join, all before the first broadcast.
@@ -415,6 +462,13 @@ async function main() {
       victim.proc.kill("SIGKILL")
       log(`node 127.0.0.1:${victim.port} SIGKILLed`)
     })
+  }
+
+  if (opts.stallOne) {
+    // Node 1's engine link stalls from a third of the run.
+    const from = t0 + (opts.duration * 1000) / 3
+    at(from, () => { stall.hold(); log(`node 1's engine link held`) })
+    at(from + opts.stallOne * 1000, () => { stall.pass(); log(`node 1's engine link passes again`) })
   }
 
   // The publisher.

@@ -443,6 +443,7 @@ impl Endpoint {
         recent: usize,
         mut f: impl FnMut(crate::node::history::CatchUp) -> R,
     ) -> R {
+        use crate::node::history::Unread;
         let mut read = None;
         loop {
             let dispatch = |b: &Broadcast| {
@@ -452,8 +453,16 @@ impl Endpoint {
                 history.catch_up(topic, retention, since, recent, read, dispatch, &mut f);
             read = Some(match (caught_up, &self.inner.cluster) {
                 (Ok(done), _) => return done,
-                (Err(query), Some(cluster)) => cluster.read_history(topic, query, retention).await,
-                (Err(_), None) => Err(crate::node::history::Unread::Unknown),
+                (Err(query), Some(cluster)) => {
+                    match cluster.read_history(topic, query, retention).await {
+                        // Timed out, though the link carried by the end: a slow engine, or a
+                        // link that healed during the read. Asked once more, the second is
+                        // the answer (`recovered: false` if slow again).
+                        Err(Unread::Slow) => cluster.read_history(topic, query, retention).await,
+                        answer => answer,
+                    }
+                }
+                (Err(_), None) => Err(Unread::Unknown),
             });
         }
     }
