@@ -155,6 +155,7 @@ struct Sleep {
 
 impl Channel for RoomChannel {
     type Assigns = Option<String>;
+    type State = ();
     type Info = ();
     const INTERCEPTS: &'static [&'static str] = &["shout"];
 
@@ -283,6 +284,7 @@ pub struct StreamChannel;
 
 impl Channel for StreamChannel {
     type Assigns = Option<String>;
+    type State = ();
     type Info = ();
     const INTERCEPTS: &'static [&'static str] = &["shout"];
 

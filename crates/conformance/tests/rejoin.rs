@@ -49,6 +49,7 @@ struct Busy {
 
 impl Channel for GatedChannel {
     type Assigns = Arc<Gates>;
+    type State = ();
     type Info = ();
 
     async fn join(

@@ -34,6 +34,7 @@
 //! );
 //! ```
 
+pub mod contract;
 mod message;
 mod payload;
 mod serializer;

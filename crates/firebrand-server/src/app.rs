@@ -200,6 +200,7 @@ pub(crate) fn reserved(event: &str) -> bool {
 
 impl Channel for TopicChannel {
     type Assigns = Session;
+    type State = ();
     type Info = ();
 
     async fn join(

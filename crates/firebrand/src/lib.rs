@@ -48,6 +48,7 @@
 //!
 //! impl Channel for Room {
 //!     type Assigns = Option<String>;
+//!     type State = ();
 //!     type Info = ();
 //!
 //!     async fn join(topic: &str, _params: Payload, _ctx: &JoinContext<'_, Self::Assigns>) -> Result<Joined<Self>, JoinError> {
@@ -135,12 +136,16 @@ mod node;
 mod token;
 mod transport;
 
+pub use axum::extract::FromRef;
 pub use endpoint::{Endpoint, EndpointBuilder, HistoryPage, Stats};
+#[doc(inline)]
+pub use firebrand_protocol::contract;
 #[doc(inline)]
 pub use firebrand_protocol::{DecodeError, Payload, RawJson, is_protocol_event};
 pub use model::channel::{Channel, HandleResult, Info, JoinError, Joined, Reply, StopReason};
 pub use model::context::{ChannelContext, ChannelSender, JoinContext, ReplyRef, SendError};
 pub use model::socket::{ConnectError, ConnectInfo, Socket};
+pub use model::typed::{Handle, JoinParams, JoinReply, TypedChannel, TypedContext};
 pub use node::presence;
 pub use node::presence::PresenceError;
 pub use node::pubsub::Broadcast;

@@ -67,6 +67,7 @@ struct Probe {
 
 impl Channel for Probe {
     type Assigns = User;
+    type State = ();
     type Info = String;
 
     async fn join(
@@ -549,6 +550,7 @@ mod recovery {
 
     impl Channel for Feed {
         type Assigns = ();
+        type State = ();
         type Info = ();
 
         async fn join(

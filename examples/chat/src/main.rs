@@ -59,6 +59,7 @@ fn unix_now() -> Duration {
 
 impl Channel for Room {
     type Assigns = String;
+    type State = ();
     type Info = ();
 
     async fn join(

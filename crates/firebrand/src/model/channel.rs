@@ -24,6 +24,7 @@ use crate::node::queue::Close;
 ///
 /// impl Channel for Room {
 ///     type Assigns = String;     // what the socket's `connect` returned: the user name
+///     type State = ();           // no app state (see `Endpoint::socket_with_state`)
 ///     type Info = ();            // messages sent to the channel with `ChannelContext::sender`
 ///
 ///     async fn join(topic: &str, _params: Payload, ctx: &JoinContext<'_, String>) -> Result<Joined<Self>, JoinError> {
@@ -54,6 +55,11 @@ pub trait Channel: Sized + Send + 'static {
     /// The socket's assigns (what [`Socket::connect`](crate::Socket::connect) returned).
     type Assigns: Send + Sync + 'static;
 
+    /// The part of the socket's app state this channel reads, taken from the state given to
+    /// [`Endpoint::socket_with_state`](crate::Endpoint::socket_with_state) by [`FromRef`](crate::FromRef)
+    /// when the channel starts, and read with [`ChannelContext::state`]. `()` for none.
+    type State: Send + Sync + 'static;
+
     /// Messages other code sends to this channel with a [`ChannelSender`](crate::ChannelSender),
     /// received by [`handle_info`](Channel::handle_info). Use `()` when there are none.
     type Info: Send + 'static;
@@ -71,7 +77,7 @@ pub trait Channel: Sized + Send + 'static {
     fn join(
         topic: &str,
         params: Payload,
-        ctx: &JoinContext<'_, Self::Assigns>,
+        ctx: &JoinContext<'_, Self::Assigns, Self::State>,
     ) -> impl Future<Output = Result<Joined<Self>, JoinError>> + Send;
 
     /// Runs right after the join reply has been queued (Phoenix's `:after_join` idiom): push
@@ -202,19 +208,20 @@ impl From<DecodeError> for Reply {
     }
 }
 
-/// A successful join: the channel's state and the reply payload (default `{}`).
-pub struct Joined<C> {
+/// A successful join: the channel's state and the reply (a payload, default `{}`; for a
+/// [`TypedChannel`](crate::TypedChannel), its contract's join reply type).
+pub struct Joined<C, R = Payload> {
     pub(crate) channel: C,
-    pub(crate) reply: Payload,
+    pub(crate) reply: R,
     pub(crate) recent: usize,
 }
 
-impl<C> Joined<C> {
-    /// Joined, replying `{}`.
-    pub fn new(channel: C) -> Self {
+impl<C, R> Joined<C, R> {
+    /// Joined, replying `reply`: a typed channel's join reply.
+    pub fn with_reply(channel: C, reply: R) -> Self {
         Joined {
             channel,
-            reply: Payload::empty(),
+            reply,
             recent: 0,
         }
     }
@@ -226,6 +233,17 @@ impl<C> Joined<C> {
     pub fn recent(mut self, n: usize) -> Self {
         self.recent = n;
         self
+    }
+}
+
+impl<C> Joined<C> {
+    /// Joined, replying `{}`.
+    pub fn new(channel: C) -> Self {
+        Joined {
+            channel,
+            reply: Payload::empty(),
+            recent: 0,
+        }
     }
 
     /// Sets the join reply's payload.

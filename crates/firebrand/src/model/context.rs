@@ -14,16 +14,18 @@ use crate::node::pubsub::{Broadcast, Inbox, SubId, Target};
 use crate::node::queue::Frame;
 use crate::node::queue::{Delivered, Mailbox, Outbox};
 
-/// What [`Channel::join`] knows about the joining client.
-pub struct JoinContext<'a, A> {
+/// What [`Channel::join`] knows about the joining client: its assigns `A` and the channel's
+/// part `S` of the app state.
+pub struct JoinContext<'a, A, S = ()> {
     pub(crate) topic: &'a str,
     pub(crate) join_ref: &'a str,
     pub(crate) assigns: &'a A,
+    pub(crate) state: &'a S,
     pub(crate) socket_id: Option<&'a str>,
     pub(crate) endpoint: &'a Endpoint,
 }
 
-impl<A> JoinContext<'_, A> {
+impl<A, S> JoinContext<'_, A, S> {
     /// The topic being joined.
     pub fn topic(&self) -> &str {
         self.topic
@@ -37,6 +39,11 @@ impl<A> JoinContext<'_, A> {
     /// The socket's assigns.
     pub fn assigns(&self) -> &A {
         self.assigns
+    }
+
+    /// The channel's part of the app state (see [`Channel::State`]).
+    pub fn state(&self) -> &S {
+        self.state
     }
 
     /// The socket's id, if [`Socket::id`](crate::Socket::id) gave one.
@@ -128,6 +135,7 @@ pub struct ChannelContext<C: Channel> {
     pub(crate) topic: Arc<str>,
     pub(crate) join_ref: Arc<str>,
     pub(crate) assigns: Arc<C::Assigns>,
+    pub(crate) state: C::State,
     pub(crate) wire: Wire,
     pub(crate) endpoint: Endpoint,
     pub(crate) mailbox: Arc<Mailbox<ChannelMsg<C::Info>>>,
@@ -164,6 +172,11 @@ impl<C: Channel> ChannelContext<C> {
         &self.assigns
     }
 
+    /// The channel's part of the app state (see [`Channel::State`]).
+    pub fn state(&self) -> &C::State {
+        &self.state
+    }
+
     /// The endpoint, to broadcast on other topics.
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
@@ -180,7 +193,7 @@ impl<C: Channel> ChannelContext<C> {
     /// # use firebrand::{Channel, ChannelContext, JoinContext, JoinError, Joined, Payload};
     /// # struct Feed;
     /// # impl Channel for Feed {
-    /// #   type Assigns = (); type Info = ();
+    /// #   type Assigns = (); type State = (); type Info = ();
     /// #   async fn join(_: &str, _: Payload, _: &JoinContext<'_, ()>) -> Result<Joined<Self>, JoinError> { Ok(Joined::new(Feed)) }
     /// async fn after_join(&mut self, ctx: &mut ChannelContext<Self>) {
     ///     if ctx.recovered() == Some(false) {

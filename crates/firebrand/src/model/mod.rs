@@ -1,5 +1,5 @@
 //! The app's model: what an app implements ([`Socket`](socket::Socket),
-//! [`Channel`](channel::Channel)), what its callbacks get (the contexts), and the task that runs a
+//! [`Channel`](channel::Channel), [`TypedChannel`](typed::TypedChannel)), what its callbacks get (the contexts), and the task that runs a
 //! channel ([`runner`]). Transport-agnostic: a channel never knows whether its client speaks
 //! WebSocket, long-poll or is an in-process test client.
 
@@ -8,3 +8,4 @@ pub(crate) mod context;
 pub(crate) mod router;
 pub(crate) mod runner;
 pub(crate) mod socket;
+pub(crate) mod typed;

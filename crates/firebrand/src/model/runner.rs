@@ -13,6 +13,7 @@ use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use axum::extract::FromRef;
 use firebrand_protocol::{Outbound, Payload};
 use futures_util::FutureExt;
 use serde_json::Value;
@@ -106,20 +107,32 @@ pub(crate) trait ChannelFactory<A>: Send + Sync {
     fn spawn(&self, args: SpawnArgs<A>) -> ChannelHandle;
 }
 
-pub(crate) struct Factory<C>(PhantomData<fn() -> C>);
+/// Starts channels of type `C`, each with its part of the socket's app state `St`.
+pub(crate) struct Factory<C, St> {
+    state: Arc<St>,
+    _channel: PhantomData<fn() -> C>,
+}
 
-impl<C> Factory<C> {
-    pub(crate) fn new() -> Self {
-        Factory(PhantomData)
+impl<C, St> Factory<C, St> {
+    pub(crate) fn new(state: Arc<St>) -> Self {
+        Factory {
+            state,
+            _channel: PhantomData,
+        }
     }
 }
 
-impl<C: Channel> ChannelFactory<C::Assigns> for Factory<C> {
+impl<C, St> ChannelFactory<C::Assigns> for Factory<C, St>
+where
+    C: Channel<State: FromRef<St>>,
+    St: Send + Sync + 'static,
+{
     fn spawn(&self, args: SpawnArgs<C::Assigns>) -> ChannelHandle {
         let mailbox = Arc::new(Mailbox::new(args.mailbox_limit));
         let (id, join_ref) = (args.id, args.join_ref.clone());
         let inbox: Arc<dyn ChannelInbox> = mailbox.clone();
-        let (runner, join) = Runner::<C>::new(args, mailbox);
+        let state = C::State::from_ref(&self.state);
+        let (runner, join) = Runner::<C>::new(args, state, mailbox);
         let task = tokio::spawn(run(Box::new(runner), join));
         ChannelHandle {
             id,
@@ -220,6 +233,7 @@ fn close_replaced<C: Channel>(ctx: &ChannelContext<C>, replaces: Option<&str>) {
 impl<C: Channel> Runner<C> {
     fn new(
         args: SpawnArgs<C::Assigns>,
+        state: C::State,
         mailbox: Arc<Mailbox<ChannelMsg<C::Info>>>,
     ) -> (Self, Box<JoinMsg>) {
         let join = Box::new(JoinMsg {
@@ -236,6 +250,7 @@ impl<C: Channel> Runner<C> {
                 topic: args.topic,
                 join_ref: args.join_ref,
                 assigns: args.assigns,
+                state,
                 wire: args.wire,
                 endpoint: args.endpoint,
                 mailbox,
@@ -314,6 +329,7 @@ impl<C: Channel> Runner<C> {
                 topic: &ctx.topic,
                 join_ref: &ctx.join_ref,
                 assigns: &*ctx.assigns,
+                state: &ctx.state,
                 socket_id: join.socket_id.as_deref(),
                 endpoint: &ctx.endpoint,
             };

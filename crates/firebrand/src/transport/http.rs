@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{FromRef, Request};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -22,7 +22,53 @@ impl Endpoint {
     /// Starts building a socket served by `handler`: add channel routes, then mount its
     /// router. See [`SocketBuilder`].
     pub fn socket<S: Socket>(&self, handler: S) -> SocketBuilder<S> {
-        SocketBuilder::new(self.clone(), handler)
+        SocketBuilder::new(self.clone(), handler, ())
+    }
+
+    /// Starts building a socket whose channels read app state (a database pool, a config, a
+    /// cache), as axum's handlers do with `State`: each channel type names the part it reads as
+    /// its [`Channel::State`] (or [`TypedChannel::State`](crate::TypedChannel::State)), taken
+    /// from `state` with [`FromRef`](crate::FromRef) when a channel starts. A channel whose
+    /// part cannot be taken from `state` does not compile. The socket handler is a value of
+    /// your own: give it what it needs when you make it.
+    ///
+    /// ```no_run
+    /// use firebrand::{Channel, ConnectError, ConnectInfo, Endpoint, FromRef, JoinContext, JoinError, Joined, Payload, Socket};
+    /// use std::sync::Arc;
+    ///
+    /// #[derive(Clone)]
+    /// struct AppState { db: Db, motd: Arc<str> }
+    /// #[derive(Clone)]
+    /// struct Db; // a connection pool, say
+    ///
+    /// impl FromRef<AppState> for Db {
+    ///     fn from_ref(app: &AppState) -> Db { app.db.clone() }
+    /// }
+    ///
+    /// struct Room;
+    /// impl Channel for Room {
+    ///     type Assigns = ();
+    ///     type State = Db; // only the pool
+    ///     type Info = ();
+    ///     async fn join(_: &str, _: Payload, ctx: &JoinContext<'_, (), Db>) -> Result<Joined<Self>, JoinError> {
+    ///         let _db: &Db = ctx.state();
+    ///         Ok(Joined::new(Room))
+    ///     }
+    /// }
+    /// # struct UserSocket; impl Socket for UserSocket { type Assigns = (); async fn connect(&self, _: &ConnectInfo) -> Result<(), ConnectError> { Ok(()) } }
+    ///
+    /// let state = AppState { db: Db, motd: "hello".into() };
+    /// let socket = Endpoint::new()
+    ///     .socket_with_state(UserSocket, state)
+    ///     .channel::<Room>("room:*")
+    ///     .into_router();
+    /// ```
+    pub fn socket_with_state<S: Socket, St: Send + Sync + 'static>(
+        &self,
+        handler: S,
+        state: St,
+    ) -> SocketBuilder<S, St> {
+        SocketBuilder::new(self.clone(), handler, state)
     }
 }
 
@@ -32,7 +78,7 @@ impl Endpoint {
 /// ```no_run
 /// # use firebrand::*;
 /// # struct UserSocket; impl Socket for UserSocket { type Assigns = (); async fn connect(&self, _: &ConnectInfo) -> Result<(), ConnectError> { Ok(()) } }
-/// # struct Room; impl Channel for Room { type Assigns = (); type Info = ();
+/// # struct Room; impl Channel for Room { type Assigns = (); type State = (); type Info = ();
 /// #   async fn join(_: &str, _: Payload, _: &JoinContext<'_, ()>) -> Result<Joined<Self>, JoinError> { Ok(Joined::new(Room)) } }
 /// use std::time::Duration;
 ///
@@ -46,17 +92,19 @@ impl Endpoint {
 /// // serves GET /socket/websocket
 /// let app: axum::Router = axum::Router::new().nest("/socket", socket);
 /// ```
-pub struct SocketBuilder<S: Socket> {
+pub struct SocketBuilder<S: Socket, St = ()> {
     handler: S,
+    state: Arc<St>,
     routes: Routes<S::Assigns>,
     config: SocketConfig,
     endpoint: Endpoint,
 }
 
-impl<S: Socket> SocketBuilder<S> {
-    pub(crate) fn new(endpoint: Endpoint, handler: S) -> Self {
+impl<S: Socket, St: Send + Sync + 'static> SocketBuilder<S, St> {
+    pub(crate) fn new(endpoint: Endpoint, handler: S, state: St) -> Self {
         SocketBuilder {
             handler,
+            state: Arc::new(state),
             routes: Routes::new(),
             config: SocketConfig::default(),
             endpoint,
@@ -69,8 +117,12 @@ impl<S: Socket> SocketBuilder<S> {
     ///
     /// # Panics
     /// If `*` is anywhere but at the end of `pattern`.
-    pub fn channel<C: Channel<Assigns = S::Assigns>>(mut self, pattern: &str) -> Self {
-        self.routes.add(pattern, Arc::new(Factory::<C>::new()));
+    pub fn channel<C>(mut self, pattern: &str) -> Self
+    where
+        C: Channel<Assigns = S::Assigns, State: FromRef<St>>,
+    {
+        let factory = Factory::<C, St>::new(self.state.clone());
+        self.routes.add(pattern, Arc::new(factory));
         self
     }
 
@@ -218,7 +270,7 @@ impl<S: Socket> SocketBuilder<S> {
     }
 }
 
-impl<S: Socket> SocketBuilder<S> {
+impl<S: Socket, St> SocketBuilder<S, St> {
     pub(crate) fn into_shared(self) -> Arc<Shared<S>> {
         Arc::new(Shared {
             handler: self.handler,

@@ -26,6 +26,7 @@
 //! struct Room;
 //! impl Channel for Room {
 //!     type Assigns = String;
+//!     type State = ();
 //!     type Info = ();
 //!     async fn join(topic: &str, _: Payload, _: &JoinContext<'_, String>) -> Result<Joined<Self>, JoinError> {
 //!         match topic {
@@ -97,7 +98,7 @@ pub struct TestSocket<S: Socket> {
 
 impl<S: Socket> TestSocket<S> {
     /// The socket built by `builder` (the same builder your app turns into a router).
-    pub fn new(builder: SocketBuilder<S>) -> Self {
+    pub fn new<St>(builder: SocketBuilder<S, St>) -> Self {
         TestSocket {
             shared: builder.into_shared(),
         }

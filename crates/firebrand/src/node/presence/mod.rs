@@ -24,7 +24,7 @@
 //! ```
 //! # use firebrand::*;
 //! # struct Room;
-//! # impl Channel for Room { type Assigns = String; type Info = ();
+//! # impl Channel for Room { type Assigns = String; type State = (); type Info = ();
 //! #   async fn join(_: &str, _: Payload, _: &JoinContext<'_, String>) -> Result<Joined<Self>, JoinError> { Ok(Joined::new(Room)) }
 //! async fn after_join(&mut self, ctx: &mut ChannelContext<Self>) {
 //!     let user = ctx.assigns().clone();
