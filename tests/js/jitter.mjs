@@ -51,6 +51,7 @@ import path from "node:path"
 import {fileURLToPath} from "node:url"
 import {Socket} from "phoenix"
 import WebSocket from "ws"
+import {stallProxy} from "./lib.mjs"
 
 const here = path.dirname(fileURLToPath(import.meta.url))
 
@@ -196,36 +197,6 @@ async function stopServer(node) {
   return code
 }
 
-/**
- * A TCP proxy on a free loopback port in front of 127.0.0.1:`upstream`, for --stall-one: `hold()`
- * stops reading both ways (the bytes wait in the kernel's buffers, the connections stay open: no
- * FIN, no RST), `pass()` delivers everything held, in order, and forwards again.
- */
-async function stallProxy(upstream) {
-  let held = false
-  const pairs = new Set()
-  const forward = (from, to) => {
-    from.on("data", (d) => { if (!to.write(d)) from.pause() })
-    to.on("drain", () => { if (!held) from.resume() })
-    from.on("end", () => to.end())
-    from.on("error", () => to.destroy())
-    from.on("close", () => { to.destroy(); pairs.delete(from) })
-  }
-  const srv = net.createServer((c) => {
-    const u = net.connect(upstream, "127.0.0.1")
-    forward(c, u)
-    forward(u, c)
-    pairs.add(c).add(u)
-    if (held) { c.pause(); u.pause() }
-  })
-  await new Promise((resolve) => srv.listen(0, "127.0.0.1", resolve))
-  return {
-    port: srv.address().port,
-    hold() { held = true; for (const s of pairs) s.pause() },
-    pass() { held = false; for (const s of pairs) s.resume() },
-    close() { for (const s of pairs) s.destroy(); srv.close() },
-  }
-}
 let stall = null
 
 /** The nodes clients may connect to, and those the publisher uses (both shrink with --kill-one). */

@@ -1,4 +1,6 @@
-// Shared helpers: sockets of the official client with the ws transport, and awaiting events.
+// Shared helpers: sockets of the official client with the ws transport, awaiting events, and a
+// TCP proxy that stalls a link (jitter.mjs --stall-one, stall.test.mjs).
+import net from "node:net"
 import {Socket} from "phoenix"
 import WebSocket from "ws"
 
@@ -57,4 +59,39 @@ export const topic = (name) => `room:${name}-${Math.random().toString(36).slice(
 export function disconnectAll() {
   for (const s of sockets) s.disconnect()
   sockets.clear()
+}
+
+/**
+ * A TCP proxy on a free loopback port in front of 127.0.0.1:`upstream` (a node's engine link goes
+ * through it): `hold()` stops reading both ways (the bytes wait in the kernel's buffers, the
+ * connections stay open: no FIN, no RST), `pass()` delivers everything held, in order, and forwards
+ * again. `close()` ends every connection and the listener.
+ */
+export async function stallProxy(upstream) {
+  let held = false
+  const pairs = new Set()
+  const forward = (from, to) => {
+    from.on("data", (d) => { if (!to.write(d)) from.pause() })
+    to.on("drain", () => { if (!held) from.resume() })
+    from.on("end", () => to.end())
+    from.on("error", () => to.destroy())
+    from.on("close", () => { to.destroy(); pairs.delete(from) })
+  }
+  const srv = net.createServer((c) => {
+    const u = net.connect(upstream, "127.0.0.1")
+    forward(c, u)
+    forward(u, c)
+    pairs.add(c).add(u)
+    if (held) { c.pause(); u.pause() }
+  })
+  await new Promise((resolve) => srv.listen(0, "127.0.0.1", resolve))
+  return {
+    port: srv.address().port,
+    hold() { held = true; for (const s of pairs) s.pause() },
+    pass() { held = false; for (const s of pairs) s.resume() },
+    close() {
+      for (const s of pairs) s.destroy()
+      return new Promise((resolve) => srv.close(() => resolve()))
+    },
+  }
 }
