@@ -297,7 +297,7 @@ async fn decode_failure_in_a_handler_is_an_error_reply() {
     assert_eq!(got[4]["status"], "error");
     let reason = got[4]["response"]["reason"].as_str().unwrap();
     assert!(
-        reason.starts_with("invalid payload: invalid type"),
+        reason.starts_with("invalid payload: ms: invalid type"),
         "{reason}"
     );
     c.ping_roundtrip("1", "3", "room:d").await;

@@ -9,23 +9,58 @@
 //! - A **socket** is one client connection. Your [`Socket`] authenticates it in
 //!   [`connect`](Socket::connect) (from query params, headers or the client's `authToken`)
 //!   and returns its assigns — typed state every channel of the connection can read.
-//! - A client **joins** topics like `room:lobby`. Each joined topic is a **channel**: a value of
-//!   a type implementing [`Channel`], running in its own task. [`join`](Channel::join) is the
-//!   bouncer; [`handle_in`](Channel::handle_in) answers client events;
-//!   [`handle_out`](Channel::handle_out) filters intercepted broadcasts per subscriber;
-//!   [`handle_info`](Channel::handle_info) receives messages; [`terminate`](Channel::terminate)
-//!   runs at the end.
+//! - A client **joins** topics like `room:lobby`. Each joined topic is a **channel**, running in
+//!   its own task. Its **contract** ([`contract`]) says, as Rust types, what a client may push
+//!   (and the replies), what the server sends, what a join carries and what presence records;
+//!   a [`TypedChannel`] serves it, with one [`Handle`] implementation per push. The same
+//!   contract types serve `firebrand-client` and, generated, the TypeScript of your page.
+//! - [`join`](TypedChannel::join) is the bouncer; [`handle_out`](TypedChannel::handle_out)
+//!   filters intercepted broadcasts per subscriber; [`handle_info`](TypedChannel::handle_info)
+//!   receives messages; [`terminate`](TypedChannel::terminate) runs at the end.
 //! - The [`Endpoint`] is the handle to it all: broadcast to a topic from anywhere, disconnect a
-//!   user, read [`Stats`], shut down.
+//!   user, read [`Stats`], shut down. App state (a database pool, a config) is given to the
+//!   socket with [`Endpoint::socket_with_state`] and read by each channel as the part it names
+//!   ([`FromRef`], as in axum).
+//! - For what no contract can say (a generic gateway, event names made at run time), a
+//!   [`Channel`] takes events as strings and payloads as [`Payload`]s; every typed channel is
+//!   one underneath.
 //!
 //! ## A complete server
 //!
 //! ```no_run
+//! use firebrand::contract::{Contract, Empty, ErrorReply, Event, Push};
 //! use firebrand::{
-//!     Channel, ChannelContext, ConnectError, ConnectInfo, Endpoint, HandleResult, JoinContext,
-//!     JoinError, Joined, Payload, Reply, Socket,
+//!     ConnectError, ConnectInfo, Endpoint, Handle, JoinContext, JoinError, Joined, Socket,
+//!     TypedChannel, TypedContext,
 //! };
-//! use serde::Deserialize;
+//! use serde::{Deserialize, Serialize};
+//!
+//! // The contract: in a crate of its own, shared with a Rust client; with ts-rs derives, the
+//! // page's TypeScript is generated from it (`contract::typescript`, feature `typescript`).
+//!
+//! /// A client sends a message (and gets `{}` back)…
+//! #[derive(Serialize, Deserialize)]
+//! pub struct NewMsg { pub body: String }
+//! impl Push for NewMsg {
+//!     const EVENT: &'static str = "new_msg";
+//!     type Reply = Empty;
+//! }
+//!
+//! /// …and everyone in the room gets it with its author.
+//! #[derive(Serialize, Deserialize)]
+//! pub struct Message { pub user: Option<String>, pub body: String }
+//! impl Event for Message {
+//!     const EVENT: &'static str = "new_msg";
+//! }
+//!
+//! pub struct RoomContract;
+//! impl Contract for RoomContract {
+//!     type JoinParams = Empty;
+//!     type JoinReply = Empty;
+//!     type Pushes = (NewMsg,);
+//!     type Events = (Message,);
+//!     type Meta = Empty;
+//! }
 //!
 //! /// Accepts everyone; the assigns are the `user` connect param.
 //! struct UserSocket;
@@ -41,34 +76,30 @@
 //! /// One chat room per topic `room:<name>`.
 //! struct Room;
 //!
-//! #[derive(Deserialize)]
-//! struct NewMsg {
-//!     body: String,
-//! }
-//!
-//! impl Channel for Room {
+//! impl TypedChannel for Room {
+//!     type Contract = RoomContract;
 //!     type Assigns = Option<String>;
 //!     type State = ();
 //!     type Info = ();
 //!
-//!     async fn join(topic: &str, _params: Payload, _ctx: &JoinContext<'_, Self::Assigns>) -> Result<Joined<Self>, JoinError> {
+//!     async fn join(topic: &str, _: Empty, _: &JoinContext<'_, Option<String>>) -> Result<Joined<Self, Empty>, JoinError> {
 //!         match topic {
 //!             "room:private" => Err(JoinError::reason("unauthorized")),
-//!             _ => Ok(Joined::new(Room)),
+//!             _ => Ok(Joined::with_reply(Room, Empty)),
 //!         }
 //!     }
+//! }
 //!
-//!     async fn handle_in(&mut self, event: &str, payload: Payload, ctx: &mut ChannelContext<Self>) -> HandleResult {
-//!         match event {
-//!             "new_msg" => {
-//!                 // A payload of the wrong shape becomes an error reply to the client.
-//!                 let msg: NewMsg = payload.decode()?;
-//!                 let user = ctx.assigns().clone();
-//!                 ctx.broadcast("new_msg", serde_json::json!({"body": msg.body, "user": user}));
-//!                 Ok(Some(Reply::ok(serde_json::json!({}))))
-//!             }
-//!             _ => Ok(None),
+//! impl Handle<NewMsg> for Room {
+//!     // A payload of the wrong shape never gets here: the client gets an error reply naming
+//!     // the field. An event the contract does not list gets `unknown event`.
+//!     async fn handle(&mut self, msg: NewMsg, ctx: &mut TypedContext<'_, Self>) -> Result<Empty, ErrorReply> {
+//!         if msg.body.is_empty() {
+//!             return Err(ErrorReply::new("empty message"));
 //!         }
+//!         // Only events of the contract compile here; encoded once for every subscriber.
+//!         ctx.broadcast(&Message { user: ctx.assigns().clone(), body: msg.body });
+//!         Ok(Empty)
 //!     }
 //! }
 //!
@@ -83,7 +114,7 @@
 //! }
 //! ```
 //!
-//! And in the browser, the official client:
+//! And in the browser, the official client (typed by the generated TypeScript, or as is):
 //!
 //! ```js
 //! import {Socket} from "phoenix"
@@ -92,6 +123,39 @@
 //! const room = socket.channel("room:lobby")
 //! room.on("new_msg", msg => console.log(msg.user, msg.body))
 //! room.join().receive("ok", () => room.push("new_msg", {body: "hi"}))
+//! ```
+//!
+//! ## The untyped API
+//!
+//! The same room as a [`Channel`]: events are strings, payloads decoded where handled.
+//!
+//! ```
+//! use firebrand::{Channel, ChannelContext, HandleResult, JoinContext, JoinError, Joined, Payload, Reply};
+//! # #[derive(serde::Deserialize)] struct NewMsg { body: String }
+//!
+//! struct Room;
+//!
+//! impl Channel for Room {
+//!     type Assigns = Option<String>;
+//!     type State = ();
+//!     type Info = ();
+//!
+//!     async fn join(_: &str, _: Payload, _: &JoinContext<'_, Option<String>>) -> Result<Joined<Self>, JoinError> {
+//!         Ok(Joined::new(Room))
+//!     }
+//!
+//!     async fn handle_in(&mut self, event: &str, payload: Payload, ctx: &mut ChannelContext<Self>) -> HandleResult {
+//!         match event {
+//!             "new_msg" => {
+//!                 let msg: NewMsg = payload.decode()?; // a wrong shape: an error reply
+//!                 let user = ctx.assigns().clone();
+//!                 ctx.broadcast("new_msg", serde_json::json!({"body": msg.body, "user": user}));
+//!                 Ok(Some(Reply::ok(serde_json::json!({}))))
+//!             }
+//!             _ => Ok(None),
+//!         }
+//!     }
+//! }
 //! ```
 //!
 //! ## Semantics worth knowing

@@ -226,7 +226,7 @@ async fn pushes_are_dispatched_by_event_and_answered_with_their_reply_types() {
         .unwrap()
         .to_owned();
     assert!(
-        reason.starts_with("invalid payload: invalid type: string \"two\""),
+        reason.starts_with("invalid payload: b: invalid type: string \"two\""),
         "{reason}"
     );
     let unknown = c.request("room:a", "shout", json!({})).await;
@@ -234,4 +234,81 @@ async fn pushes_are_dispatched_by_event_and_answered_with_their_reply_types() {
         (unknown.status(), unknown.payload().to_value()),
         ("error", Some(json!({"reason": "unknown event \"shout\""})))
     );
+}
+
+/// Counts its own serializations: a typed broadcast is encoded once for every subscriber.
+static ENCODED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[tokio::test]
+async fn a_typed_broadcast_is_serialized_once_for_all_subscribers() {
+    use std::sync::atomic::Ordering;
+
+    #[derive(Deserialize)]
+    struct Counted;
+    impl Serialize for Counted {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            ENCODED.fetch_add(1, Ordering::SeqCst);
+            s.serialize_str("counted")
+        }
+    }
+    impl Event for Counted {
+        const EVENT: &'static str = "counted";
+    }
+    impl Push for Counted {
+        const EVENT: &'static str = "count";
+        type Reply = Empty;
+    }
+    struct Counting;
+    impl Contract for Counting {
+        type JoinParams = Empty;
+        type JoinReply = Empty;
+        type Pushes = (Counted,);
+        type Events = (Counted,);
+        type Meta = Empty;
+    }
+    struct Counter;
+    impl TypedChannel for Counter {
+        type Contract = Counting;
+        type Assigns = ();
+        type State = ();
+        type Info = ();
+        async fn join(
+            _: &str,
+            _: Empty,
+            _: &JoinContext<'_, ()>,
+        ) -> Result<Joined<Self, Empty>, JoinError> {
+            Ok(Joined::with_reply(Counter, Empty))
+        }
+    }
+    impl Handle<Counted> for Counter {
+        async fn handle(
+            &mut self,
+            c: Counted,
+            ctx: &mut TypedContext<'_, Self>,
+        ) -> Result<Empty, ErrorReply> {
+            ctx.broadcast(&c);
+            Ok(Empty)
+        }
+    }
+
+    let endpoint = Endpoint::new();
+    let socket = TestSocket::new(endpoint.socket(Anyone).channel::<Counter>("count:*"));
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = socket.connect(&[]).await.unwrap();
+        c.join("count:x", json!({})).await.unwrap();
+        clients.push(c);
+    }
+    let before = ENCODED.load(Ordering::SeqCst);
+    let reply = clients[0]
+        .request("count:x", "count", json!(null))
+        .await;
+    assert_eq!(reply.status(), "ok", "{:?}", reply.payload());
+    for c in &mut clients {
+        assert_eq!(
+            c.assert_broadcast("count:x", "counted").await,
+            json!("counted")
+        );
+    }
+    assert_eq!(ENCODED.load(Ordering::SeqCst) - before, 1);
 }
