@@ -44,7 +44,7 @@
 //! Pushes and events are listed as tuples (of up to 16 types). The server's typed channels
 //! (`firebrand::TypedChannel`) answer exactly the pushes listed and can send only the events
 //! listed; the Rust client's typed channels push only the listed pushes and receive the listed
-//! events; with the `typescript` feature, [`typescript`](crate::contract::typescript) writes
+//! events; with the `typescript` feature, `contract::typescript` writes
 //! the same contract as TypeScript types for the official `phoenix` client.
 
 use serde::de::{DeserializeOwned, IgnoredAny, MapAccess, Visitor};
