@@ -472,3 +472,8 @@ async fn read(
         entries: all,
     })
 }
+
+/// The code in README.md, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -42,3 +42,8 @@ mod serializer;
 pub use message::{Message, Outbound, ServerMessage, is_protocol_event};
 pub use payload::{DecodeError, Payload, RawJson};
 pub use serializer::{EncodeError, Encoded, FrameError, Serializer, UnsupportedVsn};
+
+/// The code in README.md, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -479,3 +479,8 @@ impl HistoryEngine for RedisAdapter {
         })
     }
 }
+
+/// The code in README.md, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

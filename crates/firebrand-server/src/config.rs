@@ -1270,6 +1270,17 @@ mod tests {
         })
     }
 
+    /// The crate README's example config is a valid config, as written.
+    #[test]
+    fn the_readme_config_loads() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n").expect("a toml block in README.md") + 8;
+        let len = readme[start..].find("```").expect("the block's end");
+        let config = load(&readme[start..start + len], &[]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:4000");
+        assert!(!config.is_development());
+    }
+
     #[test]
     fn no_file_is_development_mode() {
         let config = Config::load(None, |_| None).unwrap();

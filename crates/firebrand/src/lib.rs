@@ -220,3 +220,8 @@ pub use transport::origin::CheckOrigin;
 pub use transport::server::{LISTEN_BACKLOG, Server};
 #[cfg(feature = "testing")]
 pub use transport::testing;
+
+/// The code in README.md, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
