@@ -153,6 +153,11 @@ impl Channel {
         &self.inner.topic
     }
 
+    /// The default timeout of its joins, pushes and leaves (the socket's).
+    pub(crate) fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
     /// A new stream of this channel's events from now on (no replay). Call it before
     /// [`join`](Channel::join) to see everything. Each call gets its own stream with every
     /// event.

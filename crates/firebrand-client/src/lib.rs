@@ -72,6 +72,104 @@
 //! # }
 //! ```
 //!
+//! # Typed channels: one contract for the server and the client
+//!
+//! A channel's events can be declared once, as Rust types, in a small crate that the server
+//! and its Rust clients both depend on (it needs only `firebrand-protocol` and `serde`): a
+//! [`Contract`](contract::Contract) names the join params and reply, the pushes a client may
+//! send (each with its reply type) and the events the server sends. The server serves it with a
+//! `firebrand::TypedChannel`; the client uses it with [`Socket::typed_channel`], which gives a
+//! [`TypedChannel`]: the join reply, each push's reply and each event arrive as the contract's
+//! types, a push the contract does not list does not compile, and a payload that does not have
+//! its type's shape (a server that changed the contract) is a [`DecodeError`] naming the type
+//! and the field.
+//!
+//! ```no_run
+//! // ---- chat-contract/src/lib.rs: the shared crate ------------------------------------
+//! mod chat_contract {
+//!     use firebrand_protocol::contract::{Contract, Empty, Event, Push};
+//!     use serde::{Deserialize, Serialize};
+//!
+//!     #[derive(Serialize, Deserialize)]
+//!     pub struct Nick { pub nick: String }
+//!
+//!     /// The client says something…
+//!     #[derive(Serialize, Deserialize)]
+//!     pub struct NewMsg { pub body: String }
+//!     impl Push for NewMsg { const EVENT: &'static str = "new_msg"; type Reply = Empty; }
+//!
+//!     /// …and everyone in the room hears it, with its author.
+//!     #[derive(Serialize, Deserialize)]
+//!     pub struct Message { pub nick: String, pub body: String }
+//!     impl Event for Message { const EVENT: &'static str = "new_msg"; }
+//!
+//!     pub struct Room;
+//!     impl Contract for Room {
+//!         type JoinParams = Nick;
+//!         type JoinReply = Empty;
+//!         type Pushes = (NewMsg,);
+//!         type Events = (Message,);
+//!         type Meta = Empty;
+//!     }
+//! }
+//!
+//! // ---- the server (firebrand) -------------------------------------------------------
+//! mod server {
+//!     use super::chat_contract::{Message, NewMsg, Nick, Room};
+//!     use firebrand::contract::{Empty, ErrorReply};
+//!     use firebrand::{Handle, JoinContext, JoinError, Joined, TypedChannel, TypedContext};
+//!
+//!     pub struct RoomChannel { nick: String }
+//!
+//!     impl TypedChannel for RoomChannel {
+//!         type Contract = Room;
+//!         type Assigns = ();
+//!         type State = ();
+//!         type Info = ();
+//!         async fn join(_: &str, p: Nick, _: &JoinContext<'_, ()>) -> Result<Joined<Self, Empty>, JoinError> {
+//!             Ok(Joined::with_reply(RoomChannel { nick: p.nick }, Empty))
+//!         }
+//!     }
+//!
+//!     impl Handle<NewMsg> for RoomChannel {
+//!         async fn handle(&mut self, m: NewMsg, ctx: &mut TypedContext<'_, Self>) -> Result<Empty, ErrorReply> {
+//!             if m.body.is_empty() {
+//!                 return Err(ErrorReply::new("empty message"));
+//!             }
+//!             ctx.broadcast(&Message { nick: self.nick.clone(), body: m.body });
+//!             Ok(Empty)
+//!         }
+//!     }
+//! }
+//!
+//! // ---- the client (firebrand-client) -----------------------------------------------
+//! use chat_contract::{Message, NewMsg, Nick, Room};
+//! use firebrand_client::{Socket, TypedPushError};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let socket = Socket::builder("ws://localhost:4000/socket").connect()?;
+//! let room = socket.typed_channel::<Room>("room:lobby", &Nick { nick: "ada".into() });
+//! let mut messages = room.on::<Message, _>(); // before joining, to miss nothing
+//! room.join().await?;
+//!
+//! room.push(&NewMsg { body: "hello".into() }).await?;
+//! match room.push(&NewMsg { body: String::new() }).await {
+//!     Err(TypedPushError::Reply(e)) => assert_eq!(e.reason, "empty message"),
+//!     other => panic!("{other:?}"),
+//! }
+//! while let Some(message) = messages.recv().await {
+//!     let Message { nick, body } = message?; // Err: not a `Message` (names the field)
+//!     println!("{nick}: {body}");
+//! }
+//! # Ok(())
+//! # }
+//! # fn main() {}
+//! ```
+//!
+//! The untyped [`Channel`] stays underneath ([`TypedChannel::channel`]): rejoins, buffering
+//! and recovery work as below, [`Presence`] and the channel's own events (joined, errored)
+//! come from it, and so does anything the contract does not cover.
+//!
 //! # Differences from phoenix.js
 //!
 //! - Reconnect and rejoin delays get a jitter (±50 % by default; [`SocketBuilder::jitter`]`(0.0)`
@@ -93,11 +191,16 @@ mod error;
 mod presence;
 mod socket;
 mod task;
+mod typed;
 mod wire;
 
 pub use backoff::{reconnect_after, rejoin_after};
 pub use channel::{Channel, ChannelEvent, ErrorReason, Events, Join, Push};
 pub use error::{ConnectError, JoinError, LeaveError, PushError};
-pub use firebrand_protocol::Payload;
+pub use firebrand_protocol::{Payload, contract};
 pub use presence::{Presence, PresenceDiff, PresenceEntry, PresenceState, sync_diff, sync_state};
 pub use socket::{Socket, SocketBuilder, SocketEvent, SocketEvents};
+pub use typed::{
+    DecodeError, EncodeError, TypedChannel, TypedEvents, TypedJoin, TypedJoinError, TypedPush,
+    TypedPushError,
+};

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use firebrand_protocol::Payload;
+use firebrand_protocol::contract::Contract;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -13,6 +14,7 @@ use crate::backoff::{self, Schedule};
 use crate::channel::{Channel, Params};
 use crate::error::ConnectError;
 use crate::task::{Command, Config, Task};
+use crate::typed::TypedChannel;
 use crate::wire;
 
 /// Something that happened to the connection.
@@ -228,6 +230,45 @@ impl Socket {
             params,
         });
         Channel::new(id, topic, self.inner.cmd.clone(), self.inner.timeout)
+    }
+
+    /// A channel on `topic` of contract `C`, with the contract's join params (encoded once,
+    /// here; a recoverable topic's rejoins add `since` to them by themselves): typed joins,
+    /// pushes and events over the untyped [`Channel`] (see [`TypedChannel`]).
+    ///
+    /// Params that cannot be encoded as JSON (a map with non-string keys) make
+    /// [`TypedChannel::join`] fail with [`TypedJoinError::Encode`](crate::TypedJoinError::Encode).
+    ///
+    /// ```no_run
+    /// # use firebrand_client::{Socket, contract::{Contract, Empty}};
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Nick { nick: String }
+    /// #[derive(serde::Serialize, serde::Deserialize)]
+    /// struct Welcome { motd: String }
+    ///
+    /// struct Room;
+    /// impl Contract for Room {
+    ///     type JoinParams = Nick;
+    ///     type JoinReply = Welcome;
+    ///     type Pushes = ();
+    ///     type Events = ();
+    ///     type Meta = Empty;
+    /// }
+    /// # async fn run(socket: Socket) -> Result<(), Box<dyn std::error::Error>> {
+    /// let room = socket.typed_channel::<Room>("room:lobby", &Nick { nick: "ada".into() });
+    /// let Welcome { motd } = room.join().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn typed_channel<C: Contract>(
+        &self,
+        topic: impl Into<String>,
+        params: &C::JoinParams,
+    ) -> TypedChannel<C> {
+        match TypedChannel::<C>::encode_params(params) {
+            Ok(params) => TypedChannel::new(self.channel(topic, params), None),
+            Err(e) => TypedChannel::new(self.channel(topic, Payload::empty()), Some(e)),
+        }
     }
 
     /// A new stream of the socket's events from now on; it starts with
