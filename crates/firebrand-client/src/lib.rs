@@ -204,3 +204,8 @@ pub use typed::{
     DecodeError, EncodeError, TypedChannel, TypedEvents, TypedJoin, TypedJoinError, TypedPush,
     TypedPushError,
 };
+
+/// The code in README.md, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

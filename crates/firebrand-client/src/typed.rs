@@ -66,7 +66,11 @@ fn decode<T: DeserializeOwned>(payload: Payload) -> Result<T, DecodeError> {
     payload.decode().map_err(|e| DecodeError {
         type_name: type_name::<T>(),
         reason: match e {
-            firebrand_protocol::DecodeError::Json(e) => e.to_string(),
+            firebrand_protocol::DecodeError::Json {
+                path: Some(path),
+                error,
+            } => format!("{path}: {error}"),
+            firebrand_protocol::DecodeError::Json { path: None, error } => error.to_string(),
             other => other.to_string(),
         },
         payload,

@@ -89,7 +89,10 @@ pub trait Event: Serialize + DeserializeOwned + Send + 'static {
 /// join carries and what presence records. A marker type implements it (see the
 /// [module](self) for an example); the server's channel and the clients name it.
 pub trait Contract: Send + Sync + 'static {
-    /// The join params (`socket.channel(topic, params)`); [`Empty`] for none.
+    /// The join params (`socket.channel(topic, params)`); [`Empty`] for none. On a recoverable
+    /// topic a rejoin adds `since` (the last position seen) to them: declare it
+    /// (`since: Option<String>`) or let serde ignore it — `#[serde(deny_unknown_fields)]` would
+    /// refuse every recovering rejoin.
     type JoinParams: Serialize + DeserializeOwned + Send + 'static;
     /// The `ok` reply to a join; [`Empty`] for `{}`.
     type JoinReply: Serialize + DeserializeOwned + Send + 'static;
