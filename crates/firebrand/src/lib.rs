@@ -143,7 +143,7 @@ pub use model::context::{ChannelContext, ChannelSender, JoinContext, ReplyRef, S
 pub use model::socket::{ConnectError, ConnectInfo, Socket};
 pub use node::presence;
 pub use node::presence::PresenceError;
-pub use node::pubsub::Broadcast;
+pub use node::pubsub::{Broadcast, BroadcastError};
 pub use node::subscription::{Lagged, Subscription};
 pub use token::{TokenError, TokenSigner};
 pub use transport::http::SocketBuilder;
