@@ -12,9 +12,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use firebrand::{
-    Broadcast, Channel, ChannelContext, CheckOrigin, ConnectError, ConnectInfo, Endpoint,
-    EndpointBuilder, HandleResult, JoinContext, JoinError, Joined, Payload, Reply, Socket,
-    SocketBuilder, StopReason,
+    Broadcast, BroadcastError, Channel, ChannelContext, CheckOrigin, ConnectError, ConnectInfo,
+    Endpoint, EndpointBuilder, HandleResult, JoinContext, JoinError, Joined, Payload, Reply,
+    Socket, SocketBuilder, StopReason,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -36,7 +36,14 @@ pub struct Config {
     pub stream_history: usize,
     /// How long they are kept (`STREAM_HISTORY_TTL_MS`, default 300 s).
     pub stream_history_ttl: Duration,
+    /// How long `POST /api/broadcast` waits for the cluster's engine to confirm a broadcast
+    /// before answering 202 (`BROADCAST_CONFIRM_MS`, default [`BROADCAST_CONFIRM`]).
+    pub broadcast_confirm: Duration,
 }
+
+/// How long `POST /api/broadcast` waits, by default, for the cluster's engine to confirm a
+/// broadcast (see [`router`]).
+pub const BROADCAST_CONFIRM: Duration = Duration::from_secs(5);
 
 impl Default for Config {
     fn default() -> Self {
@@ -48,6 +55,7 @@ impl Default for Config {
             join_rate: None,
             stream_history: 1000,
             stream_history_ttl: Duration::from_secs(300),
+            broadcast_confirm: BROADCAST_CONFIRM,
         }
     }
 }
@@ -81,13 +89,33 @@ pub fn app(config: &Config) -> (Router, Endpoint) {
 }
 
 /// The app's router on `endpoint` (which may be a node of a cluster).
+///
+/// `POST /api/broadcast` answers once the broadcast is safe, as APP.md says: 200
+/// `{"ok":true}` when the cluster's engine confirmed it (at once on a node alone: see
+/// [`Endpoint::broadcast_confirmed`]). On a node of a cluster it may also answer 503
+/// `{"error": "<why>", "reason": "unreachable" | "queue_full" | "unconfirmed"}` when it was
+/// lost on the way to the engine (`unconfirmed`: the connection failed with it in flight, so
+/// other nodes may have got it, once), or 202 `{"ok": true, "queued": true, "info": "<what
+/// that means>"}` when the engine did not confirm it within [`Config::broadcast_confirm`]: the
+/// link is stalled, and the broadcast waits in its connection, delivered when the link carries
+/// again (or lost if the connection is torn down first). Nothing answered 200 is lost.
 pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     let socket = socket(endpoint, config).into_router();
     Router::new()
         .route("/", get(|| async { "ok" }))
         .route("/api/broadcast", post(api_broadcast))
-        .with_state(endpoint.clone())
+        .with_state(Api {
+            endpoint: endpoint.clone(),
+            confirm: config.broadcast_confirm,
+        })
         .nest("/socket", socket)
+}
+
+/// What `/api/broadcast` needs.
+#[derive(Clone)]
+struct Api {
+    endpoint: Endpoint,
+    confirm: Duration,
 }
 
 #[derive(Deserialize)]
@@ -102,7 +130,7 @@ struct BroadcastBody {
 /// socket ids apart from topics (no channel can reach them), so this trusted, server-side call
 /// does it with `Endpoint::disconnect`.
 async fn api_broadcast(
-    State(endpoint): State<Endpoint>,
+    State(Api { endpoint, confirm }): State<Api>,
     body: axum::body::Bytes,
 ) -> (StatusCode, Json<Value>) {
     match serde_json::from_slice::<BroadcastBody>(&body) {
@@ -110,8 +138,31 @@ async fn api_broadcast(
             if b.event == "disconnect" {
                 endpoint.disconnect(&b.topic);
             }
-            endpoint.broadcast(&b.topic, &b.event, Value::Object(b.payload));
-            (StatusCode::OK, Json(json!({"ok": true})))
+            let sent = endpoint.broadcast_confirmed(&b.topic, &b.event, Value::Object(b.payload));
+            match tokio::time::timeout(confirm, sent).await {
+                // A protocol event is dropped (and logged), as `Endpoint::broadcast` does;
+                // APP.md answers 200 all the same.
+                Ok(Ok(()) | Err(BroadcastError::ReservedEvent)) => {
+                    (StatusCode::OK, Json(json!({"ok": true})))
+                }
+                Ok(Err(e)) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": e.to_string(), "reason": e.code()})),
+                ),
+                Err(_) => (
+                    StatusCode::ACCEPTED,
+                    Json(json!({
+                        "ok": true,
+                        "queued": true,
+                        "info": format!(
+                            "the cluster's engine did not confirm it within {} ms (its link is \
+                             stalled): queued, delivered to the other nodes when the link carries \
+                             again, or lost if the connection is torn down first",
+                            confirm.as_millis()
+                        ),
+                    })),
+                ),
+            }
         }
         Err(e) => (
             StatusCode::BAD_REQUEST,

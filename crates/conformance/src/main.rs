@@ -21,7 +21,7 @@ fn parse_port() -> anyhow::Result<u16> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: conformance [--port PORT]   (default 4000; env IDLE_TIMEOUT_MS, DRAIN_MS)"
+                    "usage: conformance [--port PORT]   (default 4000; env IDLE_TIMEOUT_MS, DRAIN_MS, BROADCAST_CONFIRM_MS)"
                 );
                 std::process::exit(0);
             }
@@ -80,6 +80,12 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("invalid STREAM_HISTORY {n:?}"))?;
     }
     config.stream_history_ttl = ms("STREAM_HISTORY_TTL_MS", 300_000)?;
+    // POST /api/broadcast waits up to BROADCAST_CONFIRM_MS (default 5 s) for the engine to
+    // confirm a broadcast, then answers 202.
+    config.broadcast_confirm = ms(
+        "BROADCAST_CONFIRM_MS",
+        firebrand_conformance::BROADCAST_CONFIRM.as_millis() as u64,
+    )?;
     let builder = firebrand_conformance::endpoint(&config)
         .presence_heartbeat(ms("PRESENCE_HEARTBEAT_MS", 1000)?)
         .presence_down_after(ms("PRESENCE_DOWN_MS", 5000)?);

@@ -308,10 +308,19 @@ impl Observer {
 /// The proxy, node A (its engine link through the proxy) and node B (direct) of one cluster
 /// (namespace `{prefix}-{pid}-{engine var}`), linked both ways.
 async fn stalling_pair(engine: &Engine, prefix: &str) -> (Proxy, Node, Node) {
+    stalling_pair_with(engine, prefix, &[]).await
+}
+
+/// [`stalling_pair`], with more of node A's environment.
+async fn stalling_pair_with(
+    engine: &Engine,
+    prefix: &str,
+    a_envs: &[(&str, &str)],
+) -> (Proxy, Node, Node) {
     let direct: SocketAddr = engine.addr.parse().unwrap();
     let proxy = Proxy::start(direct).await;
     let ns = format!("{prefix}-{}-{}", std::process::id(), engine.var);
-    let a = node(engine, proxy.addr(), &ns).await;
+    let a = node_with(engine, proxy.addr(), &ns, a_envs).await;
     let b = node(engine, direct, &ns).await;
     let mut probe = a.probe().await;
     await_link(&b, &mut probe).await;
@@ -729,38 +738,224 @@ async fn presence_converges_after_a_stall_of_the_nats_link() {
     on_nats("faults-split", presence_after_a_stall(NATS)).await;
 }
 
-/// Broadcasts published on the stalled node itself (its API) while its link holds: they wait
-/// in the held connection and reach every subscriber, on both nodes, once and in order after
-/// the heal, with the same positions everywhere.
+/// The topics of the publish tests: one recoverable (through the engine's history), one plain.
+const PUBLISHED: [&str; 2] = ["stream:published", "room:published"];
+
+/// A client on node `on` joined to both [`PUBLISHED`] topics.
+async fn published_subscriber(on: &Node) -> Client {
+    let mut c = on.client("").await;
+    join_stream(&mut c, "1", PUBLISHED[0], json!({})).await;
+    join_stream(&mut c, "2", PUBLISHED[1], json!({})).await;
+    c
+}
+
+/// Publishes a `marker` on both [`PUBLISHED`] topics through `node`'s API until it is answered
+/// 200 (the link carries again), then reads `c` up to both markers: the `new_msg`s before
+/// them, in arrival order, as `(topic, p, n)`, and the positions of those on the stream topic.
+/// Whatever node `node` published before a marker it got confirmed arrives before it (one
+/// origin, one order per topic).
+async fn published_until_markers(
+    node: &Node,
+    c: &mut Client,
+) -> (Vec<(String, u64, u64)>, Vec<String>) {
+    for topic in PUBLISHED {
+        let mut answers = Vec::new();
+        loop {
+            let (status, body) = post_broadcast(node.port, topic, "marker", json!({})).await;
+            if status == 200 {
+                break;
+            }
+            answers.push((status, body));
+            assert!(
+                answers.len() < 20,
+                "the marker never confirmed: {answers:?}"
+            );
+        }
+    }
+    let (mut got, mut positions, mut markers) = (Vec::new(), Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while markers < PUBLISHED.len() {
+        let f = next_frame(c, deadline)
+            .await
+            .unwrap_or_else(|| panic!("the markers never arrived; so far: {got:?}"));
+        match f[3].as_str() {
+            Some("marker") => markers += 1,
+            Some("new_msg") => {
+                got.push((
+                    f[2].as_str().unwrap().to_owned(),
+                    f[4]["p"].as_u64().unwrap(),
+                    f[4]["n"].as_u64().unwrap(),
+                ));
+                if let Some(position) = f[1].as_str() {
+                    positions.push(position.to_owned());
+                }
+            }
+            _ => panic!("unexpected frame on the subscriber: {f}"),
+        }
+    }
+    (got, positions)
+}
+
+/// Issue 26, point 4, a partition long enough that the connection is torn down: node A's
+/// engine link is reset (RST both ways) again and again while four publishers (two per topic,
+/// each numbering its messages) publish through A's API. What every answer promises holds on
+/// node B's subscriber: every broadcast answered 200 arrives exactly once, in its publisher's
+/// order; one answered 503 `unreachable` or `queue_full` (never sent) never arrives; one
+/// answered 503 `unconfirmed` (in flight when the connection went) or 202 arrives at most
+/// once — the engine may have taken it before the connection went, and nothing resends it.
+async fn publishes_across_link_resets(engine: Engine) {
+    const PUBLISHERS: u64 = 4;
+    const EACH: u64 = 60;
+    const RESETS: u64 = 6;
+    let (proxy, a, b) = stalling_pair(&engine, "faults-reset").await;
+    let mut on_b = published_subscriber(&b).await;
+    let (progress, answered) = tokio::sync::watch::channel(0u64);
+    let progress = std::sync::Arc::new(progress);
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let (port, progress) = (a.port, progress.clone());
+            tokio::spawn(async move {
+                let topic = PUBLISHED[(p % 2) as usize];
+                let mut answers = Vec::new();
+                for n in 1..=EACH {
+                    let payload = json!({ "p": p, "n": n });
+                    let (status, body) = post_broadcast(port, topic, "new_msg", payload).await;
+                    let reason = body["reason"].as_str().unwrap_or_default().to_owned();
+                    answers.push((p, n, status, reason));
+                    progress.send_modify(|c| *c += 1);
+                }
+                answers
+            })
+        })
+        .collect();
+    // A reset every so many answers, while the publishers go on.
+    let mut answered = answered;
+    let step = PUBLISHERS * EACH / (RESETS + 1);
+    for r in 1..=RESETS {
+        answered.wait_for(|&c| c >= r * step).await.unwrap();
+        proxy.reset();
+    }
+    let mut answers = Vec::new();
+    for p in publishers {
+        answers.extend(p.await.unwrap());
+    }
+    let (got, _) = published_until_markers(&a, &mut on_b).await;
+
+    let count = |status: u16, reason: &str| {
+        answers
+            .iter()
+            .filter(|x| x.2 == status && (reason.is_empty() || x.3 == reason))
+            .count()
+    };
+    let delivered = |p: u64, n: u64| got.iter().filter(|g| (g.1, g.2) == (p, n)).count();
+    let unconfirmed_delivered = answers
+        .iter()
+        .filter(|x| x.2 == 503 && x.3 == "unconfirmed" && delivered(x.0, x.1) > 0)
+        .count();
+    eprintln!(
+        "{}: {} publishes, {} resets: 200: {}, 202: {}, 503 unconfirmed: {} ({} of them \
+         delivered), 503 unreachable: {}, 503 queue_full: {}; delivered on B: {}; proxy: {:?}",
+        engine.var,
+        answers.len(),
+        RESETS,
+        count(200, ""),
+        count(202, ""),
+        count(503, "unconfirmed"),
+        unconfirmed_delivered,
+        count(503, "unreachable"),
+        count(503, "queue_full"),
+        got.len(),
+        proxy.counters(),
+    );
+    assert!(proxy.counters().resets >= RESETS, "{:?}", proxy.counters());
+    for &(p, n, status, ref reason) in &answers {
+        let times = delivered(p, n);
+        match (status, reason.as_str()) {
+            (200, _) => assert_eq!(
+                times, 1,
+                "issue 26: publisher {p}'s message {n}, answered 200, arrived {times} times"
+            ),
+            (503, "unreachable" | "queue_full") => assert_eq!(
+                times, 0,
+                "publisher {p}'s message {n}, answered 503 {reason} (never sent), arrived"
+            ),
+            (503, "unconfirmed") | (202, _) => assert!(
+                times <= 1,
+                "publisher {p}'s message {n} ({status} {reason}) arrived {times} times"
+            ),
+            other => panic!("unexpected answer to publisher {p}'s message {n}: {other:?}"),
+        }
+    }
+    // In each publisher's order, on its topic; nothing from elsewhere.
+    for p in 0..PUBLISHERS {
+        let topic = PUBLISHED[(p % 2) as usize];
+        let ns: Vec<u64> = got.iter().filter(|g| g.1 == p).map(|g| g.2).collect();
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "publisher {p}: out of order or twice: {ns:?}"
+        );
+        assert!(got.iter().filter(|g| g.1 == p).all(|g| g.0 == topic));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_across_resets_of_the_redis_link_keep_their_answers() {
+    publishes_across_link_resets(REDIS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_across_resets_of_the_nats_link_keep_their_answers() {
+    on_nats("faults-reset", publishes_across_link_resets(NATS)).await;
+}
+
+/// Broadcasts published on the stalled node itself (its API) while its link holds, on a
+/// recoverable and a plain topic: the API answers 202 (not confirmed within the node's bound,
+/// 300 ms here: queued); they wait in the held connection and reach every subscriber once and
+/// in order after the heal, with the same positions on both nodes.
 async fn publishes_from_a_stalled_node(engine: Engine) {
-    let (proxy, a, b) = stalling_pair(&engine, "faults-from").await;
-    let topic = "stream:from-a";
+    const COUNT: u64 = 5;
+    let confirm = [("BROADCAST_CONFIRM_MS", "300")];
+    let (proxy, a, b) = stalling_pair_with(&engine, "faults-from", &confirm).await;
     let mut on_a = a.client("").await;
-    join_stream(&mut on_a, "1", topic, json!({})).await;
-    let mut on_b = b.client("").await;
-    join_stream(&mut on_b, "1", topic, json!({})).await;
+    join_stream(&mut on_a, "1", PUBLISHED[0], json!({})).await;
+    let mut on_b = published_subscriber(&b).await;
 
     proxy.hold();
-    for n in 1..=10 {
-        a.broadcast(topic, "new_msg", json!({ "n": n })).await;
+    // The deliberate stall lasts as long as these answers take (2 × COUNT × 300 ms).
+    for n in 1..=COUNT {
+        for topic in PUBLISHED {
+            let payload = json!({ "p": 0, "n": n });
+            let (status, body) = post_broadcast(a.port, topic, "new_msg", payload).await;
+            assert_eq!(status, 202, "{topic} {n}: {body}");
+            assert_eq!(body["queued"], true, "{body}");
+        }
     }
-    // The deliberate stall.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.pass();
-    let got_a = stream_messages(&mut on_a, 10).await;
-    let got_b = stream_messages(&mut on_b, 10).await;
-    let ns: Vec<u64> = got_b.iter().map(|m| m.0).collect();
-    assert_eq!(ns, (1..=10).collect::<Vec<_>>(), "on B");
-    assert_eq!(
-        got_a, got_b,
-        "the same messages and positions on both nodes"
-    );
-    // Nothing more of them: the next frame of each is B's marker.
-    b.broadcast(topic, "marker", json!({})).await;
-    for c in [&mut on_a, &mut on_b] {
-        let f = c.recv_json().await;
-        assert_eq!(f[3], "marker", "{f}");
+    let (got, positions_b) = published_until_markers(&a, &mut on_b).await;
+    let expected: Vec<(String, u64, u64)> = (1..=COUNT)
+        .flat_map(|n| PUBLISHED.map(|t| (t.to_owned(), 0, n)))
+        .collect();
+    let on = |got: &[(String, u64, u64)], t: &str| -> Vec<u64> {
+        got.iter().filter(|g| g.0 == t).map(|g| g.2).collect()
+    };
+    for t in PUBLISHED {
+        assert_eq!(
+            on(&got, t),
+            on(&expected, t),
+            "on B, {t}: once each, in order"
+        );
     }
+    let got_a = stream_messages(&mut on_a, COUNT as usize).await;
+    assert_eq!(
+        got_a.iter().map(|m| m.0).collect::<Vec<_>>(),
+        (1..=COUNT).collect::<Vec<_>>(),
+        "on A"
+    );
+    let positions_a: Vec<String> = got_a.into_iter().map(|m| m.1).collect();
+    assert_eq!(positions_a, positions_b, "the same positions on both nodes");
+    // Nothing more of them on A: its next frame is its own marker.
+    let f = on_a.recv_json().await;
+    assert_eq!(f[3], "marker", "{f}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

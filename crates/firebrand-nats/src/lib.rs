@@ -30,20 +30,29 @@
 //! **When NATS goes away** the node keeps serving its local clients. The client reconnects by
 //! itself and resubscribes; what is published while it is away is buffered by the client up to
 //! its limit and otherwise lost (counted in `Stats::cluster_lost`); NATS core keeps nothing for
-//! subscribers that were away. Presence resynchronises through the next heartbeats.
+//! subscribers that were away. Presence resynchronises through the next heartbeats. A
+//! [confirmed](firebrand::Endpoint::broadcast_confirmed) broadcast is confirmed once the server
+//! answered a request sent after it on the same connection (a "no responders" answer on
+//! `firebrand.<namespace>.confirm`: the server had routed the broadcast first), or, on a
+//! recoverable topic, once JetStream acknowledged the append; a disconnection (or a
+//! reconnection) before that answers `Unconfirmed`: what the connection had in flight may be
+//! lost, and what the client still buffered is sent after the reconnection.
 
 use std::future::Future;
+use std::future::IntoFuture;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use base64::Engine;
 use bytes::Bytes;
+use firebrand::BroadcastError;
 use firebrand::cluster::{
-    Adapter, ClusterLink, Entries, Entry, HistoryEngine, HistoryError, Outgoing, PublishQueue,
-    Query, Retention,
+    Adapter, ClusterLink, Confirm, Entries, Entry, HistoryEngine, HistoryError, Outgoing,
+    PublishQueue, Query, Retention,
 };
 use futures_util::StreamExt;
 
@@ -221,18 +230,26 @@ impl Adapter for NatsAdapter {
             // Every reconnection: the history's reader starts a new consumer (the old one may
             // be gone with a restarted server, and would be noticed only after heartbeats).
             let reconnected = Arc::new(tokio::sync::Notify::new());
+            // Bumped on every disconnection: a confirmation waiting then is not given (what
+            // the connection had in flight may be lost).
+            let disconnections = Arc::new(tokio::sync::watch::Sender::new(0u64));
             link.engine_reachable(false);
             let client = loop {
                 let (notify, status) = (reconnected.clone(), link.clone());
+                let dropped = disconnections.clone();
                 let options = async_nats::ConnectOptions::new().event_callback(move |event| {
-                    let (notify, status) = (notify.clone(), status.clone());
+                    let (notify, status, dropped) =
+                        (notify.clone(), status.clone(), dropped.clone());
                     async move {
                         match event {
                             async_nats::Event::Connected => {
                                 status.engine_reachable(true);
                                 notify.notify_one();
                             }
-                            async_nats::Event::Disconnected => status.engine_reachable(false),
+                            async_nats::Event::Disconnected => {
+                                dropped.send_modify(|n| *n += 1);
+                                status.engine_reachable(false);
+                            }
                             _ => {}
                         }
                     }
@@ -292,23 +309,44 @@ impl Adapter for NatsAdapter {
                 });
             }
             let publisher_link = link.clone();
+            let confirming = Confirming {
+                client: client.clone(),
+                subject: format!("{subject}.confirm"),
+                disconnections: disconnections.subscribe(),
+            };
             tokio::spawn(async move {
                 while let Some(out) = queue.recv().await {
                     match out {
-                        Outgoing::Record { .. } if ready.borrow().is_none() => {
+                        Outgoing::Record { confirm, .. } if ready.borrow().is_none() => {
                             tracing::warn!(
                                 "nats: the history stream is not set up; broadcast lost"
                             );
                             publisher_link.count_lost(1);
+                            if let Some(c) = confirm {
+                                c.failed(BroadcastError::Unreachable);
+                            }
                         }
-                        Outgoing::Record { topic, message, .. } => {
+                        Outgoing::Record {
+                            topic,
+                            message,
+                            confirm,
+                            ..
+                        } => {
                             let subject = history_subject(&subject, &topic);
+                            // Before the message leaves: a disconnection from now on may lose it.
+                            let watch = confirm.map(|c| (c, confirming.watch()));
                             match js.publish(subject, message).await {
                                 Ok(ack) => {
                                     // Acks are awaited aside: the next publish does not wait.
                                     let link = publisher_link.clone();
                                     tokio::spawn(async move {
-                                        if let Err(e) = ack.await {
+                                        let acked = match watch {
+                                            None => ack.await,
+                                            Some((confirm, watch)) => {
+                                                watch.acked(ack.into_future(), confirm).await
+                                            }
+                                        };
+                                        if let Err(e) = acked {
                                             tracing::warn!(error = %e, "nats: history append failed; broadcast lost");
                                             link.count_lost(1);
                                         }
@@ -317,6 +355,9 @@ impl Adapter for NatsAdapter {
                                 Err(e) => {
                                     tracing::warn!(error = %e, "nats: history append failed; broadcast lost");
                                     publisher_link.count_lost(1);
+                                    if let Some((c, _)) = watch {
+                                        c.failed(BroadcastError::Unconfirmed);
+                                    }
                                 }
                             }
                         }
@@ -324,6 +365,20 @@ impl Adapter for NatsAdapter {
                             if let Err(e) = client.publish(subject.clone(), message).await {
                                 tracing::warn!(error = %e, "nats: publish failed; message lost");
                                 publisher_link.count_lost(1);
+                            }
+                        }
+                        Outgoing::Confirmed { message, confirm } => {
+                            let watch = confirming.watch();
+                            match client.publish(subject.clone(), message).await {
+                                Ok(()) => {
+                                    tokio::spawn(watch.round_trip(confirm));
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "nats: publish failed; message lost");
+                                    publisher_link.count_lost(1);
+                                    // Not handed to the client: never sent.
+                                    confirm.failed(BroadcastError::Unreachable);
+                                }
                             }
                         }
                         Outgoing::Flush(done) => {
@@ -347,6 +402,10 @@ impl Adapter for NatsAdapter {
         self.queue.push(message);
     }
 
+    fn publish_confirmed(&self, message: Bytes, confirm: Confirm) {
+        self.queue.push_confirmed(message, confirm);
+    }
+
     fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(self.queue.flush())
     }
@@ -356,9 +415,92 @@ impl Adapter for NatsAdapter {
     }
 }
 
+/// How the publishing task confirms messages ([`Adapter::publish_confirmed`]): a NATS client
+/// says a publish is done once it is queued, not once the server has it.
+struct Confirming {
+    client: async_nats::Client,
+    /// Where the round trips go: a subject nobody subscribes to, answered at once by the
+    /// server with "no responders".
+    subject: String,
+    disconnections: tokio::sync::watch::Receiver<u64>,
+}
+
+/// One message's confirmation, begun before it was handed to the client.
+struct Watch {
+    client: async_nats::Client,
+    subject: String,
+    /// Changes on a disconnection after the message was handed over.
+    disconnections: tokio::sync::watch::Receiver<u64>,
+    /// The client's connections so far (a reconnection changes it).
+    connects: u64,
+}
+
+impl Confirming {
+    /// Starts watching for a message about to be handed to the client.
+    fn watch(&self) -> Watch {
+        let mut disconnections = self.disconnections.clone();
+        disconnections.mark_unchanged();
+        Watch {
+            client: self.client.clone(),
+            subject: self.subject.clone(),
+            disconnections,
+            connects: self.client.statistics().connects.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Watch {
+    /// Confirms a core message: a request sent after it on the same connection is answered
+    /// (NATS handles a connection's messages in order, so the server had routed the message
+    /// to every subscriber before it answered), and no disconnection came in between.
+    async fn round_trip(mut self, confirm: Confirm) {
+        let answered = tokio::select! {
+            r = self.client.request(self.subject.clone(), Bytes::new()) => match r {
+                Ok(_) => true,
+                Err(e) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
+            },
+            _ = self.disconnections.changed() => false,
+        };
+        let same = self.client.statistics().connects.load(Ordering::Relaxed) == self.connects;
+        confirm.answer(answered && same, BroadcastError::Unconfirmed);
+    }
+
+    /// Confirms a history append by its JetStream acknowledgement (the stream has it), unless
+    /// a disconnection comes first (it may still be stored: unconfirmed). Returns the ack, for
+    /// the loss count.
+    async fn acked<T, E>(
+        mut self,
+        ack: impl Future<Output = Result<T, E>>,
+        confirm: Confirm,
+    ) -> Result<T, E> {
+        tokio::pin!(ack);
+        tokio::select! {
+            r = &mut ack => {
+                confirm.answer(r.is_ok(), BroadcastError::Unconfirmed);
+                r
+            }
+            _ = self.disconnections.changed() => {
+                confirm.failed(BroadcastError::Unconfirmed);
+                ack.await
+            }
+        }
+    }
+}
+
 impl HistoryEngine for NatsAdapter {
     fn append(&self, topic: &str, message: Bytes, retention: Retention) {
-        self.queue.push_record(topic, message, retention);
+        self.queue.push_record(topic, message, retention, None);
+    }
+
+    fn append_confirmed(
+        &self,
+        topic: &str,
+        message: Bytes,
+        retention: Retention,
+        confirm: Confirm,
+    ) {
+        self.queue
+            .push_record(topic, message, retention, Some(confirm));
     }
 
     fn read(

@@ -23,7 +23,10 @@
 //!
 //! **When Redis goes away** the node keeps serving its local clients: local broadcasts still
 //! reach local subscribers. Broadcasts published meanwhile are **not** delivered to other nodes
-//! (Redis pub/sub keeps nothing) and are counted in `Stats::cluster_lost`; messages other nodes
+//! (Redis pub/sub keeps nothing) and are counted in `Stats::cluster_lost`; a
+//! [confirmed](firebrand::Endpoint::broadcast_confirmed) one says so: `Unreachable` when it was
+//! never sent, `Unconfirmed` when the pipeline that carried it failed (Redis may have run it
+//! before the connection went); it is confirmed once Redis answered its pipeline; messages other nodes
 //! published meanwhile are lost too. The adapter logs the outage, reconnects with backoff
 //! (100 ms doubling to 5 s) and resubscribes; presence resynchronises through the next
 //! heartbeats (a node that missed changes asks for a transfer). Broadcasts of recoverable
@@ -39,9 +42,10 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use firebrand::BroadcastError;
 use firebrand::cluster::{
-    Adapter, ClusterLink, Entries, Entry, HistoryEngine, HistoryError, Outgoing, PublishQueue,
-    Query, Retention,
+    Adapter, ClusterLink, Confirm, Entries, Entry, HistoryEngine, HistoryError, Outgoing,
+    PublishQueue, Query, Retention,
 };
 use futures_util::StreamExt;
 
@@ -274,15 +278,25 @@ impl Adapter for RedisAdapter {
                 // What is queued goes out as one pipeline (in order): one round trip for a
                 // burst of broadcasts, however busy the node.
                 let mut flushes = Vec::new();
+                // The confirmations of the batch's messages: the pipeline's answer is theirs.
+                let mut confirms: Vec<Confirm> = Vec::new();
                 let mut next = Some(out);
                 while let Some(out) = next.take() {
                     match out {
                         Outgoing::Message(m) => batch.push(Out::Publish(m)),
+                        Outgoing::Confirmed { message, confirm } => {
+                            batch.push(Out::Publish(message));
+                            confirms.push(confirm);
+                        }
                         Outgoing::Record {
                             topic,
                             message,
                             retention,
-                        } => batch.push(Out::Append(topic, message, retention)),
+                            confirm,
+                        } => {
+                            batch.push(Out::Append(topic, message, retention));
+                            confirms.extend(confirm);
+                        }
                         Outgoing::Flush(done) => flushes.push(done),
                         _ => {}
                     }
@@ -313,6 +327,10 @@ impl Adapter for RedisAdapter {
                                         tracing::warn!(error = %e, messages = batch.len(), "redis: cannot load the history script; messages lost");
                                         publisher_link.count_lost(batch.len() as u64);
                                         batch.clear();
+                                        // Nothing of the batch was sent.
+                                        for c in confirms.drain(..) {
+                                            c.failed(BroadcastError::Unreachable);
+                                        }
                                         tokio::time::sleep(backoff(tries)).await;
                                         tries += 1;
                                     }
@@ -322,6 +340,9 @@ impl Adapter for RedisAdapter {
                                 tracing::warn!(error = %e, messages = batch.len(), "redis: cannot publish; messages lost");
                                 publisher_link.count_lost(batch.len() as u64);
                                 batch.clear();
+                                for c in confirms.drain(..) {
+                                    c.failed(BroadcastError::Unreachable);
+                                }
                                 tokio::time::sleep(backoff(tries)).await;
                                 tries += 1;
                             }
@@ -351,10 +372,15 @@ impl Adapter for RedisAdapter {
                             }
                         }
                         let sent: redis::RedisResult<()> = pipe.query_async(c).await;
-                        if let Err(e) = sent {
+                        if let Err(e) = &sent {
                             tracing::warn!(error = %e, messages = batch.len(), "redis: publish failed; messages lost");
                             publisher_link.count_lost(batch.len() as u64);
                             conn = None;
+                        }
+                        // Sent: on an error, Redis may have run some of the commands before
+                        // the connection failed, so they are unconfirmed, not unsent.
+                        for c in confirms.drain(..) {
+                            c.answer(sent.is_ok(), BroadcastError::Unconfirmed);
                         }
                         batch.clear();
                     }
@@ -412,6 +438,10 @@ impl Adapter for RedisAdapter {
         self.queue.push(message);
     }
 
+    fn publish_confirmed(&self, message: Bytes, confirm: Confirm) {
+        self.queue.push_confirmed(message, confirm);
+    }
+
     fn flush(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(self.queue.flush())
     }
@@ -429,7 +459,18 @@ enum Out {
 
 impl HistoryEngine for RedisAdapter {
     fn append(&self, topic: &str, message: Bytes, retention: Retention) {
-        self.queue.push_record(topic, message, retention);
+        self.queue.push_record(topic, message, retention, None);
+    }
+
+    fn append_confirmed(
+        &self,
+        topic: &str,
+        message: Bytes,
+        retention: Retention,
+        confirm: Confirm,
+    ) {
+        self.queue
+            .push_record(topic, message, retention, Some(confirm));
     }
 
     fn read(

@@ -17,8 +17,8 @@
 //!
 //! | request | body or query | answer |
 //! | --- | --- | --- |
-//! | `POST /api/publish` | `{"topic", "event", "payload"}` | `{"ok": true}`; every subscriber of the topic, on every node, gets the event |
-//! | `POST /api/publish_many` | `{"topics": [..], "event", "payload"}` | `{"ok": true, "topics": n}` |
+//! | `POST /api/publish` | `{"topic", "event", "payload"}` | `{"ok": true}` once the cluster's engine has it; every subscriber of the topic, on every node, gets the event |
+//! | `POST /api/publish_many` | `{"topics": [..], "event", "payload"}` | `{"ok": true, "topics": n}` once the engine has them all |
 //! | `POST /api/disconnect` | `{"user"}` | `{"ok": true}`; the user's connections (every node) close with code 1001 |
 //! | `GET /api/presence` | `?topic=` | `{"topic", "presences": {key: {"metas": [..]}}}` (the cluster's) |
 //! | `GET /api/history` | `?topic=&since=` | `{"topic", "position", "recovered", "messages": [{"event", "payload", "position"}]}` |
@@ -26,11 +26,19 @@
 //! | `GET /api/info` | | `{"node", "nodes", "version", "connections", "topics"}` |
 //! | `GET /api/openapi.json` | | this API as an OpenAPI 3.1 document (no key needed) |
 //!
+//! The publishes wait for the cluster's engine ([`Endpoint::broadcast_confirmed`]), at most
+//! [`PUBLISH_CONFIRM`]: 503 `{"error", "reason"}` when a broadcast did not reach it (`reason`:
+//! `unreachable` or `queue_full`, never sent; `unconfirmed`, in flight when the connection
+//! failed: other nodes may have got it, at most once); 202 `{"ok": true, "queued": true,
+//! "info"}` when it did not confirm in time (a stalled link: delivered when it carries again,
+//! or lost if the connection is torn down first).
+//!
 //! `payload` is any JSON (`{}` when left out). Events starting with `phx_` or `chan_reply_`, and
 //! `presence_state` and `presence_diff`, are reserved (422). Node ids are strings (they do not
 //! fit a JavaScript number).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -40,7 +48,7 @@ use axum::http::{Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
-use firebrand::Endpoint;
+use firebrand::{BroadcastError, Endpoint};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -55,6 +63,10 @@ pub const MAX_TOPICS: usize = 10_000;
 
 /// The largest body accepted (413 above): 2 MiB.
 pub const MAX_BODY: usize = 2 * 1024 * 1024;
+
+/// How long `publish` and `publish_many` wait for the cluster's engine to confirm their
+/// broadcasts before answering 202 (queued behind a stalled link).
+pub const PUBLISH_CONFIRM: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 struct Api {
@@ -89,6 +101,9 @@ pub enum ApiError {
     /// 503: what was asked cannot be answered now (the cluster's history engine cannot be
     /// read); ask again.
     Unavailable(String),
+    /// 503: a publish did not reach the cluster's engine (its body adds `"reason"`:
+    /// [`BroadcastError::code`]); `unconfirmed` means other nodes may have got it, once.
+    NotDelivered(BroadcastError, String),
 }
 
 impl ApiError {
@@ -128,6 +143,7 @@ impl ApiError {
             ),
             ApiError::Unprocessable(why) => (StatusCode::UNPROCESSABLE_ENTITY, why.clone()),
             ApiError::Unavailable(why) => (StatusCode::SERVICE_UNAVAILABLE, why.clone()),
+            ApiError::NotDelivered(_, why) => (StatusCode::SERVICE_UNAVAILABLE, why.clone()),
         }
     }
 }
@@ -135,7 +151,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, reason) = self.parts();
-        let mut response = (status, axum::Json(json!({ "error": reason }))).into_response();
+        let body = match &self {
+            ApiError::NotDelivered(e, _) => json!({ "error": reason, "reason": e.code() }),
+            _ => json!({ "error": reason }),
+        };
+        let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             let bearer = header::HeaderValue::from_static("Bearer");
             response
@@ -353,8 +373,50 @@ async fn publish(
 ) -> Result<impl IntoResponse, ApiError> {
     check_topic(&topic)?;
     check_event(&event)?;
-    api.endpoint.broadcast(&topic, &event, payload);
-    Ok(axum::Json(json!({"ok": true})))
+    let sent = api.endpoint.broadcast_confirmed(&topic, &event, payload);
+    let deadline = tokio::time::Instant::now() + PUBLISH_CONFIRM;
+    confirmed(vec![sent], deadline, json!({"ok": true})).await
+}
+
+/// Waits until `deadline` for the confirmations of a publish's broadcasts: 200 with `ok` when
+/// the engine has them all, 503 when one was lost, 202 when some are still unconfirmed (the
+/// engine's link is stalled: they wait in its connection).
+async fn confirmed(
+    sent: Vec<impl Future<Output = Result<(), BroadcastError>>>,
+    deadline: tokio::time::Instant,
+    ok: Value,
+) -> Result<Response, ApiError> {
+    let (count, mut pending, mut lost) = (sent.len(), 0, Vec::new());
+    for answer in sent {
+        // A ready answer is taken even past the deadline (the future is polled first).
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => lost.push(e),
+            Err(_) => pending += 1,
+        }
+    }
+    if let Some(&first) = lost.first() {
+        let why = if count == 1 {
+            first.to_string()
+        } else {
+            format!(
+                "{} of {count} broadcasts not delivered: {first}",
+                lost.len()
+            )
+        };
+        return Err(ApiError::NotDelivered(first, why));
+    }
+    if pending > 0 {
+        let info = format!(
+            "{pending} of {count} broadcasts not confirmed by the cluster's engine within {} s \
+             (its link is stalled): queued, delivered to the other nodes when the link carries \
+             again, or lost if the connection is torn down first",
+            PUBLISH_CONFIRM.as_secs()
+        );
+        let body = json!({"ok": true, "queued": true, "info": info});
+        return Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response());
+    }
+    Ok(axum::Json(ok).into_response())
 }
 
 #[derive(Deserialize)]
@@ -384,10 +446,15 @@ async fn publish_many(
     check_event(&event)?;
     // One payload, encoded once per topic's broadcast.
     let payload = firebrand::Payload::from(payload);
-    for topic in &topics {
-        api.endpoint.broadcast(topic, &event, payload.clone());
-    }
-    Ok(axum::Json(json!({"ok": true, "topics": topics.len()})))
+    let sent: Vec<_> = topics
+        .iter()
+        .map(|topic| {
+            api.endpoint
+                .broadcast_confirmed(topic, &event, payload.clone())
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + PUBLISH_CONFIRM;
+    confirmed(sent, deadline, json!({"ok": true, "topics": topics.len()})).await
 }
 
 #[derive(Deserialize)]

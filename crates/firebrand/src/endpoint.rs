@@ -8,11 +8,11 @@ use std::time::Duration;
 use firebrand_protocol::Payload;
 use parking_lot::Mutex;
 
-use crate::cluster::{Adapter, Cluster, Settings};
+use crate::cluster::{Adapter, Answer, Cluster, Confirm, Settings};
 use crate::limits::Limit;
 use crate::node::history::{History, Retention};
 use crate::node::presence::PresenceFetch;
-use crate::node::pubsub::{Broadcast, SubId};
+use crate::node::pubsub::{Broadcast, BroadcastError, SubId};
 use crate::node::queue::Close;
 use crate::node::subscription::Subscription;
 use crate::node::{Hub, Refused};
@@ -482,6 +482,56 @@ impl Endpoint {
         self.publish(Broadcast::new(topic, event, payload.into()), None);
     }
 
+    /// [`broadcast`](Endpoint::broadcast), and a future that says whether the cluster's engine
+    /// has it: for a publisher that must not have a broadcast silently lost to other nodes (an
+    /// API that answers its caller, say). The broadcast is made when this is called, as
+    /// [`broadcast`](Endpoint::broadcast) makes it (this node's subscribers get it at once; on
+    /// a recoverable topic, when the engine hands it back with its position); the future only
+    /// waits for the answer.
+    ///
+    /// The future resolves `Ok(())` once the engine said it has the message (Redis answered
+    /// the command that published it; NATS answered a round trip sent after it on the same
+    /// connection, or JetStream acknowledged the append) — at once without a cluster. Then
+    /// every node subscribed to the engine gets it, once. `Err` says what became of it
+    /// ([`BroadcastError`]): refused (a protocol event), never sent (engine unreachable, queue
+    /// full: no other node gets it), or sent but unconfirmed (the connection was torn down
+    /// with it in flight: other nodes may have got it, at most once). It never resolves while
+    /// the engine link is stalled (bytes held, connection up): the message waits in the
+    /// connection and is delivered when the link carries again, or fails if the connection is
+    /// torn down first. Bound the wait with a timeout. Dropping the future does not undo the
+    /// broadcast; it is cancel-safe.
+    ///
+    /// [`broadcast`](Endpoint::broadcast) costs nothing of this: use it where nobody waits.
+    ///
+    /// ```
+    /// # async fn f() {
+    /// use std::time::Duration;
+    /// let endpoint = firebrand::Endpoint::new();
+    /// let sent = endpoint.broadcast_confirmed("room:lobby", "new_msg", serde_json::json!({"body": "hi"}));
+    /// match tokio::time::timeout(Duration::from_secs(5), sent).await {
+    ///     Ok(Ok(())) => {}                  // every node gets it
+    ///     Ok(Err(e)) => eprintln!("{e}"),   // see e.may_have_been_delivered()
+    ///     Err(_) => {}                      // queued behind a stalled link
+    /// }
+    /// # }
+    /// ```
+    pub fn broadcast_confirmed(
+        &self,
+        topic: &str,
+        event: &str,
+        payload: impl Into<Payload>,
+    ) -> impl Future<Output = Result<(), BroadcastError>> + Send + 'static {
+        let answer = self.publish_with(Broadcast::new(topic, event, payload.into()), None, true);
+        async move {
+            match answer {
+                Err(e) => Err(e),
+                Ok(None) => Ok(()),
+                // An answer dropped unanswered (the adapter stopped): not confirmed.
+                Ok(Some(answer)) => answer.await.unwrap_or(Err(BroadcastError::Unconfirmed)),
+            }
+        }
+    }
+
     /// Receives `topic`'s broadcasts in Rust code outside any channel (Phoenix's
     /// `Phoenix.PubSub.subscribe/2`): from channels, from [`broadcast`](Endpoint::broadcast),
     /// and in a cluster from every node. At most `capacity` unread broadcasts are held: a
@@ -702,18 +752,39 @@ impl Endpoint {
 
     /// Broadcasts `b` on every node, to every subscriber but `from`.
     pub(crate) fn publish(&self, b: Broadcast, from: Option<SubId>) {
+        let _ = self.publish_with(b, from, false);
+    }
+
+    /// [`publish`](Endpoint::publish); with `confirm`, also where the engine's answer arrives
+    /// (`None`: nothing to wait for, without a cluster).
+    fn publish_with(
+        &self,
+        b: Broadcast,
+        from: Option<SubId>,
+        confirm: bool,
+    ) -> Result<Option<Answer>, BroadcastError> {
         if refused_event(b.topic(), b.event()) {
-            return;
+            return Err(BroadcastError::ReservedEvent);
         }
-        if let Some(c) = &self.inner.cluster {
-            if let Some(retention) = self.inner.hub.recorded(&b).filter(|_| c.records()) {
-                // Delivered here too when the engine hands it back with its position.
-                return c.append(&b, from, retention);
-            }
-            // One engine message per broadcast; other nodes deliver to their own subscribers.
-            c.broadcast(&b);
+        let Some(c) = &self.inner.cluster else {
+            self.inner.hub.dispatch_local(&b, from);
+            return Ok(None);
+        };
+        let (confirm, answer) = if confirm {
+            let (confirm, answer) = Confirm::new();
+            (Some(confirm), Some(answer))
+        } else {
+            (None, None)
+        };
+        if let Some(retention) = self.inner.hub.recorded(&b).filter(|_| c.records()) {
+            // Delivered here too when the engine hands it back with its position.
+            c.append(&b, from, retention, confirm);
+            return Ok(answer);
         }
+        // One engine message per broadcast; other nodes deliver to their own subscribers.
+        c.broadcast(&b, confirm);
         self.inner.hub.dispatch_local(&b, from);
+        Ok(answer)
     }
 
     /// Broadcasts `b` on every node, to every subscriber but `from`, without recording it in a
@@ -723,7 +794,7 @@ impl Endpoint {
             return;
         }
         if let Some(c) = &self.inner.cluster {
-            c.broadcast(&b);
+            c.broadcast(&b, None);
         }
         self.inner.hub.dispatch_unrecorded(&b, from);
     }

@@ -212,7 +212,7 @@ pub use model::socket::{ConnectError, ConnectInfo, Socket};
 pub use model::typed::{Handle, JoinParams, JoinReply, TypedChannel, TypedContext};
 pub use node::presence;
 pub use node::presence::PresenceError;
-pub use node::pubsub::Broadcast;
+pub use node::pubsub::{Broadcast, BroadcastError};
 pub use node::subscription::{Lagged, Subscription};
 pub use token::{TokenError, TokenSigner};
 pub use transport::http::SocketBuilder;

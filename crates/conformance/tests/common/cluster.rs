@@ -62,24 +62,38 @@ impl Node {
         probe
     }
 
-    /// `POST /api/broadcast` on this node.
+    /// `POST /api/broadcast` on this node, answered 200.
     pub async fn broadcast(&self, topic: &str, event: &str, payload: Value) {
-        let body = json!({"topic": topic, "event": event, "payload": payload}).to_string();
-        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .unwrap();
-        let req = format!(
-            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        timeout(WAIT, tcp.read_to_string(&mut out))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let (status, body) = post_broadcast(self.port, topic, event, payload).await;
+        assert_eq!(status, 200, "{body}");
     }
+}
+
+/// `POST /api/broadcast` on the node at `port`: the status and the JSON body.
+pub async fn post_broadcast(port: u16, topic: &str, event: &str, payload: Value) -> (u16, Value) {
+    let body = json!({"topic": topic, "event": event, "payload": payload}).to_string();
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    // The node may wait for its engine's confirmation (5 s by default) before it answers.
+    timeout(3 * WAIT, tcp.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = out
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {out}"));
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let body = serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.into()));
+    (status, body)
 }
 
 /// Waits until the cluster carries messages from node `from` to the node of `probe` (a client

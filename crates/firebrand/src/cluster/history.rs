@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::queue::Confirm;
 pub use crate::node::history::{Query, Retention};
 use crate::node::pubsub::SubId;
 
@@ -63,6 +64,20 @@ pub trait HistoryEngine: Send + Sync + 'static {
     /// kept, none older than `retention.max_age`), and delivers it with its position to every
     /// node. Must not wait: queue it.
     fn append(&self, topic: &str, message: Bytes, retention: Retention);
+
+    /// [`append`](HistoryEngine::append), answering `confirm` once the engine has recorded it,
+    /// or with why not (see [`Confirm`]). Must not wait either. The default appends and answers
+    /// [`BroadcastError::Unconfirmed`](crate::BroadcastError::Unconfirmed): it cannot tell.
+    fn append_confirmed(
+        &self,
+        topic: &str,
+        message: Bytes,
+        retention: Retention,
+        confirm: Confirm,
+    ) {
+        self.append(topic, message, retention);
+        confirm.failed(crate::BroadcastError::Unconfirmed);
+    }
 
     /// Reads `topic`'s history: one snapshot (see the contract, point 4).
     fn read(

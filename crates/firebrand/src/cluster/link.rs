@@ -11,6 +11,7 @@ use bytes::Bytes;
 use super::Adapter;
 use super::auth::{AUTH_MARKER, Auth};
 use super::history::unframe;
+use super::queue::Confirm;
 use super::wire::{Body, decode};
 use crate::node::history::{Recorded, Retention};
 use crate::node::pubsub::{Broadcast, SubId};
@@ -308,15 +309,20 @@ impl ClusterLink {
         }
     }
 
-    /// Publishes `message` through `adapter`, sealed with the cluster secret if there is one.
-    pub(crate) fn publish(&self, adapter: &dyn Adapter, message: Bytes) {
+    /// Publishes `message` through `adapter`, sealed with the cluster secret if there is one;
+    /// with `confirm`, through [`Adapter::publish_confirmed`].
+    pub(crate) fn publish(&self, adapter: &dyn Adapter, message: Bytes, confirm: Option<Confirm>) {
+        let publish = |message| match confirm {
+            None => adapter.publish(message),
+            Some(c) => adapter.publish_confirmed(message, c),
+        };
         match &self.inner.auth {
             Some(auth) => {
                 // Publishing does not wait: this lock is held for the time of one HMAC.
                 let _order = auth.order.lock();
-                adapter.publish(auth.seal(&message));
+                publish(auth.seal(&message));
             }
-            None => adapter.publish(message),
+            None => publish(message),
         }
     }
 

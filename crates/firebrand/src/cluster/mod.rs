@@ -45,7 +45,8 @@ use crate::node::pubsub::{Broadcast, SubId};
 pub use history::{Entries, Entry, HistoryEngine, HistoryError, Query, Retention};
 pub use link::ClusterLink;
 use link::Inbound;
-pub use queue::{Outgoing, PublishQueue};
+pub(crate) use queue::Answer;
+pub use queue::{Confirm, Outgoing, PublishQueue};
 pub(crate) use requests::Service;
 pub(crate) use wire::{Body, decode, encode};
 pub use wire::{FORMAT_VERSION, MessageError};
@@ -66,6 +67,17 @@ pub trait Adapter: Send + Sync + 'static {
     /// background. A message that cannot be sent (engine down, queue full) is dropped and
     /// counted with [`ClusterLink::count_lost`].
     fn publish(&self, message: Bytes);
+
+    /// [`publish`](Adapter::publish) for a sender that waits to know whether the message
+    /// reached the engine ([`Endpoint::broadcast_confirmed`](crate::Endpoint::broadcast_confirmed)):
+    /// answer `confirm` once the engine said it has it, or with why not (see [`Confirm`]).
+    /// Must not block either. Only that path pays for the answer: plain broadcasts go through
+    /// [`publish`](Adapter::publish). The default publishes and answers
+    /// [`BroadcastError::Unconfirmed`](crate::BroadcastError::Unconfirmed): it cannot tell.
+    fn publish_confirmed(&self, message: Bytes, confirm: Confirm) {
+        self.publish(message);
+        confirm.failed(crate::BroadcastError::Unconfirmed);
+    }
 
     /// Resolves once the messages published so far have been handed to the engine (used on
     /// shutdown, so that the node's goodbye reaches the others). The default returns at once.
@@ -143,14 +155,19 @@ impl Cluster {
 
     /// Encodes `body`, seals it with the cluster secret if there is one, and publishes it.
     fn send(&self, body: &Body) {
+        self.send_with(body, None);
+    }
+
+    /// [`send`](Cluster::send), answering `confirm`, if given, once the engine has it.
+    fn send_with(&self, body: &Body, confirm: Option<Confirm>) {
         self.link
-            .publish(&*self.adapter, encode(self.link.node(), body));
+            .publish(&*self.adapter, encode(self.link.node(), body), confirm);
     }
 
     /// Sends `b` to the subscribers of every other node: one engine message, whatever their
-    /// number.
-    pub(crate) fn broadcast(&self, b: &Broadcast) {
-        self.send(&Body::Broadcast(b.clone()));
+    /// number (answering `confirm`, if given, once the engine has it).
+    pub(crate) fn broadcast(&self, b: &Broadcast, confirm: Option<Confirm>) {
+        self.send_with(&Body::Broadcast(b.clone()), confirm);
     }
 
     /// Whether broadcasts of recoverable topics go through the engine's history.
@@ -159,12 +176,22 @@ impl Cluster {
     }
 
     /// Appends `b` to its topic's history in the engine, which delivers it with its position to
-    /// every node, this one too (where subscriber `from` does not get it).
-    pub(crate) fn append(&self, b: &Broadcast, from: Option<SubId>, retention: Retention) {
+    /// every node, this one too (where subscriber `from` does not get it). `confirm`, if given,
+    /// is answered once the engine has recorded it.
+    pub(crate) fn append(
+        &self,
+        b: &Broadcast,
+        from: Option<SubId>,
+        retention: Retention,
+        confirm: Option<Confirm>,
+    ) {
         if let Some(engine) = self.adapter.history() {
             let message = encode(self.link.node(), &Body::Broadcast(b.clone()));
             let message = self.link.seal(history::frame(from, &message));
-            engine.append(b.topic(), message, retention);
+            match confirm {
+                None => engine.append(b.topic(), message, retention),
+                Some(c) => engine.append_confirmed(b.topic(), message, retention, c),
+            }
         }
     }
 
@@ -321,7 +348,7 @@ pub mod tests_only {
     use bytes::Bytes;
     use parking_lot::Mutex;
 
-    use super::{Adapter, ClusterLink};
+    use super::{Adapter, ClusterLink, Confirm};
 
     /// Connects the endpoints built with clones of it.
     #[derive(Clone, Default)]
@@ -339,13 +366,22 @@ pub mod tests_only {
                 link.receive(&message);
             }
         }
+
+        /// Delivered before it returns: confirmed.
+        fn publish_confirmed(&self, message: Bytes, confirm: Confirm) {
+            self.publish(message);
+            confirm.confirmed();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::Endpoint;
+    use bytes::Bytes;
+
+    use super::{Adapter, ClusterLink, Confirm, Outgoing, PublishQueue};
     use crate::cluster::tests_only::Loopback;
+    use crate::{BroadcastError, Endpoint};
 
     #[tokio::test]
     async fn nodes_hear_only_nodes_with_their_secret() {
@@ -372,6 +408,102 @@ mod tests {
         assert_eq!((counts(&other).0, rejected(&other)), (0, 2));
         assert_eq!((counts(&open).0, rejected(&open)), (0, 1));
         assert_eq!((counts(&a).0, rejected(&a)), (0, 1));
+    }
+
+    /// An adapter whose engine is never reached: its task answers every confirmation
+    /// `Unreachable`, or (`read: false`) never takes anything from its queue.
+    struct Failing {
+        queue: PublishQueue,
+        read: bool,
+        /// The unread queue's receiving end, kept open.
+        unread: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<Outgoing>>>,
+    }
+
+    impl Failing {
+        fn new(capacity: usize, read: bool) -> Self {
+            Failing {
+                queue: PublishQueue::new(capacity),
+                read,
+                unread: Default::default(),
+            }
+        }
+    }
+
+    impl Adapter for Failing {
+        fn start(&self, link: ClusterLink) {
+            let mut queue = self.queue.start(&link).unwrap();
+            if !self.read {
+                // Kept open, never read: the queue fills.
+                *self.unread.lock() = Some(queue);
+                return;
+            }
+            tokio::spawn(async move {
+                while let Some(out) = queue.recv().await {
+                    if let Outgoing::Confirmed { confirm, .. } = out {
+                        link.count_lost(1);
+                        confirm.failed(BroadcastError::Unreachable);
+                    }
+                }
+            });
+        }
+
+        fn publish(&self, message: Bytes) {
+            self.queue.push(message);
+        }
+
+        fn publish_confirmed(&self, message: Bytes, confirm: Confirm) {
+            self.queue.push_confirmed(message, confirm);
+        }
+    }
+
+    /// An adapter that cannot confirm (the trait's default).
+    struct Silent;
+
+    impl Adapter for Silent {
+        fn start(&self, _: ClusterLink) {}
+        fn publish(&self, _: Bytes) {}
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_broadcast_says_what_became_of_it() {
+        let payload = || serde_json::json!({});
+        // Alone: nothing to wait for. A protocol event: refused, as `broadcast` drops it.
+        let alone = Endpoint::new();
+        assert_eq!(alone.broadcast_confirmed("t", "e", payload()).await, Ok(()));
+        let refused = alone.broadcast_confirmed("t", "phx_reply", payload()).await;
+        assert_eq!(refused, Err(BroadcastError::ReservedEvent));
+
+        // Delivered to the other node before it returns: confirmed.
+        let bus = Loopback::default();
+        let (a, b) = (
+            Endpoint::builder().adapter(bus.clone()).build(),
+            Endpoint::builder().adapter(bus.clone()).build(),
+        );
+        let mut on_b = b.subscribe("t", 4);
+        assert_eq!(a.broadcast_confirmed("t", "e", payload()).await, Ok(()));
+        assert_eq!(on_b.recv().await.unwrap().event(), "e");
+
+        // The adapter's task says it failed; this node's subscribers got it all the same.
+        let failing = Endpoint::builder().adapter(Failing::new(16, true)).build();
+        let mut here = failing.subscribe("t", 4);
+        let lost = failing.broadcast_confirmed("t", "e", payload()).await;
+        assert_eq!(lost, Err(BroadcastError::Unreachable));
+        assert!(!lost.unwrap_err().may_have_been_delivered());
+        assert_eq!(here.recv().await.unwrap().event(), "e");
+        assert!(failing.stats().cluster_lost >= 1);
+
+        // A full queue answers at once.
+        let full = Endpoint::builder().adapter(Failing::new(1, false)).build();
+        let _first = full.broadcast_confirmed("t", "e", payload());
+        let second = full.broadcast_confirmed("t", "e", payload()).await;
+        assert_eq!(second, Err(BroadcastError::QueueFull));
+        assert!(full.stats().cluster_lost >= 1);
+
+        // An adapter that cannot tell.
+        let silent = Endpoint::builder().adapter(Silent).build();
+        let unknown = silent.broadcast_confirmed("t", "e", payload()).await;
+        assert_eq!(unknown, Err(BroadcastError::Unconfirmed));
+        assert!(unknown.unwrap_err().may_have_been_delivered());
     }
 
     #[tokio::test]

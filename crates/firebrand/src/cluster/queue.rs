@@ -6,6 +6,7 @@ use std::fmt;
 use bytes::Bytes;
 
 use super::{ClusterLink, Retention};
+use crate::BroadcastError;
 
 /// The queue between [`Adapter::publish`](super::Adapter::publish) (which must not wait) and an adapter's publishing
 /// task, with [`Adapter::flush`](super::Adapter::flush) support and loss counting. Adapters hold one.
@@ -21,6 +22,14 @@ pub struct PublishQueue {
 pub enum Outgoing {
     /// A message to publish.
     Message(Bytes),
+    /// A message to publish whose sender waits to know whether it reached the engine
+    /// ([`Adapter::publish_confirmed`](super::Adapter::publish_confirmed)): answer `confirm`.
+    Confirmed {
+        /// The message.
+        message: Bytes,
+        /// Answered once the engine has it, or with why not.
+        confirm: Confirm,
+    },
     /// Answer it once everything taken before it was handed to the engine.
     Flush(tokio::sync::oneshot::Sender<()>),
     /// A message to append to `topic`'s history ([`HistoryEngine::append`](super::HistoryEngine::append)).
@@ -31,7 +40,54 @@ pub enum Outgoing {
         message: Bytes,
         /// How much of the topic's history to keep.
         retention: Retention,
+        /// With [`HistoryEngine::append_confirmed`](super::HistoryEngine::append_confirmed):
+        /// answered once the engine has it, or with why not.
+        confirm: Option<Confirm>,
     },
+}
+
+/// The answer an adapter owes a confirmed publish
+/// ([`Adapter::publish_confirmed`](super::Adapter::publish_confirmed),
+/// [`HistoryEngine::append_confirmed`](super::HistoryEngine::append_confirmed)): one per
+/// message, never on the path of [`Adapter::publish`](super::Adapter::publish). Dropping it
+/// unanswered answers [`BroadcastError::Unconfirmed`].
+///
+/// Answer [`confirmed`](Confirm::confirmed) only once the engine itself said it has the message
+/// (a reply on the connection that carried it), never when it was merely written to a socket:
+/// a connection torn down loses what it had in flight.
+#[derive(Debug)]
+pub struct Confirm(tokio::sync::oneshot::Sender<Result<(), BroadcastError>>);
+
+/// Where a [`Confirm`]'s answer arrives.
+pub(crate) type Answer = tokio::sync::oneshot::Receiver<Result<(), BroadcastError>>;
+
+impl Confirm {
+    /// A confirmation and where its answer arrives.
+    pub(crate) fn new() -> (Confirm, Answer) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Confirm(tx), rx)
+    }
+
+    /// The engine has the message.
+    pub fn confirmed(self) {
+        let _ = self.0.send(Ok(()));
+    }
+
+    /// It has not, and why: [`BroadcastError::Unreachable`] or [`BroadcastError::QueueFull`]
+    /// when the message was never sent, [`BroadcastError::Unconfirmed`] when it was sent and
+    /// may have reached the engine.
+    pub fn failed(self, why: BroadcastError) {
+        let _ = self.0.send(Err(why));
+    }
+
+    /// [`confirmed`](Confirm::confirmed) if `ok`, else [`failed`](Confirm::failed) with `why`.
+    pub fn answer(self, ok: bool, why: BroadcastError) {
+        if ok {
+            self.confirmed()
+        } else {
+            self.failed(why)
+        }
+    }
 }
 
 impl PublishQueue {
@@ -55,25 +111,52 @@ impl PublishQueue {
 
     /// For [`Adapter::publish`](super::Adapter::publish): queues without waiting.
     pub fn push(&self, message: Bytes) {
-        if self.tx.try_send(Outgoing::Message(message)).is_err()
-            && let Some(link) = &*self.link.lock()
-        {
-            link.count_lost(1);
-        }
+        self.send(Outgoing::Message(message));
     }
 
-    /// For [`HistoryEngine::append`](super::HistoryEngine::append): queues without waiting,
-    /// in order with the other messages.
-    pub fn push_record(&self, topic: &str, message: Bytes, retention: Retention) {
-        let record = Outgoing::Record {
+    /// For [`Adapter::publish_confirmed`](super::Adapter::publish_confirmed): queues without
+    /// waiting; a full queue answers [`BroadcastError::QueueFull`] at once.
+    pub fn push_confirmed(&self, message: Bytes, confirm: Confirm) {
+        self.send(Outgoing::Confirmed { message, confirm });
+    }
+
+    /// For [`HistoryEngine::append`](super::HistoryEngine::append) and
+    /// [`HistoryEngine::append_confirmed`](super::HistoryEngine::append_confirmed): queues
+    /// without waiting, in order with the other messages.
+    pub fn push_record(
+        &self,
+        topic: &str,
+        message: Bytes,
+        retention: Retention,
+        confirm: Option<Confirm>,
+    ) {
+        self.send(Outgoing::Record {
             topic: topic.into(),
             message,
             retention,
+            confirm,
+        });
+    }
+
+    /// Queues `out`; when it cannot be, counts it lost and answers its confirmation.
+    fn send(&self, out: Outgoing) {
+        use tokio::sync::mpsc::error::TrySendError;
+        let (out, why) = match self.tx.try_send(out) {
+            Ok(()) => return,
+            Err(TrySendError::Full(out)) => (out, BroadcastError::QueueFull),
+            // The publishing task is gone: nothing more is sent.
+            Err(TrySendError::Closed(out)) => (out, BroadcastError::Unreachable),
         };
-        if self.tx.try_send(record).is_err()
-            && let Some(link) = &*self.link.lock()
-        {
+        if let Some(link) = &*self.link.lock() {
             link.count_lost(1);
+        }
+        if let Outgoing::Confirmed { confirm, .. }
+        | Outgoing::Record {
+            confirm: Some(confirm),
+            ..
+        } = out
+        {
+            confirm.failed(why);
         }
     }
 

@@ -124,6 +124,64 @@ impl Broadcast {
     }
 }
 
+/// Why [`Endpoint::broadcast_confirmed`](crate::Endpoint::broadcast_confirmed) cannot say the
+/// cluster's engine has the broadcast. Each kind says what became of it: whether other nodes may
+/// still get it. Adapters never resend, so a broadcast never reaches a node twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BroadcastError {
+    /// Refused: the protocol's own events (`phx_*`, `chan_reply_*`) are not the app's to send
+    /// ([`Endpoint::broadcast`](crate::Endpoint::broadcast)). Nobody got it.
+    ReservedEvent,
+    /// Not sent: the engine could not be reached (no connection). No other node gets it.
+    Unreachable,
+    /// Not sent: the adapter's queue to the engine was full. No other node gets it.
+    QueueFull,
+    /// Sent, but the engine's answer never came: the connection was torn down (or timed out,
+    /// or the engine answered an error) after the message left, or the adapter cannot confirm.
+    /// Other nodes may have got it (at most once), or not.
+    Unconfirmed,
+}
+
+impl BroadcastError {
+    /// A short name for the kind, for wire answers and logs: `reserved_event`, `unreachable`,
+    /// `queue_full` or `unconfirmed`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BroadcastError::ReservedEvent => "reserved_event",
+            BroadcastError::Unreachable => "unreachable",
+            BroadcastError::QueueFull => "queue_full",
+            BroadcastError::Unconfirmed => "unconfirmed",
+        }
+    }
+
+    /// Whether other nodes may have got the broadcast anyway (only when [`Unconfirmed`](BroadcastError::Unconfirmed)).
+    pub fn may_have_been_delivered(&self) -> bool {
+        matches!(self, BroadcastError::Unconfirmed)
+    }
+}
+
+impl std::fmt::Display for BroadcastError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BroadcastError::ReservedEvent => {
+                "refused: the protocol's own events (phx_*, chan_reply_*) are not the app's to send"
+            }
+            BroadcastError::Unreachable => {
+                "the cluster's engine is unreachable: not sent, no other node gets it"
+            }
+            BroadcastError::QueueFull => {
+                "the queue to the cluster's engine is full: not sent, no other node gets it"
+            }
+            BroadcastError::Unconfirmed => {
+                "sent, but the cluster's engine never confirmed it (the connection failed):                  other nodes may have got it once, or not at all"
+            }
+        })
+    }
+}
+
+impl std::error::Error for BroadcastError {}
+
 /// A broadcast made of numbered changes, of which each subscriber gets only those after its
 /// cursor ([`Inbox::cursor`]): presence diffs. Subscribers whose cursor is before
 /// [`first`](Sequenced::first) share one encoding of the whole.
