@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command (the README's second command): every Rust test, then the official phoenix
-# npm client against the conformance binary, then the ecosystem against the firebrand-server
+# The test command (the README's second command): every Rust test, then the chat page's type
+# check against its Rust contract (tests/types), then the official phoenix npm client against
+# the conformance binary, then the ecosystem against the firebrand-server
 # binary (phoenix.js, npm jsonwebtoken, PyJWT, fetch, the README's quickstart run as written),
 # then the chat demo in headless Chromium.
 #
@@ -20,6 +21,9 @@ ulimit -n 20000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 cargo test --workspace
 cargo build --release --bin conformance --bin chat --bin firebrand-server
+# The chat page's type check against its Rust contract (tsc --strict; a renamed field must fail
+# it), and the typed wrapper from Node against the chat.
+CHAT_BIN="$PWD/target/release/chat" bash tests/types/run.sh
 bash tests/js/run.sh "$PWD/target/release/conformance"
 bash tests/server-js/run.sh "$PWD/target/release/firebrand-server"
 (cd tests/browser && { [ -d node_modules ] || npm ci --no-audit --no-fund; } &&

@@ -130,12 +130,18 @@ test("two chat nodes sharing Redis: messages and presence cross nodes", async ()
     // Presence gossips between nodes (every second): each sees the other online.
     await online(frank, "grace").waitFor(WAIT)
     await online(grace, "frank").waitFor(WAIT)
-    // Broadcasts cross at once; the link is up once presence crossed.
-    await frank.fill("#body", "from node A")
+    // Broadcasts cross at once; the link is up once presence crossed. (Unique text: the rooms'
+    // history in Redis outlives a run.)
+    const text = `from node A ${Date.now()}`
+    await frank.fill("#body", text)
     await frank.press("#body", "Enter")
-    await grace.locator("#messages li", {hasText: "from node A"}).waitFor(WAIT)
+    await grace.locator("#messages li", {hasText: text}).waitFor(WAIT)
+    // Clustered rooms keep history too (in Redis): a newcomer on node B sees what was said on A.
+    const heidi = await open("heidi", undefined, b.url)
+    await heidi.locator("#messages li", {hasText: text}).waitFor(WAIT)
     await frank.context().close()
     await grace.context().close()
+    await heidi.context().close()
   } finally {
     a.child.kill("SIGTERM")
     b.child.kill("SIGTERM")

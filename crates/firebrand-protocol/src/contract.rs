@@ -247,7 +247,7 @@ impl EventList for () {
 #[cfg(feature = "typescript")]
 mod typescript;
 #[cfg(feature = "typescript")]
-pub use typescript::{Described, TsEvents, TsPushes, Writer, contract, typescript};
+pub use typescript::{Described, RUNTIME_JS, TsEvents, TsPushes, Writer, contract, typescript};
 
 #[cfg(test)]
 mod tests {

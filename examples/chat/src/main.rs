@@ -3,6 +3,11 @@
 //! `cargo run --release --bin chat` serves it on http://127.0.0.1:4000 (`--port` to change).
 //! The page (assets/) uses the official `phoenix` client from npm; `build.rs` installs it and
 //! this binary embeds it, so one command is all it takes.
+//!
+//! The room's events are declared once, as Rust types, in `firebrand-chat-contract`
+//! (examples/chat-contract): this server serves them with a typed channel, and the page is
+//! type-checked against the TypeScript generated from them (assets/contract.d.ts; see
+//! tests/types/run.sh).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,12 +16,12 @@ use axum::Router;
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
+use firebrand::contract::{Empty, ErrorReply};
 use firebrand::{
-    Channel, ChannelContext, CheckOrigin, ConnectError, ConnectInfo, Endpoint, HandleResult,
-    JoinContext, JoinError, Joined, Payload, Reply, Socket,
+    CheckOrigin, ConnectError, ConnectInfo, Endpoint, Handle, JoinContext, JoinError, Joined,
+    Socket, TypedChannel, TypedContext,
 };
-use serde::Deserialize;
-use serde_json::json;
+use firebrand_chat_contract::{JoinParams, JoinReply, Message, Meta, NewMsg, RoomContract};
 
 /// The user's socket. Anyone with a name may chat: a real app would verify a signed token
 /// here instead (see `firebrand::TokenSigner`).
@@ -35,21 +40,32 @@ impl Socket for ChatSocket {
     }
 }
 
-/// One chat room per topic `room:<name>`.
+/// The app state: the rules of the rooms, set once in `main` and read by every room through
+/// `ctx.state()` (given to `Endpoint::socket_with_state`).
+#[derive(Clone, Debug)]
+struct Rooms {
+    /// How many of a room's last messages a newcomer sees (at most what its history keeps).
+    recent: usize,
+    /// The longest message, in characters.
+    max_chars: usize,
+}
+
+impl Rooms {
+    /// Rooms are named with a-z, 0-9, `-` and `_`, 1 to 32 of them.
+    fn valid_name(&self, name: &str) -> bool {
+        (1..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    }
+}
+
+/// How many messages a room keeps (for newcomers and for tabs that come back), and how long.
+const HISTORY: (usize, Duration) = (100, Duration::from_secs(3600));
+
+/// One chat room per topic `room:<name>`, serving the chat's contract
+/// (`firebrand_chat_contract::RoomContract`, shared with the page's generated TypeScript).
 struct Room;
-
-/// What a client sends with `new_msg`.
-#[derive(Deserialize)]
-struct NewMsg {
-    body: String,
-}
-
-fn valid_room(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-}
 
 fn unix_now() -> Duration {
     SystemTime::now()
@@ -57,68 +73,73 @@ fn unix_now() -> Duration {
         .unwrap_or_default()
 }
 
-impl Channel for Room {
+impl TypedChannel for Room {
+    type Contract = RoomContract;
     type Assigns = String;
-    type State = ();
+    type State = Rooms;
     type Info = ();
 
     async fn join(
         topic: &str,
-        _params: Payload,
-        _ctx: &JoinContext<'_, String>,
-    ) -> Result<Joined<Self>, JoinError> {
+        // `since` is read by firebrand itself: rooms are recoverable topics (see `main`).
+        _params: JoinParams,
+        ctx: &JoinContext<'_, String, Rooms>,
+    ) -> Result<Joined<Self, JoinReply>, JoinError> {
+        let rooms = ctx.state();
         match topic.strip_prefix("room:") {
-            // A newcomer sees the room's last 50 messages; a tab that comes back after losing
-            // its connection gets what it missed (the page rejoins with `since`).
-            Some(name) if valid_room(name) => Ok(Joined::new(Room).recent(50)),
+            // A newcomer sees the room's last messages; a tab that comes back after losing its
+            // connection gets what it missed (the page rejoins with `since`). The reply's
+            // `position` and `recovered` are filled in by the room's history.
+            Some(name) if rooms.valid_name(name) => {
+                Ok(Joined::with_reply(Room, JoinReply::default()).recent(rooms.recent))
+            }
             _ => Err(JoinError::reason("rooms are named with a-z, 0-9, - and _")),
         }
     }
 
     /// Show up in the room's presence, then send the newcomer who is already there.
-    async fn after_join(&mut self, ctx: &mut ChannelContext<Self>) {
+    async fn after_join(&mut self, ctx: &mut TypedContext<'_, Self>) {
         let user = ctx.assigns().clone();
-        let online_at = unix_now().as_secs().to_string();
-        if let Err(e) = ctx.track(&user, json!({ "online_at": online_at })) {
+        let meta = Meta {
+            online_at: unix_now().as_secs().to_string(),
+        };
+        if let Err(e) = ctx.track(&user, &meta) {
             tracing::warn!(error = %e, "presence not tracked");
         }
-        let list = ctx.presence_list();
-        ctx.push("presence_state", list);
+        ctx.push_presence_state();
     }
+}
 
-    async fn handle_in(
+/// `new_msg`: a payload of the wrong shape never gets here (firebrand answers it with an error
+/// reply naming the field); any other event is answered `unknown event`.
+impl Handle<NewMsg> for Room {
+    async fn handle(
         &mut self,
-        event: &str,
-        payload: Payload,
-        ctx: &mut ChannelContext<Self>,
-    ) -> HandleResult {
-        match event {
-            "new_msg" => {
-                // A payload of the wrong shape is answered with an error reply by `?`.
-                let msg: NewMsg = payload.decode()?;
-                let body = msg.body.trim();
-                if body.is_empty() || body.chars().count() > 1000 {
-                    return Err(Reply::error(
-                        json!({"reason": "a message has 1 to 1000 characters"}),
-                    ));
-                }
-                let at = u64::try_from(unix_now().as_millis()).unwrap_or(u64::MAX);
-                // Everyone in the room gets it, the sender included; the sender also gets "ok".
-                ctx.broadcast(
-                    "new_msg",
-                    json!({ "user": ctx.assigns(), "body": body, "at": at }),
-                );
-                Ok(Some(Reply::ok(json!({}))))
-            }
-            _ => Err(Reply::error(
-                json!({"reason": format!("unknown event {event:?}")}),
-            )),
+        msg: NewMsg,
+        ctx: &mut TypedContext<'_, Self>,
+    ) -> Result<Empty, ErrorReply> {
+        let max = ctx.state().max_chars;
+        let body = msg.body.trim();
+        if body.is_empty() || body.chars().count() > max {
+            return Err(ErrorReply::new(format!(
+                "a message has 1 to {max} characters"
+            )));
         }
+        let message = Message {
+            user: ctx.assigns().clone(),
+            body: body.to_owned(),
+            at: u64::try_from(unix_now().as_millis()).unwrap_or(u64::MAX),
+        };
+        // Everyone in the room gets it, the sender included; the sender also gets "ok".
+        ctx.broadcast(&message);
+        Ok(Empty)
     }
 }
 
 const INDEX: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
+/// The runtime of the generated contract module (its types are in `assets/contract.d.ts`).
+const CONTRACT_JS: &str = include_str!("../assets/contract.js");
 const PHOENIX_JS: &str = include_str!(concat!(env!("OUT_DIR"), "/phoenix.mjs"));
 
 fn javascript(source: &'static str) -> impl IntoResponse {
@@ -130,7 +151,13 @@ fn javascript(source: &'static str) -> impl IntoResponse {
 
 fn app(endpoint: &Endpoint) -> Router {
     let socket = endpoint
-        .socket(ChatSocket)
+        .socket_with_state(
+            ChatSocket,
+            Rooms {
+                recent: 50,
+                max_chars: 1000,
+            },
+        )
         .channel::<Room>("room:*")
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
         // Browsers that cannot open a WebSocket fall back to long-poll.
@@ -139,6 +166,10 @@ fn app(endpoint: &Endpoint) -> Router {
     Router::new()
         .route("/", get(|| async { Html(INDEX) }))
         .route("/assets/app.js", get(|| async { javascript(APP_JS) }))
+        .route(
+            "/assets/contract.js",
+            get(|| async { javascript(CONTRACT_JS) }),
+        )
         .route(
             "/assets/phoenix.mjs",
             get(|| async { javascript(PHOENIX_JS) }),
@@ -172,21 +203,19 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let port = port()?;
-    // With REDIS_URL set, this node joins the other chat nodes on that Redis: messages and
-    // presence span them all (see scripts/chat-cluster.sh).
+    // The rooms keep their last 100 messages for an hour. With REDIS_URL set, this node joins
+    // the other chat nodes on that Redis: messages and presence span them all (see
+    // scripts/chat-cluster.sh), and the history lives in Redis, so a tab recovers what it
+    // missed on any node, also after the one it was on went down.
+    let (size, max_age) = HISTORY;
+    let builder = Endpoint::builder().history("room:*", size, max_age);
     let endpoint = match std::env::var("REDIS_URL") {
         Ok(url) => {
             let adapter = firebrand_redis::RedisAdapter::new(&url)
                 .with_context(|| format!("invalid REDIS_URL {url:?}"))?;
-            Endpoint::builder()
-                .adapter(adapter.namespace("chat"))
-                .build()
+            builder.adapter(adapter.namespace("chat")).build()
         }
-        // Alone, the rooms keep their last 100 messages for an hour. (A clustered endpoint
-        // keeps no history yet.)
-        Err(_) => Endpoint::builder()
-            .history("room:*", 100, Duration::from_secs(3600))
-            .build(),
+        Err(_) => builder.build(),
     };
     let server = firebrand::Server::bind(("127.0.0.1", port))
         .await
