@@ -8,9 +8,10 @@ use std::time::Duration;
 use firebrand_protocol::Payload;
 use parking_lot::Mutex;
 
+use crate::cluster::HistorySource;
 use crate::cluster::{Adapter, Answer, Cluster, Confirm, Settings};
 use crate::limits::Limit;
-use crate::node::history::{History, Retention};
+use crate::node::history::{History, Recorded, Retention, Route};
 use crate::node::presence::PresenceFetch;
 use crate::node::pubsub::{Broadcast, BroadcastError, SubId};
 use crate::node::queue::Close;
@@ -167,7 +168,7 @@ pub struct EndpointBuilder {
     heartbeat: Duration,
     down_after: Duration,
     cluster_secret: Option<Vec<u8>>,
-    history: Vec<(Box<str>, Retention)>,
+    history: Vec<Route>,
     history_budget: usize,
 }
 
@@ -218,7 +219,32 @@ impl EndpointBuilder {
     /// by the [`history_budget`](Self::history_budget), not only by `size` and `max_age`.
     pub fn history(mut self, pattern: &str, size: usize, max_age: Duration) -> Self {
         self.history
-            .push((pattern.into(), Retention { size, max_age }));
+            .push(Route::plain(pattern, Retention { size, max_age }));
+        self
+    }
+
+    /// Makes the topics matching `pattern` recoverable, as [`history`](Self::history) does,
+    /// with their positions and their history given by `source`: a durable log that every node
+    /// reads (a database outbox: `firebrand-postgres`). The log's reader hands each entry to
+    /// [`Endpoint::broadcast_from_source`]; a rejoin whose `since` this node's ring does not
+    /// cover reads the source ([`HistorySource`] is the contract). `size` and `max_age` bound
+    /// what a read returns and what the node's ring keeps as a cache.
+    ///
+    /// Positions are then the log's: the same on every node, and still valid after a restart
+    /// of every node, so a client recovers what it missed across one. Broadcasts on such a
+    /// topic made any other way go out without a position and are not kept.
+    pub fn history_source(
+        mut self,
+        pattern: &str,
+        size: usize,
+        max_age: Duration,
+        source: Arc<dyn HistorySource>,
+    ) -> Self {
+        self.history.push(Route {
+            pattern: pattern.into(),
+            retention: Retention { size, max_age },
+            source: Some(source),
+        });
         self
     }
 
@@ -316,13 +342,24 @@ impl EndpointBuilder {
     pub fn build(self) -> Endpoint {
         let engine = self.adapter.as_ref().map(|a| a.history().is_some());
         let budget = self.history_budget as u64;
+        let routes = self.history.len();
         let history = match (self.history.is_empty(), engine) {
             (true, _) => None,
             (false, None) => Some(History::new(self.history, false, budget)),
             (false, Some(true)) => Some(History::new(self.history, true, budget)),
             (false, Some(false)) => {
-                tracing::warn!("this cluster adapter keeps no history: topics are not recoverable");
-                None
+                // Only the topics whose positions come from a source stay recoverable.
+                let sourced: Vec<_> = self
+                    .history
+                    .into_iter()
+                    .filter(|r| r.source.is_some())
+                    .collect();
+                if sourced.len() < routes {
+                    tracing::warn!(
+                        "this cluster adapter keeps no history: its topics are not recoverable"
+                    );
+                }
+                (!sourced.is_empty()).then(|| History::new(sourced, true, budget))
             }
         };
         let hub = Hub::new(
@@ -453,6 +490,10 @@ impl Endpoint {
                 history.catch_up(topic, retention, since, recent, read, dispatch, &mut f);
             read = Some(match (caught_up, &self.inner.cluster) {
                 (Ok(done), _) => return done,
+                (Err(query), _) if history.source(topic).is_some() => {
+                    let source = history.source(topic).cloned();
+                    read_source(source, topic, query, retention).await
+                }
                 (Err(query), Some(cluster)) => {
                     match cluster.read_history(topic, query, retention).await {
                         // Timed out, though the link carried by the end: a slow engine, or a
@@ -465,6 +506,44 @@ impl Endpoint {
                 (Err(_), None) => Err(Unread::Unknown),
             });
         }
+    }
+
+    /// Delivers to this node's subscribers of `topic` a broadcast that a
+    /// [`HistorySource`] recorded at `offset` of its history's `epoch` (what a source's reader
+    /// on every node calls for each entry, in offset order per topic). On a topic routed to a
+    /// source ([`EndpointBuilder::history_source`]) it goes out with its position, recorded in
+    /// this node's ring, unless the ring already holds that offset (delivered before: handing
+    /// an entry twice is harmless). On any other topic it goes out as a
+    /// [`local_broadcast`](Self::local_broadcast), without a position. The protocol's own
+    /// events are refused as in [`broadcast`](Self::broadcast).
+    pub fn broadcast_from_source(
+        &self,
+        topic: &str,
+        event: &str,
+        payload: impl Into<Payload>,
+        epoch: u64,
+        offset: u64,
+    ) {
+        if refused_event(topic, event) {
+            return;
+        }
+        let b = Broadcast::new(topic, event, payload.into());
+        let hub = &self.inner.hub;
+        if self.sourced(topic).is_some() {
+            let at = Recorded {
+                epoch,
+                offset,
+                prev: None,
+            };
+            hub.record(&b, at, None);
+        } else {
+            hub.dispatch_unrecorded(&b, None);
+        }
+    }
+
+    /// The source of `topic`'s positions, if it is routed to one.
+    fn sourced(&self, topic: &str) -> Option<&Arc<dyn HistorySource>> {
+        self.inner.hub.history().and_then(|h| h.source(topic))
     }
 
     /// Broadcasts `event` with `payload` to every subscriber of `topic` (Phoenix's
@@ -776,7 +855,10 @@ impl Endpoint {
         } else {
             (None, None)
         };
-        if let Some(retention) = self.inner.hub.recorded(&b).filter(|_| c.records()) {
+        // Topics whose history comes from a source (a database outbox) are not recorded in
+        // the engine: their positions are the source's.
+        let engine = c.records() && self.sourced(b.topic()).is_none();
+        if let Some(retention) = self.inner.hub.recorded(&b).filter(|_| engine) {
             // Delivered here too when the engine hands it back with its position.
             c.append(&b, from, retention, confirm);
             return Ok(answer);
@@ -810,6 +892,47 @@ impl Endpoint {
         locals.push(value.clone());
         value
     }
+}
+
+/// Reads a [`HistorySource`] for a join (within the engines' read timeout): its answer as a
+/// [`Read`](crate::node::history::Read), or unknown (the join is refused; the client retries).
+async fn read_source(
+    source: Option<Arc<dyn HistorySource>>,
+    topic: &str,
+    query: crate::cluster::Query,
+    retention: Retention,
+) -> Result<crate::node::history::Read, crate::node::history::Unread> {
+    use crate::node::history::{Read, Unread};
+    let Some(source) = source else {
+        return Err(Unread::Unknown);
+    };
+    let read = source.read(topic, query, retention);
+    let answer = match tokio::time::timeout(crate::cluster::READ_TIMEOUT, read).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => {
+            tracing::warn!(topic, error = %e, "history source read failed");
+            return Err(Unread::Unknown);
+        }
+        Err(_) => {
+            tracing::warn!(topic, "history source read timed out");
+            return Err(Unread::Unknown);
+        }
+    };
+    // A source's claim never reaches past its top (a forged `since` must not make this node
+    // skip what comes next), nor its entries outside (from, top].
+    let (top, from) = (answer.top, answer.from.min(answer.top));
+    let entries = answer
+        .entries
+        .into_iter()
+        .filter(|e| from < e.offset && e.offset <= top)
+        .map(|e| (e.offset, e.age, Broadcast::new(topic, e.event, e.payload)))
+        .collect();
+    Ok(Read {
+        epoch: answer.epoch,
+        from,
+        top,
+        entries,
+    })
 }
 
 /// Whether the app's broadcast or push of `event` is refused: the protocol's own events are

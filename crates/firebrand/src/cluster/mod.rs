@@ -42,7 +42,11 @@ use bytes::Bytes;
 use crate::node::Hub;
 use crate::node::history::{Read, Unread};
 use crate::node::pubsub::{Broadcast, SubId};
-pub use history::{Entries, Entry, HistoryEngine, HistoryError, Query, Retention};
+pub(crate) use history::READ_TIMEOUT;
+pub use history::{
+    Entries, Entry, HistoryEngine, HistoryError, HistorySource, Query, Retention, SourceEntries,
+    SourceEntry,
+};
 pub use link::ClusterLink;
 use link::Inbound;
 pub(crate) use queue::Answer;

@@ -67,6 +67,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::pubsub::{Broadcast, Seen};
+use crate::cluster::HistorySource;
 
 /// How much of a topic's history is kept: at most `size` broadcasts, none older than
 /// `max_age`.
@@ -115,15 +116,34 @@ pub(crate) enum Unread {
 
 /// The histories of a node's recoverable topics.
 pub(crate) struct History {
-    /// Topic patterns (`stream:*`, or an exact topic) and their retention; the first match
-    /// counts.
-    routes: Vec<(Box<str>, Retention)>,
+    /// Topic patterns (`stream:*`, or an exact topic), their retention and, for topics whose
+    /// positions come from outside ([`HistorySource`]), their source; the first match counts.
+    routes: Vec<Route>,
     topics: Mutex<HashMap<Box<str>, Arc<Mutex<Ring>>>>,
     appends: AtomicU64,
     /// Whether an engine gives the positions ([`History::record`]) rather than this node
     /// ([`History::append`]).
     fed: bool,
     budget: Budget,
+}
+
+/// A pattern of recoverable topics: its retention, and its source when an external log gives
+/// its topics' positions ([`HistorySource`]).
+pub(crate) struct Route {
+    pub(crate) pattern: Box<str>,
+    pub(crate) retention: Retention,
+    pub(crate) source: Option<Arc<dyn HistorySource>>,
+}
+
+impl Route {
+    /// A pattern whose topics' positions this node or the cluster's engine gives.
+    pub(crate) fn plain(pattern: &str, retention: Retention) -> Self {
+        Route {
+            pattern: pattern.into(),
+            retention,
+            source: None,
+        }
+    }
 }
 
 /// The rings' shared byte budget (see the module docs).
@@ -242,7 +262,7 @@ fn gap(topic: &str) -> Broadcast {
 impl History {
     /// The histories of a node alone (`fed` false) or of a node an engine feeds, holding at
     /// most about `budget` bytes (see the module docs).
-    pub(crate) fn new(routes: Vec<(Box<str>, Retention)>, fed: bool, budget: u64) -> Self {
+    pub(crate) fn new(routes: Vec<Route>, fed: bool, budget: u64) -> Self {
         History {
             routes,
             topics: Mutex::default(),
@@ -269,27 +289,39 @@ impl History {
         )
     }
 
-    /// The retention of `topic`, if it is recoverable.
-    pub(crate) fn retention(&self, topic: &str) -> Option<Retention> {
-        self.routes.iter().find_map(|(pattern, r)| {
-            let matches = match pattern.strip_suffix('*') {
+    /// The route of `topic`, if it is recoverable.
+    fn route(&self, topic: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| match r.pattern.strip_suffix('*') {
                 Some(prefix) => topic.starts_with(prefix),
-                None => topic == &**pattern,
-            };
-            matches.then_some(*r)
-        })
+                None => topic == &*r.pattern,
+            })
     }
 
-    /// The largest size and age among the routes (what an engine sizes its storage with).
+    /// The retention of `topic`, if it is recoverable.
+    pub(crate) fn retention(&self, topic: &str) -> Option<Retention> {
+        self.route(topic).map(|r| r.retention)
+    }
+
+    /// The source of `topic`'s positions, if an external log gives them.
+    pub(crate) fn source(&self, topic: &str) -> Option<&Arc<dyn HistorySource>> {
+        self.route(topic).and_then(|r| r.source.as_ref())
+    }
+
+    /// The largest size and age among the routes the cluster's engine keeps (what it sizes its
+    /// storage with).
     pub(crate) fn largest(&self) -> Option<Retention> {
-        let size = self.routes.iter().map(|(_, r)| r.size).max()?;
-        let max_age = self.routes.iter().map(|(_, r)| r.max_age).max()?;
+        let engine = || self.routes.iter().filter(|r| r.source.is_none());
+        let size = engine().map(|r| r.retention.size).max()?;
+        let max_age = engine().map(|r| r.retention.max_age).max()?;
         Some(Retention { size, max_age })
     }
 
-    /// Whether an engine gives the positions.
-    pub(crate) fn fed(&self) -> bool {
-        self.fed
+    /// Whether `topic`'s positions come from elsewhere (the cluster's engine, a source)
+    /// rather than from this node.
+    pub(crate) fn fed(&self, topic: &str) -> bool {
+        self.fed || self.source(topic).is_some()
     }
 
     fn ring(&self, topic: &str) -> Arc<Mutex<Ring>> {
@@ -304,7 +336,7 @@ impl History {
                     epoch: crate::node::presence::rand_u64(),
                     base: 0,
                     top: 0,
-                    known: !self.fed,
+                    known: !self.fed(topic),
                     entries: VecDeque::new(),
                     last_used: Instant::now(),
                     entry_bytes: 0,
@@ -497,7 +529,7 @@ impl History {
             r.trim(now, retention);
             r.last_used = now;
             let tag = tag(topic);
-            let asked = read.is_some() || !self.fed;
+            let asked = read.is_some() || !self.fed(topic);
             let unread = matches!(read, Some(Err(Unread::Unknown)));
             if let Some(Ok(read)) = read {
                 r.absorb(read, tag, retention, now, dispatch);
@@ -799,7 +831,11 @@ mod tests {
     }
 
     fn history() -> History {
-        History::new(vec![("stream:*".into(), retention(3))], false, u64::MAX)
+        History::new(
+            vec![Route::plain("stream:*", retention(3))],
+            false,
+            u64::MAX,
+        )
     }
 
     fn publish(h: &History, topic: &str, n: u64) -> String {
@@ -952,7 +988,7 @@ mod tests {
     impl Fed {
         fn new() -> Self {
             Fed {
-                h: History::new(vec![("stream:*".into(), retention(3))], true, u64::MAX),
+                h: History::new(vec![Route::plain("stream:*", retention(3))], true, u64::MAX),
                 dispatched: Vec::new(),
             }
         }
@@ -1151,7 +1187,11 @@ mod tests {
 
     /// A node alone's history of `stream:*` (size `size`) within `budget` bytes.
     fn budgeted(size: usize, budget: u64) -> History {
-        History::new(vec![("stream:*".into(), retention(size))], false, budget)
+        History::new(
+            vec![Route::plain("stream:*", retention(size))],
+            false,
+            budget,
+        )
     }
 
     /// What one entry of `publish(_, topic, n)` (n < 10) and one ring holding entries count.
@@ -1286,7 +1326,7 @@ mod tests {
         let (entry, ring) = costs("stream:a");
         let mut f = Fed::new();
         f.h = History::new(
-            vec![("stream:*".into(), retention(3))],
+            vec![Route::plain("stream:*", retention(3))],
             true,
             ring + 2 * entry,
         );

@@ -194,7 +194,7 @@ impl Hub {
         let recorded = self
             .history
             .as_ref()
-            .filter(|h| !h.fed())
+            .filter(|h| !h.fed(b.topic()))
             .and_then(|h| Some((h, self.recorded(b)?)));
         match recorded {
             Some((history, retention)) => {
