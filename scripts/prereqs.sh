@@ -11,6 +11,8 @@
 #   PyJWT, curl       firebrand-server's ecosystem suite (tests/server-js): a token minted in
 #                     Python (Debian's python3-jwt, for /usr/bin/python3) and the quickstart's curl
 #   Redis, NATS       the cluster tests, on 127.0.0.1:6379 and 127.0.0.1:4222
+#   PostgreSQL        the outbox tests (firebrand-postgres), on 127.0.0.1:5432: user postgres
+#                     without a password from 127.0.0.1, database `test`
 set -euo pipefail
 
 missing() {
@@ -89,4 +91,30 @@ if ! port_open 4222; then
     nohup "$nats" -a 127.0.0.1 -p 4222 -js >/dev/null 2>&1 &
   fi
   wait_port 4222 NATS
+fi
+
+if ! port_open 5432; then
+  if ! command -v pg_ctlcluster >/dev/null; then
+    apt_install postgresql || missing "PostgreSQL (postgresql)" "sudo apt-get install postgresql"
+  fi
+  echo "scripts/prereqs.sh: starting PostgreSQL on 127.0.0.1:5432" >&2
+  version="$(ls /usr/lib/postgresql | sort -n | tail -1)"
+  [ -n "$(pg_lsclusters -h 2>/dev/null | awk '$2 == "main"')" ] || pg_createcluster "$version" main >/dev/null
+  pg_ctlcluster "$version" main start
+  wait_port 5432 PostgreSQL
+fi
+# The tests connect as postgres from 127.0.0.1 without a password, to the database `test`.
+if ! psql -h 127.0.0.1 -U postgres -d test -c "select 1" >/dev/null 2>&1; then
+  [ "$(id -u)" = 0 ] || missing "PostgreSQL access (postgres@127.0.0.1/test, trust)" \
+    "allow trust for 127.0.0.1 in pg_hba.conf and run: createdb -U postgres test"
+  hba="$(su postgres -c "psql -tAc 'show hba_file'")"
+  if ! grep -q "^host all all 127.0.0.1/32 trust" "$hba"; then
+    echo "scripts/prereqs.sh: PostgreSQL: trust for 127.0.0.1 (test machines only)" >&2
+    sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+    su postgres -c "psql -tAc 'select pg_reload_conf()'" >/dev/null
+  fi
+  su postgres -c "psql -tAc \"select 1 from pg_database where datname = 'test'\"" | grep -q 1 ||
+    su postgres -c "createdb test"
+  psql -h 127.0.0.1 -U postgres -d test -c "select 1" >/dev/null ||
+    missing "PostgreSQL access (postgres@127.0.0.1/test)" "see scripts/prereqs.sh"
 fi
