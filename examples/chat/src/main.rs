@@ -233,3 +233,50 @@ async fn main() -> anyhow::Result<()> {
         .await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use firebrand_chat_contract::{JoinParams, Message, NewMsg, RoomContract};
+    use firebrand_client::TypedPushError;
+
+    /// firebrand-client with the page's contract crate: the same Rust types on both ends.
+    #[tokio::test]
+    async fn a_rust_client_speaks_the_rooms_contract() {
+        let endpoint = Endpoint::builder()
+            .history("room:*", 100, Duration::from_secs(60))
+            .build();
+        let server = firebrand::Server::bind(("127.0.0.1", 0)).await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let app = app(&endpoint);
+        tokio::spawn(async move { server.serve(app, std::future::pending()).await });
+
+        let socket = firebrand_client::Socket::builder(format!("ws://127.0.0.1:{port}/socket"))
+            .param("user", "ada")
+            .connect()
+            .unwrap();
+        let room = socket.typed_channel::<RoomContract>("room:lobby", &JoinParams::default());
+        let mut messages = room.on::<Message, _>();
+        let reply = room.join().await.unwrap();
+        assert_eq!(reply.recovered, None, "a first join sends no since");
+
+        room.push(&NewMsg {
+            body: "  hello  ".into(),
+        })
+        .await
+        .unwrap();
+        let wait = Duration::from_secs(5);
+        let message = tokio::time::timeout(wait, messages.recv()).await;
+        let message = message.expect("the broadcast").expect("open").unwrap();
+        assert_eq!(
+            (message.user.as_str(), message.body.as_str()),
+            ("ada", "hello")
+        );
+
+        let refused = room.push(&NewMsg { body: " ".into() }).await;
+        match refused {
+            Err(TypedPushError::Reply(e)) => assert!(e.reason.contains("1 to 1000"), "{e:?}"),
+            other => panic!("expected the server's error reply, got {other:?}"),
+        }
+    }
+}
