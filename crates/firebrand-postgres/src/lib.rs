@@ -38,7 +38,7 @@
 //! reader of `seq > cursor` never skips a row that commits late. The position of a row is
 //! `(the table's epoch, seq)`: fixed in the database, the same on every node and across
 //! restarts. Every node reads the table on its own and hands each row to its
-//! [`Endpoint`](firebrand::Endpoint) ([`Endpoint::broadcast_from_source`]); a client that
+//! [`Endpoint`] ([`Endpoint::broadcast_from_source`]); a client that
 //! rejoins with `since` after a restart reads what it missed from the table. Rows on topics
 //! not routed to the outbox's history go out as local broadcasts, without a position.
 //!
@@ -47,6 +47,7 @@
 //! `<table>_set_aside`, logged and counted, and the rows after them go on.
 //!
 //! [`Endpoint::broadcast_from_source`]: firebrand::Endpoint::broadcast_from_source
+//! [`Endpoint`]: firebrand::Endpoint
 
 mod source;
 mod sql;
@@ -248,3 +249,8 @@ impl Shared {
         self.ready.send_replace(up);
     }
 }
+
+/// The code in README.md, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,5 +1,5 @@
 //! Entry points for the criterion benches (`crates/firebrand-bench/benches/hot_paths.rs`): hot
-//! paths that are not public API, so that regressions in them show. Not part of the API.
+//! paths that are not public API, so that regressions in them show. Not part of the API: hidden from the docs, and may change in any release.
 
 use std::pin::pin;
 use std::sync::Arc;

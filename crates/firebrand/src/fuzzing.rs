@@ -1,5 +1,5 @@
 //! Entry points for the fuzz targets (`fuzz/`): the decoders of untrusted input that live in
-//! this crate. Not part of the API.
+//! this crate. Not part of the API: hidden from the docs, and may change in any release.
 
 use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use firebrand_protocol::Serializer;

@@ -187,10 +187,13 @@
 //! - **Bad input** closes only the offending connection, with a close code naming the
 //!   problem: 1007 undecodable frame, 1009 frame too big, 1002 WebSocket protocol error.
 
+// Entry points for the benches and fuzz targets, not API: hidden, and free to change in any
+// release.
 #[doc(hidden)]
 pub mod benching;
 pub mod cluster;
 mod endpoint;
+#[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
 #[cfg(feature = "metrics")]
