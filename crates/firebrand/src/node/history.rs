@@ -58,6 +58,9 @@
 //! [`EndpointBuilder::history_budget`]: crate::EndpointBuilder::history_budget
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -67,7 +70,6 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::pubsub::{Broadcast, Seen};
-use crate::cluster::HistorySource;
 
 /// How much of a topic's history is kept: at most `size` broadcasts, none older than
 /// `max_age`.
@@ -816,6 +818,77 @@ fn tag(topic: &str) -> u32 {
     topic.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
+}
+
+/// Why a history could not be read. The join it was for says `recovered: false`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryError(pub String);
+
+impl fmt::Display for HistoryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "history unavailable: {}", self.0)
+    }
+}
+
+impl std::error::Error for HistoryError {}
+
+/// A durable log outside the cluster that gives the positions of some recoverable topics and
+/// keeps their history: a database outbox (`firebrand-postgres`), which every node reads on its
+/// own. Routed with [`EndpointBuilder::history_source`].
+///
+/// **What a node does with it.** A topic routed to a source is recoverable, and its positions
+/// come only from the source: the log's reader on each node hands every entry to
+/// [`Endpoint::broadcast_from_source`] with its epoch and offset, and the node records it in
+/// its ring (a cache, as for an engine) and dispatches it under the topic's lock. A rejoin
+/// whose `since` the ring does not cover [`read`](HistorySource::read)s the source. Broadcasts
+/// on such a topic made any other way (a channel's, [`Endpoint::broadcast`]) go out without a
+/// position and are not kept: publish through the log to record them.
+///
+/// **The contract** is the [`HistoryEngine`](crate::cluster::HistoryEngine)'s points 1 (offsets strictly increase per topic
+/// within an epoch; they need not go up by one), 2 (epochs), 4 (reads) and 5 (retention), with
+/// these for delivery: every node's reader hands the entries of a topic in offset order, and
+/// handing one twice is harmless (an offset at or below the ring's top is skipped). A read
+/// that fails answers `Err`: the join is refused with `{"reason": "history unavailable"}`, and
+/// the client retries.
+///
+/// [`EndpointBuilder::history_source`]: crate::EndpointBuilder::history_source
+/// [`Endpoint::broadcast_from_source`]: crate::Endpoint::broadcast_from_source
+/// [`Endpoint::broadcast`]: crate::Endpoint::broadcast
+pub trait HistorySource: Send + Sync + 'static {
+    /// Reads `topic`'s history: one snapshot (the [`HistoryEngine`](crate::cluster::HistoryEngine) contract, point 4).
+    fn read(
+        &self,
+        topic: &str,
+        query: Query,
+        retention: Retention,
+    ) -> Pin<Box<dyn Future<Output = Result<SourceEntries, HistoryError>> + Send + 'static>>;
+}
+
+/// A topic's history as a [`HistorySource`] read it: every entry with an offset in
+/// `(from, top]`, oldest first.
+#[derive(Debug, Default)]
+pub struct SourceEntries {
+    /// The history's epoch.
+    pub epoch: u64,
+    /// The entries are every entry after this offset (up to `top`).
+    pub from: u64,
+    /// The topic's last offset (at least `from`).
+    pub top: u64,
+    /// The entries, oldest first.
+    pub entries: Vec<SourceEntry>,
+}
+
+/// One entry of a [`HistorySource`]'s history.
+#[derive(Debug)]
+pub struct SourceEntry {
+    /// Its offset.
+    pub offset: u64,
+    /// How long ago it was recorded.
+    pub age: Duration,
+    /// Its event.
+    pub event: String,
+    /// Its payload.
+    pub payload: firebrand_protocol::Payload,
 }
 
 #[cfg(test)]
