@@ -174,7 +174,7 @@ impl std::fmt::Display for BroadcastError {
                 "the queue to the cluster's engine is full: not sent, no other node gets it"
             }
             BroadcastError::Unconfirmed => {
-                "sent, but the cluster's engine never confirmed it (the connection failed):                  other nodes may have got it once, or not at all"
+                "sent, but the cluster's engine never confirmed it (the connection failed): other nodes may have got it once, or not at all"
             }
         })
     }
