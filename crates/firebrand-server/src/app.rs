@@ -389,21 +389,43 @@ pub fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
     };
     let builder = builder.history_budget(config.history_budget);
     // Recoverable namespaces, longest prefix first (the library takes the first match; the
-    // config makes sure a namespace inside a recoverable one is recoverable too).
+    // config makes sure a namespace inside a recoverable one is recoverable too). Those of the
+    // outbox read their history from its table (one connection for all of them).
+    let source = outbox(config).map(|o| o.source());
     let builder = config
         .namespaces
         .iter()
-        .fold(builder, |b, ns| match ns.history {
-            Some(h) => b.history(&format!("{}*", ns.prefix), h.size, h.max_age),
-            None => b,
+        .fold(builder, |b, ns| match (ns.history, &source) {
+            (Some(h), Some(source)) if ns.outbox => b.history_source(
+                &format!("{}*", ns.prefix),
+                h.size,
+                h.max_age,
+                source.clone(),
+            ),
+            (Some(h), _) => b.history(&format!("{}*", ns.prefix), h.size, h.max_age),
+            (None, _) => b,
         });
     Ok(builder.build())
+}
+
+/// The outbox consumer of `config` (`[outbox]`), not started.
+fn outbox(config: &Config) -> Option<firebrand_postgres::Outbox> {
+    let o = config.outbox.as_ref()?;
+    let outbox = firebrand_postgres::Outbox::new(o.url.clone());
+    let outbox = match &o.schema {
+        Some(schema) => outbox.schema_table(schema, &o.table),
+        None => outbox.table(&o.table),
+    };
+    Some(outbox.poll(o.poll).retention(o.retention))
 }
 
 /// The router: the socket at `/socket` (phoenix.js connects to `/socket/websocket`, or
 /// `/socket/longpoll` when long-poll is on), the server API under `/api/`.
 ///
-/// With webhooks configured, this starts their sender task: call it inside a tokio runtime.
+/// With webhooks configured, this starts their sender task, and with an `[outbox]` its
+/// consumer (which connects in the background, and again whenever the connection is lost;
+/// `/ready` says while it is not connected): call it inside a tokio runtime. The consumer
+/// stops when the router is dropped.
 pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     let origins = if config.origins.iter().any(|o| o == "*") {
         CheckOrigin::any()
@@ -441,5 +463,9 @@ pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     Router::new()
         .nest("/socket", socket)
         .merge(crate::api::router(config.api.clone(), endpoint.clone()))
-        .merge(crate::ops::router(endpoint.clone(), config.metrics))
+        .merge(crate::ops::router_with(
+            endpoint.clone(),
+            config.metrics,
+            outbox(config).map(|o| Arc::new(o.start(endpoint))),
+        ))
 }
