@@ -32,7 +32,14 @@ struct Rules {
     backend: Backend,
     /// Counts channels and presences, and tells the backend (if configured).
     webhooks: Webhooks,
+    /// The outbox's consumer, if any: joins of its topics wait until it has started.
+    outbox: Option<Arc<firebrand_postgres::Running>>,
 }
+
+/// How long a join of an outbox topic waits for the outbox's consumer to start (to have
+/// connected once) before it is refused with `{"reason":"outbox unavailable"}` (the client
+/// rejoins later by itself).
+const OUTBOX_JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The backend's answer to a connect.
 #[derive(Deserialize)]
@@ -216,6 +223,17 @@ impl Channel for TopicChannel {
             tracing::info!(topic, user = user.id.as_deref(), %why, "join refused");
             JoinError::reason("unauthorized")
         };
+        if let (true, Some(outbox)) = (namespace.outbox, &rules.outbox) {
+            // Until the consumer's cursor is fixed, rows committed after this join (or after
+            // a rejoin's read of the table) could be neither live nor read: wait for it.
+            if tokio::time::timeout(OUTBOX_JOIN_WAIT, outbox.started())
+                .await
+                .is_err()
+            {
+                tracing::info!(topic, "join refused: the outbox has not connected yet");
+                return Err(JoinError::reason("outbox unavailable"));
+            }
+        }
         let mut reply = None;
         match namespace.join {
             JoinRule::Anyone => {}
@@ -432,8 +450,10 @@ pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     } else {
         CheckOrigin::allow(config.origins.iter().map(String::as_str))
     };
+    let outbox = outbox(config).map(|o| Arc::new(o.start(endpoint)));
     let socket = endpoint.socket(ServerSocket {
         rules: Arc::new(Rules {
+            outbox: outbox.clone(),
             namespaces: config.namespaces.clone(),
             verifier: config.auth.verifier.clone(),
             backend: config.backend.clone(),
@@ -466,6 +486,6 @@ pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
         .merge(crate::ops::router_with(
             endpoint.clone(),
             config.metrics,
-            outbox(config).map(|o| Arc::new(o.start(endpoint))),
+            outbox,
         ))
 }
