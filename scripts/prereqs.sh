@@ -10,6 +10,7 @@
 #                     prometheus package)
 #   PyJWT, curl       firebrand-server's ecosystem suite (tests/server-js): a token minted in
 #                     Python (Debian's python3-jwt, for /usr/bin/python3) and the quickstart's curl
+#   psycopg           the outbox test's Python writer in tests/server-js (Debian's python3-psycopg)
 #   Redis, NATS       the cluster tests, on 127.0.0.1:6379 and 127.0.0.1:4222
 #   PostgreSQL        the outbox tests (firebrand-postgres), on 127.0.0.1:5432: user postgres
 #                     without a password from 127.0.0.1, database `test`
@@ -58,6 +59,11 @@ fi
 # /usr/bin/python3 explicitly: `python3` on PATH may be another Python (pyenv) without it.
 if ! /usr/bin/python3 -c "import jwt" 2>/dev/null; then
   apt_install python3 python3-jwt || missing "PyJWT (python3-jwt)" "sudo apt-get install python3-jwt"
+fi
+
+# The outbox test's Python writer (tests/server-js/outbox.test.mjs): psycopg 3, Debian's.
+if ! /usr/bin/python3 -c "import psycopg" 2>/dev/null; then
+  apt_install python3 python3-psycopg || missing "psycopg (python3-psycopg)" "sudo apt-get install python3-psycopg"
 fi
 
 if ! command -v curl >/dev/null; then

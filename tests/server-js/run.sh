@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The ecosystem against the firebrand-server binary: the official phoenix npm client (WebSocket
 # and long-poll), tokens minted by npm jsonwebtoken and by Python's PyJWT, the server API called
-# with fetch(), connects, joins and pushes decided by a node:http backend, and the quickstart in
-# README.md run as written.
+# with fetch(), connects, joins and pushes decided by a node:http backend, the quickstart in
+# README.md run as written, and outbox rows written by psql, psycopg and pg inside transactions
+# (PostgreSQL on 127.0.0.1:5432, database test).
 #
 #   bash tests/server-js/run.sh [path/to/firebrand-server]   (default: target/release/firebrand-server)
 #
@@ -23,6 +24,9 @@ command -v node >/dev/null || die "node is not installed"
 /usr/bin/python3 -c "import jwt" 2>/dev/null ||
   die "PyJWT is missing for /usr/bin/python3 (install it with: sudo apt-get install python3-jwt)"
 command -v curl >/dev/null || die "curl is not installed (the quickstart publishes with it)"
+/usr/bin/python3 -c "import psycopg" 2>/dev/null ||
+  die "psycopg is missing for /usr/bin/python3 (the outbox test's Python writer; install it with: sudo apt-get install python3-psycopg)"
+command -v psql >/dev/null || die "psql is not installed (the outbox test's SQL writer; sudo apt-get install postgresql-client)"
 
 cd "$here" || die "cannot cd to $here"
 if [ ! -d node_modules ]; then

@@ -199,6 +199,20 @@ impl Running {
         let _ = ready.wait_for(|up| *up).await;
     }
 
+    /// Waits until the consumer has connected once (cancel-safe); returns at once after that,
+    /// whether connected now or not.
+    ///
+    /// From then on no committed row is missed: the consumer's cursor is fixed, and kept
+    /// across reconnections. Before, a subscriber would miss the rows committed between its
+    /// join and the consumer's start (the consumer starts after the rows already in the table,
+    /// which are history), and a rejoin's read of the table those committed between the read
+    /// and that start: a server that serves before its outbox is reachable holds the joins of
+    /// the outbox's topics until this returns.
+    pub async fn started(&self) {
+        let mut started = self.shared.started.subscribe();
+        let _ = started.wait_for(|s| *s).await;
+    }
+
     /// Why it is not connected, when it is not: the last error.
     pub fn last_error(&self) -> Option<String> {
         self.shared.error.lock().ok().and_then(|e| e.clone())
@@ -240,6 +254,8 @@ struct Shared {
     connected: AtomicBool,
     /// `connected`, to wait on.
     ready: tokio::sync::watch::Sender<bool>,
+    /// Whether it has been connected once.
+    started: tokio::sync::watch::Sender<bool>,
     error: std::sync::Mutex<Option<String>>,
 }
 
@@ -247,6 +263,9 @@ impl Shared {
     fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
         self.ready.send_replace(up);
+        if up {
+            self.started.send_replace(true);
+        }
     }
 }
 

@@ -32,7 +32,14 @@ struct Rules {
     backend: Backend,
     /// Counts channels and presences, and tells the backend (if configured).
     webhooks: Webhooks,
+    /// The outbox's consumer, if any: joins of its topics wait until it has started.
+    outbox: Option<Arc<firebrand_postgres::Running>>,
 }
+
+/// How long a join of an outbox topic waits for the outbox's consumer to start (to have
+/// connected once) before it is refused with `{"reason":"outbox unavailable"}` (the client
+/// rejoins later by itself).
+const OUTBOX_JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The backend's answer to a connect.
 #[derive(Deserialize)]
@@ -216,6 +223,17 @@ impl Channel for TopicChannel {
             tracing::info!(topic, user = user.id.as_deref(), %why, "join refused");
             JoinError::reason("unauthorized")
         };
+        if let (true, Some(outbox)) = (namespace.outbox, &rules.outbox) {
+            // Until the consumer's cursor is fixed, rows committed after this join (or after
+            // a rejoin's read of the table) could be neither live nor read: wait for it.
+            if tokio::time::timeout(OUTBOX_JOIN_WAIT, outbox.started())
+                .await
+                .is_err()
+            {
+                tracing::info!(topic, "join refused: the outbox has not connected yet");
+                return Err(JoinError::reason("outbox unavailable"));
+            }
+        }
         let mut reply = None;
         match namespace.join {
             JoinRule::Anyone => {}
@@ -389,29 +407,53 @@ pub fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
     };
     let builder = builder.history_budget(config.history_budget);
     // Recoverable namespaces, longest prefix first (the library takes the first match; the
-    // config makes sure a namespace inside a recoverable one is recoverable too).
+    // config makes sure a namespace inside a recoverable one is recoverable too). Those of the
+    // outbox read their history from its table (one connection for all of them).
+    let source = outbox(config).map(|o| o.source());
     let builder = config
         .namespaces
         .iter()
-        .fold(builder, |b, ns| match ns.history {
-            Some(h) => b.history(&format!("{}*", ns.prefix), h.size, h.max_age),
-            None => b,
+        .fold(builder, |b, ns| match (ns.history, &source) {
+            (Some(h), Some(source)) if ns.outbox => b.history_source(
+                &format!("{}*", ns.prefix),
+                h.size,
+                h.max_age,
+                source.clone(),
+            ),
+            (Some(h), _) => b.history(&format!("{}*", ns.prefix), h.size, h.max_age),
+            (None, _) => b,
         });
     Ok(builder.build())
+}
+
+/// The outbox consumer of `config` (`[outbox]`), not started.
+fn outbox(config: &Config) -> Option<firebrand_postgres::Outbox> {
+    let o = config.outbox.as_ref()?;
+    let outbox = firebrand_postgres::Outbox::new(o.url.clone());
+    let outbox = match &o.schema {
+        Some(schema) => outbox.schema_table(schema, &o.table),
+        None => outbox.table(&o.table),
+    };
+    Some(outbox.poll(o.poll).retention(o.retention))
 }
 
 /// The router: the socket at `/socket` (phoenix.js connects to `/socket/websocket`, or
 /// `/socket/longpoll` when long-poll is on), the server API under `/api/`.
 ///
-/// With webhooks configured, this starts their sender task: call it inside a tokio runtime.
+/// With webhooks configured, this starts their sender task, and with an `[outbox]` its
+/// consumer (which connects in the background, and again whenever the connection is lost;
+/// `/ready` says while it is not connected): call it inside a tokio runtime. The consumer
+/// stops when the router is dropped.
 pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     let origins = if config.origins.iter().any(|o| o == "*") {
         CheckOrigin::any()
     } else {
         CheckOrigin::allow(config.origins.iter().map(String::as_str))
     };
+    let outbox = outbox(config).map(|o| Arc::new(o.start(endpoint)));
     let socket = endpoint.socket(ServerSocket {
         rules: Arc::new(Rules {
+            outbox: outbox.clone(),
             namespaces: config.namespaces.clone(),
             verifier: config.auth.verifier.clone(),
             backend: config.backend.clone(),
@@ -441,5 +483,9 @@ pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     Router::new()
         .nest("/socket", socket)
         .merge(crate::api::router(config.api.clone(), endpoint.clone()))
-        .merge(crate::ops::router(endpoint.clone(), config.metrics))
+        .merge(crate::ops::router_with(
+            endpoint.clone(),
+            config.metrics,
+            outbox,
+        ))
 }

@@ -36,6 +36,13 @@
 //! secret = "…"                # signs each body (HMAC-SHA256); required with url; 32 bytes+
 //! events = ["topic_occupied", "topic_vacated", "presence_join", "presence_leave"]  # default all
 //!
+//! [outbox]                    # broadcast from the database: rows committed in a PostgreSQL table
+//! postgres_url = "postgres://app@127.0.0.1:5432/app"  # the database (no TLS)
+//! table = "firebrand_outbox"  # the table ("schema.table" allowed; created when missing)
+//! poll_ms = 1000              # read the table at least this often (besides LISTEN/NOTIFY)
+//! retention_ms = 300000       # rows kept (the outbox topics' history); default: the largest
+//!                             # max_age_ms of the `outbox = true` namespaces, else 300000
+//!
 //! [[namespace]]               # the rules of the topics starting with `prefix`; one table each
 //! prefix = "room:"            # "" is a catch-all; the longest matching prefix wins
 //! join = "anyone"             # "anyone" | "user" | "token" | "backend" (default "anyone")
@@ -44,6 +51,7 @@
 //! push_url = "http://127.0.0.1:8000/firebrand/push"   # with pushes = "backend"
 //! presence = true             # track joined users (default false)
 //! history = { size = 100, max_age_ms = 300000 }  # recoverable topics (default: none)
+//! outbox = true               # positions and history from the [outbox] table (needs history)
 //! ```
 //!
 //! **Namespaces.** A topic belongs to the namespace with the longest prefix it starts with; a
@@ -78,7 +86,21 @@
 //!   any topic are evicted first, and a client rejoining from before one of them gets
 //!   `recovered: false` on a node alone (in a cluster the engine still has them and is read).
 //!
+//! - `outbox`: the topics' positions and history are the `[outbox]` table's (see below):
+//!   needs `history` (its `size` and `max_age_ms` bound what a rejoin reads from the table)
+//!   and `[outbox] postgres_url`.
+//!
 //! Namespaces are configured in the file only (no environment variables).
+//!
+//! **The outbox** (`[outbox]`, the crate `firebrand-postgres`): the backend inserts rows
+//! `(topic, event, payload)` into a PostgreSQL table in the same transaction as its data, and
+//! every node delivers each committed row once to the topic's subscribers, in commit order;
+//! a rolled-back row never. On the topics of `outbox = true` namespaces the rows carry
+//! positions that outlive the server (the table is their history, kept `retention_ms`): a
+//! client that rejoins with `since` after a crash of the server reads what it missed from the
+//! table. Rows on other topics go out without a position. The server connects in the
+//! background: while the database is unreachable it serves, `/ready` answers 503 with the
+//! reason, and it connects (again) as soon as it can, resuming after the last row delivered.
 //!
 //! **Calls to the backend.** The server can ask the backend over HTTP (POST, JSON both ways;
 //! `http://` URLs; each call bounded by `server.backend_timeout_ms`; at most
@@ -149,6 +171,8 @@
 //! | `FIREBRAND_API_KEY` | `api.key` |
 //! | `FIREBRAND_WEBHOOK_URL` | `webhooks.url` |
 //! | `FIREBRAND_WEBHOOK_SECRET` | `webhooks.secret` |
+//! | `FIREBRAND_OUTBOX_URL` | `outbox.postgres_url` |
+//! | `FIREBRAND_OUTBOX_TABLE` | `outbox.table` |
 //!
 //! Settings that contradict each other (two auth keys, two cluster engines, a public key
 //! without its algorithm) are errors rather than one silently winning, wherever each came from.
@@ -205,6 +229,68 @@ pub struct Config {
     pub api: ApiAccess,
     /// Where events are POSTed, if anywhere (see [`webhooks`](crate::webhooks)).
     pub webhooks: Option<WebhookConfig>,
+    /// The PostgreSQL outbox consumed, if any (`[outbox]`).
+    pub outbox: Option<OutboxConfig>,
+}
+
+/// The PostgreSQL outbox the server consumes (`[outbox]`): see the module's docs.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OutboxConfig {
+    /// The database (`outbox.postgres_url`): a `postgres://` URL or `key=value` pairs.
+    pub url: String,
+    /// The table's schema, if written (`outbox.table = "schema.table"`).
+    pub schema: Option<String>,
+    /// The table's name (default [`DEFAULT_OUTBOX_TABLE`]).
+    pub table: String,
+    /// How often the table is read without a wake-up (`outbox.poll_ms`, default 1 s).
+    pub poll: Duration,
+    /// How long rows are kept (`outbox.retention_ms`).
+    pub retention: Duration,
+}
+
+/// The default `outbox.table`.
+pub const DEFAULT_OUTBOX_TABLE: &str = "firebrand_outbox";
+
+impl OutboxConfig {
+    /// The table as written: `schema.table` or `table`.
+    pub fn table_name(&self) -> String {
+        match &self.schema {
+            Some(schema) => format!("{schema}.{}", self.table),
+            None => self.table.clone(),
+        }
+    }
+
+    /// The database URL without its password (for logs and errors).
+    pub fn redacted_url(&self) -> String {
+        redact_postgres(&self.url)
+    }
+}
+
+impl fmt::Debug for OutboxConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboxConfig")
+            .field("url", &self.redacted_url())
+            .field("table", &self.table_name())
+            .field("poll", &self.poll)
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+/// A PostgreSQL connection string without its password: a URL's as [`redact_url`] does, and
+/// in the `key=value` form the value of `password`.
+pub fn redact_postgres(url: &str) -> String {
+    if url.contains("://") {
+        return redact_url(url);
+    }
+    url.split(' ')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.trim() == "password" => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Who may use the server API (`/api/…`).
@@ -289,6 +375,7 @@ impl fmt::Debug for Config {
             .field("namespaces", &self.namespaces)
             .field("api", &self.api)
             .field("webhooks", &self.webhooks)
+            .field("outbox", &self.outbox)
             .finish()
     }
 }
@@ -325,6 +412,9 @@ impl fmt::Display for Config {
         }
         if let Some(w) = &self.webhooks {
             write!(f, ", webhooks to {:?}", w.url)?;
+        }
+        if let Some(o) = &self.outbox {
+            write!(f, ", outbox {} at {}", o.table_name(), o.redacted_url())?;
         }
         if self.namespaces.iter().any(|ns| ns.history.is_some()) {
             let mib = self.history_budget as f64 / f64::from(1 << 20);
@@ -369,6 +459,16 @@ impl Config {
                  more, the same on every node)",
                 cluster.engine()
             ));
+        }
+        for ns in self.namespaces.iter() {
+            if ns.outbox && ns.pushes != Pushes::Rejected {
+                warnings.push(format!(
+                    "namespace {:?} takes its positions from the outbox, but its pushes are \
+                     broadcast: they go out without a position and are not kept, so a client \
+                     that rejoins does not recover them (insert into the outbox instead)",
+                    ns.prefix
+                ));
+            }
         }
         warnings
     }
@@ -551,6 +651,17 @@ struct RawFile {
     api: RawApi,
     #[serde(default)]
     webhooks: RawWebhooks,
+    #[serde(default)]
+    outbox: RawOutbox,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    postgres_url: Option<Spanned<String>>,
+    table: Option<Spanned<String>>,
+    poll_ms: Option<Spanned<u64>>,
+    retention_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -571,6 +682,7 @@ struct RawNamespace {
     push_url: Option<Spanned<String>>,
     presence: Option<bool>,
     history: Option<Spanned<RawHistory>>,
+    outbox: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -853,7 +965,39 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                 ),
             ));
         }
-        let namespaces = self.resolve_namespaces(raw.namespace, &auth)?;
+        let outbox = self.resolve_outbox_url(raw.outbox.postgres_url.clone())?;
+        let namespaces = self.resolve_namespaces(raw.namespace, &auth, outbox.as_ref())?;
+        let outbox = match outbox {
+            Some(url) => Some(self.resolve_outbox(url, raw.outbox, &namespaces)?),
+            None => {
+                let RawOutbox {
+                    table,
+                    poll_ms,
+                    retention_ms,
+                    ..
+                } = raw.outbox;
+                let written = [
+                    table.map(|t| t.span().start),
+                    poll_ms.map(|p| p.span().start),
+                    retention_ms.map(|r| r.span().start),
+                ];
+                if let Some(at) = written.into_iter().flatten().next() {
+                    return Err(self.error(
+                        From::File(at),
+                        "outbox",
+                        "is configured, but outbox.postgres_url (FIREBRAND_OUTBOX_URL) is not",
+                    ));
+                }
+                if (self.env)("FIREBRAND_OUTBOX_TABLE").is_some() {
+                    return Err(ConfigError {
+                        location: Location::Env("FIREBRAND_OUTBOX_TABLE"),
+                        message: "is set, but outbox.postgres_url (FIREBRAND_OUTBOX_URL) is not"
+                            .into(),
+                    });
+                }
+                None
+            }
+        };
         let api = match self.pick(raw.api.key, "FIREBRAND_API_KEY", text)? {
             Some(key) if key.value.len() < 16 => {
                 return Err(self.error(
@@ -882,6 +1026,105 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             namespaces,
             api,
             webhooks,
+            outbox,
+        })
+    }
+
+    /// `outbox.postgres_url`, checked (its errors without the password).
+    fn resolve_outbox_url(
+        &self,
+        raw: Option<Spanned<String>>,
+    ) -> Result<Option<Setting<String>>, ConfigError> {
+        let Some(url) = self.pick(raw, "FIREBRAND_OUTBOX_URL", |v| Ok(v.to_owned()))? else {
+            return Ok(None);
+        };
+        if let Err(e) = url.value.parse::<tokio_postgres::Config>() {
+            return Err(self.error(
+                url.from,
+                "outbox.postgres_url",
+                format_args!(
+                    "{} (write postgres://user[:password]@host[:port]/database)",
+                    redact_in(e.to_string(), &url.value)
+                ),
+            ));
+        }
+        Ok(Some(url))
+    }
+
+    /// The rest of `[outbox]`, with its URL given.
+    fn resolve_outbox(
+        &self,
+        url: Setting<String>,
+        raw: RawOutbox,
+        namespaces: &Namespaces,
+    ) -> Result<OutboxConfig, ConfigError> {
+        let table = self.pick(raw.table, "FIREBRAND_OUTBOX_TABLE", |v| Ok(v.to_owned()))?;
+        let (schema, table) = match table {
+            None => (None, DEFAULT_OUTBOX_TABLE.to_owned()),
+            Some(t) => {
+                let (schema, name) = match t.value.split_once('.') {
+                    Some((schema, name)) => (Some(schema.to_owned()), name.to_owned()),
+                    None => (None, t.value.clone()),
+                };
+                let bad = |s: &str| s.is_empty() || s.contains(['.', '\0']);
+                if bad(&name) || schema.as_deref().is_some_and(bad) {
+                    return Err(self.error(
+                        t.from,
+                        "outbox.table",
+                        format_args!(
+                            "{:?}: write a table name, or schema.table (no other dot)",
+                            t.value
+                        ),
+                    ));
+                }
+                (schema, name)
+            }
+        };
+        let poll = match raw.poll_ms {
+            Some(p) if *p.get_ref() == 0 => {
+                return Err(self.error(
+                    From::File(p.span().start),
+                    "outbox.poll_ms",
+                    "must be above 0",
+                ));
+            }
+            Some(p) => Duration::from_millis(p.into_inner()),
+            None => Duration::from_secs(1),
+        };
+        // The history an outbox namespace promises must still be in the table.
+        let longest = namespaces
+            .iter()
+            .filter(|ns| ns.outbox)
+            .filter_map(|ns| ns.history.map(|h| (h.max_age, ns.prefix.clone())))
+            .max();
+        let retention = match raw.retention_ms {
+            Some(r) => {
+                let at = From::File(r.span().start);
+                let retention = Duration::from_millis(r.into_inner());
+                if retention.is_zero() {
+                    return Err(self.error(at, "outbox.retention_ms", "must be above 0"));
+                }
+                if let Some((age, prefix)) = longest.as_ref().filter(|(age, _)| *age > retention) {
+                    return Err(self.error(
+                        at,
+                        "outbox.retention_ms",
+                        format_args!(
+                            "is shorter than the history.max_age_ms of namespace {prefix:?} \
+                             ({} ms): rows would be deleted before their history ends",
+                            age.as_millis()
+                        ),
+                    ));
+                }
+                retention
+            }
+            None => longest.map_or(Duration::from_secs(300), |(age, _)| age),
+        };
+        Ok(OutboxConfig {
+            url: url.value,
+            schema,
+            table,
+            poll,
+            retention,
         })
     }
 
@@ -946,6 +1189,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         &self,
         raw: Vec<RawNamespace>,
         auth: &Auth,
+        outbox: Option<&Setting<String>>,
     ) -> Result<Namespaces, ConfigError> {
         if raw.is_empty() {
             // One catch-all: anyone joins; in development mode pushes are broadcast.
@@ -1013,6 +1257,26 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
                     size,
                     max_age: Duration::from_millis(max_age_ms),
                 });
+            }
+            if let Some(flag) = raw.outbox {
+                let from = From::File(flag.span().start);
+                ns.outbox = flag.into_inner();
+                if ns.outbox && outbox.is_none() {
+                    return Err(self.error(
+                        from,
+                        "namespace.outbox",
+                        "needs outbox.postgres_url (or FIREBRAND_OUTBOX_URL): the table the \
+                         topics' positions and history come from",
+                    ));
+                }
+                if ns.outbox && ns.history.is_none() {
+                    return Err(self.error(
+                        from,
+                        "namespace.outbox",
+                        "needs history = { size, max_age_ms }: how much of the table a rejoin \
+                         reads back",
+                    ));
+                }
             }
             list.push((ns, at));
         }
@@ -1660,6 +1924,105 @@ mod tests {
             hide_value("redis_url = 5 # redis://:pw@h", false),
             "redis_url = 5 # redis://:***@h"
         );
+    }
+
+    #[test]
+    fn the_outbox_and_its_namespaces() {
+        assert!(load("", &[]).unwrap().outbox.is_none());
+        let url = "postgres://app:hunter2@127.0.0.1:5432/app";
+        let config = load(
+            "[outbox]\ntable = \"app.events\"\npoll_ms = 250\n\n[[namespace]]\nprefix = \"orders:\"\n\
+             history = { size = 50, max_age_ms = 600000 }\noutbox = true\n\n[[namespace]]\nprefix = \"\"\n",
+            &[("FIREBRAND_OUTBOX_URL", url)],
+        )
+        .unwrap();
+        let outbox = config.outbox.as_ref().unwrap();
+        assert_eq!(outbox.table_name(), "app.events");
+        assert_eq!(outbox.poll, Duration::from_millis(250));
+        // The retention follows the longest history of the outbox's namespaces.
+        assert_eq!(outbox.retention, Duration::from_secs(600));
+        assert!(config.namespaces.find("orders:1").unwrap().outbox);
+        assert!(!config.namespaces.find("feed:1").unwrap().outbox);
+        for shown in [format!("{config}"), format!("{config:?}")] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("app.events"), "{shown}");
+        }
+        let default = load(
+            "[outbox]\npostgres_url = \"postgres://postgres@127.0.0.1/test\"\n",
+            &[],
+        )
+        .unwrap();
+        let outbox = default.outbox.unwrap();
+        assert_eq!(outbox.table_name(), DEFAULT_OUTBOX_TABLE);
+        assert_eq!(
+            (outbox.poll, outbox.retention),
+            (Duration::from_secs(1), Duration::from_secs(300))
+        );
+        let env = load(
+            "",
+            &[
+                ("FIREBRAND_OUTBOX_URL", url),
+                ("FIREBRAND_OUTBOX_TABLE", "t2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(env.outbox.unwrap().table, "t2");
+        assert_eq!(
+            redact_postgres("host=h user=u password=hunter2 dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+        let pushes = load(
+            "[outbox]\npostgres_url = \"postgres://h/d\"\n[[namespace]]\nprefix = \"a:\"\npushes = \"broadcast\"\n\
+             history = { size = 1, max_age_ms = 1 }\noutbox = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(
+            pushes
+                .warnings()
+                .iter()
+                .any(|w| w.contains("without a position"))
+        );
+    }
+
+    #[test]
+    fn outbox_mistakes_name_their_line() {
+        for (text, wanted) in [
+            ("[outbox]\ntable = \"t\"\n", "firebrand.toml:2:"),
+            (
+                "[[namespace]]\nprefix = \"a:\"\nhistory = { size = 1, max_age_ms = 1 }\noutbox = true\n",
+                "firebrand.toml:4:",
+            ),
+            (
+                "[outbox]\npostgres_url = \"postgres://h/d\"\n[[namespace]]\nprefix = \"a:\"\noutbox = true\n",
+                "firebrand.toml:5:",
+            ),
+            (
+                "[outbox]\npostgres_url = \"postgres://h/d\"\nretention_ms = 1000\n[[namespace]]\nprefix = \"a:\"\n\
+                 history = { size = 1, max_age_ms = 2000 }\noutbox = true\n",
+                "firebrand.toml:3:",
+            ),
+            (
+                "[outbox]\npostgres_url = \"postgres://h/d\"\ntable = \"a.b.c\"\n",
+                "firebrand.toml:3:",
+            ),
+            (
+                "[outbox]\npostgres_url = \"postgres://h/d\"\npoll_ms = 0\n",
+                "firebrand.toml:3:",
+            ),
+            (
+                "[outbox]\npostgres_url = \"postgres://u:hunter2@h:port/d\"\n",
+                "firebrand.toml:2:",
+            ),
+        ] {
+            let e = load(text, &[]).unwrap_err().to_string();
+            assert!(e.contains(wanted), "{text}: {e}");
+            assert!(!e.contains("hunter2"), "{text}: {e}");
+        }
+        let e = load("", &[("FIREBRAND_OUTBOX_TABLE", "t")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("FIREBRAND_OUTBOX_TABLE"), "{e}");
     }
 
     #[test]

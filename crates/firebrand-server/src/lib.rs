@@ -29,8 +29,15 @@
 //! with HMAC-SHA256 over the attempt's timestamp and the body): a topic
 //! occupied or vacated, a user's presence joining or leaving a topic.
 //!
-//! For operations ([`ops`]): `GET /health`, `GET /ready` (503 while draining) and Prometheus
-//! metrics at `GET /metrics`.
+//! And it can broadcast from the database ([`config`]'s `[outbox]`, the crate
+//! `firebrand-postgres`): rows the backend inserts into a PostgreSQL table in its own
+//! transactions are delivered once each, in commit order, the rolled-back ones never; on the
+//! topics of `outbox = true` namespaces with positions that outlive the server, so a client
+//! that rejoins with `since` after a crash recovers every row.
+//!
+//! For operations ([`ops`]): `GET /health`, `GET /ready` (503 while draining, or while the
+//! cluster's engine or the outbox's database is unreachable) and Prometheus metrics at
+//! `GET /metrics`.
 //!
 //! The binary is thin over this library: [`Config::load`], then [`app::endpoint`] and
 //! [`app::router`], served by `firebrand::Server` and drained on SIGTERM:

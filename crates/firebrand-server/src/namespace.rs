@@ -68,6 +68,10 @@ pub struct Namespace {
     pub presence: bool,
     /// Whether the topics are recoverable, and how much history is kept.
     pub history: Option<HistoryRule>,
+    /// Whether the topics' positions and history are the [outbox](crate::config::OutboxConfig)
+    /// table's (`outbox = true`; with `history`): rows on them go out with a position that
+    /// survives restarts, and a rejoin with `since` reads what it missed from the table.
+    pub outbox: bool,
     /// Where joins are POSTed (with [`JoinRule::Backend`]).
     pub join_url: Option<BackendUrl>,
     /// Where pushes are POSTed (with [`Pushes::Backend`]).
@@ -84,6 +88,7 @@ impl Namespace {
             pushes: Pushes::Rejected,
             presence: false,
             history: None,
+            outbox: false,
             join_url: None,
             push_url: None,
         }

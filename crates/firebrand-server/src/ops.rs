@@ -7,7 +7,10 @@
 //!   SIGTERM has started the drain (the server keeps listening during the drain, new sockets
 //!   refused with 503, so that a load balancer sees the node leave), or `503 {"ready": false,
 //!   "reason": "cluster engine unreachable"}` while the Redis or NATS adapter has lost its
-//!   engine (`firebrand::Endpoint::cluster_ready`).
+//!   engine (`firebrand::Endpoint::cluster_ready`), or `503 {"ready": false, "reason":
+//!   "outbox unreachable", "error": "<why>"}` while the `[outbox]` consumer is not connected
+//!   to its database (at start, until it first connects, and after it lost the connection,
+//!   until it is back). The server serves meanwhile; the consumer connects as soon as it can.
 //! - `GET /metrics` (with `[server] metrics = true`, the default): the Prometheus text format,
 //!   rendered by `metrics-exporter-prometheus`. The endpoint's counters are published at each
 //!   scrape (see `firebrand::metrics` for their meaning):
@@ -24,6 +27,8 @@
 //! | `firebrand_join_seconds`, `firebrand_broadcast_queue_seconds` | histogram |
 //! | `firebrand_webhooks_sent_total`, `firebrand_webhooks_lost_total{reason}` (`queue_full`, `failed`): see [`webhooks`](crate::webhooks) | counter |
 //! | `firebrand_backend_calls_refused_total{call}` (`connect`, `join`, `push`): see [`backend`](crate::backend) | counter |
+//! | `firebrand_outbox_rows_delivered_total`, `firebrand_outbox_rows_set_aside_total` (with an `[outbox]`) | counter |
+//! | `firebrand_outbox_lag_rows`, `firebrand_outbox_lag_seconds`, `firebrand_outbox_connected` (with an `[outbox]`) | gauge |
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -33,7 +38,10 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use std::sync::Arc;
+
 use firebrand::Endpoint;
+use firebrand_postgres::Running;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 
@@ -46,10 +54,20 @@ const BUCKETS: &[f64] = &[
 struct Ops {
     endpoint: Endpoint,
     metrics: Option<PrometheusHandle>,
+    outbox: Option<Arc<Running>>,
 }
 
 /// The routes `/health`, `/ready` and, with `metrics`, `/metrics`.
 pub fn router(endpoint: Endpoint, metrics: bool) -> Router {
+    router_with(endpoint, metrics, None)
+}
+
+/// [`router`], with the running outbox consumer's state in `/ready` and `/metrics`.
+pub(crate) fn router_with(
+    endpoint: Endpoint,
+    metrics: bool,
+    outbox: Option<Arc<Running>>,
+) -> Router {
     let metrics = metrics.then(prometheus).flatten();
     let router = Router::new()
         .route("/health", get(health))
@@ -59,7 +77,11 @@ pub fn router(endpoint: Endpoint, metrics: bool) -> Router {
     } else {
         router
     };
-    router.with_state(Ops { endpoint, metrics })
+    router.with_state(Ops {
+        endpoint,
+        metrics,
+        outbox,
+    })
 }
 
 /// The process's Prometheus recorder, installed on first use (`None` if another recorder was
@@ -81,6 +103,7 @@ fn prometheus() -> Option<PrometheusHandle> {
             firebrand::metrics::describe();
             crate::webhooks::describe();
             crate::backend::describe();
+            describe_outbox();
             // Folds the histograms' samples in between scrapes (bounded memory unscraped).
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let upkeep = handle.clone();
@@ -105,6 +128,12 @@ async fn ready(State(ops): State<Ops>) -> Response {
         "draining"
     } else if !ops.endpoint.cluster_ready() {
         "cluster engine unreachable"
+    } else if let Some(outbox) = ops.outbox.as_ref().filter(|o| !o.is_connected()) {
+        let error = outbox
+            .last_error()
+            .unwrap_or_else(|| "connecting".to_owned());
+        let body = json!({"ready": false, "reason": "outbox unreachable", "error": error});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     } else {
         return axum::Json(json!({"ready": true})).into_response();
     };
@@ -117,9 +146,51 @@ async fn render(State(ops): State<Ops>) -> Response {
         return StatusCode::NOT_FOUND.into_response();
     };
     firebrand::metrics::record(&ops.endpoint);
+    if let Some(outbox) = &ops.outbox {
+        record_outbox(outbox);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),
     )
         .into_response()
+}
+
+/// Describes the outbox's metrics (once, with the recorder).
+fn describe_outbox() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(
+        "firebrand_outbox_rows_delivered_total",
+        "outbox rows handed to this node's subscribers"
+    );
+    describe_counter!(
+        "firebrand_outbox_rows_set_aside_total",
+        "outbox rows not sent (empty topic, reserved event, payload too large), kept in <table>_set_aside"
+    );
+    describe_gauge!(
+        "firebrand_outbox_lag_rows",
+        "outbox rows committed and not yet handed, at the last read"
+    );
+    describe_gauge!(
+        "firebrand_outbox_lag_seconds",
+        "age of the oldest outbox row not yet handed, at the last read (0 when caught up)"
+    );
+    describe_gauge!(
+        "firebrand_outbox_connected",
+        "1 while the outbox consumer is connected to its database, else 0"
+    );
+}
+
+/// Publishes the outbox consumer's counters (absolute values) before a scrape.
+fn record_outbox(outbox: &Running) {
+    let stats = outbox.stats();
+    metrics::counter!("firebrand_outbox_rows_delivered_total").absolute(stats.delivered);
+    metrics::counter!("firebrand_outbox_rows_set_aside_total").absolute(stats.set_aside);
+    metrics::gauge!("firebrand_outbox_lag_rows").set(stats.lag_rows as f64);
+    metrics::gauge!("firebrand_outbox_lag_seconds").set(stats.lag_seconds);
+    metrics::gauge!("firebrand_outbox_connected").set(if outbox.is_connected() {
+        1.0
+    } else {
+        0.0
+    });
 }

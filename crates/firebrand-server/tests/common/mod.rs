@@ -40,6 +40,8 @@ const VARS: &[&str] = &[
     "FIREBRAND_API_KEY",
     "FIREBRAND_WEBHOOK_URL",
     "FIREBRAND_WEBHOOK_SECRET",
+    "FIREBRAND_OUTBOX_URL",
+    "FIREBRAND_OUTBOX_TABLE",
 ];
 
 pub fn command(args: &[&str], envs: &[(&str, &str)]) -> Command {

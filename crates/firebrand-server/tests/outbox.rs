@@ -1,0 +1,489 @@
+//! The `[outbox]` through the real binary, against the real PostgreSQL (127.0.0.1:5432,
+//! database `test`; or `FIREBRAND_TEST_POSTGRES_URL`), single node, no Redis or NATS: the
+//! server SIGKILLed mid-stream and restarted (clients rejoin with `since` and end with every
+//! row once), PostgreSQL unreachable at start (`/ready` says why, the server serves, then
+//! connects), and the connection to PostgreSQL cut mid-stream (a TCP proxy reset: the consumer
+//! reconnects and resumes). Each test has its own table, so they run in parallel.
+
+mod common;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../conformance/tests/common/faults.rs"]
+mod faults;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{WAIT, http, spawn};
+use firebrand_client::{ChannelEvent, Socket};
+use serde_json::{Value, json};
+use tokio_postgres::{Client, NoTls};
+
+fn pg_url() -> String {
+    std::env::var("FIREBRAND_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// PostgreSQL's address, from [`pg_url`] (for the proxies).
+fn pg_addr() -> SocketAddr {
+    let config: tokio_postgres::Config = pg_url().parse().unwrap();
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => "127.0.0.1".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let host = if host == "localhost" {
+        "127.0.0.1".into()
+    } else {
+        host
+    };
+    format!("{host}:{port}").parse().unwrap()
+}
+
+/// `pg_url()` through `addr` instead.
+fn pg_url_at(addr: SocketAddr) -> String {
+    let database = pg_url()
+        .parse::<tokio_postgres::Config>()
+        .unwrap()
+        .get_dbname()
+        .unwrap_or("test")
+        .to_owned();
+    format!("postgres://postgres@{addr}/{database}")
+}
+
+async fn db() -> Client {
+    let (client, connection) = tokio_postgres::connect(&pg_url(), NoTls)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432, database test");
+    tokio::spawn(connection);
+    client
+}
+
+/// A fresh table `name` as the issue's SQL creates it (and nothing of a previous run).
+async fn fresh_table(db: &Client, name: &str) {
+    db.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {name}, {name}_meta, {name}_set_aside, {name}_data CASCADE;
+         DROP SEQUENCE IF EXISTS {name}_seq;
+         DROP FUNCTION IF EXISTS {name}_sequence() CASCADE;
+         CREATE TABLE {name} (
+           id         bigserial   PRIMARY KEY,
+           topic      text        NOT NULL,
+           event      text        NOT NULL,
+           payload    jsonb       NOT NULL DEFAULT '{{}}',
+           created_at timestamptz NOT NULL DEFAULT now()
+         );
+         CREATE TABLE {name}_data (id bigserial PRIMARY KEY, n bigint NOT NULL);"
+    ))
+    .await
+    .unwrap();
+}
+
+/// A config file: the outbox on `table` at `url`, its topics `<table>:*` recoverable from it.
+fn config(table: &str, url: &str) -> PathBuf {
+    let dir = common::temp_dir(table);
+    let path = dir.join("firebrand.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[outbox]\npostgres_url = \"{url}\"\ntable = \"{table}\"\npoll_ms = 500\n\n\
+             [[namespace]]\nprefix = \"{table}:\"\nhistory = {{ size = 100000, max_age_ms = 600000 }}\n\
+             outbox = true\n\n[[namespace]]\nprefix = \"\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `GET /ready`: `(status, body)`.
+async fn ready(port: u16) -> (u16, Value) {
+    http(port, "GET", "/ready", None, None).await
+}
+
+/// Polls `/ready` until it answers 200 (at most `within`).
+async fn until_ready(port: u16, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (status, body) = ready(port).await;
+        if status == 200 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready in time: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes rows until stopped: on `topics` in turn, in single-row transactions, multi-row ones
+/// and transactions that also write `<table>_data` and roll back (their rows never to be
+/// seen). Returns the payloads' `n` committed on each topic, in commit order.
+fn writer(
+    table: String,
+    topics: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<BTreeMap<String, Vec<i64>>> {
+    tokio::spawn(async move {
+        let mut db = db().await;
+        let mut committed: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let insert = format!(
+            "INSERT INTO {table} (topic, event, payload) VALUES ($1, 'row', jsonb_build_object('n', $2::bigint))"
+        );
+        let data = format!("INSERT INTO {table}_data (n) VALUES ($1)");
+        let mut pace = tokio::time::interval(Duration::from_millis(3));
+        let mut n = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            pace.tick().await;
+            n += 1;
+            let topic = &topics[n as usize % topics.len()];
+            let tx = db.transaction().await.unwrap();
+            tx.execute(&data, &[&n]).await.unwrap();
+            let rows: Vec<i64> = if n % 5 == 0 {
+                (0..3).map(|k| n * 10 + k).collect()
+            } else {
+                vec![n * 10]
+            };
+            for row in &rows {
+                tx.execute(&insert, &[topic, row]).await.unwrap();
+            }
+            if n % 7 == 0 {
+                tx.rollback().await.unwrap();
+            } else {
+                tx.commit().await.unwrap();
+                committed.entry(topic.clone()).or_default().extend(rows);
+            }
+        }
+        for topic in &topics {
+            db.execute(
+                &format!("INSERT INTO {table} (topic, event) VALUES ($1, 'end')"),
+                &[topic],
+            )
+            .await
+            .unwrap();
+        }
+        committed
+    })
+}
+
+/// What a client saw on a topic: every `row`'s `n`, and each join's `recovered`.
+#[derive(Default, Debug)]
+struct Seen {
+    rows: Vec<i64>,
+    joins: Vec<Option<bool>>,
+}
+
+/// Counters shared by the followers: channels joined, rows received.
+#[derive(Default)]
+struct Counts {
+    joined: tokio::sync::watch::Sender<usize>,
+    rows: tokio::sync::watch::Sender<usize>,
+}
+
+/// A firebrand-client socket (it reconnects, and rejoins with `since`, by itself) on `topics`
+/// until each has sent `end`.
+fn follower(
+    url: String,
+    topics: Vec<String>,
+    count: Arc<Counts>,
+) -> tokio::task::JoinHandle<BTreeMap<String, Seen>> {
+    tokio::spawn(async move {
+        let socket = Socket::builder(url)
+            .reconnect_after(|_| Duration::from_millis(50))
+            .jitter(0.0)
+            .connect()
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut channels = Vec::new();
+        for topic in &topics {
+            let channel = socket.channel(topic.clone(), json!({}));
+            let mut events = channel.events();
+            channel.join().await.expect("joined");
+            count.joined.send_modify(|c| *c += 1);
+            let tx = tx.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    if tx.send((topic.clone(), event)).is_err() {
+                        break;
+                    }
+                }
+            });
+            channels.push(channel);
+        }
+        let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+        let mut ended = 0;
+        while ended < topics.len() {
+            let (topic, event) = rx.recv().await.unwrap();
+            let entry = seen.entry(topic).or_default();
+            match &event {
+                ChannelEvent::Message { event, payload } if event == "row" => {
+                    entry
+                        .rows
+                        .push(payload.to_value().unwrap()["n"].as_i64().unwrap());
+                    count.rows.send_modify(|c| *c += 1);
+                }
+                ChannelEvent::Message { event, .. } if event == "end" => ended += 1,
+                ChannelEvent::Joined { .. } => entry.joins.push(event.recovered()),
+                _ => {}
+            }
+        }
+        socket.disconnect();
+        seen
+    })
+}
+
+/// Waits until `count` reaches `n`.
+async fn until(count: &tokio::sync::watch::Sender<usize>, n: usize) {
+    let mut rx = count.subscribe();
+    tokio::time::timeout(WAIT * 3, rx.wait_for(|c| *c >= n))
+        .await
+        .expect("rows arrive")
+        .unwrap();
+}
+
+/// Every client saw every committed row of each of its topics once, in commit order.
+fn assert_every_row_once(
+    committed: &BTreeMap<String, Vec<i64>>,
+    clients: &[BTreeMap<String, Seen>],
+) {
+    for (i, client) in clients.iter().enumerate() {
+        for (topic, rows) in committed {
+            let seen = &client[topic];
+            assert_eq!(
+                seen.rows.len(),
+                rows.len(),
+                "client {i}, {topic}: {} rows seen, {} committed",
+                seen.rows.len(),
+                rows.len()
+            );
+            assert!(seen.rows == *rows, "client {i}, {topic}: once, in order");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_server_restarts_and_clients_recover_every_row_once() {
+    let table = "fb_srv_outbox_kill";
+    let db = db().await;
+    fresh_table(&db, table).await;
+    let path = config(table, &pg_url());
+    let path = path.to_str().unwrap();
+    let server = spawn(&["--config", path], &[]).await;
+    let port = server.port;
+    until_ready(port, WAIT).await;
+
+    let topics: Vec<String> = ["a", "b"].iter().map(|t| format!("{table}:{t}")).collect();
+    let url = format!("ws://127.0.0.1:{port}/socket");
+    let count = Arc::new(Counts::default());
+    let clients: Vec<_> = (0..3)
+        .map(|_| follower(url.clone(), topics.clone(), count.clone()))
+        .collect();
+    until(&count.joined, 6).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(table.into(), topics.clone(), stop.clone());
+    until(&count.rows, 150).await;
+
+    // SIGKILL mid-stream: nothing is shut down cleanly, rows keep being committed.
+    let mut server = server;
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    let at_kill = *count.rows.borrow();
+    // The rows committed while no server runs are only in the table: let some be written.
+    let before = db
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    loop {
+        let now = db
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if now >= before + 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listen = format!("127.0.0.1:{port}");
+    let restarted = spawn(&["--config", path], &[("FIREBRAND_LISTEN", &listen)]).await;
+    until_ready(port, WAIT).await;
+    // Rows after the restart, live, then the end.
+    until(&count.rows, at_kill + 300).await;
+    stop.store(true, Ordering::Relaxed);
+    let committed = writing.await.unwrap();
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.push(
+            tokio::time::timeout(WAIT * 3, client)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_every_row_once(&committed, &seen);
+    let rows: usize = committed.values().map(Vec::len).sum();
+    eprintln!("{rows} rows committed, {at_kill} received (3 clients) before the SIGKILL");
+    // Each channel joined, then rejoined the restarted server with `since` and recovered.
+    for client in &seen {
+        for topic in &topics {
+            let joins = &client[topic].joins;
+            assert!(joins.len() >= 2, "{topic}: rejoined: {joins:?}");
+            assert!(
+                joins[1..].iter().all(|r| *r == Some(true)),
+                "{topic}: recovered on every rejoin: {joins:?}"
+            );
+        }
+    }
+    drop(restarted);
+}
+
+/// A TCP forwarder on `addr` to `upstream` (PostgreSQL), for the outbox unreachable at
+/// start: nothing listens on `addr` until it runs.
+async fn forward(addr: SocketAddr, upstream: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test]
+async fn unreachable_at_start_the_server_serves_and_connects_once_it_can() {
+    let table = "fb_srv_outbox_late";
+    let db = db().await;
+    fresh_table(&db, table).await;
+    // A port where nothing listens (yet).
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let path = config(table, &pg_url_at(addr));
+    let server = spawn(&["--config", path.to_str().unwrap()], &[]).await;
+    let port = server.port;
+
+    // It serves: a client joins a topic outside the outbox's namespace; a join of an outbox
+    // topic waits for the outbox (rows committed meanwhile could be missed) and is refused,
+    // to be tried again by the client.
+    let mut client = common::connect(&server.url(), None).await.open();
+    let (status, _) = client.join("feed:1").await;
+    assert_eq!(status, "ok");
+    let topic = format!("{table}:a");
+    let (status, reply) = client.join(&topic).await;
+    assert_eq!(
+        (status.as_str(), reply),
+        ("error", json!({"reason": "outbox unavailable"}))
+    );
+    // And says why it is not ready.
+    let (status, body) = ready(port).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["reason"], "outbox unreachable", "{body}");
+    // Not yet connected: the error once the first attempt has failed.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = ready(port).await;
+        if body["error"].as_str().is_some_and(|e| e != "connecting") {
+            assert!(
+                body["error"].as_str().unwrap().contains("connect"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = http(port, "GET", "/metrics", None, None).await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(
+        metrics.contains("firebrand_outbox_connected 0"),
+        "{metrics}"
+    );
+
+    // PostgreSQL becomes reachable: the server connects (its backoff is at most 5 s).
+    let _forwarder = forward(addr, pg_addr()).await;
+    until_ready(port, Duration::from_secs(15)).await;
+    let (status, _) = client.join(&topic).await;
+    assert_eq!(status, "ok");
+    db.execute(
+        &format!("INSERT INTO {table} (topic, event, payload) VALUES ($1, 'row', '{{\"n\": 1}}')"),
+        &[&topic],
+    )
+    .await
+    .unwrap();
+    let frame = client.recv_event("row").await;
+    assert_eq!(frame[4], json!({"n": 1}));
+    assert!(frame[1].is_string(), "with a position: {frame}");
+    let (_, metrics) = http(port, "GET", "/metrics", None, None).await;
+    let metrics = metrics.as_str().unwrap().to_owned();
+    assert!(
+        metrics.contains("firebrand_outbox_connected 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("firebrand_outbox_rows_delivered_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cut_mid_stream_reconnects_and_resumes_nothing_lost_or_doubled() {
+    let table = "fb_srv_outbox_cut";
+    let db = db().await;
+    fresh_table(&db, table).await;
+    let proxy = faults::Proxy::start(pg_addr()).await;
+    let path = config(table, &pg_url_at(proxy.addr()));
+    let server = spawn(&["--config", path.to_str().unwrap()], &[]).await;
+    let port = server.port;
+    until_ready(port, WAIT).await;
+
+    let topics: Vec<String> = ["a", "b"].iter().map(|t| format!("{table}:{t}")).collect();
+    let url = format!("ws://127.0.0.1:{port}/socket");
+    let count = Arc::new(Counts::default());
+    let clients: Vec<_> = (0..2)
+        .map(|_| follower(url.clone(), topics.clone(), count.clone()))
+        .collect();
+    until(&count.joined, 4).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(table.into(), topics.clone(), stop.clone());
+    until(&count.rows, 100).await;
+
+    // Cut the consumer's connection (RST both ways) three times, rows being committed.
+    for cut in 1..=3u64 {
+        let at = *count.rows.borrow();
+        proxy.reset();
+        proxy.until(WAIT, |c| c.resets >= cut && c.open >= 1).await;
+        assert!(
+            server.logged(&["outbox", "connection lost"]).await,
+            "the cut is noticed"
+        );
+        until(&count.rows, at + 150).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let committed = writing.await.unwrap();
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.push(
+            tokio::time::timeout(WAIT * 3, client)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_every_row_once(&committed, &seen);
+    // The clients never left: one join each, no rejoin needed.
+    for client in &seen {
+        for topic in &topics {
+            assert_eq!(client[topic].joins.len(), 1, "{topic}");
+        }
+    }
+    until_ready(port, WAIT).await;
+}

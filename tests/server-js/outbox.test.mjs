@@ -1,0 +1,133 @@
+// Broadcast from the database (issue 25): rows inserted into the outbox table by three backend
+// writers — psql, Python's psycopg (Debian's python3-psycopg, psycopg 3) and Node's pg — inside
+// transactions that also write another table, some rolled back, reach the official phoenix
+// client through firebrand-server: every committed row once, in commit order, with a position;
+// no rolled-back row. Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust, database test;
+// or FIREBRAND_TEST_POSTGRES_URL), as scripts/prereqs.sh sets up.
+import {test, after} from "node:test"
+import assert from "node:assert/strict"
+import {execFileSync} from "node:child_process"
+import pg from "pg"
+import {startServer, connected, outcome, within, disconnectAll} from "./support.mjs"
+
+const URL = process.env.FIREBRAND_TEST_POSTGRES_URL ?? "postgres://postgres@127.0.0.1:5432/test"
+const table = `fb_js_outbox_${process.pid}`
+const orders = `${table}_orders`
+
+const db = new pg.Client({connectionString: URL})
+await db.connect()
+after(async () => {
+  disconnectAll()
+  await db.query(`DROP TABLE IF EXISTS ${table}, ${table}_meta, ${table}_set_aside, ${orders} CASCADE;
+    DROP SEQUENCE IF EXISTS ${table}_seq; DROP FUNCTION IF EXISTS ${table}_sequence() CASCADE`)
+  await db.end()
+})
+
+/** Polls GET /ready until it answers 200 (the outbox connected). */
+async function ready(server) {
+  const deadline = Date.now() + 10_000
+  for (;;) {
+    const res = await fetch(`${server.http}/ready`)
+    if (res.status === 200) return
+    const body = await res.json()
+    if (Date.now() > deadline) throw new Error(`not ready: ${JSON.stringify(body)}`)
+    await new Promise((r) => setTimeout(r, 50))
+  }
+}
+
+test("rows committed by psql, psycopg and pg reach phoenix.js once, in commit order; rolled back ones never", async () => {
+  // The issue's SQL, and the app's own table.
+  await db.query(`DROP TABLE IF EXISTS ${table}, ${table}_meta, ${table}_set_aside, ${orders} CASCADE;
+    DROP SEQUENCE IF EXISTS ${table}_seq; DROP FUNCTION IF EXISTS ${table}_sequence() CASCADE;
+    CREATE TABLE ${table} (
+      id         bigserial   PRIMARY KEY,
+      topic      text        NOT NULL,
+      event      text        NOT NULL,
+      payload    jsonb       NOT NULL DEFAULT '{}',
+      created_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE ${orders} (id bigserial PRIMARY KEY, src text NOT NULL, n int NOT NULL)`)
+  const server = await startServer(`
+[outbox]
+postgres_url = "${URL}"
+table = "${table}"
+
+[[namespace]]
+prefix = "orders:"
+history = { size = 1000, max_age_ms = 300000 }
+outbox = true
+`)
+  try {
+    await ready(server)
+    const topic = "orders:42"
+    const socket = await connected(server.ws)
+    const channel = socket.channel(topic, {})
+    const got = []
+    let ended
+    const end = new Promise((resolve) => { ended = resolve })
+    channel.on("shipped", (payload, position) => got.push({...payload, position}))
+    channel.on("end", () => ended())
+    const [status] = await outcome(channel.join(), "the join")
+    assert.equal(status, "ok")
+
+    // psql: one transaction committed (with two rows), one rolled back.
+    const psql = (sql) => execFileSync("psql", [URL, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+    const row = (src, n) => `INSERT INTO ${orders} (src, n) VALUES ('${src}', ${n});
+      INSERT INTO ${table} (topic, event, payload) VALUES ('${topic}', 'shipped', '{"src": "${src}", "n": ${n}}');`
+    psql(`BEGIN; ${row("psql", 1)} ${row("psql", 2)} COMMIT;`)
+    psql(`BEGIN; ${row("psql", -1)} ROLLBACK;`)
+
+    // Python, psycopg 3: `with conn.transaction()` commits, or rolls back on an exception.
+    execFileSync("/usr/bin/python3", ["-c", `
+import sys, psycopg
+from psycopg.types.json import Jsonb
+url, table, orders, topic = sys.argv[1:]
+with psycopg.connect(url) as conn:
+    def order(src, n):
+        conn.execute(f"INSERT INTO {orders} (src, n) VALUES (%s, %s)", (src, n))
+        conn.execute(f"INSERT INTO {table} (topic, event, payload) VALUES (%s, %s, %s)",
+                     (topic, "shipped", Jsonb({"src": src, "n": n})))
+    with conn.transaction():
+        order("python", 1)
+    try:
+        with conn.transaction():
+            order("python", -1)
+            raise RuntimeError("payment declined")
+    except RuntimeError:
+        pass
+    with conn.transaction():
+        order("python", 2)
+`, URL, table, orders, topic])
+
+    // Node, pg: BEGIN … COMMIT, and a ROLLBACK.
+    const client = new pg.Client({connectionString: URL})
+    await client.connect()
+    const order = async (src, n) => {
+      await client.query(`INSERT INTO ${orders} (src, n) VALUES ($1, $2)`, [src, n])
+      await client.query(`INSERT INTO ${table} (topic, event, payload) VALUES ($1, $2, $3)`,
+        [topic, "shipped", {src, n}])
+    }
+    await client.query("BEGIN")
+    await order("node", 1)
+    await order("node", 2)
+    await client.query("COMMIT")
+    await client.query("BEGIN")
+    await order("node", -1)
+    await client.query("ROLLBACK")
+    await client.query(`INSERT INTO ${table} (topic, event) VALUES ($1, 'end')`, [topic])
+    await client.end()
+
+    await within(end, "the end row")
+    assert.deepEqual(got.map(({src, n}) => `${src}:${n}`),
+      ["psql:1", "psql:2", "python:1", "python:2", "node:1", "node:2"])
+    // Each with its position (an opaque token, what a rejoin sends as `since`), all distinct.
+    for (const {position} of got) assert.ok(typeof position === "string" && position.length > 0, `a position: ${position}`)
+    assert.equal(new Set(got.map(({position}) => position)).size, got.length)
+    // The app's rows went with them: committed ones only.
+    const {rows} = await db.query(`SELECT src || ':' || n AS o FROM ${orders} ORDER BY id`)
+    assert.deepEqual(rows.map((r) => r.o), ["psql:1", "psql:2", "python:1", "python:2", "node:1", "node:2"])
+  } finally {
+    disconnectAll()
+    assert.equal(await server.stop(), 0)
+  }
+})
