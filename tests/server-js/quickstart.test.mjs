@@ -1,4 +1,4 @@
-// The README's quickstart ("For backend teams: firebrand-server"), run as written, so that it
+// firebrand-server's README quickstart (crates/firebrand-server/README.md), run as written, so that it
 // cannot drift: its fenced blocks tagged `quickstart:<name>` are extracted; the files
 // (firebrand.toml, mint_token.mjs, mint_token.py, client.mjs) are written to a temp dir and the commands
 // (start, client-node, client-python, publish) run there with `sh -c`, with the binary on PATH.
@@ -14,7 +14,7 @@ import {fileURLToPath} from "node:url"
 import {BIN, within} from "./support.mjs"
 
 const here = dirname(fileURLToPath(import.meta.url))
-const README = join(here, "..", "..", "README.md")
+const README = join(here, "..", "..", "crates", "firebrand-server", "README.md")
 
 /** The README's blocks tagged ```<lang> quickstart:<name>, by name. */
 function blocks() {

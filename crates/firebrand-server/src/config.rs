@@ -1534,11 +1534,15 @@ mod tests {
         })
     }
 
-    /// The crate README's example config is a valid config, as written.
+    /// The crate README's quickstart config is a valid config, as written.
     #[test]
     fn the_readme_config_loads() {
         let readme = include_str!("../README.md");
-        let start = readme.find("```toml\n").expect("a toml block in README.md") + 8;
+        let tag = "```toml quickstart:firebrand.toml\n";
+        let start = readme
+            .find(tag)
+            .expect("the quickstart's config in README.md")
+            + tag.len();
         let len = readme[start..].find("```").expect("the block's end");
         let config = load(&readme[start..start + len], &[]).unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:4000");
