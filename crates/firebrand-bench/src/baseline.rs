@@ -2,8 +2,15 @@
 //! tokio, no channels: a `phx_join` adds the connection's queue to the topic's list, a broadcast
 //! (`POST /api/broadcast` or a client `new_msg`) encodes the `[null,null,topic,event,payload]`
 //! frame once and queues the same bytes to every subscriber; each connection's task writes
-//! everything queued with one write. It answers `heartbeat` and `ping` (echo) like the
-//! conformance app.
+//! everything queued with one vectored write (the shared frames, never copied). It answers
+//! `heartbeat` and `ping` (echo) like the conformance app.
+//!
+//! What makes it the limit for bursts (RESULTS.md, "Session 10"): a connection writes only
+//! once its queue has filled. The HTTP side handles every request it has read (pipelined
+//! broadcasts arrive together) before it wakes any subscriber, so a burst costs each connection
+//! one wake-up and one `writev`, not one per few frames. `GET /stats` answers its counters
+//! (`{"writes":…,"frames":…,"wakeups":…}`: write syscalls, frames written, writer wake-ups
+//! that found frames) for the bench's frames-per-write row.
 //!
 //! With `channel_tasks` (`serve-baseline --channel-tasks`, the bench's `--against
 //! baseline-tasks`) each joined topic gets a task of its own that answers the connection's
@@ -28,6 +35,11 @@ use tokio::sync::Notify;
 
 use crate::ws::parse_header;
 
+/// Write syscalls, frames written and writer wake-ups that found frames (`GET /stats`).
+static WRITES: AtomicU64 = AtomicU64::new(0);
+static FRAMES: AtomicU64 = AtomicU64::new(0);
+static WAKEUPS: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Default)]
 struct Outq {
     q: Mutex<Vec<Bytes>>,
@@ -35,13 +47,31 @@ struct Outq {
 }
 
 impl Outq {
+    /// Queues a frame and wakes the writer now (replies).
     fn push(&self, frame: Bytes) {
+        if self.queue(frame) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Queues a frame without waking the writer; true when the queue was empty (the caller
+    /// wakes it later, see [`Wake`]).
+    fn queue(&self, frame: Bytes) -> bool {
         let mut q = self.q.lock().unwrap();
         let was_empty = q.is_empty();
         q.push(frame);
-        drop(q);
-        if was_empty {
-            self.notify.notify_one();
+        was_empty
+    }
+}
+
+/// The writers to wake once a batch of broadcasts is queued.
+#[derive(Default)]
+struct Wake(Vec<Arc<Outq>>);
+
+impl Wake {
+    fn now(&mut self) {
+        for q in self.0.drain(..) {
+            q.notify.notify_one();
         }
     }
 }
@@ -71,7 +101,9 @@ fn channel_task(topic: String, me: Arc<Outq>) -> tokio::sync::mpsc::UnboundedSen
 }
 
 impl Registry {
-    fn broadcast(&self, topic: &str, event: &str, payload: &RawValue) {
+    /// Queues the frame to every subscriber of `topic`; the writers whose queue was empty go
+    /// to `wake`.
+    fn broadcast(&self, topic: &str, event: &str, payload: &RawValue, wake: &mut Wake) {
         let text = format!(
             "[null,null,{},{},{}]",
             serde_json::to_string(topic).unwrap_or_default(),
@@ -81,7 +113,9 @@ impl Registry {
         let frame = server_frame(text.as_bytes());
         if let Some(subs) = self.topics.read().unwrap().get(topic) {
             for (_, q) in subs {
-                q.push(frame.clone());
+                if q.queue(frame.clone()) {
+                    wake.0.push(q.clone());
+                }
             }
         }
     }
@@ -148,6 +182,20 @@ async fn conn(mut s: TcpStream, reg: Arc<Registry>) -> io::Result<()> {
     if buf.starts_with(b"POST ") {
         return http(s, buf, end, reg).await;
     }
+    if buf.starts_with(b"GET /stats ") {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let body = format!(
+            r#"{{"writes":{},"frames":{},"wakeups":{}}}"#,
+            l(&WRITES),
+            l(&FRAMES),
+            l(&WAKEUPS)
+        );
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        return s.write_all(resp.as_bytes()).await;
+    }
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let Some(key) = header(&head, "sec-websocket-key") else {
         s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
@@ -178,56 +226,58 @@ struct Body<'a> {
     payload: &'a RawValue,
 }
 
-/// Keep-alive `POST /api/broadcast` requests.
+/// Keep-alive `POST /api/broadcast` requests, pipelined or not: every request read is handled
+/// (its frames queued) before any subscriber is woken, and their responses go out in one write.
 async fn http(
     mut s: TcpStream,
     mut buf: Vec<u8>,
     mut end: usize,
     reg: Arc<Registry>,
 ) -> io::Result<()> {
+    buf.resize(buf.len().max(64 << 10), 0);
+    let mut wake = Wake::default();
+    let mut out = Vec::new();
     loop {
-        let head_end = loop {
-            if let Some(p) = memmem::find(&buf[..end], b"\r\n\r\n") {
-                break p + 4;
+        let mut start = 0;
+        // Every complete request buffered.
+        while let Some(p) = memmem::find(&buf[start..end], b"\r\n\r\n") {
+            let head_end = start + p + 4;
+            let head = String::from_utf8_lossy(&buf[start..head_end]);
+            let len: usize = header(&head, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if end < head_end + len {
+                break;
             }
-            if end == buf.len() {
-                buf.resize(buf.len() * 2, 0);
-            }
-            let n = s.read(&mut buf[end..]).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            end += n;
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let len: usize = header(&head, "content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        while end < head_end + len {
-            if end == buf.len() {
-                buf.resize(buf.len() * 2, 0);
-            }
-            let n = s.read(&mut buf[end..]).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            end += n;
+            let ok = match serde_json::from_slice::<Body>(&buf[head_end..head_end + len]) {
+                Ok(b) => {
+                    reg.broadcast(&b.topic, &b.event, b.payload, &mut wake);
+                    true
+                }
+                Err(_) => false,
+            };
+            out.extend_from_slice(if ok {
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+            } else {
+                b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
+            });
+            start = head_end + len;
         }
-        let ok = match serde_json::from_slice::<Body>(&buf[head_end..head_end + len]) {
-            Ok(b) => {
-                reg.broadcast(&b.topic, &b.event, b.payload);
-                true
-            }
-            Err(_) => false,
-        };
-        let resp: &[u8] = if ok {
-            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
-        } else {
-            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
-        };
-        s.write_all(resp).await?;
-        buf.copy_within(head_end + len..end, 0);
-        end -= head_end + len;
+        wake.now();
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+        }
+        buf.copy_within(start..end, 0);
+        end -= start;
+        if end == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = s.read(&mut buf[end..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        end += n;
     }
 }
 
@@ -249,6 +299,31 @@ fn reply(jr: Option<&str>, r: Option<&str>, topic: &str, response: &str) -> Byte
     server_frame(text.as_bytes())
 }
 
+/// Writes `frames` with as few `writev` calls as the kernel takes (1024 slices at most each).
+async fn write_frames(s: &mut TcpStream, frames: &[Bytes]) -> io::Result<()> {
+    let (mut i, mut off) = (0, 0);
+    while i < frames.len() {
+        let mut slices = Vec::with_capacity((frames.len() - i).min(1024));
+        slices.push(io::IoSlice::new(&frames[i][off..]));
+        for f in frames[i + 1..].iter().take(1023) {
+            slices.push(io::IoSlice::new(f));
+        }
+        let mut n = s.write_vectored(&slices).await?;
+        WRITES.fetch_add(1, Ordering::Relaxed);
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while i < frames.len() && n >= frames[i].len() - off {
+            n -= frames[i].len() - off;
+            off = 0;
+            i += 1;
+        }
+        off += n;
+    }
+    FRAMES.fetch_add(frames.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
 async fn websocket(
     mut s: TcpStream,
     mut buf: Vec<u8>,
@@ -259,7 +334,7 @@ async fn websocket(
     let id = reg.next_id.fetch_add(1, Ordering::Relaxed);
     // The joined topics, each with its task when `channel_tasks`.
     let mut topics: Vec<(String, Option<tokio::sync::mpsc::UnboundedSender<Push>>)> = Vec::new();
-    let mut out: Vec<u8> = Vec::new();
+    let mut batch: Vec<Bytes> = Vec::new();
     let result: io::Result<()> = async {
         loop {
             // Handle every complete client frame buffered.
@@ -310,7 +385,11 @@ async fn websocket(
                                 }
                             }
                             "ping" => me.push(reply(jr, r, &topic, payload.get())),
-                            "new_msg" => reg.broadcast(&topic, "new_msg", payload),
+                            "new_msg" => {
+                                let mut wake = Wake::default();
+                                reg.broadcast(&topic, "new_msg", payload, &mut wake);
+                                wake.now();
+                            }
                             _ => {}
                         }
                     }
@@ -331,18 +410,12 @@ async fn websocket(
                     end += n;
                 }
                 _ = me.notify.notified() => {
-                    let batch = std::mem::take(&mut *me.q.lock().unwrap());
-                    if batch.len() == 1 {
-                        s.write_all(&batch[0]).await?;
-                    } else {
-                        out.clear();
-                        for f in &batch {
-                            out.extend_from_slice(f);
-                        }
-                        s.write_all(&out).await?;
-                        if out.capacity() > 64 << 10 {
-                            out = Vec::new();
-                        }
+                    // Take the queue, leaving the last batch's (empty) vector in its place.
+                    std::mem::swap(&mut *me.q.lock().unwrap(), &mut batch);
+                    if !batch.is_empty() {
+                        WAKEUPS.fetch_add(1, Ordering::Relaxed);
+                        write_frames(&mut s, &batch).await?;
+                        batch.clear();
                     }
                 }
             }

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use stats::{Hist, Sink, cpu_ns, now_ns, rss_kib};
+use stats::{Hist, PerfStat, Sink, cpu_ns, ctx_switches, now_ns, rss_kib};
 use ws::{Ws, stamp};
 
 const USAGE: &str = "usage: firebrand-bench SCENARIO [options]
@@ -46,6 +46,12 @@ options:
   --rate R         paced broadcasts per second (20; cluster-fanout 1)
   --secs S         paced / echo duration in seconds (5; cluster-fanout 10)
   --bursts B       fanout: bursts (5)        --burst-size M   broadcasts per burst (100)
+  --trigger pipelined|sequential   fanout bursts: each trigger connection sends its share of a
+                   burst in one write and then reads the responses (default), or waits for each
+                   response before the next request (what the figures before session 10 measured)
+  --triggers K     fanout bursts: trigger connections (1)
+  --syscalls       fanout: count the server's write syscalls and context switches during the
+                   bursts with `perf stat` (frames per write, for any server)
   --clients C      echo: clients (1000)      --concurrency K  connects in flight (256)
   --server PATH    conformance binary (default: next to this binary)
   --target conformance|server|baseline   the firebrand column: the conformance app
@@ -84,6 +90,11 @@ struct Opts {
     secs: Option<u64>,
     bursts: usize,
     burst_size: usize,
+    /// fanout bursts: pipelined requests (default) or one at a time.
+    pipelined: bool,
+    triggers: usize,
+    /// fanout: `perf stat` the server's write syscalls during the bursts.
+    syscalls: bool,
     clients: usize,
     concurrency: usize,
     server: PathBuf,
@@ -135,6 +146,9 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         secs: None,
         bursts: 5,
         burst_size: 100,
+        pipelined: true,
+        triggers: 1,
+        syscalls: false,
         clients: 1000,
         concurrency: 256,
         server: exe.with_file_name("conformance"),
@@ -178,6 +192,15 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--secs" => o.secs = Some(v()?.parse()?),
             "--bursts" => o.bursts = v()?.parse()?,
             "--burst-size" => o.burst_size = v()?.parse()?,
+            "--trigger" => {
+                o.pipelined = match v()?.as_str() {
+                    "pipelined" => true,
+                    "sequential" => false,
+                    t => bail!("unknown trigger {t:?} (pipelined|sequential)"),
+                }
+            }
+            "--triggers" => o.triggers = v()?.parse()?,
+            "--syscalls" => o.syscalls = true,
             "--clients" => o.clients = v()?.parse()?,
             "--concurrency" => o.concurrency = v()?.parse()?,
             "--server" => o.server = v()?.into(),
@@ -223,8 +246,9 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
-    if o.per_topic == 0 || o.per_worker == 0 || o.in_flight == 0 || o.repeat == 0 {
-        bail!("--per-topic, --per-worker, --in-flight and --repeat must be positive");
+    if o.per_topic == 0 || o.per_worker == 0 || o.in_flight == 0 || o.repeat == 0 || o.triggers == 0
+    {
+        bail!("--per-topic, --per-worker, --in-flight, --triggers and --repeat must be positive");
     }
     if o.kill == 0 {
         bail!("--kill must be positive");
@@ -411,6 +435,61 @@ impl Trigger {
         })
     }
 
+    /// `n` broadcasts of a fresh [`payload`] each, pipelined: every request in one write, then
+    /// the `n` responses. The server gets a burst as fast as it can read it, not one broadcast
+    /// per round trip of this client.
+    async fn burst(&mut self, topic: &str, event: &str, n: usize) -> anyhow::Result<()> {
+        let mut reqs = Vec::new();
+        for _ in 0..n {
+            let body = format!(
+                r#"{{"topic":"{topic}","event":"{event}","payload":{}}}"#,
+                payload(topic)
+            );
+            reqs.extend_from_slice(
+                format!(
+                    "POST {} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\n\r\n{body}",
+                    self.path,
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+        self.s.write_all(&reqs).await?;
+        let (mut start, mut end, mut left) = (0, 0, n);
+        while left > 0 {
+            if let Some(p) = memmem::find(&self.buf[start..end], b"\r\n\r\n") {
+                let head =
+                    String::from_utf8_lossy(&self.buf[start..start + p]).to_ascii_lowercase();
+                if !head.starts_with("http/1.1 200") {
+                    bail!("broadcast failed: {head}");
+                }
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .context("no content-length")?;
+                if end >= start + p + 4 + len {
+                    start += p + 4 + len;
+                    left -= 1;
+                    continue;
+                }
+            }
+            self.buf.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+            if end == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let r = self.s.read(&mut self.buf[end..]).await?;
+            if r == 0 {
+                bail!("trigger connection closed");
+            }
+            end += r;
+        }
+        Ok(())
+    }
+
     async fn broadcast(&mut self, topic: &str, event: &str, payload: &str) -> anyhow::Result<()> {
         let body = format!(r#"{{"topic":"{topic}","event":"{event}","payload":{payload}}}"#);
         let req = format!(
@@ -448,6 +527,30 @@ impl Trigger {
             end += n;
         }
     }
+}
+
+/// The baseline's counters (`GET /stats`, see `baseline.rs`); `None` from other servers.
+struct ServerStats {
+    writes: u64,
+}
+
+async fn server_stats(addr: SocketAddr) -> Option<ServerStats> {
+    let mut s = ws::tcp(addr).await.ok()?;
+    s.write_all(b"GET /stats HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf));
+    read.await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    if !text.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    let (_, body) = text.split_once("\r\n\r\n")?;
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some(ServerStats {
+        writes: v.get("writes")?.as_u64()?,
+    })
 }
 
 /// A payload whose broadcast frame `[null,null,"room:fanout","bench",{...}]` is 150 bytes.
@@ -493,27 +596,29 @@ impl Subs {
                 let period = Duration::from_secs(30);
                 let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 let mut local: Vec<u32> = Vec::with_capacity(64);
+                let mut stamps: Vec<u64> = Vec::new();
                 let mut hb_ref = 100u64;
                 loop {
                     tokio::select! {
-                        r = ws.fill() => {
+                        r = ws.drain(|op, d| {
+                            if op == 1 && let Some(t) = stamp(d) {
+                                stamps.push(t);
+                            }
+                        }) => {
                             if !matches!(r, Ok(true)) {
                                 sink.closed.fetch_add(1, Ordering::Relaxed);
                                 sink.record(&mut local);
                                 return;
                             }
-                            let now = now_ns();
-                            let mut count = 0;
-                            while let Some((op, r)) = ws.next_frame() {
-                                if op == 1 && let Some(t) = stamp(ws.data(r)) {
-                                    count += 1;
-                                    local.push((now.saturating_sub(t) / 1000) as u32);
-                                }
-                            }
+                            let count = stamps.len() as u64;
                             if count > 0 {
+                                let now = now_ns();
+                                local.extend(
+                                    stamps.drain(..).map(|t| (now.saturating_sub(t) / 1000) as u32),
+                                );
                                 sink.delivered.fetch_add(count, Ordering::Relaxed);
                                 sink.last_ns.fetch_max(now, Ordering::Relaxed);
-                                if local.len() >= 64 {
+                                if local.len() >= 256 {
                                     sink.record(&mut local);
                                 }
                             }
@@ -898,20 +1003,33 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
         let (got, _exp, secs, cpu, hist) = paced(&subs, &server, topic, o).await?;
         let paced_rate = got as f64 / secs;
         let paced_cpu = cpu as f64 / got as f64;
-        // Bursts: `burst_size` broadcasts as fast as two trigger connections send them.
-        let mut trigs = vec![Trigger::to(&server).await?, Trigger::to(&server).await?];
+        // Bursts: `burst_size` broadcasts over `--triggers` connections, pipelined or not.
+        let mut trigs = Vec::new();
+        for _ in 0..o.triggers {
+            trigs.push(Trigger::to(&server).await?);
+        }
         let joined = subs.sink.joined.load(Ordering::Relaxed);
-        let (mut total, mut total_secs, mut total_cpu) = (0u64, 0f64, 0u64);
+        let (mut total, mut total_secs, mut total_cpu, mut gen_cpu) = (0u64, 0f64, 0u64, 0u64);
+        let mut burst_hist = Hist::default();
+        let base_stats0 = server_stats(server.addr).await;
+        let ctx0 = ctx_switches(server.pid);
+        let perf = o.syscalls.then(|| PerfStat::start(server.pid)).transpose()?;
         for _ in 0..o.bursts {
             subs.sink.reset();
             let cpu0 = cpu_ns(server.pid);
+            let gen0 = cpu_ns(std::process::id());
             let first = now_ns();
             let per = o.burst_size / trigs.len();
             let mut js = JoinSet::new();
             for mut t in trigs.drain(..) {
+                let pipelined = o.pipelined;
                 js.spawn(async move {
-                    for _ in 0..per {
-                        t.broadcast(topic, "bench", &payload(topic)).await?;
+                    if pipelined {
+                        t.burst(topic, "bench", per).await?;
+                    } else {
+                        for _ in 0..per {
+                            t.broadcast(topic, "bench", &payload(topic)).await?;
+                        }
                     }
                     anyhow::Ok(t)
                 });
@@ -922,6 +1040,7 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
             let expected = (per * trigs.len()) as u64 * joined;
             let got = subs.wait_delivered(expected).await;
             total_cpu += cpu_ns(server.pid) - cpu0;
+            gen_cpu += cpu_ns(std::process::id()) - gen0;
             total += got;
             total_secs += subs
                 .sink
@@ -929,10 +1048,23 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
                 .load(Ordering::Relaxed)
                 .saturating_sub(first) as f64
                 / 1e9;
-            subs.collect().await;
+            let h = subs.collect().await;
+            burst_hist
+                .merge_sparse(&h.to_sparse())
+                .context("burst histogram")?;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        println!("  paced: {got} deliveries in {secs:.2} s; bursts: {total} in {total_secs:.2} s");
+        let writes = match (perf, base_stats0, server_stats(server.addr).await) {
+            (Some(p), _, _) => p.finish()?.writes,
+            (None, Some(a), Some(b)) => Some(b.writes - a.writes),
+            _ => None,
+        };
+        let ctx = ctx_switches(server.pid) - ctx0;
+        println!(
+            "  paced: {got} deliveries in {secs:.2} s; bursts: {total} in {total_secs:.2} s; generator CPU {:.2} s; server write syscalls {}, context switches {ctx}",
+            gen_cpu as f64 / 1e9,
+            writes.map_or("-".into(), |w| w.to_string())
+        );
         drop(subs);
         settle().await;
         Ok(vec![
@@ -941,6 +1073,11 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
             hist.quantile(0.99) as f64 / 1000.0,
             total as f64 / total_secs,
             total_cpu as f64 / total as f64,
+            burst_hist.quantile(0.5) as f64 / 1000.0,
+            burst_hist.quantile(0.99) as f64 / 1000.0,
+            writes.map_or(f64::NAN, |w| total as f64 / w as f64),
+            ctx as f64 * 1000.0 / total as f64,
+            gen_cpu as f64 / total as f64,
         ])
     })
     .await?;
@@ -955,10 +1092,24 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
             ("paced: server CPU per delivery".into(), "ns"),
             ("paced: p99 delivery latency".into(), "ms"),
             (
-                format!("bursts {}x{}: deliveries/s", o.bursts, o.burst_size),
+                format!(
+                    "bursts {}x{} ({}): deliveries/s",
+                    o.bursts,
+                    o.burst_size,
+                    if o.pipelined {
+                        "pipelined"
+                    } else {
+                        "sequential"
+                    }
+                ),
                 "1/s",
             ),
             ("bursts: server CPU per delivery".into(), "ns"),
+            ("bursts: p50 latency inside the burst".into(), "ms"),
+            ("bursts: p99 latency inside the burst".into(), "ms"),
+            ("bursts: frames per server write syscall".into(), ""),
+            ("bursts: server context switches per 1k".into(), ""),
+            ("bursts: generator CPU per delivery".into(), "ns"),
         ],
     );
     let eff = |i| nan_if_empty(&base, i) / nan_if_empty(&fb, i) * 100.0;
@@ -971,11 +1122,12 @@ async fn fanout(o: &Opts) -> anyhow::Result<()> {
         ),
         &rows,
         format!(
-            "paced: firebrand CPU/delivery at {:.0}% of baseline efficiency (target >= 90%); bursts: {:.2} M deliveries/s (target >= 3 M), {:.0}% of baseline throughput, CPU efficiency {:.0}% of baseline (target >= 80%)",
+            "paced: firebrand CPU/delivery at {:.0}% of baseline efficiency (target >= 90%); bursts: {:.2} M deliveries/s, {:.2}x baseline (issue 23: >= 0.9x), CPU per delivery {:.2}x (<= 1.3x), p99 inside the burst {:.2}x (<= 1x)",
             eff(1),
             nan_if_empty(&fb, 3) / 1e6,
-            nan_if_empty(&fb, 3) / nan_if_empty(&base, 3) * 100.0,
-            eff(4)
+            nan_if_empty(&fb, 3) / nan_if_empty(&base, 3),
+            nan_if_empty(&fb, 4) / nan_if_empty(&base, 4),
+            nan_if_empty(&fb, 6) / nan_if_empty(&base, 6),
         ),
     );
     Ok(())

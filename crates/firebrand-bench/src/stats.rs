@@ -216,6 +216,82 @@ fn clk_tck() -> u64 {
     *TCK
 }
 
+/// Context switches of a process (voluntary and not, summed over its threads): a server's
+/// wake-ups.
+pub(crate) fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// `perf stat` counting a process's write syscalls (`write`, `writev`, `sendto`, `sendmsg`)
+/// until [`PerfStat::finish`]: how many frames each write carried, for any server.
+pub(crate) struct PerfStat {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+/// What [`PerfStat`] counted.
+pub(crate) struct PerfCounts {
+    pub(crate) writes: Option<u64>,
+}
+
+const WRITE_SYSCALLS: [&str; 4] = [
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_writev",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_sendmsg",
+];
+
+impl PerfStat {
+    pub(crate) fn start(pid: u32) -> anyhow::Result<PerfStat> {
+        let out = std::env::temp_dir().join(format!("firebrand-bench-perf-{pid}.csv"));
+        let child = std::process::Command::new("perf")
+            .args(["stat", "-x", ",", "-e", &WRITE_SYSCALLS.join(","), "-p"])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("--syscalls needs `perf` (linux-perf): {e}"))?;
+        // perf attaches to the threads asynchronously: give it a moment.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        Ok(PerfStat { child, out })
+    }
+
+    /// Stops perf (SIGINT, so it writes its counts) and sums the write syscalls.
+    pub(crate) fn finish(mut self) -> anyhow::Result<PerfCounts> {
+        std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()?;
+        self.child.wait()?;
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.out);
+        let mut writes = None;
+        for l in text.lines() {
+            let f: Vec<&str> = l.split(',').collect();
+            if f.len() > 2
+                && WRITE_SYSCALLS.contains(&f[2])
+                && let Ok(n) = f[0].parse::<u64>()
+            {
+                *writes.get_or_insert(0) += n;
+            }
+        }
+        Ok(PerfCounts { writes })
+    }
+}
+
 /// utime + stime of a process (all threads), ns.
 pub(crate) fn cpu_ns(pid: u32) -> u64 {
     let (u, s) = cpu_split_ns(pid);

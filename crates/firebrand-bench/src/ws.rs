@@ -1,19 +1,31 @@
 //! A lean WebSocket client: the upgrade by hand, frames parsed in place from one small buffer,
-//! client frames masked with the all-zero key (valid, and no XOR work).
+//! client frames masked with the all-zero key (valid, and no XOR work). Subscribers that only
+//! count what arrives read with [`Ws::drain`]: one large read per wake-up into a per-thread
+//! buffer, frames found by their length headers.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::Range;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Poll, ready};
 
 use memchr::memmem;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Connections per source address (the ephemeral port range is ~28k per address).
 const PER_SOURCE: u64 = 10_000;
 static SERIAL: AtomicU64 = AtomicU64::new(0);
 const BUF: usize = 4096;
+/// [`Ws::drain`]'s read size: a burst of 100 frames of 150 bytes (15 KB) in one read.
+const SCRATCH: usize = 256 << 10;
+
+thread_local! {
+    /// [`Ws::drain`]'s buffer, one per thread (borrowed only inside one poll).
+    static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
+}
 
 /// The environment variable giving a process its source range `B.C`: its addresses are
 /// 127.B.C.2, 127.B.C.3, … (then 127.B.C+1.2, …). Unset: 127.0.0.x (the coordinator).
@@ -178,6 +190,50 @@ impl Ws {
         self.end += n;
         self.read_bytes += n as u64;
         Ok(n > 0)
+    }
+
+    /// Reads once (at most 256 KiB, into the thread's buffer, when the socket is readable) and
+    /// hands `f` each complete frame: (opcode, data); frames already buffered come first. A
+    /// partial frame stays in the connection's own buffer for the next call. `Ok(false)` at end
+    /// of stream. Cancel-safe (each poll reads and parses whole, or does nothing).
+    ///
+    /// A read shorter than the buffer tells Tokio the socket is drained, so a wake-up costs one
+    /// `recvfrom`, however many frames it brings.
+    pub(crate) async fn drain(&mut self, mut f: impl FnMut(u8, &[u8])) -> io::Result<bool> {
+        while let Some((op, r)) = self.next_frame() {
+            f(op, &self.buf[r]);
+        }
+        std::future::poll_fn(|cx| {
+            SCRATCH_BUF.with_borrow_mut(|s| {
+                let carry = self.end - self.start;
+                if s.len() < carry + BUF {
+                    s.resize((carry + BUF).next_power_of_two(), 0);
+                }
+                s[..carry].copy_from_slice(&self.buf[self.start..self.end]);
+                let mut rb = ReadBuf::new(&mut s[carry..]);
+                ready!(Pin::new(&mut self.stream).poll_read(cx, &mut rb))?;
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Ok(false));
+                }
+                self.read_bytes += n as u64;
+                let end = carry + n;
+                let mut at = 0;
+                while let Some((b0, _masked, hl, len)) = parse_header(&s[at..end]) {
+                    f(b0 & 0x0f, &s[at + hl..at + hl + len]);
+                    at += hl + len;
+                }
+                let rest = end - at;
+                if self.buf.len() < rest {
+                    self.buf.resize(rest.next_power_of_two(), 0);
+                }
+                self.buf[..rest].copy_from_slice(&s[at..end]);
+                self.start = 0;
+                self.end = rest;
+                Poll::Ready(Ok(true))
+            })
+        })
+        .await
     }
 
     /// Gives back a buffer grown by a large frame once everything buffered was consumed.
