@@ -190,6 +190,7 @@
 #[doc(hidden)]
 pub mod benching;
 pub mod cluster;
+mod deflate;
 mod endpoint;
 pub mod fuzzing;
 pub mod limits;

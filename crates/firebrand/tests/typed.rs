@@ -300,9 +300,7 @@ async fn a_typed_broadcast_is_serialized_once_for_all_subscribers() {
         clients.push(c);
     }
     let before = ENCODED.load(Ordering::SeqCst);
-    let reply = clients[0]
-        .request("count:x", "count", json!(null))
-        .await;
+    let reply = clients[0].request("count:x", "count", json!(null)).await;
     assert_eq!(reply.status(), "ok", "{:?}", reply.payload());
     for c in &mut clients {
         assert_eq!(
