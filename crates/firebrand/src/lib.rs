@@ -188,6 +188,8 @@
 //!   problem: 1007 undecodable frame, 1009 frame too big, 1002 WebSocket protocol error.
 
 #[doc(hidden)]
+pub mod autobahn;
+#[doc(hidden)]
 pub mod benching;
 pub mod cluster;
 mod deflate;

@@ -18,6 +18,7 @@ const LAYERS: &[&str] = &[
     "transport",
     "metrics",
     "fuzzing",
+    "autobahn",
     "benching",
 ];
 
