@@ -36,6 +36,8 @@ pub struct Config {
     pub stream_history: usize,
     /// How long they are kept (`STREAM_HISTORY_TTL_MS`, default 300 s).
     pub stream_history_ttl: Duration,
+    /// Offer permessage-deflate to WebSocket clients (`COMPRESS=1`, default off, as Phoenix).
+    pub compress: bool,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             join_rate: None,
             stream_history: 1000,
             stream_history_ttl: Duration::from_secs(300),
+            compress: false,
         }
     }
 }
@@ -62,6 +65,7 @@ pub fn socket(endpoint: &Endpoint, config: &Config) -> SocketBuilder<UserSocket>
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
         .idle_timeout(config.idle_timeout)
         .outbound_limit(config.outbound_limit)
+        .compress(config.compress)
         .longpoll(config.longpoll_window)
         .message_rate(config.message_rate)
         .join_rate(config.join_rate)

@@ -86,7 +86,7 @@ pub(crate) fn inflate(data: &[u8], max_size: usize) -> Result<Vec<u8>, InflateEr
 fn inflate_with(d: &mut Decompress, data: &[u8], max_size: usize) -> Result<Vec<u8>, InflateError> {
     // At most one byte past the limit is ever produced: that byte says the limit is passed.
     let cap = max_size.saturating_add(1);
-    let mut out = Vec::with_capacity(data.len().saturating_mul(4).clamp(64, cap));
+    let mut out = Vec::with_capacity(data.len().saturating_mul(4).max(64).min(cap));
     for input in [data, &TAIL[..]] {
         let start = d.total_in();
         loop {
@@ -189,5 +189,8 @@ mod tests {
         // An empty message (RFC 7692 §7.2.3.6: a single empty stored or fixed block).
         assert_eq!(inflate(&[0x02, 0x00], 100).unwrap(), b"");
         assert_eq!(inflate(&[], 100).unwrap(), b"");
+        // Limits smaller than the first allocation.
+        assert_eq!(inflate(&compress(&json(1000)).unwrap(), 5), Err(InflateError::TooBig));
+        assert_eq!(inflate(&[0x02, 0x00], 0).unwrap(), b"");
     }
 }
