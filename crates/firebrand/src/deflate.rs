@@ -190,7 +190,10 @@ mod tests {
         assert_eq!(inflate(&[0x02, 0x00], 100).unwrap(), b"");
         assert_eq!(inflate(&[], 100).unwrap(), b"");
         // Limits smaller than the first allocation.
-        assert_eq!(inflate(&compress(&json(1000)).unwrap(), 5), Err(InflateError::TooBig));
+        assert_eq!(
+            inflate(&compress(&json(1000)).unwrap(), 5),
+            Err(InflateError::TooBig)
+        );
         assert_eq!(inflate(&[0x02, 0x00], 0).unwrap(), b"");
     }
 }
