@@ -4,6 +4,7 @@
 // published gets them all, in order and once, when phoenix.js reconnects and rejoins by itself.
 import {test, afterEach} from "node:test"
 import assert from "node:assert/strict"
+import {randomBytes} from "node:crypto"
 import WebSocket from "ws"
 import {HTTP, connect, once, outcome, disconnectAll} from "./lib.mjs"
 
@@ -110,10 +111,11 @@ test("a client closed as a slow consumer (1008) heals on its rejoin", async () =
   assert.equal(status, "ok")
 
   // The client stops reading; 300 messages of 64 KB (19 MB) overflow the server's 4 MiB queue
-  // for it plus the kernel's buffers: the server gives up on it.
+  // for it plus the kernel's buffers: the server gives up on it. The pad is random base64, so
+  // that it does so with compression on too (COMPRESS=1: each message still ~48 KB deflated).
   const closed = once("the server to close the slow client", (cb) => socket.onClose(cb), 20000)
   socket.conn._socket.pause()
-  const pad = "x".repeat(64 * 1024)
+  const pad = randomBytes(48 * 1024).toString("base64")
   const total = 300
   for (let n = 1; n <= total; n++) {
     const res = await fetch(`${HTTP}/api/broadcast`, {

@@ -39,6 +39,8 @@ pub struct Config {
     /// How long `POST /api/broadcast` waits for the cluster's engine to confirm a broadcast
     /// before answering 202 (`BROADCAST_CONFIRM_MS`, default [`BROADCAST_CONFIRM`]).
     pub broadcast_confirm: Duration,
+    /// Offer permessage-deflate to WebSocket clients (`COMPRESS=1`, default off, as Phoenix).
+    pub compress: bool,
 }
 
 /// How long `POST /api/broadcast` waits, by default, for the cluster's engine to confirm a
@@ -56,6 +58,7 @@ impl Default for Config {
             stream_history: 1000,
             stream_history_ttl: Duration::from_secs(300),
             broadcast_confirm: BROADCAST_CONFIRM,
+            compress: false,
         }
     }
 }
@@ -70,6 +73,7 @@ pub fn socket(endpoint: &Endpoint, config: &Config) -> SocketBuilder<UserSocket>
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
         .idle_timeout(config.idle_timeout)
         .outbound_limit(config.outbound_limit)
+        .compress(config.compress)
         .longpoll(config.longpoll_window)
         .message_rate(config.message_rate)
         .join_rate(config.join_rate)

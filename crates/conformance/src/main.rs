@@ -21,7 +21,7 @@ fn parse_port() -> anyhow::Result<u16> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: conformance [--port PORT]   (default 4000; env IDLE_TIMEOUT_MS, DRAIN_MS, BROADCAST_CONFIRM_MS)"
+                    "usage: conformance [--port PORT]   (default 4000; env IDLE_TIMEOUT_MS, DRAIN_MS, BROADCAST_CONFIRM_MS, COMPRESS)"
                 );
                 std::process::exit(0);
             }
@@ -57,6 +57,12 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("invalid IDLE_TIMEOUT_MS {ms:?}"))?;
         config.idle_timeout = Duration::from_millis(ms);
     }
+    // COMPRESS=1: offer permessage-deflate (APP.md).
+    config.compress = match std::env::var("COMPRESS").as_deref() {
+        Ok("1") => true,
+        Ok("0") | Ok("") | Err(_) => false,
+        Ok(v) => bail!("invalid COMPRESS {v:?} (1 or 0)"),
+    };
     // REDIS_URL or NATS_URL: join a cluster through that engine (CLUSTER_NAMESPACE separates
     // clusters sharing one engine; default "conformance").
     let namespace = std::env::var("CLUSTER_NAMESPACE").unwrap_or_else(|_| "conformance".into());

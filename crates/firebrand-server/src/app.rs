@@ -479,6 +479,7 @@ pub fn router(config: &Config, endpoint: &Endpoint) -> Router {
     let socket = socket
         .channel::<TopicChannel>("*")
         .check_origin(origins)
+        .compress(config.compress)
         .into_router();
     Router::new()
         .nest("/socket", socket)

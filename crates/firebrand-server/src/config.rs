@@ -7,6 +7,7 @@
 //! origins = ["https://app.example.com"]  # browser origins that may connect; ["*"]: any
 //! longpoll = true             # also serve the long-poll transport (default true)
 //! metrics = true              # serve Prometheus metrics at GET /metrics (default true)
+//! compress = false            # offer permessage-deflate to WebSocket clients (default false)
 //! backend_timeout_ms = 2000   # bound on every call to the backend (connect, join, push)
 //! backend_max_calls = 64      # calls to the backend in flight at once; beyond, refused at once
 //! history_budget_mb = 64      # what all recoverable topics' histories hold on this node, in MiB
@@ -154,6 +155,7 @@
 //! | `FIREBRAND_ORIGINS` | `server.origins` (comma-separated) |
 //! | `FIREBRAND_LONGPOLL` | `server.longpoll` (`true` or `false`) |
 //! | `FIREBRAND_METRICS` | `server.metrics` (`true` or `false`) |
+//! | `FIREBRAND_COMPRESS` | `server.compress` (`true` or `false`) |
 //! | `FIREBRAND_BACKEND_TIMEOUT_MS` | `server.backend_timeout_ms` |
 //! | `FIREBRAND_BACKEND_MAX_CALLS` | `server.backend_max_calls` |
 //! | `FIREBRAND_HISTORY_BUDGET_MB` | `server.history_budget_mb` |
@@ -210,6 +212,9 @@ pub struct Config {
     pub longpoll: bool,
     /// Whether Prometheus metrics are served at `GET /metrics` (`server.metrics`, default true).
     pub metrics: bool,
+    /// Whether permessage-deflate is offered to WebSocket clients (`server.compress`, default
+    /// false, as Phoenix): see `SocketBuilder::compress`.
+    pub compress: bool,
     /// Makes the calls to the backend (bounded by `server.backend_timeout_ms`).
     pub backend: Backend,
     /// The most bytes all recoverable topics' histories hold on this node
@@ -363,6 +368,7 @@ impl fmt::Debug for Config {
             .field("origins", &self.origins)
             .field("longpoll", &self.longpoll)
             .field("metrics", &self.metrics)
+            .field("compress", &self.compress)
             .field("backend", &self.backend)
             .field("history_budget", &self.history_budget)
             .field("cluster", &self.cluster.as_ref().map(Cluster::engine))
@@ -706,6 +712,7 @@ struct RawServer {
     origins: Option<Spanned<Vec<String>>>,
     longpoll: Option<Spanned<bool>>,
     metrics: Option<Spanned<bool>>,
+    compress: Option<Spanned<bool>>,
     backend_timeout_ms: Option<Spanned<u64>>,
     backend_max_calls: Option<Spanned<u64>>,
     history_budget_mb: Option<Spanned<u64>>,
@@ -863,6 +870,9 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
         let metrics = self
             .pick(raw.server.metrics, "FIREBRAND_METRICS", parse_bool)?
             .is_none_or(|s| s.value);
+        let compress = self
+            .pick(raw.server.compress, "FIREBRAND_COMPRESS", parse_bool)?
+            .is_some_and(|s| s.value);
         let timeout = self.pick(
             raw.server.backend_timeout_ms,
             "FIREBRAND_BACKEND_TIMEOUT_MS",
@@ -1017,6 +1027,7 @@ impl<E: Fn(&str) -> Option<String>> Resolver<'_, E> {
             origins,
             longpoll,
             metrics,
+            compress,
             backend,
             history_budget,
             cluster,
@@ -1610,6 +1621,23 @@ mod tests {
             &[("FIREBRAND_LONGPOLL", "false")],
         );
         assert!(!config.unwrap().longpoll);
+    }
+
+    #[test]
+    fn compress_is_off_unless_turned_on() {
+        assert!(!load("", &[]).unwrap().compress);
+        assert!(load("[server]\ncompress = true\n", &[]).unwrap().compress);
+        let config = load(
+            "[server]\ncompress = true\n",
+            &[("FIREBRAND_COMPRESS", "false")],
+        );
+        assert!(!config.unwrap().compress);
+        assert!(
+            load("", &[("FIREBRAND_COMPRESS", "true")])
+                .unwrap()
+                .compress
+        );
+        assert!(load("", &[("FIREBRAND_COMPRESS", "yes please")]).is_err());
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub struct Stats {
     pub frames_out: u64,
     /// Bytes written to WebSocket clients (frames with their headers).
     pub bytes_out: u64,
+    /// Messages compressed for WebSocket clients that negotiated permessage-deflate
+    /// ([`SocketBuilder::compress`](crate::SocketBuilder::compress)): a broadcast once for all
+    /// its compressing subscribers (per serializer), a push or reply once. Messages sent
+    /// uncompressed (short ones, those that would not shrink) are not counted.
+    pub compressed: u64,
     /// Presence entries tracked (this node's and, in a cluster, the other nodes').
     pub presences: usize,
     /// Topics with at least one subscriber on this node.
@@ -720,6 +725,7 @@ impl Endpoint {
             messages_in: c.messages_in.load(Ordering::Relaxed),
             frames_out: c.frames_out.load(Ordering::Relaxed),
             bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            compressed: hub.compressed(),
             presences: hub.presence_count(),
             topics: hub.pubsub().topic_count(),
             broadcasts: c.broadcasts.load(Ordering::Relaxed),

@@ -50,8 +50,29 @@ pub fn ws_frames(
     chunk: usize,
     max_size: usize,
 ) -> (Vec<WsMessage>, Option<(u16, &'static str)>) {
-    use crate::transport::ws::{Incoming, Reader};
-    let mut reader = Reader::new(max_size);
+    frames(crate::transport::ws::Reader::new(max_size), stream, chunk)
+}
+
+/// [`ws_frames`] on a connection that negotiated permessage-deflate: messages whose first
+/// frame has RSV1 are inflated (each on its own, to at most `max_size` bytes).
+pub fn ws_deflate_frames(
+    stream: &[u8],
+    chunk: usize,
+    max_size: usize,
+) -> (Vec<WsMessage>, Option<(u16, &'static str)>) {
+    frames(
+        crate::transport::ws::Reader::inflating(max_size),
+        stream,
+        chunk,
+    )
+}
+
+fn frames(
+    mut reader: crate::transport::ws::Reader,
+    stream: &[u8],
+    chunk: usize,
+) -> (Vec<WsMessage>, Option<(u16, &'static str)>) {
+    use crate::transport::ws::Incoming;
     let mut got = Vec::new();
     for part in stream.chunks(chunk.max(1)) {
         let fed = reader.feed(part, |m| {
@@ -97,6 +118,18 @@ mod tests {
             b"",
             b"http://localhost"
         ));
+        // "hi" deflated (RFC 7692 §7.2.3.1's example is "Hello"), with RSV1, masked with 0s.
+        let z = crate::deflate::inflate(&[0xca, 0xc8, 0x04, 0x00], 10).unwrap();
+        assert_eq!(z, b"hi");
+        let frame = [0xc1, 0x84, 0, 0, 0, 0, 0xca, 0xc8, 0x04, 0x00];
+        assert_eq!(
+            ws_deflate_frames(&frame, 3, 100),
+            (vec![(b't', b"hi".to_vec())], None)
+        );
+        assert_eq!(
+            ws_frames(&frame, 3, 100).1,
+            Some((1002, "reserved bits set"))
+        );
     }
 }
 

@@ -190,8 +190,11 @@
 // Entry points for the benches and fuzz targets, not API: hidden, and free to change in any
 // release.
 #[doc(hidden)]
+pub mod autobahn;
+#[doc(hidden)]
 pub mod benching;
 pub mod cluster;
+mod deflate;
 mod endpoint;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "limits",
     "token",
+    "deflate",
     "node",
     "cluster",
     "endpoint",
@@ -17,6 +18,7 @@ const LAYERS: &[&str] = &[
     "transport",
     "metrics",
     "fuzzing",
+    "autobahn",
     "benching",
 ];
 

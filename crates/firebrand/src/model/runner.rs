@@ -389,7 +389,7 @@ impl<C: Channel> Runner<C> {
                             ctx.wire.reply(jr, r, &ctx.topic, &Reply::ok(reply));
                             let replay = target(None);
                             for b in &c.replay {
-                                replay.replay(b);
+                                replay.replay(b, hub.pubsub());
                             }
                             Some((sub_id, recovered))
                         },

@@ -291,6 +291,17 @@ impl Hub {
         c.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// `n` pushes or replies were compressed for a connection (broadcasts count theirs in
+    /// the PubSub).
+    pub(crate) fn count_compressed(&self, n: u64) {
+        self.pubsub.compressed.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Messages compressed with permessage-deflate.
+    pub(crate) fn compressed(&self) -> u64 {
+        self.pubsub.compressed.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn count_refused(&self, why: Refused) {
         self.counters.refused[why as usize].fetch_add(1, Ordering::Relaxed);
     }

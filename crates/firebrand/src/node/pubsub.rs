@@ -40,6 +40,11 @@ struct BroadcastInner {
     /// Its frame per serializer (V1, V2), encoded on first use: once per broadcast, however
     /// many subscribers (and replays) it has.
     frames: [OnceLock<Option<Frame>>; 2],
+    /// The same frames as compressing connections get them ([`Frame::prepared`]), compressed
+    /// on first use: once per broadcast, shared by every compressing subscriber (they all
+    /// negotiated no context takeover for the server, so a message's compressed bytes do not
+    /// depend on what the connection sent before).
+    deflated: [OnceLock<Option<Frame>>; 2],
 }
 
 impl Broadcast {
@@ -52,6 +57,7 @@ impl Broadcast {
             position: None,
             at: None,
             frames: Default::default(),
+            deflated: Default::default(),
         }))
     }
 
@@ -71,6 +77,7 @@ impl Broadcast {
             position: Some(position.into()),
             at: Some(at),
             frames: Default::default(),
+            deflated: Default::default(),
         }))
     }
 
@@ -82,30 +89,49 @@ impl Broadcast {
     }
 
     /// Its frame for `serializer`, encoded once (`None`: not encodable for it, e.g. a binary
-    /// payload with a position).
-    fn frame(&self, serializer: Serializer) -> Option<Frame> {
-        let slot = &self.0.frames[match serializer {
+    /// payload with a position). For a connection that compresses (`compressed` is then where
+    /// a compression is counted), the frame compressed once.
+    fn frame(&self, serializer: Serializer, compressed: Option<&AtomicU64>) -> Option<Frame> {
+        let i = match serializer {
             Serializer::V1 => 0,
             Serializer::V2 => 1,
-        }];
-        slot.get_or_init(|| {
-            let out = Outbound::Event {
-                join_ref: None,
-                r#ref: self.position(),
-                topic: self.topic(),
-                event: self.event(),
-                payload: self.payload(),
-            };
-            match serializer.encode(&out) {
-                Ok(encoded) => Some(Frame::from_encoded(encoded)),
-                Err(e) => {
-                    tracing::debug!(topic = self.topic(), event = self.event(), error = %e,
+        };
+        match compressed {
+            None => self.encoded(i, serializer),
+            Some(count) => self.0.deflated[i]
+                .get_or_init(|| {
+                    let frame = self.encoded(i, serializer)?;
+                    let prepared = frame.prepared();
+                    if matches!(prepared, Frame::Prepared { deflated: true, .. }) {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(prepared)
+                })
+                .clone(),
+        }
+    }
+
+    /// Its frame for `serializer` (at `i` in the cache), encoded once.
+    fn encoded(&self, i: usize, serializer: Serializer) -> Option<Frame> {
+        self.0.frames[i]
+            .get_or_init(|| {
+                let out = Outbound::Event {
+                    join_ref: None,
+                    r#ref: self.position(),
+                    topic: self.topic(),
+                    event: self.event(),
+                    payload: self.payload(),
+                };
+                match serializer.encode(&out) {
+                    Ok(encoded) => Some(Frame::from_encoded(encoded)),
+                    Err(e) => {
+                        tracing::debug!(topic = self.topic(), event = self.event(), error = %e,
                         "broadcast not delivered to {serializer:?} subscribers");
-                    None
+                        None
+                    }
                 }
-            }
-        })
-        .clone()
+            })
+            .clone()
     }
 
     /// The topic it was broadcast on.
@@ -238,21 +264,33 @@ impl Target {
     /// A joined channel's delivery: an intercepted event to its task, anything else as the
     /// frame encoded for its serializer (once per broadcast) to its connection.
     /// Returns the frames queued (0 or 1).
-    fn fastlane(&self, b: &Broadcast, intercepted: &mut Intercepted) -> u64 {
-        self.deliver(b, intercepted, Outbox::push)
+    fn fastlane(
+        &self,
+        b: &Broadcast,
+        intercepted: &mut Intercepted,
+        compressed: &AtomicU64,
+    ) -> u64 {
+        self.deliver(b, intercepted, compressed, Outbox::push)
     }
 
     /// Replays `b` (from its topic's history) to a channel that is joining: as
     /// [`fastlane`](Target::fastlane) does, outside its connection's byte limit
     /// ([`Outbox::push_replayed`]).
-    pub(crate) fn replay(&self, b: &Broadcast) {
-        self.deliver(b, &mut Intercepted::default(), Outbox::push_replayed);
+    /// `pubsub` counts a compression.
+    pub(crate) fn replay(&self, b: &Broadcast, pubsub: &PubSub) {
+        self.deliver(
+            b,
+            &mut Intercepted::default(),
+            &pubsub.compressed,
+            Outbox::push_replayed,
+        );
     }
 
     fn deliver(
         &self,
         b: &Broadcast,
         intercepted: &mut Intercepted,
+        compressed: &AtomicU64,
         push: impl Fn(&Outbox, Frame) -> Pushed,
     ) -> u64 {
         let Target::Fastlane {
@@ -270,7 +308,7 @@ impl Target {
         } else if intercepted.check(intercepts, b.event()) {
             inbox.intercepted(b.clone());
             0
-        } else if let Some(frame) = b.frame(*serializer)
+        } else if let Some(frame) = b.frame(*serializer, outbox.compresses().then_some(compressed))
             && push(outbox, frame) == Pushed::Queued
         {
             1
@@ -316,6 +354,9 @@ pub(crate) struct PubSub {
     shards: Box<[Shard]>,
     hasher: RandomState,
     next_id: AtomicU64,
+    /// Messages compressed for compressing connections: a broadcast's frame once per
+    /// serializer, a push or reply once ([`Hub::count_compressed`](crate::node::Hub)).
+    pub(crate) compressed: AtomicU64,
 }
 
 impl PubSub {
@@ -324,6 +365,7 @@ impl PubSub {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             next_id: AtomicU64::new(1),
+            compressed: AtomicU64::new(0),
         }
     }
 
@@ -391,7 +433,9 @@ impl PubSub {
                 continue;
             }
             match &sub.target {
-                Target::Fastlane { .. } => delivered += sub.target.fastlane(b, &mut intercepted),
+                Target::Fastlane { .. } => {
+                    delivered += sub.target.fastlane(b, &mut intercepted, &self.compressed)
+                }
                 Target::Info(inbox) => inbox.info(b.clone()),
                 Target::Socket(outbox) => {
                     if b.event() == "disconnect" {
@@ -428,7 +472,9 @@ impl PubSub {
                         tails.entry(cursor).or_insert_with(|| s.since(cursor))
                     };
                     if let Some(b) = b {
-                        delivered += sub.target.fastlane(b, &mut Intercepted::default());
+                        delivered +=
+                            sub.target
+                                .fastlane(b, &mut Intercepted::default(), &self.compressed);
                     }
                 }
                 Target::Info(inbox) => {

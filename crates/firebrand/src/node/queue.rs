@@ -93,6 +93,9 @@ pub(crate) struct Outbox {
     /// When an idle WebSocket connection is closed: milliseconds on its node's idle clock
     /// (`u64::MAX`: never). See [`Registered::watch_idle`](crate::node::Registered::watch_idle).
     idle_deadline: AtomicU64,
+    /// Whether its connection compresses messages (permessage-deflate): broadcasts then queue
+    /// their prepared frame here ([`Frame::Prepared`]), made once per broadcast.
+    compresses: bool,
 }
 
 /// Everything taken from an [`Outbox`] in one go.
@@ -111,6 +114,16 @@ pub(crate) enum Frame {
     Binary(Bytes),
     /// The answer to a client's ping (WebSocket only).
     Pong(Bytes),
+    /// A text (`binary: false`) or binary message prepared for connections that compress
+    /// (permessage-deflate, RFC 7692, no context takeover): `data` deflated (sent with RSV1
+    /// set) or, when that would not make it shorter, as it is. Decided once for every
+    /// connection that shares it (a broadcast's subscribers), and never compressed again. Only
+    /// queued to a WebSocket connection that compresses ([`Outbox::compresses`]).
+    Prepared {
+        binary: bool,
+        deflated: bool,
+        data: Bytes,
+    },
 }
 
 impl Frame {
@@ -126,6 +139,30 @@ impl Frame {
     pub(crate) fn len(&self) -> usize {
         match self {
             Frame::Text(b) | Frame::Binary(b) | Frame::Pong(b) => b.len(),
+            Frame::Prepared { data, .. } => data.len(),
+        }
+    }
+
+    /// The frame as a compressing connection sends it ([`Frame::Prepared`]): a text or binary
+    /// message deflated when that makes it shorter (see [`crate::deflate::compress`]). Other
+    /// frames are returned as they are.
+    pub(crate) fn prepared(&self) -> Frame {
+        let (binary, data) = match self {
+            Frame::Text(b) => (false, b),
+            Frame::Binary(b) => (true, b),
+            Frame::Pong(_) | Frame::Prepared { .. } => return self.clone(),
+        };
+        match crate::deflate::compress(data) {
+            Some(z) => Frame::Prepared {
+                binary,
+                deflated: true,
+                data: z.into(),
+            },
+            None => Frame::Prepared {
+                binary,
+                deflated: false,
+                data: data.clone(),
+            },
         }
     }
 }
@@ -133,7 +170,14 @@ impl Frame {
 impl Outbox {
     /// An outbox that holds at most `limit` bytes of queued frames.
     pub(crate) fn new(limit: usize) -> Self {
+        Outbox::with_compression(limit, false)
+    }
+
+    /// An outbox that holds at most `limit` bytes of queued frames, for a connection that
+    /// compresses messages when `compresses` is true.
+    pub(crate) fn with_compression(limit: usize, compresses: bool) -> Self {
         Outbox {
+            compresses,
             state: Mutex::new(OutState::default()),
             ready: AtomicWaker::new(),
             signaled: AtomicBool::new(false),
@@ -216,6 +260,11 @@ impl Outbox {
             Some(close) => Poll::Ready(close),
             None => Poll::Pending,
         }
+    }
+
+    /// Whether its connection compresses messages: see [`Frame::Prepared`].
+    pub(crate) fn compresses(&self) -> bool {
+        self.compresses
     }
 
     pub(crate) fn idle_deadline(&self) -> u64 {

@@ -37,6 +37,8 @@ pub(crate) struct SocketConfig {
     pub(crate) max_payload: usize,
     pub(crate) max_topic_len: usize,
     pub(crate) max_pending_replies: usize,
+    /// Whether permessage-deflate is offered to WebSocket clients.
+    pub(crate) compress: bool,
 }
 
 impl SocketConfig {
@@ -65,6 +67,7 @@ impl Default for SocketConfig {
             max_payload: 256 * 1024,
             max_topic_len: 255,
             max_pending_replies: 1024,
+            compress: false,
         }
     }
 }

@@ -23,13 +23,15 @@ use crate::node::Registered;
 use crate::node::pubsub::SubId;
 use crate::node::queue::{Close, ConnEvent, Frame, Outbox};
 use crate::transport::accept::Shared;
-use crate::transport::ws::{Incoming, Reader, WsError};
+use crate::transport::ws::{Deflate, Incoming, Reader, WsError};
 
 pub(crate) struct ConnArgs<S: Socket> {
     pub(crate) shared: Arc<Shared<S>>,
     pub(crate) assigns: Arc<S::Assigns>,
     pub(crate) socket_id: Option<Arc<str>>,
     pub(crate) serializer: Serializer,
+    /// permessage-deflate, when negotiated.
+    pub(crate) deflate: Option<Deflate>,
 }
 
 /// How long a closing connection waits for the client's close frame.
@@ -196,7 +198,11 @@ impl<S: Socket> Conn<S> {
     /// Opens a connection: registers it with the endpoint and subscribes its socket id.
     pub(crate) fn open(args: ConnArgs<S>) -> Self {
         let hub = args.shared.endpoint.hub().clone();
-        let outbox = Arc::new(Outbox::new(args.shared.config.outbound_limit));
+        let compresses = args.deflate.is_some_and(|d| d.compress);
+        let outbox = Arc::new(Outbox::with_compression(
+            args.shared.config.outbound_limit,
+            compresses,
+        ));
         let registered = hub.register(outbox.clone());
         // The rate limits' clock (wrapping milliseconds).
         let now = registered.now_ms() as u32;
@@ -400,7 +406,11 @@ impl<S: Socket, T> Session<S, T> {
     #[expect(clippy::boxed_local, reason = "the task hands over its box to free it")]
     fn open(io: T, args: Box<ConnArgs<S>>, read: &[u8]) -> Box<Self> {
         let args = *args;
-        let mut reader = Reader::new(args.shared.config.max_frame_size);
+        let max_size = args.shared.config.max_frame_size;
+        let mut reader = match args.deflate {
+            Some(_) => Reader::inflating(max_size),
+            None => Reader::new(max_size),
+        };
         reader.preload(read);
         Box::new(Session {
             io,
@@ -542,12 +552,18 @@ impl<S: Socket> Conn<S> {
             }
             let mut out = scratch::lend();
             out.reserve(batch.frames.iter().map(|f| f.len() + 10).sum());
+            let compress = outbox.compresses();
+            let mut compressed = 0;
             for frame in &batch.frames {
-                crate::transport::ws::encode_queued(frame, &mut out);
+                compressed += u64::from(crate::transport::ws::encode_queued(
+                    frame, &mut out, compress,
+                ));
             }
-            self.registered
-                .hub()
-                .count_written(batch.frames.len(), out.len());
+            let hub = self.registered.hub();
+            hub.count_written(batch.frames.len(), out.len());
+            if compressed > 0 {
+                hub.count_compressed(compressed);
+            }
             drop(batch.frames);
             let written: Result<(), End> = {
                 let write = io.write_all(&out);

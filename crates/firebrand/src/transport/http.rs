@@ -244,6 +244,23 @@ impl<S: Socket, St: Send + Sync + 'static> SocketBuilder<S, St> {
         self
     }
 
+    /// Offers permessage-deflate (RFC 7692) to WebSocket clients that ask for it (every
+    /// browser does), as Phoenix's `websocket: [compress: true]`. Default off, as in Phoenix.
+    ///
+    /// Unlike Phoenix, messages are compressed without context takeover (the server answers
+    /// `server_no_context_takeover` and `client_no_context_takeover`): a broadcast is
+    /// compressed once and the same bytes go to every subscriber that compresses, and an idle
+    /// connection holds no compression state. Messages under 128 bytes, which deflate hardly
+    /// shortens without a shared window, and those that would not shrink are sent
+    /// uncompressed; control frames never are. A compressed client message is inflated to at
+    /// most [`max_frame_size`](SocketBuilder::max_frame_size): one that would be larger closes
+    /// the connection with 1009. [`Stats::compressed`](crate::Stats::compressed) counts the
+    /// messages compressed.
+    pub fn compress(mut self, on: bool) -> Self {
+        self.config.compress = on;
+        self
+    }
+
     /// The axum router serving this socket's transports: `/websocket` (and `/longpoll` when
     /// enabled). Nest it under the socket's path: the official client connects to
     /// `<endpoint>/websocket`.
@@ -303,6 +320,11 @@ async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
             .into_response();
     };
     let phoenix_protocol = offers_phoenix(&parts.headers);
+    let deflate = shared
+        .config
+        .compress
+        .then(|| crate::transport::ws::negotiate_deflate(&parts.headers))
+        .flatten();
     let Some(params) = query_params(&parts.uri) else {
         return (StatusCode::BAD_REQUEST, "invalid query string").into_response();
     };
@@ -316,6 +338,7 @@ async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
         assigns: Arc::new(accepted.assigns),
         socket_id: accepted.socket_id,
         serializer: accepted.serializer,
+        deflate,
     };
     tokio::spawn(crate::transport::conn::upgraded(on_upgrade, Box::new(args)));
     let mut res = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -324,6 +347,11 @@ async fn upgrade<S: Socket>(shared: Arc<Shared<S>>, req: Request) -> Response {
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(accept) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(deflate) = deflate
+        && let Ok(v) = HeaderValue::from_str(&deflate.response())
+    {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
     }
     if phoenix_protocol {
         h.insert(

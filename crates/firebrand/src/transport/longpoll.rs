@@ -554,6 +554,7 @@ async fn start<S: Socket>(
         assigns: Arc::new(accepted.assigns),
         socket_id: accepted.socket_id,
         serializer: accepted.serializer,
+        deflate: None,
     });
     let session = Arc::new(Session {
         serializer: accepted.serializer,

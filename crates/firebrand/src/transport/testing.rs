@@ -128,6 +128,7 @@ impl<S: Socket> TestSocket<S> {
             assigns: Arc::new(assigns),
             socket_id,
             serializer: Serializer::V2,
+            deflate: None,
         });
         let (to_server, from_client) = mpsc::unbounded_channel();
         let (to_client, from_server) = mpsc::unbounded_channel();
@@ -223,7 +224,8 @@ impl Received {
         let encoded = match frame {
             Frame::Text(t) => Encoded::Text(String::from_utf8_lossy(&t).into_owned()),
             Frame::Binary(b) => Encoded::Binary(b.to_vec()),
-            Frame::Pong(_) => return None,
+            // The in-process client negotiates no compression.
+            Frame::Pong(_) | Frame::Prepared { .. } => return None,
         };
         Some(match Serializer::V2.decode_server(&encoded).ok()? {
             ServerMessage::Reply {

@@ -9,12 +9,22 @@
 //!
 //! The handshake is checked by [`accept_key`]; frames are decoded by [`Reader`] and encoded
 //! by [`encode_frame`] / [`close_frame`].
+//!
+//! **permessage-deflate** (RFC 7692), when the socket turns it on, is negotiated by
+//! [`negotiate_deflate`] always without context takeover in either direction: the server
+//! answers every accepted offer with `server_no_context_takeover` and
+//! `client_no_context_takeover` (§7.1.1.1 and §7.1.1.2 let a server add both whatever the
+//! client offered). So each message is compressed and inflated on its own
+//! ([`crate::deflate`]): a compressing connection holds no compression state while idle (an
+//! inflate window kept for a client's context takeover would be 32 KB, a compressor's 260 KB,
+//! per connection), and a broadcast is compressed once for all its subscribers.
 
 use axum::http::{HeaderMap, header};
 use base64::Engine;
 use bytes::Bytes;
 use sha1::{Digest, Sha1};
 
+use crate::deflate::InflateError;
 use crate::node::queue::Frame;
 
 /// Why a client's frames end its connection, and the close code it gets.
@@ -62,6 +72,101 @@ pub(crate) fn close_code_allowed(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
+/// permessage-deflate as negotiated with one client: see [`negotiate_deflate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Deflate {
+    /// Whether the server compresses its messages. Not when the client limited the server's
+    /// window to fewer than 15 bits (`server_max_window_bits`): the compressed frames shared
+    /// by a broadcast's subscribers use the full window, so its messages go uncompressed,
+    /// which RFC 7692 always allows (§6).
+    pub(crate) compress: bool,
+    /// The `server_max_window_bits` the client offered, echoed in the response (§7.1.2.1).
+    server_max_window_bits: Option<u8>,
+}
+
+impl Deflate {
+    /// The `Sec-WebSocket-Extensions` response.
+    pub(crate) fn response(&self) -> String {
+        let mut r = String::from(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        );
+        if let Some(bits) = self.server_max_window_bits {
+            r.push_str(&format!("; server_max_window_bits={bits}"));
+        }
+        r
+    }
+}
+
+/// The first acceptable permessage-deflate offer of a request's `Sec-WebSocket-Extensions`
+/// headers (RFC 7692 §5, §7.1), if any. An offer is declined, and the next one looked at,
+/// when it has an unknown or repeated parameter, a value where none belongs, or a window size
+/// that is not 8–15 written plainly (no sign, no leading zero; quoted or not). Every valid
+/// offer can be honoured: `client_max_window_bits` (with or without a value) needs nothing,
+/// as client messages are inflated with a full window; `server_max_window_bits` below 15
+/// turns the server's compression off ([`Deflate::compress`]); the no-context-takeover
+/// parameters are what the server answers anyway.
+pub(crate) fn negotiate_deflate(headers: &HeaderMap) -> Option<Deflate> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(deflate_offer)
+}
+
+/// One offered extension: `Some` when it is an acceptable permessage-deflate offer.
+fn deflate_offer(ext: &str) -> Option<Deflate> {
+    let mut parts = ext.split(';').map(str::trim);
+    if !parts.next()?.eq_ignore_ascii_case("permessage-deflate") {
+        return None;
+    }
+    let mut seen = [false; 4];
+    let mut server_max_window_bits = None;
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim())),
+            None => (param, None),
+        };
+        // A quoted value is the same value (RFC 7692 §7.1: a token or a quoted string).
+        let value = value.map(|v| {
+            v.strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(v)
+        });
+        let known = [
+            "server_no_context_takeover",
+            "client_no_context_takeover",
+            "server_max_window_bits",
+            "client_max_window_bits",
+        ];
+        let i = known.iter().position(|k| k.eq_ignore_ascii_case(name))?;
+        if std::mem::replace(&mut seen[i], true) {
+            return None;
+        }
+        match (i, value) {
+            (0 | 1, None) => {}
+            (2, Some(v)) => server_max_window_bits = Some(window_bits(v)?),
+            (3, None) => {}
+            (3, Some(v)) => {
+                window_bits(v)?;
+            }
+            _ => return None,
+        }
+    }
+    Some(Deflate {
+        compress: server_max_window_bits.is_none_or(|b| b == 15),
+        server_max_window_bits,
+    })
+}
+
+/// A window size parameter's value: 8–15, digits only, no leading zero (RFC 7692 §7.1.2).
+fn window_bits(v: &str) -> Option<u8> {
+    if v.is_empty() || v.starts_with('0') || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok().filter(|b| (8..=15).contains(b))
+}
+
 const OP_CONTINUATION: u8 = 0x0;
 pub(crate) const OP_TEXT: u8 = 0x1;
 pub(crate) const OP_BINARY: u8 = 0x2;
@@ -99,19 +204,47 @@ pub(crate) fn accept_key(headers: &HeaderMap) -> Result<String, &'static str> {
     Ok(base64::engine::general_purpose::STANDARD.encode(sha.finalize()))
 }
 
-/// Appends a queued frame as a WebSocket frame.
-pub(crate) fn encode_queued(frame: &Frame, out: &mut Vec<u8>) {
+/// RSV1: set on the (first) frame of a compressed message (RFC 7692 §6).
+const RSV1: u8 = 0x40;
+
+/// Appends a queued frame as a WebSocket frame. On a connection that compresses (`compress`),
+/// a text or binary message (a push or a reply) is deflated when that makes it shorter
+/// ([`crate::deflate::compress`]); a [`Frame::Prepared`] one was decided before it was
+/// queued. Returns whether this call compressed the message.
+pub(crate) fn encode_queued(frame: &Frame, out: &mut Vec<u8>, compress: bool) -> bool {
     let (op, data) = match frame {
         Frame::Text(b) => (OP_TEXT, b),
         Frame::Binary(b) => (OP_BINARY, b),
         Frame::Pong(b) => (OP_PONG, b),
+        Frame::Prepared {
+            binary,
+            deflated,
+            data,
+        } => {
+            let op = if *binary { OP_BINARY } else { OP_TEXT };
+            encode(out, if *deflated { RSV1 | op } else { op }, data);
+            return false;
+        }
     };
+    if compress
+        && op != OP_PONG
+        && let Some(z) = crate::deflate::compress(data)
+    {
+        encode(out, RSV1 | op, &z);
+        return true;
+    }
     encode_frame(out, op, data);
+    false
 }
 
 /// Appends a server frame (final, unmasked) to `out`.
 pub(crate) fn encode_frame(out: &mut Vec<u8>, opcode: u8, data: &[u8]) {
-    out.push(0x80 | opcode);
+    encode(out, opcode, data);
+}
+
+/// Appends a final unmasked frame whose first byte, besides FIN, is `bits` (RSV1, opcode).
+fn encode(out: &mut Vec<u8>, bits: u8, data: &[u8]) {
+    out.push(0x80 | bits);
     let n = data.len();
     if n < 126 {
         out.push(n as u8);
@@ -151,12 +284,17 @@ pub(crate) struct Reader {
     /// The fragments so far of a message sent in several frames, and its opcode.
     message: Vec<u8>,
     message_op: Option<u8>,
+    /// Whether that message is compressed (its first frame had RSV1).
+    message_compressed: bool,
+    /// Whether permessage-deflate was negotiated: RSV1 then marks a compressed message.
+    inflate: bool,
     max_size: usize,
 }
 
-/// A frame header: fin, opcode, mask key, header length, payload length.
+/// A frame header: fin, RSV1, opcode, mask key, header length, payload length.
 struct Header {
     fin: bool,
+    rsv1: bool,
     opcode: u8,
     mask: [u8; 4],
     len: usize,
@@ -166,9 +304,14 @@ struct Header {
 impl Header {
     /// Parses the header at the start of `b` (`None`: incomplete), checking what can be
     /// checked before the payload arrives, so an oversized frame is refused before it is read.
-    fn parse(b: &[u8], max_size: usize) -> Result<Option<Header>, WsError> {
+    /// `inflate`: RSV1 may mark the first frame of a compressed message.
+    fn parse(b: &[u8], max_size: usize, inflate: bool) -> Result<Option<Header>, WsError> {
         let [b0, b1, ..] = *b else { return Ok(None) };
-        if b0 & 0x70 != 0 {
+        let rsv1 = b0 & RSV1 != 0;
+        // RSV1 only on a data message's first frame (RFC 7692 §6.1), never on a
+        // continuation or control frame.
+        let rsv1_allowed = inflate && matches!(b0 & 0x0F, OP_TEXT | OP_BINARY);
+        if b0 & 0x30 != 0 || (rsv1 && !rsv1_allowed) {
             return Err(WsError::Protocol("reserved bits set"));
         }
         if b1 & 0x80 == 0 {
@@ -207,6 +350,7 @@ impl Header {
         mask.copy_from_slice(&b[len - 4..len]);
         Ok(Some(Header {
             fin,
+            rsv1,
             opcode,
             mask,
             len,
@@ -237,7 +381,20 @@ impl Reader {
             partial: Vec::new(),
             message: Vec::new(),
             message_op: None,
+            message_compressed: false,
+            inflate: false,
             max_size,
+        }
+    }
+
+    /// A reader for a connection that negotiated permessage-deflate: messages whose first
+    /// frame has RSV1 are inflated (each on its own: the client was told
+    /// `client_no_context_takeover`), to at most `max_size` bytes: a message that would
+    /// inflate to more is refused (1009) once that much is inflated.
+    pub(crate) fn inflating(max_size: usize) -> Self {
+        Reader {
+            inflate: true,
+            ..Reader::new(max_size)
         }
     }
 
@@ -277,7 +434,7 @@ impl Reader {
     /// Decodes the complete frames at the start of `b`; returns how many bytes they took.
     fn frames(&mut self, b: &[u8], on: &mut impl FnMut(Incoming)) -> Result<usize, WsError> {
         let mut used = 0;
-        while let Some(h) = Header::parse(&b[used..], self.max_size)? {
+        while let Some(h) = Header::parse(&b[used..], self.max_size, self.inflate)? {
             let end = used + h.len + h.payload_len;
             if b.len() < end {
                 break;
@@ -307,9 +464,12 @@ impl Reader {
             OP_TEXT | OP_BINARY if self.message_op.is_some() => {
                 return Err(WsError::Protocol("new message inside a fragmented message"));
             }
-            OP_TEXT | OP_BINARY if h.fin => on(complete(h.opcode, unmasked())?),
+            OP_TEXT | OP_BINARY if h.fin => {
+                on(complete(h.opcode, self.inflated(h.rsv1, unmasked())?)?);
+            }
             OP_TEXT | OP_BINARY => {
                 self.message_op = Some(h.opcode);
+                self.message_compressed = h.rsv1;
                 unmask_into(&mut self.message, payload, h.mask);
             }
             _ => {
@@ -322,11 +482,26 @@ impl Reader {
                 unmask_into(&mut self.message, payload, h.mask);
                 if h.fin {
                     self.message_op = None;
-                    on(complete(op, std::mem::take(&mut self.message))?);
+                    let message = std::mem::take(&mut self.message);
+                    on(complete(
+                        op,
+                        self.inflated(self.message_compressed, message)?,
+                    )?);
                 }
             }
         }
         Ok(())
+    }
+
+    /// A message's data, inflated if it is `compressed`.
+    fn inflated(&self, compressed: bool, data: Vec<u8>) -> Result<Vec<u8>, WsError> {
+        if !compressed {
+            return Ok(data);
+        }
+        crate::deflate::inflate(&data, self.max_size).map_err(|e| match e {
+            InflateError::TooBig => WsError::TooBig,
+            InflateError::Invalid => WsError::Protocol("invalid compressed data"),
+        })
     }
 }
 
@@ -536,5 +711,298 @@ mod tests {
         assert_eq!(accept_key(&h).unwrap(), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         h.insert(header::SEC_WEBSOCKET_VERSION, "8".parse().unwrap());
         assert!(accept_key(&h).is_err());
+    }
+
+    fn offer(values: &[&str]) -> Option<String> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::SEC_WEBSOCKET_EXTENSIONS, v.parse().unwrap());
+        }
+        negotiate_deflate(&h).map(|d| d.response())
+    }
+
+    #[test]
+    fn deflate_offers_and_their_responses() {
+        let plain = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+        let with_bits = |b: u8| format!("{plain}; server_max_window_bits={b}");
+        let cases: Vec<(Vec<&str>, Option<String>)> = vec![
+            (vec![], None),
+            (vec!["x-webkit-deflate-frame"], None),
+            // Without parameters; case-insensitive name.
+            (vec!["permessage-deflate"], Some(plain.into())),
+            (vec!["Permessage-Deflate"], Some(plain.into())),
+            // What browsers and Node's ws send.
+            (
+                vec!["permessage-deflate; client_max_window_bits"],
+                Some(plain.into()),
+            ),
+            (
+                vec!["permessage-deflate; client_max_window_bits=10"],
+                Some(plain.into()),
+            ),
+            (
+                vec!["permessage-deflate; client_max_window_bits=\"15\""],
+                Some(plain.into()),
+            ),
+            (
+                vec!["permessage-deflate; client_no_context_takeover; server_no_context_takeover"],
+                Some(plain.into()),
+            ),
+            (
+                vec!["permessage-deflate; server_max_window_bits=15"],
+                Some(with_bits(15)),
+            ),
+            (
+                vec!["permessage-deflate; server_max_window_bits=10"],
+                Some(with_bits(10)),
+            ),
+            (
+                vec!["permessage-deflate;server_max_window_bits=8"],
+                Some(with_bits(8)),
+            ),
+            // Invalid offers are declined...
+            (vec!["permessage-deflate; server_max_window_bits"], None),
+            (vec!["permessage-deflate; server_max_window_bits=16"], None),
+            (vec!["permessage-deflate; server_max_window_bits=7"], None),
+            (vec!["permessage-deflate; server_max_window_bits=010"], None),
+            (vec!["permessage-deflate; client_max_window_bits=+9"], None),
+            (
+                vec!["permessage-deflate; server_no_context_takeover=1"],
+                None,
+            ),
+            (
+                vec!["permessage-deflate; client_no_context_takeover; client_no_context_takeover"],
+                None,
+            ),
+            (vec!["permessage-deflate; unknown_param"], None),
+            // ...and the next one taken: in one header or several.
+            (
+                vec![
+                    "permessage-deflate; mystery, permessage-deflate; server_max_window_bits=12, permessage-deflate",
+                ],
+                Some(with_bits(12)),
+            ),
+            (
+                vec![
+                    "x-other; a=1",
+                    "permessage-deflate; server_max_window_bits=99",
+                    "permessage-deflate; client_max_window_bits",
+                ],
+                Some(plain.into()),
+            ),
+        ];
+        for (values, expected) in cases {
+            assert_eq!(offer(&values), expected, "{values:?}");
+        }
+        let d = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v.parse().unwrap());
+            negotiate_deflate(&h).unwrap()
+        };
+        // The server compresses unless its window is limited below 15 bits.
+        assert!(d("permessage-deflate").compress);
+        assert!(d("permessage-deflate; server_max_window_bits=15").compress);
+        assert!(!d("permessage-deflate; server_max_window_bits=14").compress);
+    }
+
+    /// A masked client frame with RSV1 set.
+    fn compressed(fin: bool, opcode: u8, data: &[u8]) -> Vec<u8> {
+        let mut f = client(fin, opcode, data);
+        f[0] |= RSV1;
+        f
+    }
+
+    fn json(n: usize) -> String {
+        let mut s = String::from("[null,\"1\",\"room:lobby\",\"new_msg\",{\"body\":\"");
+        while s.len() < n {
+            s.push_str("hello ");
+        }
+        s + "\"}]"
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_and_rsv1_is_checked() {
+        let text = json(2000);
+        let z = crate::deflate::compress(text.as_bytes()).unwrap();
+        let (a, b) = z.split_at(z.len() / 2);
+        let mut stream = compressed(true, OP_TEXT, &z);
+        // Fragmented: RSV1 on the first frame only, control frames in between.
+        stream.extend(compressed(false, OP_BINARY, a));
+        stream.extend(client(true, OP_PING, b"p"));
+        stream.extend(client(true, OP_CONTINUATION, b));
+        // An uncompressed message on the same connection.
+        stream.extend(client(true, OP_TEXT, b"plain"));
+        let expected = vec![
+            Incoming::Text(Bytes::from(text.clone())),
+            Incoming::Ping(Bytes::from_static(b"p")),
+            Incoming::Binary(Bytes::from(text.clone())),
+            Incoming::Text(Bytes::from_static(b"plain")),
+        ];
+        for step in [1, 5, stream.len()] {
+            let mut r = Reader::inflating(1 << 20);
+            assert_eq!(
+                feed_all(&mut r, &stream, step).unwrap(),
+                expected,
+                "step {step}"
+            );
+            assert_eq!(r.partial.capacity() + r.message.capacity(), 0);
+        }
+        let refused: Vec<(Vec<u8>, WsError)> = vec![
+            // RSV1 without the extension negotiated.
+            (
+                compressed(true, OP_TEXT, &z),
+                WsError::Protocol("reserved bits set"),
+            ),
+            // With it: never on a control frame or a continuation frame.
+            (
+                compressed(true, OP_PING, b""),
+                WsError::Protocol("reserved bits set"),
+            ),
+            (
+                {
+                    let mut f = client(false, OP_TEXT, a);
+                    f.extend(compressed(true, OP_CONTINUATION, b));
+                    f
+                },
+                WsError::Protocol("reserved bits set"),
+            ),
+            // RSV2 and RSV3 stay reserved.
+            (
+                {
+                    let mut f = client(true, OP_TEXT, b"x");
+                    f[0] |= 0x20;
+                    f
+                },
+                WsError::Protocol("reserved bits set"),
+            ),
+            (
+                compressed(true, OP_TEXT, &[0xff, 0xff]),
+                WsError::Protocol("invalid compressed data"),
+            ),
+            // Inflated text is checked for UTF-8 too.
+            (
+                compressed(
+                    true,
+                    OP_TEXT,
+                    &crate::deflate::compress(&[0xff; 200]).unwrap(),
+                ),
+                WsError::InvalidUtf8,
+            ),
+        ];
+        for (i, (bytes, err)) in refused.into_iter().enumerate() {
+            let mut r = if i == 0 {
+                Reader::new(1 << 20)
+            } else {
+                Reader::inflating(1 << 20)
+            };
+            assert_eq!(feed_all(&mut r, &bytes, bytes.len()), Err(err), "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_deflate_bomb_closes_with_1009() {
+        // 8 MB of spaces deflate to about 8 KB: far under the 1 MiB frame limit, far over it
+        // once inflated. Refused once the limit is passed, whole or fragmented.
+        let bomb = crate::deflate::compress(&vec![b' '; 8 << 20]).unwrap();
+        assert!(bomb.len() < 20_000, "{}", bomb.len());
+        let mut r = Reader::inflating(1 << 20);
+        let got = feed_all(&mut r, &compressed(true, OP_TEXT, &bomb), 1 << 16);
+        assert_eq!(got, Err(WsError::TooBig));
+        assert_eq!(WsError::TooBig.close().0, 1009);
+        let (a, b) = bomb.split_at(1000);
+        let mut stream = compressed(false, OP_BINARY, a);
+        stream.extend(client(true, OP_CONTINUATION, b));
+        let mut r = Reader::inflating(1 << 20);
+        assert_eq!(feed_all(&mut r, &stream, 4096), Err(WsError::TooBig));
+        // Exactly at the limit is fine.
+        let exact = crate::deflate::compress(&vec![b' '; 1 << 20]).unwrap();
+        let mut r = Reader::inflating(1 << 20);
+        let got = feed_all(&mut r, &compressed(true, OP_TEXT, &exact), 1 << 16).unwrap();
+        assert_eq!(got, vec![Incoming::Text(Bytes::from(vec![b' '; 1 << 20]))]);
+    }
+
+    #[test]
+    fn client_messages_are_inflated_without_context_takeover() {
+        // Each message stands alone: the same message twice inflates twice...
+        let text = json(500);
+        let z = crate::deflate::compress(text.as_bytes()).unwrap();
+        let mut stream = compressed(true, OP_TEXT, &z);
+        stream.extend(compressed(true, OP_TEXT, &z));
+        let mut r = Reader::inflating(1 << 20);
+        let got = feed_all(&mut r, &stream, 7).unwrap();
+        assert_eq!(got, vec![Incoming::Text(Bytes::from(text.clone())); 2]);
+        // ...and a client that takes its context over anyway (told not to) is refused rather
+        // than misread: its second message refers to the first one's window.
+        use flate2::{Compress, Compression, FlushCompress};
+        let mut c = Compress::new(Compression::new(6), false);
+        let mut out = Vec::with_capacity(8192);
+        c.compress_vec(text.as_bytes(), &mut out, FlushCompress::Sync)
+            .unwrap();
+        let first = out[..out.len() - 4].to_vec();
+        let start = out.len();
+        c.compress_vec(text.as_bytes(), &mut out, FlushCompress::Sync)
+            .unwrap();
+        let second = out[start..out.len() - 4].to_vec();
+        let mut stream = compressed(true, OP_TEXT, &first);
+        stream.extend(compressed(true, OP_TEXT, &second));
+        let mut r = Reader::inflating(1 << 20);
+        let mut got = Vec::new();
+        let fed = r.feed(&stream, |m| got.push(m));
+        assert_eq!(got, vec![Incoming::Text(Bytes::from(text))]);
+        assert_eq!(fed, Err(WsError::Protocol("invalid compressed data")));
+    }
+
+    #[test]
+    fn server_messages_are_compressed_when_it_pays() {
+        let text = json(1000);
+        let frames = [
+            Frame::Text(Bytes::from(text.clone())),
+            Frame::Text(Bytes::from_static(b"[null,null,\"t\",\"e\",{}]")),
+            Frame::Pong(Bytes::from(text.clone())),
+            Frame::Text(Bytes::from(text.clone())).prepared(),
+        ];
+        let mut out = Vec::new();
+        let compressed: Vec<bool> = frames
+            .iter()
+            .map(|f| encode_queued(f, &mut out, true))
+            .collect();
+        // The prepared one was compressed before it was queued.
+        assert_eq!(compressed, [true, false, false, false]);
+        // Read back as a client would: RSV1 on the big text messages only.
+        let mut at = 0;
+        let mut seen = Vec::new();
+        while at < out.len() {
+            let (b0, len) = (out[at], usize::from(out[at + 1]));
+            let (len, hl) = match len {
+                126 => (
+                    usize::from(u16::from_be_bytes([out[at + 2], out[at + 3]])),
+                    4,
+                ),
+                n => (n, 2),
+            };
+            let data = &out[at + hl..at + hl + len];
+            let rsv1 = b0 & RSV1 != 0;
+            let body = if rsv1 {
+                crate::deflate::inflate(data, 1 << 20).unwrap()
+            } else {
+                data.to_vec()
+            };
+            seen.push((b0 & 0x0F, rsv1, body.len()));
+            at += hl + len;
+        }
+        let n = text.len();
+        assert_eq!(
+            seen,
+            [
+                (OP_TEXT, true, n),
+                (OP_TEXT, false, 22),
+                (OP_PONG, false, n),
+                (OP_TEXT, true, n)
+            ]
+        );
+        // Without compression negotiated, nothing is compressed.
+        let mut plain = Vec::new();
+        assert!(!encode_queued(&frames[0], &mut plain, false));
+        assert_eq!(plain[0], 0x80 | OP_TEXT);
     }
 }
