@@ -2,24 +2,29 @@
 // writers — psql, Python's psycopg (Debian's python3-psycopg, psycopg 3) and Node's pg — inside
 // transactions that also write another table, some rolled back, reach the official phoenix
 // client through firebrand-server: every committed row once, in commit order, with a position;
-// no rolled-back row. Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust, database test;
+// no rolled-back row. And the server SIGKILLed mid-stream and restarted: phoenix.js rejoins with
+// `since` by itself and every client ends with every committed row once, on one node, where the
+// table is the only durable record. Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust, database test;
 // or FIREBRAND_TEST_POSTGRES_URL), as scripts/prereqs.sh sets up.
 import {test, after} from "node:test"
 import assert from "node:assert/strict"
 import {execFileSync} from "node:child_process"
 import pg from "pg"
-import {startServer, connected, outcome, within, disconnectAll} from "./support.mjs"
+import {startServer, connected, outcome, socket, open, within, disconnectAll} from "./support.mjs"
 
 const URL = process.env.FIREBRAND_TEST_POSTGRES_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const table = `fb_js_outbox_${process.pid}`
 const orders = `${table}_orders`
+const killed = `fb_js_outbox_kill_${process.pid}`
 
 const db = new pg.Client({connectionString: URL})
 await db.connect()
 after(async () => {
   disconnectAll()
-  await db.query(`DROP TABLE IF EXISTS ${table}, ${table}_meta, ${table}_set_aside, ${orders} CASCADE;
-    DROP SEQUENCE IF EXISTS ${table}_seq; DROP FUNCTION IF EXISTS ${table}_sequence() CASCADE`)
+  for (const t of [table, killed]) {
+    await db.query(`DROP TABLE IF EXISTS ${t}, ${t}_meta, ${t}_set_aside, ${t}_orders CASCADE;
+      DROP SEQUENCE IF EXISTS ${t}_seq; DROP FUNCTION IF EXISTS ${t}_sequence() CASCADE`)
+  }
   await db.end()
 })
 
@@ -48,6 +53,9 @@ test("rows committed by psql, psycopg and pg reach phoenix.js once, in commit or
     );
     CREATE TABLE ${orders} (id bigserial PRIMARY KEY, src text NOT NULL, n int NOT NULL)`)
   const server = await startServer(`
+[server]
+listen = "127.0.0.1:0"
+
 [outbox]
 postgres_url = "${URL}"
 table = "${table}"
@@ -130,4 +138,111 @@ with psycopg.connect(url) as conn:
     disconnectAll()
     assert.equal(await server.stop(), 0)
   }
+})
+
+/** Resolves once `probe()` holds (polled every 20 ms), or rejects after `ms`. */
+async function until(probe, what, ms = 15_000) {
+  const deadline = Date.now() + ms
+  while (!(await probe())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`)
+    await new Promise((r) => setTimeout(r, 20))
+  }
+}
+
+test("a SIGKILLed server restarts: phoenix.js rejoins with since and every client ends with every committed row once", async () => {
+  await db.query(`DROP TABLE IF EXISTS ${killed}, ${killed}_meta, ${killed}_set_aside, ${killed}_orders CASCADE;
+    DROP SEQUENCE IF EXISTS ${killed}_seq; DROP FUNCTION IF EXISTS ${killed}_sequence() CASCADE;
+    CREATE TABLE ${killed} (
+      id         bigserial   PRIMARY KEY,
+      topic      text        NOT NULL,
+      event      text        NOT NULL,
+      payload    jsonb       NOT NULL DEFAULT '{}',
+      created_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE ${killed}_orders (id bigserial PRIMARY KEY, n int NOT NULL)`)
+  const toml = `
+[server]
+listen = "127.0.0.1:0"
+
+[outbox]
+postgres_url = "${URL}"
+table = "${killed}"
+poll_ms = 500
+
+[[namespace]]
+prefix = "orders:"
+history = { size = 100000, max_age_ms = 300000 }
+outbox = true
+`
+  let server = await startServer(toml)
+  const port = server.port
+  await ready(server)
+  const topic = "orders:live"
+
+  // Three phoenix.js clients that reconnect quickly; each rejoin sends the last position seen.
+  const clients = []
+  for (let i = 0; i < 3; i++) {
+    const s = socket(server.ws, {reconnectAfterMs: () => 100, rejoinAfterMs: () => 200})
+    await open(s)
+    const client = {rows: [], joins: [], last: null, ended: null}
+    client.end = new Promise((resolve) => { client.ended = resolve })
+    const channel = s.channel(topic, () => (client.last ? {since: client.last} : {}))
+    channel.on("row", ({n}, position) => { client.rows.push(n); client.last = position })
+    channel.on("end", () => client.ended())
+    const joined = new Promise((resolve) => channel.join().receive("ok", (reply) => {
+      client.joins.push(reply.recovered)
+      resolve()
+    }))
+    await within(joined, "the join")
+    clients.push(client)
+  }
+
+  // The backend: transactions of one or two rows with an order, every seventh rolled back,
+  // until stopped. What committed is what `<table>_orders` holds at the end.
+  const writer = new pg.Client({connectionString: URL})
+  await writer.connect()
+  let stop = false
+  let n = 0
+  const rowsOf = (n) => (n % 5 === 0 ? [n * 10, n * 10 + 1] : [n * 10])
+  const writing = (async () => {
+    while (!stop) {
+      n += 1
+      await writer.query("BEGIN")
+      await writer.query(`INSERT INTO ${killed}_orders (n) VALUES ($1)`, [n])
+      for (const row of rowsOf(n)) {
+        await writer.query(`INSERT INTO ${killed} (topic, event, payload) VALUES ($1, 'row', $2)`, [topic, {n: row}])
+      }
+      await writer.query(n % 7 === 0 ? "ROLLBACK" : "COMMIT")
+      await new Promise((r) => setTimeout(r, 3))
+    }
+    await writer.query(`INSERT INTO ${killed} (topic, event) VALUES ($1, 'end')`, [topic])
+  })()
+
+  const least = () => Math.min(...clients.map((c) => c.rows.length))
+  await until(() => least() >= 100, "100 rows on every client")
+  // SIGKILL mid-stream; rows keep being committed while no server runs.
+  await server.kill()
+  const atKill = n
+  await until(() => n >= atKill + 100, "100 transactions while the server is down")
+  server = await startServer(toml, {}, {FIREBRAND_LISTEN: `127.0.0.1:${port}`})
+  await ready(server)
+  const atRestart = least()
+  await until(() => least() >= atRestart + 300, "300 more rows on every client after the restart", 30_000)
+  stop = true
+  await writing
+  await writer.end()
+  await Promise.all(clients.map((c) => within(c.end, "the end row", 15_000)))
+
+  const {rows} = await db.query(`SELECT n FROM ${killed}_orders ORDER BY n`)
+  const committed = rows.flatMap(({n}) => rowsOf(Number(n)))
+  for (const [i, client] of clients.entries()) {
+    assert.equal(client.rows.length, committed.length, `client ${i}: every committed row, once`)
+    assert.deepEqual(client.rows, committed, `client ${i}: in commit order`)
+    // The first join sent no since; every rejoin (at least the one after the restart) recovered.
+    assert.equal(client.joins[0], undefined)
+    assert.ok(client.joins.length >= 2, `client ${i} rejoined: ${JSON.stringify(client.joins)}`)
+    assert.ok(client.joins.slice(1).every((r) => r === true), `client ${i} recovered: ${JSON.stringify(client.joins)}`)
+  }
+  disconnectAll()
+  assert.equal(await server.stop(), 0)
 })

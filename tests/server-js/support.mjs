@@ -50,13 +50,14 @@ const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k
 
 /**
  * Starts the binary with `toml` as its config file (written to a temp dir, with `files`, a map of
- * file name to contents, beside it). Resolves with {port, ws, http, dir, log, stop()}.
+ * file name to contents, beside it) and the variables `env` (e.g. `FIREBRAND_LISTEN`, to start
+ * again on the port of a killed one). Resolves with {port, ws, http, dir, log, stop(), kill()}.
  */
-export async function startServer(toml, files = {}) {
+export async function startServer(toml, files = {}, env = {}) {
   const dir = mkdtempSync(join(tmpdir(), "firebrand-server-js-"))
   for (const [name, text] of Object.entries(files)) writeFileSync(join(dir, name), text)
   writeFileSync(join(dir, "firebrand.toml"), toml)
-  const child = spawn(BIN, ["--config", join(dir, "firebrand.toml")], {env: cleanEnv(), stdio: ["ignore", "pipe", "pipe"]})
+  const child = spawn(BIN, ["--config", join(dir, "firebrand.toml")], {env: {...cleanEnv(), ...env}, stdio: ["ignore", "pipe", "pipe"]})
   const log = []
   child.stderr.on("data", (d) => log.push(String(d)))
   const exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve({code, signal})))
@@ -81,6 +82,12 @@ export async function startServer(toml, files = {}) {
       const {code} = await within(exited, "firebrand-server to exit on SIGTERM", 15000)
       rmSync(dir, {recursive: true, force: true})
       return code
+    },
+    /** SIGKILL: nothing shut down cleanly; resolves once it has exited. */
+    async kill() {
+      child.kill("SIGKILL")
+      await within(exited, "firebrand-server to exit on SIGKILL")
+      rmSync(dir, {recursive: true, force: true})
     },
   }
 }

@@ -58,8 +58,14 @@ async fn main() -> anyhow::Result<()> {
         config.idle_timeout = Duration::from_millis(ms);
     }
     // COMPRESS=1: offer permessage-deflate (APP.md).
+    // COMPRESS=per-connection (for firebrand-bench, not in APP.md): compressing, but each
+    // connection compresses broadcasts itself, as Phoenix's context per connection does.
     config.compress = match std::env::var("COMPRESS").as_deref() {
         Ok("1") => true,
+        Ok("per-connection") => {
+            firebrand::benching::compress_per_connection(true);
+            true
+        }
         Ok("0") | Ok("") | Err(_) => false,
         Ok(v) => bail!("invalid COMPRESS {v:?} (1 or 0)"),
     };

@@ -8,6 +8,7 @@ mod baseline;
 mod charts;
 mod cluster;
 mod history;
+mod outbox;
 mod presence;
 mod scenarios;
 mod slow;
@@ -38,6 +39,9 @@ scenarios: idle fanout latency connect echo slow all    (serve-baseline --port P
 cluster scenarios (conformance nodes on Redis or NATS, several generator processes):
            cluster-fanout presence-storm presence-room presence-kill cluster-all
            history-cost (--engine redis|nats; --bursts N: N x 1000 broadcasts)
+outbox: firebrand-server's PostgreSQL outbox against POST /api/publish (--server-bin; --subs N
+           per topic (10), --rows N committed as fast as possible (100000), then --rate R rows/s
+           (2000) for --secs S (10); PostgreSQL at FIREBRAND_BENCH_POSTGRES_URL)
            charts (SVG: --conns 1000,5000,... --subs 1000,2500,... --out DIR; --nodes N adds
                    the cluster-fanout point: N nodes x --per-node subscribers on --engine)
 options:
@@ -50,6 +54,11 @@ options:
                    burst in one write and then reads the responses (default), or waits for each
                    response before the next request (what the figures before session 10 measured)
   --triggers K     fanout bursts: trigger connections (1)
+  --deflate        clients offer permessage-deflate (as browsers do): with `--target
+                   conformance-deflate` (COMPRESS=1: a broadcast compressed once) and `--against
+                   conformance-per-connection` (compressed by each connection, Phoenix's way),
+                   or `--against conformance` (uncompressed); compressed frames are counted but
+                   their latency is not read
   --syscalls       fanout: count the server's write syscalls and context switches during the
                    bursts with `perf stat` (frames per write, for any server)
   --clients C      echo: clients (1000)      --concurrency K  connects in flight (256)
@@ -88,6 +97,8 @@ struct Opts {
     subs: Option<Vec<usize>>,
     rate: Option<u64>,
     secs: Option<u64>,
+    /// outbox: rows of the rate phase.
+    rows: Option<u64>,
     bursts: usize,
     burst_size: usize,
     /// fanout bursts: pipelined requests (default) or one at a time.
@@ -144,6 +155,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
         subs: None,
         rate: None,
         secs: None,
+        rows: None,
         bursts: 5,
         burst_size: 100,
         pipelined: true,
@@ -189,6 +201,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--out" => o.out = Some(v()?.into()),
             "--subs" => o.subs = Some(v()?.split(',').map(str::parse).collect::<Result<_, _>>()?),
             "--rate" => o.rate = Some(v()?.parse()?),
+            "--rows" => o.rows = Some(v()?.parse()?),
             "--secs" => o.secs = Some(v()?.parse()?),
             "--bursts" => o.bursts = v()?.parse()?,
             "--burst-size" => o.burst_size = v()?.parse()?,
@@ -201,6 +214,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             }
             "--triggers" => o.triggers = v()?.parse()?,
             "--syscalls" => o.syscalls = true,
+            "--deflate" => ws::offer_deflate(),
             "--clients" => o.clients = v()?.parse()?,
             "--concurrency" => o.concurrency = v()?.parse()?,
             "--server" => o.server = v()?.into(),
@@ -208,6 +222,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
             "--target" => {
                 o.target = match v()?.as_str() {
                     "conformance" => Kind::Conformance,
+                    "conformance-deflate" => Kind::ConformanceDeflate,
                     "server" => Kind::FirebrandServer,
                     "baseline" => Kind::Baseline,
                     t => bail!("unknown target {t:?} (conformance|server|baseline)"),
@@ -218,6 +233,7 @@ fn parse(args: &[String]) -> anyhow::Result<Opts> {
                     "baseline" => Kind::Baseline,
                     "baseline-tasks" => Kind::BaselineTasks,
                     "conformance" => Kind::Conformance,
+                    "conformance-per-connection" => Kind::ConformancePerConnection,
                     a => bail!("unknown reference {a:?} (baseline|baseline-tasks|conformance)"),
                 }
             }
@@ -269,6 +285,12 @@ enum Kind {
     /// The standalone `firebrand-server` (`--server-bin`) on its development defaults
     /// (anyone joins any topic, metrics on), broadcasting through its `POST /api/publish`.
     FirebrandServer,
+    /// The conformance app compressing (`COMPRESS=1`): a broadcast compressed once for all its
+    /// compressing subscribers (clients offer it with `--deflate`).
+    ConformanceDeflate,
+    /// The same, but each connection compresses broadcasts itself, as Phoenix's deflate
+    /// context per connection does (`COMPRESS=per-connection`).
+    ConformancePerConnection,
     /// The raw broadcaster of `baseline.rs`, run by this binary (`serve-baseline`).
     Baseline,
     /// The same with a task per joined topic answering pushes, as a channel does
@@ -284,6 +306,8 @@ impl Kind {
             Kind::Conformance if target => ("firebrand", "fb"),
             Kind::Conformance => ("conformance", "conf"),
             Kind::FirebrandServer => ("fb-server", "srv"),
+            Kind::ConformanceDeflate => ("deflate-once", "once"),
+            Kind::ConformancePerConnection => ("per-conn", "perconn"),
             Kind::Baseline => ("baseline", "base"),
             Kind::BaselineTasks => ("base-tasks", "tasks"),
         }
@@ -293,7 +317,11 @@ impl Kind {
     fn publish_path(self) -> &'static str {
         match self {
             Kind::FirebrandServer => "/api/publish",
-            Kind::Conformance | Kind::Baseline | Kind::BaselineTasks => "/api/broadcast",
+            Kind::Conformance
+            | Kind::ConformanceDeflate
+            | Kind::ConformancePerConnection
+            | Kind::Baseline
+            | Kind::BaselineTasks => "/api/broadcast",
         }
     }
 }
@@ -311,6 +339,18 @@ impl Server {
             Kind::Conformance => {
                 let mut c = Command::new(&o.server);
                 c.args(["--port", "0"]).env("RUST_LOG", "warn");
+                c
+            }
+            Kind::ConformanceDeflate | Kind::ConformancePerConnection => {
+                let mut c = Command::new(&o.server);
+                let compress = if kind == Kind::ConformanceDeflate {
+                    "1"
+                } else {
+                    "per-connection"
+                };
+                c.args(["--port", "0"])
+                    .env("RUST_LOG", "warn")
+                    .env("COMPRESS", compress);
                 c
             }
             Kind::FirebrandServer => {
@@ -597,12 +637,17 @@ impl Subs {
                 let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
                 let mut local: Vec<u32> = Vec::with_capacity(64);
                 let mut stamps: Vec<u64> = Vec::new();
+                let mut unstamped = 0u64;
                 let mut hb_ref = 100u64;
                 loop {
                     tokio::select! {
                         r = ws.drain(|op, d| {
                             if op == 1 && let Some(t) = stamp(d) {
                                 stamps.push(t);
+                            } else if op == ws::RSV1 | 1 {
+                                // Compressed (--deflate): counted, its stamp unread (the
+                                // generator does not inflate).
+                                unstamped += 1;
                             }
                         }) => {
                             if !matches!(r, Ok(true)) {
@@ -610,7 +655,7 @@ impl Subs {
                                 sink.record(&mut local);
                                 return;
                             }
-                            let count = stamps.len() as u64;
+                            let count = stamps.len() as u64 + std::mem::take(&mut unstamped);
                             if count > 0 {
                                 let now = now_ns();
                                 local.extend(
@@ -1361,8 +1406,18 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let o = parse(&args[1..])?;
-    let used = kinds(&o);
-    if used.contains(&Kind::Conformance) && !o.server.exists() {
+    // The outbox scenario runs firebrand-server alone (it checks for it itself).
+    let used = if scenario == "outbox" {
+        Vec::new()
+    } else {
+        kinds(&o)
+    };
+    let conformance = [
+        Kind::Conformance,
+        Kind::ConformanceDeflate,
+        Kind::ConformancePerConnection,
+    ];
+    if used.iter().any(|k| conformance.contains(k)) && !o.server.exists() {
         bail!(
             "conformance binary not found at {} (cargo build --release -p firebrand-conformance --bin conformance, or --server PATH)",
             o.server.display()
@@ -1388,6 +1443,7 @@ fn main() -> anyhow::Result<()> {
             "presence-room" => scenarios::presence_room(&o).await,
             "presence-kill" => scenarios::presence_kill(&o).await,
             "history-cost" => history::history_cost(&o).await,
+            "outbox" => outbox::outbox(&o).await,
             "charts" => charts::charts(&o).await,
             "cluster-all" => {
                 scenarios::cluster_fanout(&o).await?;

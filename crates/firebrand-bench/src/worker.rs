@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::presence::{GroupStatus, Member, PStats, View, ViewRef, run_conn};
 use crate::stats::{EPOCH_ENV, Hist, epoch_ns};
-use crate::ws::SOURCE_ENV;
+use crate::ws::{DEFLATE_ENV, SOURCE_ENV};
 use crate::{Subs, parse};
 
 /// A worker's presence counters, as sent to the coordinator.
@@ -334,6 +334,10 @@ impl Worker {
             .arg("worker")
             .env(EPOCH_ENV, epoch_ns().to_string())
             .env(SOURCE_ENV, format!("{}.{salt}", id + 1))
+            .env(
+                DEFLATE_ENV,
+                if crate::ws::offers_deflate() { "1" } else { "" },
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

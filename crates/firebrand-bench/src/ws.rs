@@ -31,6 +31,26 @@ thread_local! {
 /// 127.B.C.2, 127.B.C.3, … (then 127.B.C+1.2, …). Unset: 127.0.0.x (the coordinator).
 pub(crate) const SOURCE_ENV: &str = "FIREBRAND_BENCH_SOURCE";
 
+/// RSV1 in a frame's first byte: the message is compressed (RFC 7692).
+pub(crate) const RSV1: u8 = 0x40;
+
+/// The environment variable that makes a process's clients offer permessage-deflate
+/// (`--deflate`; the coordinator hands it to its workers).
+pub(crate) const DEFLATE_ENV: &str = "FIREBRAND_BENCH_DEFLATE";
+
+static DEFLATE: std::sync::LazyLock<std::sync::atomic::AtomicBool> =
+    std::sync::LazyLock::new(|| std::env::var(DEFLATE_ENV).is_ok_and(|v| v == "1").into());
+
+/// Whether clients offer permessage-deflate (`--deflate`).
+pub(crate) fn offers_deflate() -> bool {
+    DEFLATE.load(Ordering::Relaxed)
+}
+
+/// Makes this process's clients offer permessage-deflate.
+pub(crate) fn offer_deflate() {
+    DEFLATE.store(true, Ordering::Relaxed);
+}
+
 static BASE: std::sync::LazyLock<(u8, u8)> = std::sync::LazyLock::new(|| {
     std::env::var(SOURCE_ENV)
         .ok()
@@ -126,9 +146,15 @@ impl Ws {
     /// Connects and upgrades (`path` includes the query, e.g. `/socket/websocket?vsn=2.0.0`).
     pub(crate) async fn connect(addr: SocketAddr, path: &str) -> io::Result<Ws> {
         let mut stream = tcp(addr).await?;
+        // With --deflate, the offer browsers make.
+        let extensions = if offers_deflate() {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
+        };
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extensions}\r\n"
         );
         stream.write_all(req.as_bytes()).await?;
         let mut ws = Ws {
@@ -193,14 +219,15 @@ impl Ws {
     }
 
     /// Reads once (at most 256 KiB, into the thread's buffer, when the socket is readable) and
-    /// hands `f` each complete frame: (opcode, data); frames already buffered come first. A
+    /// hands `f` each complete frame: (opcode, data), the opcode with [`RSV1`] set on a
+    /// compressed message (permessage-deflate); frames already buffered come first. A
     /// partial frame stays in the connection's own buffer for the next call. `Ok(false)` at end
     /// of stream. Cancel-safe (each poll reads and parses whole, or does nothing).
     ///
     /// A read shorter than the buffer tells Tokio the socket is drained, so a wake-up costs one
     /// `recvfrom`, however many frames it brings.
     pub(crate) async fn drain(&mut self, mut f: impl FnMut(u8, &[u8])) -> io::Result<bool> {
-        while let Some((op, r)) = self.next_frame() {
+        while let Some((op, r)) = self.next_bits() {
             f(op, &self.buf[r]);
         }
         std::future::poll_fn(|cx| {
@@ -220,7 +247,7 @@ impl Ws {
                 let end = carry + n;
                 let mut at = 0;
                 while let Some((b0, _masked, hl, len)) = parse_header(&s[at..end]) {
-                    f(b0 & 0x0f, &s[at + hl..at + hl + len]);
+                    f(b0 & (RSV1 | 0x0f), &s[at + hl..at + hl + len]);
                     at += hl + len;
                 }
                 let rest = end - at;
@@ -247,10 +274,15 @@ impl Ws {
 
     /// The next complete frame already buffered: (opcode, range of its data).
     pub(crate) fn next_frame(&mut self) -> Option<(u8, Range<usize>)> {
+        self.next_bits().map(|(bits, r)| (bits & 0x0f, r))
+    }
+
+    /// [`Ws::next_frame`] with RSV1 kept beside the opcode (a compressed message).
+    fn next_bits(&mut self) -> Option<(u8, Range<usize>)> {
         let (b0, _masked, hl, len) = parse_header(&self.buf[self.start..self.end])?;
         let s = self.start + hl;
         self.start = s + len;
-        Some((b0 & 0x0f, s..s + len))
+        Some((b0 & (RSV1 | 0x0f), s..s + len))
     }
 
     /// The bytes of a frame returned by [`Ws::next_frame`].

@@ -134,7 +134,9 @@ impl Outbox {
 
     /// How long rows are kept after their insert, as the outbox topics' history (then deleted).
     /// Default 300 s; at least the `max_age` given to
-    /// [`history_source`](firebrand::EndpointBuilder::history_source).
+    /// [`history_source`](firebrand::EndpointBuilder::history_source). Expired rows are deleted
+    /// every 10 s (every half of `age` when that is shorter), at the consumer's next read; a
+    /// rejoin from a position before them is answered `recovered: false`.
     pub fn retention(mut self, age: Duration) -> Self {
         self.retention = age;
         self

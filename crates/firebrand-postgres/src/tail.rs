@@ -13,7 +13,8 @@ use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::{Outbox, Shared};
 
-/// How often expired rows are deleted and rows without a `seq` given one.
+/// How often expired rows are deleted and rows without a `seq` given one (or every half of the
+/// retention, when that is shorter).
 const JANITOR_EVERY: Duration = Duration::from_secs(10);
 /// The longest wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -98,6 +99,7 @@ async fn session(
 
     let tail = client.prepare(&names.tail()).await?;
     let batch = outbox.batch as i64;
+    let janitor_every = JANITOR_EVERY.min(outbox.retention / 2);
     let mut janitor = Instant::now();
     loop {
         let rows = client.query(&tail, &[&(cursor.seq as i64), &batch]).await?;
@@ -139,7 +141,7 @@ async fn session(
             shared.lag_rows.store(0, Ordering::Relaxed);
             shared.lag_ms.store(0, Ordering::Relaxed);
         }
-        if janitor.elapsed() >= JANITOR_EVERY {
+        if janitor.elapsed() >= janitor_every {
             janitor = Instant::now();
             housekeeping(&mut client, outbox).await?;
         }

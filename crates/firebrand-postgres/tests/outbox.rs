@@ -378,3 +378,61 @@ async fn rows_committed_before_the_first_start_are_history_not_news() {
     let page = endpoint.history(&topic, None).await.unwrap();
     assert_eq!(page.broadcasts.iter().map(n).collect::<Vec<_>>(), [1, 2, 3]);
 }
+
+#[tokio::test]
+async fn the_janitor_deletes_expired_rows_and_rejoins_from_before_them_are_not_recovered() {
+    let table = "fb_outbox_janitor";
+    let db = connect().await;
+    fresh_table(&db, table).await;
+    let topic = format!("{table}:a");
+    let outbox = || {
+        Outbox::new(url())
+            .table(table)
+            .retention(Duration::from_millis(400))
+            .poll(Duration::from_millis(50))
+    };
+    let (endpoint, running) = node(table, outbox()).await;
+    let mut sub = endpoint.subscribe(&topic, 64);
+    for i in 1..=3 {
+        insert(&db, table, &topic, "row", i).await;
+    }
+    let mut seen = Vec::new();
+    for _ in 1..=3 {
+        seen.push(next(&mut sub).await);
+    }
+
+    // The rows expire: the janitor deletes them (every 200 ms here, half the retention).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left: i64 = db
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{left} rows left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop((sub, running, endpoint));
+
+    // A restarted node (an empty ring: only the table to read from).
+    let (endpoint, _running) = node(table, outbox()).await;
+    let mut sub = endpoint.subscribe(&topic, 64);
+    // From row 1: rows 2 and 3 are gone, so not recovered (nothing replayed).
+    let page = endpoint.history(&topic, seen[0].position()).await.unwrap();
+    assert_eq!(page.recovered, Some(false));
+    assert!(page.broadcasts.is_empty());
+    // From row 3, the last: nothing was missed, the deletion notwithstanding.
+    let page = endpoint.history(&topic, seen[2].position()).await.unwrap();
+    assert_eq!(page.recovered, Some(true));
+    assert!(page.broadcasts.is_empty());
+    // And the rows after it still arrive, and are recovered from it.
+    insert(&db, table, &topic, "row", 4).await;
+    let live = next(&mut sub).await;
+    assert_eq!(n(&live), 4);
+    let page = endpoint.history(&topic, seen[2].position()).await.unwrap();
+    assert_eq!(page.recovered, Some(true));
+    assert_eq!(page.broadcasts.iter().map(n).collect::<Vec<_>>(), [4]);
+}

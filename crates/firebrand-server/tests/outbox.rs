@@ -1,9 +1,12 @@
 //! The `[outbox]` through the real binary, against the real PostgreSQL (127.0.0.1:5432,
-//! database `test`; or `FIREBRAND_TEST_POSTGRES_URL`), single node, no Redis or NATS: the
-//! server SIGKILLed mid-stream and restarted (clients rejoin with `since` and end with every
+//! database `test`; or `FIREBRAND_TEST_POSTGRES_URL`): on a single node without Redis or NATS,
+//! the server SIGKILLed mid-stream and restarted (clients rejoin with `since` and end with every
 //! row once), PostgreSQL unreachable at start (`/ready` says why, the server serves, then
-//! connects), and the connection to PostgreSQL cut mid-stream (a TCP proxy reset: the consumer
-//! reconnects and resumes). Each test has its own table, so they run in parallel.
+//! connects), the connection to PostgreSQL cut mid-stream (a TCP proxy reset) and PostgreSQL
+//! itself restarted mid-stream, cleanly and as a crash (a PostgreSQL of the test's own: the
+//! consumer reconnects and resumes, nothing lost or doubled); and three nodes of a cluster over
+//! Redis and over NATS consuming one outbox. Each test has its own table, so they run in
+//! parallel.
 
 mod common;
 #[allow(dead_code, unreachable_pub)]
@@ -61,6 +64,23 @@ async fn db() -> Client {
         .expect("PostgreSQL on 127.0.0.1:5432, database test");
     tokio::spawn(connection);
     client
+}
+
+/// A connection to `url`, tried every 50 ms until PostgreSQL accepts it (it may be restarting).
+async fn db_at(url: &str) -> Client {
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    loop {
+        match tokio_postgres::connect(url, NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                return client;
+            }
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "{url}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// A fresh table `name` as the SQL creates it (and nothing of a previous run).
@@ -121,40 +141,49 @@ async fn until_ready(port: u16, within: Duration) {
 
 /// Writes rows until stopped: on `topics` in turn, in single-row transactions, multi-row ones
 /// and transactions that also write `<table>_data` and roll back (their rows never to be
-/// seen). Returns the payloads' `n` committed on each topic, in commit order.
+/// seen). A transaction that fails (PostgreSQL restarting) is not retried: the writer
+/// reconnects and goes on. Returns the payloads' `n` committed on each topic, in commit order,
+/// as `<table>_data` (written in the same transactions) says — exact even for a commit whose
+/// answer was lost.
 fn writer(
+    url: String,
     table: String,
     topics: Vec<String>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<BTreeMap<String, Vec<i64>>> {
     tokio::spawn(async move {
-        let mut db = db().await;
-        let mut committed: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        let mut db = db_at(&url).await;
         let insert = format!(
             "INSERT INTO {table} (topic, event, payload) VALUES ($1, 'row', jsonb_build_object('n', $2::bigint))"
         );
         let data = format!("INSERT INTO {table}_data (n) VALUES ($1)");
+        let rows_of = |n: i64| -> Vec<i64> {
+            if n % 5 == 0 {
+                (0..3).map(|k| n * 10 + k).collect()
+            } else {
+                vec![n * 10]
+            }
+        };
         let mut pace = tokio::time::interval(Duration::from_millis(3));
         let mut n = 0i64;
         while !stop.load(Ordering::Relaxed) {
             pace.tick().await;
             n += 1;
             let topic = &topics[n as usize % topics.len()];
-            let tx = db.transaction().await.unwrap();
-            tx.execute(&data, &[&n]).await.unwrap();
-            let rows: Vec<i64> = if n % 5 == 0 {
-                (0..3).map(|k| n * 10 + k).collect()
-            } else {
-                vec![n * 10]
+            let written = async {
+                let tx = db.transaction().await?;
+                tx.execute(&data, &[&n]).await?;
+                for row in rows_of(n) {
+                    tx.execute(&insert, &[topic, &row]).await?;
+                }
+                if n % 7 == 0 {
+                    tx.rollback().await
+                } else {
+                    tx.commit().await
+                }
             };
-            for row in &rows {
-                tx.execute(&insert, &[topic, row]).await.unwrap();
-            }
-            if n % 7 == 0 {
-                tx.rollback().await.unwrap();
-            } else {
-                tx.commit().await.unwrap();
-                committed.entry(topic.clone()).or_default().extend(rows);
+            if written.await.is_err() {
+                db = db_at(&url).await;
             }
         }
         for topic in &topics {
@@ -164,6 +193,19 @@ fn writer(
             )
             .await
             .unwrap();
+        }
+        let mut committed: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for row in db
+            .query(&format!("SELECT n FROM {table}_data ORDER BY n"), &[])
+            .await
+            .unwrap()
+        {
+            let n: i64 = row.get(0);
+            let topic = &topics[n as usize % topics.len()];
+            committed
+                .entry(topic.clone())
+                .or_default()
+                .extend(rows_of(n));
         }
         committed
     })
@@ -284,7 +326,7 @@ async fn sigkilled_server_restarts_and_clients_recover_every_row_once() {
         .collect();
     until(&count.joined, 6).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let writing = writer(table.into(), topics.clone(), stop.clone());
+    let writing = writer(pg_url(), table.into(), topics.clone(), stop.clone());
     until(&count.rows, 150).await;
 
     // SIGKILL mid-stream: nothing is shut down cleanly, rows keep being committed.
@@ -453,7 +495,7 @@ async fn connection_cut_mid_stream_reconnects_and_resumes_nothing_lost_or_double
         .collect();
     until(&count.joined, 4).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let writing = writer(table.into(), topics.clone(), stop.clone());
+    let writing = writer(pg_url(), table.into(), topics.clone(), stop.clone());
     until(&count.rows, 100).await;
 
     // Cut the consumer's connection (RST both ways) three times, rows being committed.
@@ -486,4 +528,335 @@ async fn connection_cut_mid_stream_reconnects_and_resumes_nothing_lost_or_double
         }
     }
     until_ready(port, WAIT).await;
+}
+
+/// A PostgreSQL of this test's own — `initdb` in a temp dir, on a free port — that it can
+/// restart without disturbing the other tests' (127.0.0.1:5432). Its binaries: the newest
+/// version under `/usr/lib/postgresql` (Debian's layout, installed by scripts/prereqs.sh) or
+/// `FIREBRAND_TEST_PG_BIN`. Run as `postgres` when the test runs as root (PostgreSQL refuses
+/// root). Stopped and removed when dropped.
+struct OwnPostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl OwnPostgres {
+    fn start(name: &str) -> OwnPostgres {
+        let bin = std::env::var_os("FIREBRAND_TEST_PG_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+                    .expect(
+                        "PostgreSQL's binaries in /usr/lib/postgresql (or FIREBRAND_TEST_PG_BIN)",
+                    )
+                    .filter_map(|e| {
+                        let e = e.ok()?;
+                        let version = e.file_name().to_str()?.parse().ok()?;
+                        let bin = e.path().join("bin");
+                        bin.join("initdb").exists().then_some((version, bin))
+                    })
+                    .collect();
+                versions.sort();
+                versions
+                    .pop()
+                    .expect("initdb under /usr/lib/postgresql/<version>/bin")
+                    .1
+            });
+        let dir = std::env::temp_dir().join(format!("firebrand-pg-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = OwnPostgres { bin, dir, port };
+        if as_root() {
+            let status = std::process::Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&pg.dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown postgres {}", pg.dir.display());
+        }
+        let data = pg.data();
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        let log = pg.dir.join("log");
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            pg.dir.display()
+        );
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &data,
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        );
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_str().unwrap().to_owned()
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `pg_ctl restart` with shutdown mode `mode` (`fast`: clients disconnected, a checkpoint;
+    /// `immediate`: killed, crash recovery at start); returns once it accepts connections.
+    fn restart(&self, mode: &str) {
+        // With its log file again: without one, the new server would write to (and hold open)
+        // pg_ctl's output, which `run` reads to its end.
+        let log = self.dir.join("log");
+        let log = log.to_str().unwrap();
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-l", log, "-m", mode, "-w", "restart"],
+        );
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let program = self.bin.join(tool);
+        let mut command = if as_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            std::process::Command::new(&program)
+        };
+        let out = command
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let program = self.bin.join("pg_ctl");
+        let data = self.data();
+        let args = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if as_root() {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&program).args(args).output()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether this process runs as root (`id -u`).
+fn as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.trim_ascii() == b"0")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_stream_the_consumer_resumes_nothing_lost_or_doubled() {
+    let table = "fb_srv_outbox_restart";
+    let pg = tokio::task::spawn_blocking(|| OwnPostgres::start("restart"))
+        .await
+        .unwrap();
+    let pg = Arc::new(pg);
+    fresh_table(&db_at(&pg.url()).await, table).await;
+    let path = config(table, &pg.url());
+    let server = spawn(&["--config", path.to_str().unwrap()], &[]).await;
+    let port = server.port;
+    until_ready(port, WAIT).await;
+
+    let topics: Vec<String> = ["a", "b"].iter().map(|t| format!("{table}:{t}")).collect();
+    let url = format!("ws://127.0.0.1:{port}/socket");
+    let count = Arc::new(Counts::default());
+    let clients: Vec<_> = (0..2)
+        .map(|_| follower(url.clone(), topics.clone(), count.clone()))
+        .collect();
+    until(&count.joined, 4).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(pg.url(), table.into(), topics.clone(), stop.clone());
+    until(&count.rows, 100).await;
+
+    // Restart PostgreSQL twice while rows are being committed: cleanly (`fast`), then as a
+    // crash (`immediate`: the server killed, crash recovery at start). The consumer's
+    // connection ends each time; it connects again and resumes.
+    let lost = || {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains("outbox: connection lost"))
+            .count()
+    };
+    for (i, mode) in ["fast", "immediate"].into_iter().enumerate() {
+        let at = *count.rows.borrow();
+        let restarting = pg.clone();
+        tokio::task::spawn_blocking(move || restarting.restart(mode))
+            .await
+            .unwrap();
+        until(&count.rows, at + 150).await;
+        assert!(lost() > i, "the restart ({mode}) was noticed");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let committed = writing.await.unwrap();
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.push(
+            tokio::time::timeout(WAIT * 3, client)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_every_row_once(&committed, &seen);
+    // The clients never left: one join each, no rejoin needed.
+    for client in &seen {
+        for topic in &topics {
+            assert_eq!(client[topic].joins.len(), 1, "{topic}");
+        }
+    }
+    until_ready(port, WAIT).await;
+    let rows: usize = committed.values().map(Vec::len).sum();
+    eprintln!("{rows} rows committed across two restarts of PostgreSQL");
+}
+
+/// Three nodes of one cluster (over the engine at `url`, `var` being `REDIS_URL` or
+/// `NATS_URL`) consume one outbox: each delivers every row to its own subscribers, so every
+/// client on every node sees every committed row once, in commit order, and with the same
+/// position on every node (the table is the topic's history); a client that saw rows on one
+/// node rejoins on another with `since` and recovers exactly what followed.
+async fn three_nodes_consume_one_outbox(name: &str, var: &str, url: &str) {
+    let table = format!("fb_srv_outbox_{name}");
+    let db = db().await;
+    fresh_table(&db, &table).await;
+    let path = config(&table, &pg_url());
+    let namespace = format!("firebrand-test-{}-{name}", std::process::id());
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(
+            spawn(
+                &["--config", path.to_str().unwrap()],
+                &[(var, url), ("FIREBRAND_CLUSTER_NAMESPACE", &namespace)],
+            )
+            .await,
+        );
+    }
+    for node in &nodes {
+        until_ready(node.port, WAIT).await;
+    }
+
+    let topics: Vec<String> = ["a", "b"].iter().map(|t| format!("{table}:{t}")).collect();
+    let count = Arc::new(Counts::default());
+    let clients: Vec<_> = nodes
+        .iter()
+        .map(|node| {
+            let url = format!("ws://127.0.0.1:{}/socket", node.port);
+            follower(url, topics.clone(), count.clone())
+        })
+        .collect();
+    // And two that look at the frames themselves, on nodes 1 and 3.
+    let mut raw = Vec::new();
+    for node in [&nodes[0], &nodes[2]] {
+        let mut client = common::connect(&node.url(), None).await.open();
+        assert_eq!(client.join(&topics[0]).await.0, "ok");
+        raw.push(client);
+    }
+    until(&count.joined, 6).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(pg_url(), table.clone(), topics.clone(), stop.clone());
+
+    // The same rows with the same positions on nodes 1 and 3.
+    let mut frames = Vec::new();
+    for client in &mut raw {
+        let mut rows = Vec::new();
+        for _ in 0..30 {
+            let frame = client.recv_event("row").await;
+            assert!(frame[1].is_string(), "with a position: {frame}");
+            rows.push((frame[1].clone(), frame[4].clone()));
+        }
+        frames.push(rows);
+    }
+    assert_eq!(
+        frames[0], frames[1],
+        "the same rows and positions on two nodes"
+    );
+    drop(raw);
+    // A client that saw the first 10 on node 1 rejoins on node 2 with the 10th's position:
+    // recovered, and the 11th to the 30th follow, once, in order.
+    let mut moved = common::connect(&nodes[1].url(), None).await.open();
+    let (status, reply) = moved
+        .join_with(&topics[0], json!({"since": frames[0][9].0}))
+        .await;
+    assert_eq!(
+        (status.as_str(), &reply["recovered"]),
+        ("ok", &json!(true)),
+        "{reply}"
+    );
+    for expected in &frames[0][10..] {
+        let frame = moved.recv_event("row").await;
+        assert_eq!((&frame[1], &frame[4]), (&expected.0, &expected.1));
+    }
+    drop(moved);
+
+    until(&count.rows, 600).await;
+    stop.store(true, Ordering::Relaxed);
+    let committed = writing.await.unwrap();
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.push(
+            tokio::time::timeout(WAIT * 3, client)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_every_row_once(&committed, &seen);
+    let rows: usize = committed.values().map(Vec::len).sum();
+    eprintln!("{name}: {rows} rows, each once on each of 3 nodes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_redis_consume_one_outbox() {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    three_nodes_consume_one_outbox("redis3", "REDIS_URL", &url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_over_nats_consume_one_outbox() {
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    three_nodes_consume_one_outbox("nats3", "NATS_URL", &url).await;
 }

@@ -241,3 +241,11 @@ impl Connection {
         self.registered.touch(&self.outbox, Duration::from_secs(60));
     }
 }
+
+/// Phoenix's way of compressing, for the benchmark that compares it with firebrand's
+/// (`firebrand-bench fanout --deflate`): when on, a broadcast is not compressed once for all
+/// its compressing subscribers but by each subscriber's connection as it writes it, as a
+/// deflate context per connection does. Process-wide; off by default.
+pub fn compress_per_connection(on: bool) {
+    crate::node::pubsub::COMPRESS_PER_CONNECTION.store(on, std::sync::atomic::Ordering::Relaxed);
+}

@@ -10,13 +10,17 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use firebrand_protocol::{Outbound, Payload, Serializer};
 use parking_lot::RwLock;
 
 use crate::node::queue::{Close, Frame, Outbox, Pushed};
+
+/// See [`crate::benching::compress_per_connection`]: broadcasts compressed by each connection
+/// instead of once.
+pub(crate) static COMPRESS_PER_CONNECTION: AtomicBool = AtomicBool::new(false);
 
 const SHARDS: usize = 32;
 
@@ -98,6 +102,9 @@ impl Broadcast {
         };
         match compressed {
             None => self.encoded(i, serializer),
+            Some(_) if COMPRESS_PER_CONNECTION.load(Ordering::Relaxed) => {
+                self.encoded(i, serializer)
+            }
             Some(count) => self.0.deflated[i]
                 .get_or_init(|| {
                     let frame = self.encoded(i, serializer)?;
