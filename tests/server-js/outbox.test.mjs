@@ -4,7 +4,8 @@
 // client through firebrand-server: every committed row once, in commit order, with a position;
 // no rolled-back row. And the server SIGKILLed mid-stream and restarted: phoenix.js rejoins with
 // `since` by itself and every client ends with every committed row once, on one node, where the
-// table is the only durable record. Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust, database test;
+// table is the only durable record. And three nodes of a cluster, over Redis and over NATS,
+// consuming one table: phoenix.js clients on every node get every row once, at the same positions. Needs PostgreSQL on 127.0.0.1:5432 (user postgres, trust, database test;
 // or FIREBRAND_TEST_POSTGRES_URL), as scripts/prereqs.sh sets up.
 import {test, after} from "node:test"
 import assert from "node:assert/strict"
@@ -16,12 +17,14 @@ const URL = process.env.FIREBRAND_TEST_POSTGRES_URL ?? "postgres://postgres@127.
 const table = `fb_js_outbox_${process.pid}`
 const orders = `${table}_orders`
 const killed = `fb_js_outbox_kill_${process.pid}`
+/** Tables made by the tests, dropped at the end. */
+const tables = [table, killed]
 
 const db = new pg.Client({connectionString: URL})
 await db.connect()
 after(async () => {
   disconnectAll()
-  for (const t of [table, killed]) {
+  for (const t of tables) {
     await db.query(`DROP TABLE IF EXISTS ${t}, ${t}_meta, ${t}_set_aside, ${t}_orders CASCADE;
       DROP SEQUENCE IF EXISTS ${t}_seq; DROP FUNCTION IF EXISTS ${t}_sequence() CASCADE`)
   }
@@ -246,3 +249,85 @@ outbox = true
   disconnectAll()
   assert.equal(await server.stop(), 0)
 })
+
+for (const engine of ["redis", "nats"]) {
+  test(`three nodes over ${engine} consume one outbox: phoenix.js on each node gets every committed row once, at the same positions`, async () => {
+    const t = `fb_js_outbox_${engine}3_${process.pid}`
+    tables.push(t)
+    await db.query(`DROP TABLE IF EXISTS ${t}, ${t}_meta, ${t}_set_aside CASCADE;
+      DROP SEQUENCE IF EXISTS ${t}_seq; DROP FUNCTION IF EXISTS ${t}_sequence() CASCADE;
+      CREATE TABLE ${t} (
+        id         bigserial   PRIMARY KEY,
+        topic      text        NOT NULL,
+        event      text        NOT NULL,
+        payload    jsonb       NOT NULL DEFAULT '{}',
+        created_at timestamptz NOT NULL DEFAULT now()
+      )`)
+    const toml = `
+[server]
+listen = "127.0.0.1:0"
+
+[outbox]
+postgres_url = "${URL}"
+table = "${t}"
+
+[[namespace]]
+prefix = "orders:"
+history = { size = 1000, max_age_ms = 300000 }
+outbox = true
+`
+    const env = engine === "redis"
+      ? {REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379"}
+      : {NATS_URL: process.env.NATS_URL ?? "nats://127.0.0.1:4222"}
+    env.FIREBRAND_CLUSTER_NAMESPACE = `fb-js-outbox-${engine}-${process.pid}`
+    const nodes = []
+    for (let i = 0; i < 3; i++) nodes.push(await startServer(toml, {}, env))
+    try {
+      for (const node of nodes) await ready(node)
+      const topic = "orders:cluster"
+      // Two phoenix.js clients on each node.
+      const clients = []
+      for (const node of nodes) {
+        for (let k = 0; k < 2; k++) {
+          const s = await connected(node.ws)
+          const client = {got: [], ended: null}
+          client.end = new Promise((resolve) => { client.ended = resolve })
+          const channel = s.channel(topic, {})
+          channel.on("row", ({n}, position) => client.got.push(`${n}@${position}`))
+          channel.on("end", () => client.ended())
+          const [status] = await outcome(channel.join(), "the join")
+          assert.equal(status, "ok")
+          clients.push(client)
+        }
+      }
+      // 60 transactions of 1 to 3 rows, every fifth rolled back.
+      const writer = new pg.Client({connectionString: URL})
+      await writer.connect()
+      const committed = []
+      for (let n = 1; n <= 60; n++) {
+        const rows = Array.from({length: 1 + (n % 3)}, (_, k) => n * 10 + k)
+        await writer.query("BEGIN")
+        for (const row of rows) {
+          await writer.query(`INSERT INTO ${t} (topic, event, payload) VALUES ($1, 'row', $2)`, [topic, {n: row}])
+        }
+        if (n % 5 === 0) {
+          await writer.query("ROLLBACK")
+        } else {
+          await writer.query("COMMIT")
+          committed.push(...rows)
+        }
+      }
+      await writer.query(`INSERT INTO ${t} (topic, event) VALUES ($1, 'end')`, [topic])
+      await writer.end()
+      await Promise.all(clients.map((c) => within(c.end, "the end row", 15_000)))
+      const first = clients[0].got
+      assert.deepEqual(first.map((s) => Number(s.split("@")[0])), committed, "every committed row once, in commit order")
+      for (const [i, client] of clients.entries()) {
+        assert.deepEqual(client.got, first, `client ${i} (node ${Math.floor(i / 2) + 1}): the same rows at the same positions`)
+      }
+    } finally {
+      disconnectAll()
+      for (const node of nodes) assert.equal(await node.stop(), 0)
+    }
+  })
+}
