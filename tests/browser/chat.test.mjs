@@ -148,6 +148,45 @@ test("two chat nodes sharing Redis: messages and presence cross nodes", async ()
   }
 })
 
+test("against a compressing server (COMPRESS=1) Chromium negotiates permessage-deflate and chats", async () => {
+  const node = await startServer({COMPRESS: "1"})
+  try {
+    // The handshake's answer, as Chromium saw it (DevTools protocol), for each page.
+    const pageWithHandshake = async (user) => {
+      const context = await browser.newContext()
+      const page = await context.newPage()
+      page.on("pageerror", (e) => assert.fail(`page error for ${user}: ${e}`))
+      const cdp = await context.newCDPSession(page)
+      await cdp.send("Network.enable")
+      const handshake = new Promise((resolve) => cdp.on("Network.webSocketHandshakeResponseReceived", (e) => resolve(e.response)))
+      await page.goto(`${node.url}/?user=${encodeURIComponent(user)}`)
+      await page.locator("#status.connected").waitFor(WAIT)
+      const response = await handshake
+      const headers = Object.fromEntries(Object.entries(response.headers).map(([k, v]) => [k.toLowerCase(), v]))
+      return {page, extensions: headers["sec-websocket-extensions"]}
+    }
+    const ivan = await pageWithHandshake("ivan")
+    const judy = await pageWithHandshake("judy")
+    for (const {extensions} of [ivan, judy]) {
+      assert.match(extensions ?? "", /^permessage-deflate/, `negotiated: ${extensions}`)
+      assert.match(extensions, /server_no_context_takeover/)
+    }
+    await online(ivan.page, "judy").waitFor(WAIT)
+    // Long enough to be compressed both ways (the server compresses from 128 bytes; Chromium
+    // compresses what it sends once negotiated), and inflated right on each side.
+    const text = `compressed ${"all work and no play makes a long message ".repeat(5)}${Date.now()}`
+    await ivan.page.fill("#body", text)
+    await ivan.page.press("#body", "Enter")
+    await judy.page.locator("#messages li", {hasText: text}).waitFor(WAIT)
+    await ivan.page.locator("#messages li", {hasText: text}).waitFor(WAIT)
+    await ivan.page.context().close()
+    await online(judy.page, "ivan").waitFor({state: "detached", ...WAIT})
+    await judy.page.context().close()
+  } finally {
+    node.child.kill("SIGTERM")
+  }
+})
+
 test("a tab whose network goes away and comes back shows every message sent meanwhile, once", async () => {
   // Dave's network: the page's WebSockets pass through this route; "offline", the open one is
   // cut and new ones are refused, as when the network goes (Chromium's offline mode alone

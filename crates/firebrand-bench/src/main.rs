@@ -13,6 +13,7 @@ mod presence;
 mod scenarios;
 mod slow;
 mod stats;
+mod wire;
 mod worker;
 mod ws;
 
@@ -39,6 +40,7 @@ scenarios: idle fanout latency connect echo slow all    (serve-baseline --port P
 cluster scenarios (conformance nodes on Redis or NATS, several generator processes):
            cluster-fanout presence-storm presence-room presence-kill cluster-all
            history-cost (--engine redis|nats; --bursts N: N x 1000 broadcasts)
+wire-bytes: bytes on the wire of three messages with and without permessage-deflate
 outbox: firebrand-server's PostgreSQL outbox against POST /api/publish (--server-bin; --subs N
            per topic (10), --rows N committed as fast as possible (100000), then --rate R rows/s
            (2000) for --secs S (10); PostgreSQL at FIREBRAND_BENCH_POSTGRES_URL)
@@ -1444,6 +1446,7 @@ fn main() -> anyhow::Result<()> {
             "presence-kill" => scenarios::presence_kill(&o).await,
             "history-cost" => history::history_cost(&o).await,
             "outbox" => outbox::outbox(&o).await,
+            "wire-bytes" => wire::wire_bytes(&o).await,
             "charts" => charts::charts(&o).await,
             "cluster-all" => {
                 scenarios::cluster_fanout(&o).await?;

@@ -145,9 +145,18 @@ pub(crate) struct Ws {
 impl Ws {
     /// Connects and upgrades (`path` includes the query, e.g. `/socket/websocket?vsn=2.0.0`).
     pub(crate) async fn connect(addr: SocketAddr, path: &str) -> io::Result<Ws> {
+        Self::connect_offering(addr, path, offers_deflate()).await
+    }
+
+    /// [`Ws::connect`], offering permessage-deflate or not whatever `--deflate` says.
+    pub(crate) async fn connect_offering(
+        addr: SocketAddr,
+        path: &str,
+        deflate: bool,
+    ) -> io::Result<Ws> {
         let mut stream = tcp(addr).await?;
-        // With --deflate, the offer browsers make.
-        let extensions = if offers_deflate() {
+        // The offer browsers make.
+        let extensions = if deflate {
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
         } else {
             ""

@@ -149,7 +149,8 @@ fn javascript(source: &'static str) -> impl IntoResponse {
     )
 }
 
-fn app(endpoint: &Endpoint) -> Router {
+/// The page and its socket; `compress`: offer permessage-deflate (browsers accept it).
+fn app(endpoint: &Endpoint, compress: bool) -> Router {
     let socket = endpoint
         .socket_with_state(
             ChatSocket,
@@ -162,6 +163,7 @@ fn app(endpoint: &Endpoint) -> Router {
         .check_origin(CheckOrigin::allow(["//localhost", "//127.0.0.1"]))
         // Browsers that cannot open a WebSocket fall back to long-poll.
         .longpoll(Duration::from_secs(10))
+        .compress(compress)
         .into_router();
     Router::new()
         .route("/", get(|| async { Html(INDEX) }))
@@ -226,7 +228,11 @@ async fn main() -> anyhow::Result<()> {
     );
     // Like axum::serve, plus a deadline on handshakes and a large listen backlog (see
     // firebrand::Server).
-    server.serve(app(&endpoint), shutdown_signal()).await?;
+    // COMPRESS=1: permessage-deflate, as Phoenix's `websocket: [compress: true]`.
+    let compress = std::env::var("COMPRESS").is_ok_and(|v| v == "1");
+    server
+        .serve(app(&endpoint, compress), shutdown_signal())
+        .await?;
     // Close the sockets gradually (code 1012: the page reconnects) before exiting.
     endpoint
         .drain(Duration::from_secs(2), Duration::from_secs(10))
@@ -248,7 +254,7 @@ mod tests {
             .build();
         let server = firebrand::Server::bind(("127.0.0.1", 0)).await.unwrap();
         let port = server.local_addr().unwrap().port();
-        let app = app(&endpoint);
+        let app = app(&endpoint, false);
         tokio::spawn(async move { server.serve(app, std::future::pending()).await });
 
         let socket = firebrand_client::Socket::builder(format!("ws://127.0.0.1:{port}/socket"))
