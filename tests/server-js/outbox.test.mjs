@@ -31,6 +31,19 @@ after(async () => {
   await db.end()
 })
 
+/** Drops `name` and what the server installed for it, then creates it with the issue's SQL, and `sql` after it. */
+async function freshTable(name, sql = "") {
+  await db.query(`DROP TABLE IF EXISTS ${name}, ${name}_meta, ${name}_set_aside, ${name}_orders CASCADE;
+    DROP SEQUENCE IF EXISTS ${name}_seq; DROP FUNCTION IF EXISTS ${name}_sequence() CASCADE;
+    CREATE TABLE ${name} (
+      id         bigserial   PRIMARY KEY,
+      topic      text        NOT NULL,
+      event      text        NOT NULL,
+      payload    jsonb       NOT NULL DEFAULT '{}',
+      created_at timestamptz NOT NULL DEFAULT now()
+    ); ${sql}`)
+}
+
 /** Polls GET /ready until it answers 200 (the outbox connected). */
 async function ready(server) {
   const deadline = Date.now() + 10_000
@@ -45,16 +58,7 @@ async function ready(server) {
 
 test("rows committed by psql, psycopg and pg reach phoenix.js once, in commit order; rolled back ones never", async () => {
   // The issue's SQL, and the app's own table.
-  await db.query(`DROP TABLE IF EXISTS ${table}, ${table}_meta, ${table}_set_aside, ${orders} CASCADE;
-    DROP SEQUENCE IF EXISTS ${table}_seq; DROP FUNCTION IF EXISTS ${table}_sequence() CASCADE;
-    CREATE TABLE ${table} (
-      id         bigserial   PRIMARY KEY,
-      topic      text        NOT NULL,
-      event      text        NOT NULL,
-      payload    jsonb       NOT NULL DEFAULT '{}',
-      created_at timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE TABLE ${orders} (id bigserial PRIMARY KEY, src text NOT NULL, n int NOT NULL)`)
+  await freshTable(table, `CREATE TABLE ${orders} (id bigserial PRIMARY KEY, src text NOT NULL, n int NOT NULL)`)
   const server = await startServer(`
 [server]
 listen = "127.0.0.1:0"
@@ -153,16 +157,7 @@ async function until(probe, what, ms = 15_000) {
 }
 
 test("a SIGKILLed server restarts: phoenix.js rejoins with since and every client ends with every committed row once", async () => {
-  await db.query(`DROP TABLE IF EXISTS ${killed}, ${killed}_meta, ${killed}_set_aside, ${killed}_orders CASCADE;
-    DROP SEQUENCE IF EXISTS ${killed}_seq; DROP FUNCTION IF EXISTS ${killed}_sequence() CASCADE;
-    CREATE TABLE ${killed} (
-      id         bigserial   PRIMARY KEY,
-      topic      text        NOT NULL,
-      event      text        NOT NULL,
-      payload    jsonb       NOT NULL DEFAULT '{}',
-      created_at timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE TABLE ${killed}_orders (id bigserial PRIMARY KEY, n int NOT NULL)`)
+  await freshTable(killed, `CREATE TABLE ${killed}_orders (id bigserial PRIMARY KEY, n int NOT NULL)`)
   const toml = `
 [server]
 listen = "127.0.0.1:0"
@@ -254,15 +249,7 @@ for (const engine of ["redis", "nats"]) {
   test(`three nodes over ${engine} consume one outbox: phoenix.js on each node gets every committed row once, at the same positions`, async () => {
     const t = `fb_js_outbox_${engine}3_${process.pid}`
     tables.push(t)
-    await db.query(`DROP TABLE IF EXISTS ${t}, ${t}_meta, ${t}_set_aside CASCADE;
-      DROP SEQUENCE IF EXISTS ${t}_seq; DROP FUNCTION IF EXISTS ${t}_sequence() CASCADE;
-      CREATE TABLE ${t} (
-        id         bigserial   PRIMARY KEY,
-        topic      text        NOT NULL,
-        event      text        NOT NULL,
-        payload    jsonb       NOT NULL DEFAULT '{}',
-        created_at timestamptz NOT NULL DEFAULT now()
-      )`)
+    await freshTable(t)
     const toml = `
 [server]
 listen = "127.0.0.1:0"

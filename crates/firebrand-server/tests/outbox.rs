@@ -307,6 +307,37 @@ fn assert_every_row_once(
     }
 }
 
+/// Stops the writer, waits for every client to see the end, and checks that each saw every
+/// committed row once, in commit order: what was committed, and what each client saw.
+async fn finish(
+    stop: &AtomicBool,
+    writing: tokio::task::JoinHandle<BTreeMap<String, Vec<i64>>>,
+    clients: Vec<tokio::task::JoinHandle<BTreeMap<String, Seen>>>,
+) -> (BTreeMap<String, Vec<i64>>, Vec<BTreeMap<String, Seen>>) {
+    stop.store(true, Ordering::Relaxed);
+    let committed = writing.await.unwrap();
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.push(
+            tokio::time::timeout(WAIT * 3, client)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_every_row_once(&committed, &seen);
+    (committed, seen)
+}
+
+/// The clients never left: one join each, no rejoin needed.
+fn never_left(seen: &[BTreeMap<String, Seen>], topics: &[String]) {
+    for client in seen {
+        for topic in topics {
+            assert_eq!(client[topic].joins.len(), 1, "{topic}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_server_restarts_and_clients_recover_every_row_once() {
     let table = "fb_srv_outbox_kill";
@@ -356,18 +387,7 @@ async fn sigkilled_server_restarts_and_clients_recover_every_row_once() {
     until_ready(port, WAIT).await;
     // Rows after the restart, live, then the end.
     until(&count.rows, at_kill + 300).await;
-    stop.store(true, Ordering::Relaxed);
-    let committed = writing.await.unwrap();
-    let mut seen = Vec::new();
-    for client in clients {
-        seen.push(
-            tokio::time::timeout(WAIT * 3, client)
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    assert_every_row_once(&committed, &seen);
+    let (committed, seen) = finish(&stop, writing, clients).await;
     let rows: usize = committed.values().map(Vec::len).sum();
     eprintln!("{rows} rows committed, {at_kill} received (3 clients) before the SIGKILL");
     // Each channel joined, then rejoined the restarted server with `since` and recovered.
@@ -509,24 +529,8 @@ async fn connection_cut_mid_stream_reconnects_and_resumes_nothing_lost_or_double
         );
         until(&count.rows, at + 150).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let committed = writing.await.unwrap();
-    let mut seen = Vec::new();
-    for client in clients {
-        seen.push(
-            tokio::time::timeout(WAIT * 3, client)
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    assert_every_row_once(&committed, &seen);
-    // The clients never left: one join each, no rejoin needed.
-    for client in &seen {
-        for topic in &topics {
-            assert_eq!(client[topic].joins.len(), 1, "{topic}");
-        }
-    }
+    let (_, seen) = finish(&stop, writing, clients).await;
+    never_left(&seen, &topics);
     until_ready(port, WAIT).await;
 }
 
@@ -731,24 +735,8 @@ async fn postgres_restarted_mid_stream_the_consumer_resumes_nothing_lost_or_doub
         until(&count.rows, at + 150).await;
         assert!(lost() > i, "the restart ({mode}) was noticed");
     }
-    stop.store(true, Ordering::Relaxed);
-    let committed = writing.await.unwrap();
-    let mut seen = Vec::new();
-    for client in clients {
-        seen.push(
-            tokio::time::timeout(WAIT * 3, client)
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    assert_every_row_once(&committed, &seen);
-    // The clients never left: one join each, no rejoin needed.
-    for client in &seen {
-        for topic in &topics {
-            assert_eq!(client[topic].joins.len(), 1, "{topic}");
-        }
-    }
+    let (committed, seen) = finish(&stop, writing, clients).await;
+    never_left(&seen, &topics);
     until_ready(port, WAIT).await;
     let rows: usize = committed.values().map(Vec::len).sum();
     eprintln!("{rows} rows committed across two restarts of PostgreSQL");
@@ -833,18 +821,7 @@ async fn three_nodes_consume_one_outbox(name: &str, var: &str, url: &str) {
     drop(moved);
 
     until(&count.rows, 600).await;
-    stop.store(true, Ordering::Relaxed);
-    let committed = writing.await.unwrap();
-    let mut seen = Vec::new();
-    for client in clients {
-        seen.push(
-            tokio::time::timeout(WAIT * 3, client)
-                .await
-                .unwrap()
-                .unwrap(),
-        );
-    }
-    assert_every_row_once(&committed, &seen);
+    let (committed, _) = finish(&stop, writing, clients).await;
     let rows: usize = committed.values().map(Vec::len).sum();
     eprintln!("{name}: {rows} rows, each once on each of 3 nodes");
 }
