@@ -168,11 +168,13 @@ pub trait Handle<P: Push>: TypedChannel {
 /// [`Push`] types whose every member the channel handles. Never implemented by hand.
 #[doc(hidden)]
 pub trait Dispatch<C: TypedChannel>: PushList {
+    /// The channel's `handle_in` itself (no future around it: a message's future is as small
+    /// as the handler's allows, see `Channel::handle_in` below).
     fn dispatch(
         channel: &mut C,
         event: &str,
         payload: Payload,
-        ctx: &mut TypedContext<'_, C>,
+        ctx: &mut ChannelContext<C>,
     ) -> impl Future<Output = HandleResult> + Send;
 }
 
@@ -187,13 +189,9 @@ fn encode<T: serde::Serialize>(value: &T, what: &str) -> Option<Payload> {
     }
 }
 
-async fn handle_one<C: Handle<P>, P: Push>(
-    channel: &mut C,
-    payload: Payload,
-    ctx: &mut TypedContext<'_, C>,
-) -> HandleResult {
-    let push: P = payload.decode()?;
-    let (status, payload) = match channel.handle(push, ctx).await {
+/// A push handler's result as the reply to send.
+fn reply<P: Push>(result: Result<P::Reply, ErrorReply>) -> HandleResult {
+    let (status, payload) = match result {
         Ok(reply) => ("ok", encode(&reply, P::EVENT)),
         Err(e) => ("error", encode(&e, P::EVENT)),
     };
@@ -215,7 +213,7 @@ impl<C: TypedChannel> Dispatch<C> for () {
         _: &mut C,
         event: &str,
         _: Payload,
-        _: &mut TypedContext<'_, C>,
+        _: &mut ChannelContext<C>,
     ) -> HandleResult {
         Err(unknown_event(event))
     }
@@ -228,11 +226,16 @@ macro_rules! dispatch {
                 channel: &mut Ch,
                 event: &str,
                 payload: Payload,
-                ctx: &mut TypedContext<'_, Ch>,
+                ctx: &mut ChannelContext<Ch>,
             ) -> HandleResult {
                 $(
                     if event == $t::EVENT {
-                        return handle_one::<Ch, $t>(channel, payload, ctx).await;
+                        let push: $t = payload.decode()?;
+                        drop(payload);
+                        let mut ctx = TypedContext { inner: ctx };
+                        return reply::<$t>(
+                            <Ch as Handle<$t>>::handle(channel, push, &mut ctx).await,
+                        );
                     }
                 )+
                 Err(unknown_event(event))
@@ -288,15 +291,13 @@ impl<T: TypedChannel> Channel for T {
         T::after_join(self, &mut TypedContext { inner: ctx }).await;
     }
 
-    async fn handle_in(
+    fn handle_in(
         &mut self,
         event: &str,
         payload: Payload,
         ctx: &mut ChannelContext<Self>,
-    ) -> HandleResult {
-        let mut ctx = TypedContext { inner: ctx };
-        <<T::Contract as Contract>::Pushes as Dispatch<T>>::dispatch(self, event, payload, &mut ctx)
-            .await
+    ) -> impl Future<Output = HandleResult> + Send {
+        <<T::Contract as Contract>::Pushes as Dispatch<T>>::dispatch(self, event, payload, ctx)
     }
 
     async fn handle_out(&mut self, broadcast: Broadcast, ctx: &mut ChannelContext<Self>) {
