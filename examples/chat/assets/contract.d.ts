@@ -78,7 +78,7 @@ export function typedPresence<C extends ContractShape>(
  * The join params of a room: `{}` for a newcomer, `{since}` for a page that rejoins after
  * losing its connection (the client re-reads them on every rejoin).
  */
-export type JoinParams = { 
+export type JoinParams = {
 /**
  * The position of the last message the page showed (the second argument of its `new_msg`
  * callback): the server replays what came after it, before newer messages, each once.
@@ -89,12 +89,12 @@ since?: string, };
  * The `ok` reply to a join. Rooms are recoverable topics: the server adds the room's position,
  * and `recovered` when the join had `since`.
  */
-export type JoinReply = { 
+export type JoinReply = {
 /**
  * The room's latest position (`null` while it has no message): where a newcomer resumes
  * from.
  */
-position?: string | null, 
+position?: string | null,
 /**
  * Only with `since`: `true` when every message after it follows the reply, `false` when
  * the room's history no longer reaches back that far (a server restart, a long absence):
@@ -105,7 +105,7 @@ recovered?: boolean, };
 /**
  * What presence records for each open tab of a user in the room.
  */
-export type Meta = { 
+export type Meta = {
 /**
  * When the tab joined, in seconds since the Unix epoch (a decimal string).
  */
@@ -115,7 +115,7 @@ online_at: string, };
  * A message the page sends to its room. Replied to with `{}` once everyone in the room has
  * been sent it; an error reply says why not (an empty or too long message).
  */
-export type NewMsg = { 
+export type NewMsg = {
 /**
  * The text: 1 to 1000 characters once trimmed.
  */
@@ -124,15 +124,15 @@ body: string, };
 /**
  * A message of the room, sent to everyone in it (its sender included).
  */
-export type Message = { 
+export type Message = {
 /**
  * Who sent it.
  */
-user: string, 
+user: string,
 /**
  * The text, trimmed.
  */
-body: string, 
+body: string,
 /**
  * When the server received it, in milliseconds since the Unix epoch.
  */
