@@ -27,6 +27,9 @@
 //!     .history_source("orders:*", 1000, Duration::from_secs(300), outbox.source())
 //!     .build();
 //! let running = outbox.start(&endpoint);
+//! // Serve once the consumer has started: a client joining before could miss the rows
+//! // committed until then (see `Running::started`).
+//! running.started().await;
 //! // … serve the endpoint; `running.stats()` for metrics, `running.is_connected()` for /ready.
 //! # drop(running);
 //! # }
