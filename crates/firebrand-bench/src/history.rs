@@ -173,7 +173,8 @@ fn nats_server() -> &'static str {
     }
 }
 
-async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+/// `GET path` from the server on 127.0.0.1:`port`: the whole response.
+pub(crate) async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
     let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;

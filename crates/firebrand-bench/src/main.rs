@@ -337,7 +337,7 @@ struct Server {
 
 impl Server {
     fn start(kind: Kind, o: &Opts) -> anyhow::Result<Server> {
-        let mut cmd = match kind {
+        let cmd = match kind {
             Kind::Conformance => {
                 let mut c = Command::new(&o.server);
                 c.args(["--port", "0"]).env("RUST_LOG", "warn");
@@ -374,25 +374,8 @@ impl Server {
                 c
             }
         };
-        if let Some(n) = o.server_threads {
-            // All servers run on Tokio's multi-thread runtime, which takes its size from this.
-            cmd.env("TOKIO_WORKER_THREADS", n.to_string());
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {kind:?} server ({cmd:?})"))?;
-        let mut out = BufReader::new(child.stdout.take().context("stdout")?);
-        let mut line = String::new();
-        out.read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected server output {line:?}"))?
-            .parse()?;
-        // Whatever else it prints is read and dropped: a closed pipe would fail its writes.
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let (child, addr) =
+            spawn_listening(cmd, o).with_context(|| format!("cannot start the {kind:?} server"))?;
         let pid = child.id();
         Ok(Server {
             child,
@@ -410,6 +393,31 @@ impl Server {
             publish: self.kind.publish_path(),
         }
     }
+}
+
+/// Starts a server (`cmd`, on `--server-threads` workers) that prints `listening on ADDR` first;
+/// the child and that address. Whatever else it prints is read and dropped: a closed pipe
+/// would fail its writes.
+fn spawn_listening(mut cmd: Command, o: &Opts) -> anyhow::Result<(Child, SocketAddr)> {
+    if let Some(n) = o.server_threads {
+        // All servers run on Tokio's multi-thread runtime, which takes its size from this.
+        cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))?;
+    let mut out = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected server output {line:?}"))?
+        .parse()?;
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    Ok((child, addr))
 }
 
 /// What a scenario gets: the server's address, PID and broadcast path (the `Server` stays
@@ -1531,5 +1539,12 @@ mod tests {
         let frame = format!(r#"[null,null,"room:fanout","bench",{p}]"#);
         assert_eq!(frame.len(), 150);
         assert!(stamp(frame.as_bytes()).is_some());
+    }
+
+    #[test]
+    fn stamps_are_read_as_postgresql_writes_jsonb_back_too() {
+        assert_eq!(stamp(br#"{"t":"000000000000042","p":"x"}"#), Some(42));
+        assert_eq!(stamp(br#"{"p": "x", "t": "000000000000042"}"#), Some(42));
+        assert_eq!(stamp(br#"{"t": 42}"#), None);
     }
 }

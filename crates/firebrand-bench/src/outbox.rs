@@ -16,7 +16,7 @@
 //!   subscribers, and the server's CPU per message for each path.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::stats::{Hist, cpu_ns, now_ns};
 use crate::ws::{Ws, stamp};
-use crate::{Opts, Trigger, fmt, payload};
+use crate::{Opts, Trigger, fmt, payload, spawn_listening};
 
 const TABLE: &str = "fb_bench_outbox";
 const OUTBOX_TOPIC: &str = "bench:outbox";
@@ -93,23 +93,7 @@ impl OutboxServer {
             .env("RUST_LOG", "warn")
             .env_remove("FIREBRAND_CONFIG")
             .env_remove("FIREBRAND_LISTEN");
-        if let Some(n) = o.server_threads {
-            cmd.env("TOKIO_WORKER_THREADS", n.to_string());
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {cmd:?}"))?;
-        let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected server output {line:?}"))?
-            .parse()?;
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let (child, addr) = spawn_listening(cmd, o)?;
         let server = OutboxServer { child, addr, dir };
         // Ready once the outbox is connected and installed.
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -156,7 +140,7 @@ async fn subscribe(
                     .drain(|op, d| {
                         if op == 1 && memchr::memmem::find(d, br#","bench","#).is_some() {
                             count += 1;
-                            if let Some(t) = stamp(d).or_else(|| jsonb_stamp(d)) {
+                            if let Some(t) = stamp(d) {
                                 local.push(now_ns().saturating_sub(t) / 1000);
                             }
                         }
@@ -407,24 +391,10 @@ async fn pace(rate: u64, total: u64, mut send: impl FnMut()) {
 
 /// The status of `GET path`.
 async fn status(addr: SocketAddr, path: &str) -> anyhow::Result<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = crate::ws::tcp(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut response = Vec::new();
-    s.read_to_end(&mut response).await?;
-    let head = String::from_utf8_lossy(&response);
-    head.split(' ')
+    let response = crate::history::http_get(addr.port(), path).await?;
+    response
+        .split(' ')
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .with_context(|| format!("GET {path}: {head}"))
-}
-
-/// The stamp of a payload that went through `jsonb`, which PostgreSQL writes back with a space
-/// after each colon: `"t": "<15 digits>"`.
-fn jsonb_stamp(d: &[u8]) -> Option<u64> {
-    let i = memchr::memmem::find(d, br#""t": ""#)? + 6;
-    std::str::from_utf8(d.get(i..i + 15)?).ok()?.parse().ok()
+        .with_context(|| format!("GET {path}: {response}"))
 }

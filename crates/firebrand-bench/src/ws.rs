@@ -339,12 +339,19 @@ impl Ws {
     }
 }
 
-/// The bench's timestamp in a frame: `"t":"<15 digits>"` (ns since the bench started).
+/// The bench's timestamp in a frame: `"t":"<15 digits>"` (ns since the bench started), or
+/// `"t": "…"` as PostgreSQL writes a `jsonb` payload back (the outbox scenario).
 pub(crate) fn stamp(d: &[u8]) -> Option<u64> {
     static FINDER: std::sync::LazyLock<memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memmem::Finder::new(br#""t":""#));
-    let i = FINDER.find(d)? + 5;
-    let digits = d.get(i..i + 15)?;
+        std::sync::LazyLock::new(|| memmem::Finder::new(br#""t":"#));
+    let mut i = FINDER.find(d)? + 4;
+    if d.get(i) == Some(&b' ') {
+        i += 1;
+    }
+    if d.get(i) != Some(&b'"') {
+        return None;
+    }
+    let digits = d.get(i + 1..i + 16)?;
     let mut v = 0u64;
     for &c in digits {
         if !c.is_ascii_digit() {

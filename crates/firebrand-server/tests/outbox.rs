@@ -307,6 +307,42 @@ fn assert_every_row_once(
     }
 }
 
+/// A stream under way on the single server at `port`: `clients` followers of `<table>:a` and
+/// `<table>:b`, and a writer to the database at `db_url`, once `rows` rows have arrived.
+struct Streaming {
+    topics: Vec<String>,
+    count: Arc<Counts>,
+    clients: Vec<tokio::task::JoinHandle<BTreeMap<String, Seen>>>,
+    stop: Arc<AtomicBool>,
+    writing: tokio::task::JoinHandle<BTreeMap<String, Vec<i64>>>,
+}
+
+async fn streaming(
+    port: u16,
+    table: &str,
+    db_url: String,
+    clients: usize,
+    rows: usize,
+) -> Streaming {
+    let topics: Vec<String> = ["a", "b"].iter().map(|t| format!("{table}:{t}")).collect();
+    let url = format!("ws://127.0.0.1:{port}/socket");
+    let count = Arc::new(Counts::default());
+    let followers: Vec<_> = (0..clients)
+        .map(|_| follower(url.clone(), topics.clone(), count.clone()))
+        .collect();
+    until(&count.joined, clients * topics.len()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = writer(db_url, table.into(), topics.clone(), stop.clone());
+    until(&count.rows, rows).await;
+    Streaming {
+        topics,
+        count,
+        clients: followers,
+        stop,
+        writing,
+    }
+}
+
 /// Stops the writer, waits for every client to see the end, and checks that each saw every
 /// committed row once, in commit order: what was committed, and what each client saw.
 async fn finish(
@@ -349,16 +385,13 @@ async fn sigkilled_server_restarts_and_clients_recover_every_row_once() {
     let port = server.port;
     until_ready(port, WAIT).await;
 
-    let topics: Vec<String> = ["a", "b"].iter().map(|t| format!("{table}:{t}")).collect();
-    let url = format!("ws://127.0.0.1:{port}/socket");
-    let count = Arc::new(Counts::default());
-    let clients: Vec<_> = (0..3)
-        .map(|_| follower(url.clone(), topics.clone(), count.clone()))
-        .collect();
-    until(&count.joined, 6).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writing = writer(pg_url(), table.into(), topics.clone(), stop.clone());
-    until(&count.rows, 150).await;
+    let Streaming {
+        topics,
+        count,
+        clients,
+        stop,
+        writing,
+    } = streaming(port, table, pg_url(), 3, 150).await;
 
     // SIGKILL mid-stream: nothing is shut down cleanly, rows keep being committed.
     let mut server = server;
@@ -507,16 +540,13 @@ async fn connection_cut_mid_stream_reconnects_and_resumes_nothing_lost_or_double
     let port = server.port;
     until_ready(port, WAIT).await;
 
-    let topics: Vec<String> = ["a", "b"].iter().map(|t| format!("{table}:{t}")).collect();
-    let url = format!("ws://127.0.0.1:{port}/socket");
-    let count = Arc::new(Counts::default());
-    let clients: Vec<_> = (0..2)
-        .map(|_| follower(url.clone(), topics.clone(), count.clone()))
-        .collect();
-    until(&count.joined, 4).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writing = writer(pg_url(), table.into(), topics.clone(), stop.clone());
-    until(&count.rows, 100).await;
+    let Streaming {
+        topics,
+        count,
+        clients,
+        stop,
+        writing,
+    } = streaming(port, table, pg_url(), 2, 100).await;
 
     // Cut the consumer's connection (RST both ways) three times, rows being committed.
     for cut in 1..=3u64 {
@@ -703,16 +733,13 @@ async fn postgres_restarted_mid_stream_the_consumer_resumes_nothing_lost_or_doub
     let port = server.port;
     until_ready(port, WAIT).await;
 
-    let topics: Vec<String> = ["a", "b"].iter().map(|t| format!("{table}:{t}")).collect();
-    let url = format!("ws://127.0.0.1:{port}/socket");
-    let count = Arc::new(Counts::default());
-    let clients: Vec<_> = (0..2)
-        .map(|_| follower(url.clone(), topics.clone(), count.clone()))
-        .collect();
-    until(&count.joined, 4).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writing = writer(pg.url(), table.into(), topics.clone(), stop.clone());
-    until(&count.rows, 100).await;
+    let Streaming {
+        topics,
+        count,
+        clients,
+        stop,
+        writing,
+    } = streaming(port, table, pg.url(), 2, 100).await;
 
     // Restart PostgreSQL twice while rows are being committed: cleanly (`fast`), then as a
     // crash (`immediate`: the server killed, crash recovery at start). The consumer's
