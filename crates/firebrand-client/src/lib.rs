@@ -180,6 +180,9 @@
 //! - Dropping every clone of a [`Channel`] leaves it.
 //! - Only the V2 serializer (`vsn=2.0.0`) and the WebSocket transport; no long-poll fallback.
 //!   `wss://` needs a TLS feature of `tokio-tungstenite` enabled in your build.
+//! - permessage-deflate is opt-in ([`SocketBuilder::compress`]; browsers always offer it) and
+//!   one-way: the client inflates what the server compresses and sends its own messages
+//!   uncompressed. Over `ws://` only (see there why).
 //!
 //! # Queues
 //!
@@ -188,6 +191,7 @@
 mod backoff;
 mod channel;
 mod error;
+mod inflate;
 mod presence;
 mod socket;
 mod task;

@@ -66,6 +66,7 @@ pub struct SocketBuilder {
     reconnect_after: Schedule,
     rejoin_after: Schedule,
     jitter: f64,
+    compress: bool,
 }
 
 impl std::fmt::Debug for SocketBuilder {
@@ -76,6 +77,7 @@ impl std::fmt::Debug for SocketBuilder {
             .field("timeout", &self.timeout)
             .field("heartbeat", &self.heartbeat)
             .field("jitter", &self.jitter)
+            .field("compress", &self.compress)
             .finish_non_exhaustive()
     }
 }
@@ -130,6 +132,29 @@ impl SocketBuilder {
         self
     }
 
+    /// Offers permessage-deflate (RFC 7692) when connecting (default off). A server that
+    /// compresses — firebrand with `compress`, Phoenix with `websocket: [compress: true]` —
+    /// then sends its larger messages deflated, and this client inflates them, each to at most
+    /// 64 MiB (a message that would inflate further fails the connection, which is then
+    /// reconnected). The client's own messages go uncompressed, as RFC 7692 allows. A server
+    /// that does not compress just declines the offer.
+    ///
+    /// Over `ws://` only for now: tungstenite has no extension support, so the client inflates
+    /// beneath it, on the TCP stream, where `wss://` carries ciphertext. Over `wss://` the
+    /// offer is not made and the connection is uncompressed.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), firebrand_client::ConnectError> {
+    /// let socket = firebrand_client::Socket::builder("ws://127.0.0.1:4000/socket")
+    ///     .compress(true)
+    ///     .connect()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn compress(mut self, compress: bool) -> Self {
+        self.compress = compress;
+        self
+    }
+
     /// Starts the socket: it connects in the background, and reconnects whenever the connection
     /// is lost, until [`Socket::disconnect`] or until the socket and all its channels are
     /// dropped. Fails only on a malformed URL.
@@ -159,6 +184,7 @@ impl SocketBuilder {
             reconnect_after: self.reconnect_after,
             rejoin_after: self.rejoin_after,
             jitter: self.jitter,
+            compress: self.compress,
             connected: connected.clone(),
         };
         tokio::spawn(Task::new(config, rx).run());
@@ -205,6 +231,7 @@ impl Socket {
             reconnect_after: Arc::new(backoff::reconnect_after),
             rejoin_after: Arc::new(backoff::rejoin_after),
             jitter: 0.5,
+            compress: false,
         }
     }
 

@@ -3,33 +3,37 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use firebrand_protocol::{Encoded, Payload, Serializer, ServerMessage};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::stream::BoxStream;
+use futures_util::{Sink, SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::{Schedule, jittered};
 use crate::channel::{ChannelEvent, ErrorReason, Params};
 use crate::error::{JoinError, LeaveError, PushError};
+use crate::inflate::{self, Inflating};
 use crate::socket::SocketEvent;
 use crate::wire;
 
 pub(crate) type ChanId = u64;
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A connected WebSocket's halves, whichever way it was reached (inflating or not).
+type Reader = BoxStream<'static, Result<WsMessage, tungstenite::Error>>;
+type Writer = Pin<Box<dyn Sink<WsMessage, Error = tungstenite::Error> + Send>>;
 type Reply<T, E> = oneshot::Sender<Result<T, E>>;
 
 /// What handles ask of the task.
@@ -79,6 +83,8 @@ pub(crate) struct Config {
     pub(crate) reconnect_after: Schedule,
     pub(crate) rejoin_after: Schedule,
     pub(crate) jitter: f64,
+    /// Offer permessage-deflate (on `ws://` URLs).
+    pub(crate) compress: bool,
     pub(crate) connected: Arc<AtomicBool>,
 }
 
@@ -144,16 +150,16 @@ impl Chan {
 
 enum Conn {
     Idle,
-    Connecting(JoinHandle<Result<Box<Ws>, tungstenite::Error>>),
+    Connecting(JoinHandle<Result<(Reader, Writer), tungstenite::Error>>),
     Open {
-        reader: SplitStream<Ws>,
+        reader: Reader,
         writer: mpsc::UnboundedSender<WsMessage>,
     },
 }
 
 enum Wake {
     Cmd(Command),
-    Connected(Result<Result<Box<Ws>, tungstenite::Error>, tokio::task::JoinError>),
+    Connected(Result<Result<(Reader, Writer), tungstenite::Error>, tokio::task::JoinError>),
     Frame(Option<Result<WsMessage, tungstenite::Error>>),
     Timer,
 }
@@ -176,6 +182,14 @@ pub(crate) struct Task {
     socket_subs: Vec<mpsc::UnboundedSender<SocketEvent>>,
 }
 
+fn halves<S>(ws: WebSocketStream<S>) -> (Reader, Writer)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (writer, reader) = ws.split();
+    (reader.boxed(), Box::pin(writer))
+}
+
 async fn conn_wake(conn: &mut Conn) -> Wake {
     match conn {
         Conn::Idle => std::future::pending().await,
@@ -193,10 +207,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Writes queued frames, flushing once per batch. Ends when the queue closes (then closes the
 /// WebSocket) or on the first write error.
-async fn write_loop(
-    mut sink: SplitSink<Ws, WsMessage>,
-    mut rx: mpsc::UnboundedReceiver<WsMessage>,
-) {
+async fn write_loop(mut sink: Writer, mut rx: mpsc::UnboundedReceiver<WsMessage>) {
     while let Some(msg) = rx.recv().await {
         if sink.feed(msg).await.is_err() {
             return;
@@ -275,13 +286,34 @@ impl Task {
         self.reconnect_at = None;
         let (url, protocols) = (self.cfg.url.clone(), self.cfg.protocols.clone());
         tracing::debug!(%url, "connecting");
+        let compress = self.cfg.compress && url.starts_with("ws://");
         self.conn = Conn::Connecting(tokio::spawn(async move {
             let mut request = url.into_client_request()?;
+            let headers = request.headers_mut();
             if let Some(p) = protocols {
-                request.headers_mut().insert("sec-websocket-protocol", p);
+                headers.insert("sec-websocket-protocol", p);
             }
-            let (ws, _) = tokio_tungstenite::connect_async(request).await?;
-            Ok(Box::new(ws))
+            if compress {
+                let offer = HeaderValue::from_static(inflate::OFFER);
+                headers.insert("sec-websocket-extensions", offer);
+            }
+            if !compress {
+                let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+                return Ok(halves(ws));
+            }
+            // ws:// with the offer: the same connection, read through the inflating layer.
+            let uri = request.uri();
+            let host = uri.host().unwrap_or_default();
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let tcp = TcpStream::connect((host, uri.port_u16().unwrap_or(80))).await?;
+            let stream = Inflating::new(tcp, true);
+            let (ws, _) = tokio_tungstenite::client_async(request, stream).await?;
+            let compressing = ws.get_ref().compressing();
+            tracing::debug!(compressing, "handshake done");
+            Ok(halves(ws))
         }));
     }
 
@@ -305,9 +337,8 @@ impl Task {
         self.schedule_reconnect();
     }
 
-    fn opened(&mut self, ws: Box<Ws>) {
+    fn opened(&mut self, (reader, sink): (Reader, Writer)) {
         tracing::debug!("connected");
-        let (sink, reader) = (*ws).split();
         let (writer, rx) = mpsc::unbounded_channel();
         tokio::spawn(write_loop(sink, rx));
         self.conn = Conn::Open { reader, writer };

@@ -25,7 +25,12 @@ pub async fn start() -> Server {
 
 /// The conformance app on `addr` (a fixed port to restart a server where it was).
 pub async fn start_on(addr: SocketAddr) -> Server {
-    let (router, endpoint) = app(&Config::default());
+    start_with(addr, &Config::default()).await
+}
+
+/// The conformance app with `config`.
+pub async fn start_with(addr: SocketAddr, config: &Config) -> Server {
+    let (router, endpoint) = app(config);
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let serve = tokio::spawn(async move {
