@@ -106,7 +106,7 @@ where
                     return;
                 }
             };
-            ws::encode_queued(&frame, &mut out, compress);
+            ws::encode_queued(&frame, &mut out, compress, None);
         });
         if let Err(e) = fed {
             let (code, reason) = e.close();

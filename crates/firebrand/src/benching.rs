@@ -243,9 +243,12 @@ impl Connection {
 }
 
 /// Phoenix's way of compressing, for the benchmark that compares it with firebrand's
-/// (`firebrand-bench fanout --deflate`): when on, a broadcast is not compressed once for all
-/// its compressing subscribers but by each subscriber's connection as it writes it, as a
-/// deflate context per connection does. Process-wide; off by default.
+/// (`firebrand-bench fanout --deflate`): when on, each compressing connection keeps a deflate
+/// context of its own from message to message (context takeover: the handshake is answered
+/// without `server_no_context_takeover` unless the client asked for it), and a broadcast is
+/// compressed by each subscriber's connection as it writes it instead of once for all.
+/// Process-wide; off by default; read when a connection is accepted and when a broadcast is
+/// queued, so set it before serving.
 pub fn compress_per_connection(on: bool) {
     crate::node::pubsub::COMPRESS_PER_CONNECTION.store(on, std::sync::atomic::Ordering::Relaxed);
 }

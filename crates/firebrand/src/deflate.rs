@@ -57,6 +57,43 @@ pub(crate) fn compress(data: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
+/// A compressor kept by one connection, its window carried from message to message: the usual
+/// permessage-deflate with context takeover, Phoenix's way, which costs a zlib compressor
+/// (~260 KB) per connection and compresses a broadcast once per subscriber. firebrand does not
+/// compress this way; the benchmark that compares both does
+/// ([`crate::benching::compress_per_connection`]). The compressor is made by the first message
+/// that is compressed.
+#[derive(Default)]
+pub(crate) struct Kept(Option<Box<Compress>>);
+
+impl Kept {
+    /// `data` deflated as the next message of this connection's stream, or `None` for a
+    /// message under [`MIN_SIZE`] (sent uncompressed, it stays out of the window). Once fed to
+    /// the compressor a message is always sent compressed, even if no shorter: the client's
+    /// window must hold what the compressor's holds.
+    pub(crate) fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        if data.len() < MIN_SIZE {
+            return None;
+        }
+        let c = self
+            .0
+            .get_or_insert_with(|| Box::new(Compress::new(Compression::new(LEVEL), false)));
+        let start = c.total_in();
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        loop {
+            let used = (c.total_in() - start) as usize;
+            c.compress_vec(&data[used..], &mut out, FlushCompress::Sync)
+                .ok()?;
+            if c.total_in() - start == data.len() as u64 && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity());
+        }
+        out.truncate(out.len().saturating_sub(TAIL.len()));
+        Some(out)
+    }
+}
+
 /// Why a compressed message could not be inflated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum InflateError {
@@ -166,6 +203,26 @@ mod tests {
         // The decompressor is reset: the next message inflates.
         let data = json(1000);
         assert_eq!(inflate(&compress(&data).unwrap(), 1 << 20).unwrap(), data);
+    }
+
+    #[test]
+    fn a_kept_context_refers_back_and_inflates_with_the_same_window() {
+        let mut kept = Kept::default();
+        assert_eq!(kept.compress(&json(110)[..100]), None);
+        let data = json(600);
+        let first = kept.compress(&data).unwrap();
+        let second = kept.compress(&data).unwrap();
+        assert!(
+            second.len() * 4 < first.len(),
+            "{} vs {}",
+            second.len(),
+            first.len()
+        );
+        // The client's inflater keeps its window too.
+        let mut d = Decompress::new(false);
+        for z in [first, second] {
+            assert_eq!(inflate_with(&mut d, &z, 1 << 20).unwrap(), data);
+        }
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub(crate) struct Conn<S: Socket> {
     joins: Option<Bucket>,
     /// Its registration with the node, and the way to the node's PubSub and counters.
     registered: Registered,
+    /// A compression context of its own: only in the benchmark's per-connection mode
+    /// ([`crate::deflate::Kept`]).
+    kept: Option<crate::deflate::Kept>,
 }
 
 /// A connection's channel tasks by topic: a vector, searched linearly (at most `max_channels`,
@@ -199,6 +202,7 @@ impl<S: Socket> Conn<S> {
     pub(crate) fn open(args: ConnArgs<S>) -> Self {
         let hub = args.shared.endpoint.hub().clone();
         let compresses = args.deflate.is_some_and(|d| d.compress);
+        let kept = args.deflate.is_some_and(|d| d.compress && d.kept);
         let outbox = Arc::new(Outbox::with_compression(
             args.shared.config.outbound_limit,
             compresses,
@@ -227,6 +231,7 @@ impl<S: Socket> Conn<S> {
             id_sub,
             registered,
             shared: args.shared,
+            kept: kept.then(Default::default),
         }
     }
 
@@ -556,7 +561,10 @@ impl<S: Socket> Conn<S> {
             let mut compressed = 0;
             for frame in &batch.frames {
                 compressed += u64::from(crate::transport::ws::encode_queued(
-                    frame, &mut out, compress,
+                    frame,
+                    &mut out,
+                    compress,
+                    self.kept.as_mut(),
                 ));
             }
             let hub = self.registered.hub();

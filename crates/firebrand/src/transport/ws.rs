@@ -82,14 +82,20 @@ pub(crate) struct Deflate {
     pub(crate) compress: bool,
     /// The `server_max_window_bits` the client offered, echoed in the response (§7.1.2.1).
     server_max_window_bits: Option<u8>,
+    /// The server keeps its compression context from message to message ([`crate::deflate::
+    /// Kept`]): only in the benchmark's per-connection mode, and only when the client did not
+    /// offer `server_no_context_takeover`.
+    pub(crate) kept: bool,
 }
 
 impl Deflate {
     /// The `Sec-WebSocket-Extensions` response.
     pub(crate) fn response(&self) -> String {
-        let mut r = String::from(
-            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
-        );
+        let mut r = String::from(if self.kept {
+            "permessage-deflate; client_no_context_takeover"
+        } else {
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        });
         if let Some(bits) = self.server_max_window_bits {
             r.push_str(&format!("; server_max_window_bits={bits}"));
         }
@@ -156,6 +162,9 @@ fn deflate_offer(ext: &str) -> Option<Deflate> {
     Some(Deflate {
         compress: server_max_window_bits.is_none_or(|b| b == 15),
         server_max_window_bits,
+        kept: !seen[0]
+            && crate::node::pubsub::COMPRESS_PER_CONNECTION
+                .load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 
@@ -209,9 +218,15 @@ const RSV1: u8 = 0x40;
 
 /// Appends a queued frame as a WebSocket frame. On a connection that compresses (`compress`),
 /// a text or binary message (a push or a reply) is deflated when that makes it shorter
-/// ([`crate::deflate::compress`]); a [`Frame::Prepared`] one was decided before it was
-/// queued. Returns whether this call compressed the message.
-pub(crate) fn encode_queued(frame: &Frame, out: &mut Vec<u8>, compress: bool) -> bool {
+/// ([`crate::deflate::compress`]), or with the connection's own context when it keeps one
+/// (`kept`, the benchmark's per-connection mode); a [`Frame::Prepared`] one was decided
+/// before it was queued. Returns whether this call compressed the message.
+pub(crate) fn encode_queued(
+    frame: &Frame,
+    out: &mut Vec<u8>,
+    compress: bool,
+    kept: Option<&mut crate::deflate::Kept>,
+) -> bool {
     let (op, data) = match frame {
         Frame::Text(b) => (OP_TEXT, b),
         Frame::Binary(b) => (OP_BINARY, b),
@@ -228,7 +243,10 @@ pub(crate) fn encode_queued(frame: &Frame, out: &mut Vec<u8>, compress: bool) ->
     };
     if compress
         && op != OP_PONG
-        && let Some(z) = crate::deflate::compress(data)
+        && let Some(z) = match kept {
+            Some(kept) => kept.compress(data),
+            None => crate::deflate::compress(data),
+        }
     {
         encode(out, RSV1 | op, &z);
         return true;
@@ -722,6 +740,20 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_context_is_answered_without_server_no_context_takeover() {
+        // The benchmark's per-connection mode (a process-wide switch, not flipped in tests).
+        let kept = Deflate {
+            compress: true,
+            server_max_window_bits: None,
+            kept: true,
+        };
+        assert_eq!(
+            kept.response(),
+            "permessage-deflate; client_no_context_takeover"
+        );
+    }
+
+    #[test]
     fn deflate_offers_and_their_responses() {
         let plain = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
         let with_bits = |b: u8| format!("{plain}; server_max_window_bits={b}");
@@ -964,7 +996,7 @@ mod tests {
         let mut out = Vec::new();
         let compressed: Vec<bool> = frames
             .iter()
-            .map(|f| encode_queued(f, &mut out, true))
+            .map(|f| encode_queued(f, &mut out, true, None))
             .collect();
         // The prepared one was compressed before it was queued.
         assert_eq!(compressed, [true, false, false, false]);
@@ -1002,7 +1034,7 @@ mod tests {
         );
         // Without compression negotiated, nothing is compressed.
         let mut plain = Vec::new();
-        assert!(!encode_queued(&frames[0], &mut plain, false));
+        assert!(!encode_queued(&frames[0], &mut plain, false, None));
         assert_eq!(plain[0], 0x80 | OP_TEXT);
     }
 }
