@@ -15,7 +15,7 @@ fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 
-targets=(v1_json v2_json v2_binary server_frames longpoll_body upgrade_request ws_frames ws_deflate cluster_message)
+targets=(v1_json v2_json v2_binary server_frames longpoll_body upgrade_request ws_frames ws_deflate cluster_message client_inflate)
 flags=(-O -a)
 runs="${FUZZ_SMOKE_RUNS:-20000}"
 

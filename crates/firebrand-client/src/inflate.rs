@@ -364,9 +364,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Inflating<S> {
             let mut read = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             if read.filled().is_empty() {
-                // End of stream: an incomplete frame left in `raw` is dropped, and tungstenite
-                // sees the connection end.
-                return Poll::Ready(Ok(()));
+                // End of stream: an incomplete frame left in `raw` goes on as it is, for
+                // tungstenite to find it cut short.
+                this.mode = Mode::Through;
+                this.ready.extend_from_slice(&this.raw.split());
+                if this.ready.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
             }
             this.raw.extend_from_slice(read.filled());
             this.process()?;
@@ -404,6 +409,48 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Inflating<S> {
     }
 }
 
+/// Hands out `data` `step` bytes per read, as a socket may (for tests and fuzzing).
+struct Trickle {
+    data: Vec<u8>,
+    step: usize,
+}
+
+impl AsyncRead for Trickle {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let n = this.step.min(this.data.len()).min(buf.remaining());
+        buf.put_slice(&this.data[..n]);
+        this.data.drain(..n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The bytes tungstenite would read from a server that sent `head` then `stream`, read `step`
+/// bytes at a time with messages inflated to at most `max` bytes, or the error that ends the
+/// connection ([`crate::fuzzing::inflate`]).
+pub(crate) fn read_all(head: &[u8], stream: &[u8], step: usize, max: usize) -> io::Result<Vec<u8>> {
+    let data = [head, stream].concat();
+    let mut layer = Inflating::new(Trickle { data, step }, true);
+    layer.max = max;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    loop {
+        let mut read = ReadBuf::new(&mut buf);
+        // Trickle is always ready, and so is the layer above it.
+        match Pin::new(&mut layer).poll_read(&mut cx, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().is_empty() => return Ok(out),
+            Poll::Ready(Ok(())) => out.extend_from_slice(read.filled()),
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => unreachable!("a Trickle is always ready"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use flate2::{Compress, Compression, FlushCompress};
@@ -411,43 +458,13 @@ mod tests {
 
     use super::*;
 
-    const ACCEPTED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
-        Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n";
+    const ACCEPTED: &[u8] = crate::fuzzing::ACCEPTED;
     const TAKEOVER: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\
         sec-websocket-extensions: x-other, permessage-deflate;client_max_window_bits=12\r\n\r\n";
     const DECLINED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n";
 
-    /// Hands out `data` `step` bytes per read, as a socket may.
-    struct Trickle {
-        data: Vec<u8>,
-        step: usize,
-    }
-
-    impl AsyncRead for Trickle {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            let this = self.get_mut();
-            let n = this.step.min(this.data.len()).min(buf.remaining());
-            buf.put_slice(&this.data[..n]);
-            this.data.drain(..n);
-            Poll::Ready(Ok(()))
-        }
-    }
-
     async fn through(data: &[u8], step: usize, max: usize) -> io::Result<Vec<u8>> {
-        let mut layer = Inflating::new(
-            Trickle {
-                data: data.to_vec(),
-                step,
-            },
-            true,
-        );
-        layer.max = max;
-        let mut out = Vec::new();
-        layer.read_to_end(&mut out).await.map(|_| out)
+        read_all(&[], data, step, max)
     }
 
     fn frame(first: u8, payload: &[u8]) -> Vec<u8> {

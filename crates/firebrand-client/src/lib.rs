@@ -198,6 +198,22 @@ mod task;
 mod typed;
 mod wire;
 
+/// Entry points for the fuzz targets (`fuzz/`): not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// A server's handshake answer that accepts permessage-deflate without context takeover.
+    pub const ACCEPTED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\n\
+        Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n";
+
+    /// What tungstenite reads when a server answers [`ACCEPTED`] and then sends `stream`,
+    /// read `step` bytes at a time, messages inflated to at most `max` bytes: the bytes, or
+    /// the error that ends the connection.
+    pub fn inflate(stream: &[u8], step: usize, max: usize) -> Result<Vec<u8>, String> {
+        crate::inflate::read_all(ACCEPTED, stream, step.max(1), max).map_err(|e| e.to_string())
+    }
+}
+
 pub use backoff::{reconnect_after, rejoin_after};
 pub use channel::{Channel, ChannelEvent, ErrorReason, Events, Join, Push};
 pub use error::{ConnectError, JoinError, LeaveError, PushError};
