@@ -11,8 +11,9 @@
 # Set-up, once, cached under $AUTOBAHN_CACHE (default ~/.cache/firebrand-autobahn): the upstream
 # release from PyPI (autobahntestsuite, Python 2 only) in a virtualenv on pyenv's Python 2.7
 # (AUTOBAHN_PYTHON to name another Python 2.7). CASES (default "*") and EXCLUDE (default none)
-# narrow the run, e.g. CASES="1.* 2.*" for a quick check. The report is left in
-# $AUTOBAHN_CACHE/reports/index.json (and HTML beside it).
+# narrow the run, e.g. CASES="1.* 2.*" for a quick check. A whole run is shared out among
+# AUTOBAHN_JOBS (default: one per core) wstest processes. The report is left in
+# $AUTOBAHN_CACHE/reports/index.json (and each wstest's HTML in reports/<n>/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,31 +67,66 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-cases_json="$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1].split()))' "${CASES:-*}")"
+# The whole run is the Python client's (one core, most of it deflating sections 12 and 13):
+# it is split into one wstest per core, each with its share of the sections, balanced by what
+# each took in a whole run (seconds, 2026-12-07). A run narrowed by CASES is one wstest.
+jobs="${AUTOBAHN_JOBS:-$(nproc)}"
+if [ -n "${CASES:-}" ] || [ "$jobs" -lt 2 ]; then
+  shares=("${CASES:-*}")
+else
+  mapfile -t shares < <(python3 - "$jobs" <<'PY'
+import sys
+weights = {"12.2.*": 127, "12.3.*": 125, "12.5.*": 99, "13.6.*": 61, "12.4.*": 59,
+           "13.4.*": 53, "13.3.*": 52, "13.2.*": 52, "12.1.*": 52, "13.5.*": 50,
+           "13.1.*": 48, "13.7.*": 48}
+light = ["%d.*" % n for n in range(1, 12)]
+jobs = [[0, []] for _ in range(int(sys.argv[1]))]
+for pattern, w in sorted(weights.items(), key=lambda kv: -kv[1]):
+    job = min(jobs, key=lambda j: j[0])
+    job[0] += w
+    job[1].append(pattern)
+min(jobs, key=lambda j: j[0])[1].extend(light)
+for _, patterns in jobs:
+    print(" ".join(patterns))
+PY
+  )
+fi
+
 exclude_json="$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1].split()))' "${EXCLUDE:-}")"
 rm -rf "$cache/reports"
-cat >"$work/fuzzingclient.json" <<JSON
+start=$SECONDS
+waits=()
+for i in "${!shares[@]}"; do
+  cases_json="$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1].split()))' "${shares[$i]}")"
+  mkdir -p "$work/$i"
+  cat >"$work/$i/fuzzingclient.json" <<JSON
 {
-  "outdir": "$cache/reports",
+  "outdir": "$cache/reports/$i",
   "servers": [{"agent": "firebrand", "url": "ws://127.0.0.1:$port"}],
   "cases": $cases_json,
   "exclude-cases": $exclude_json,
   "exclude-agent-cases": {}
 }
 JSON
-
-start=$SECONDS
-(cd "$work" && "$venv/bin/wstest" -m fuzzingclient -s fuzzingclient.json >"$work/wstest.log" 2>&1) || {
-  tail -n 30 "$work/wstest.log" >&2
-  die "wstest failed"
-}
+  (cd "$work/$i" && "$venv/bin/wstest" -m fuzzingclient -s fuzzingclient.json >wstest.log 2>&1) &
+  waits+=($!)
+done
+for i in "${!waits[@]}"; do
+  wait "${waits[$i]}" || {
+    tail -n 30 "$work/$i/wstest.log" >&2
+    die "wstest failed (cases ${shares[$i]})"
+  }
+done
 elapsed=$((SECONDS - start))
 
-python3 - "$cache/reports/index.json" "$elapsed" <<'PY'
-import json, sys
+python3 - "$cache/reports" "$elapsed" "${#shares[@]}" <<'PY'
+import glob, json, os, sys
 from collections import Counter
-report = json.load(open(sys.argv[1]))
-results = next(iter(report.values()))
+# One report per wstest, merged into reports/index.json (the HTML stays in reports/<n>/).
+results = {}
+for index in sorted(glob.glob(os.path.join(sys.argv[1], "*", "index.json"))):
+    results.update(next(iter(json.load(open(index)).values())))
+json.dump({"firebrand": results}, open(os.path.join(sys.argv[1], "index.json"), "w"))
 behavior, close = Counter(), Counter()
 failed = []
 for case, r in sorted(results.items(), key=lambda kv: [int(x) for x in kv[0].split(".")]):
@@ -101,7 +137,7 @@ for case, r in sorted(results.items(), key=lambda kv: [int(x) for x in kv[0].spl
 order = ["OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED"]
 def line(c):
     return ", ".join("%s %d" % (k, c[k]) for k in order + sorted(set(c) - set(order)) if c[k])
-print("autobahn: %d cases in %ss" % (len(results), sys.argv[2]))
+print("autobahn: %d cases in %ss (%s wstest at once)" % (len(results), sys.argv[2], sys.argv[3]))
 print("autobahn: behaviour: " + line(behavior))
 print("autobahn: close:     " + line(close))
 if failed:

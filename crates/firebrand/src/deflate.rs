@@ -61,12 +61,14 @@ pub(crate) fn compress(data: &[u8]) -> Option<Vec<u8>> {
 /// permessage-deflate with context takeover, Phoenix's way, which costs a zlib compressor
 /// (~260 KB) per connection and compresses a broadcast once per subscriber. firebrand does not
 /// compress this way; the benchmark that compares both does
-/// ([`crate::benching::compress_per_connection`]). The compressor is made by the first message
-/// that is compressed.
-#[derive(Default)]
-pub(crate) struct Kept(Option<Box<Compress>>);
+/// ([`crate::benching::compress_per_connection`]). Made with the connection, as Phoenix does.
+pub(crate) struct Kept(Box<Compress>);
 
 impl Kept {
+    pub(crate) fn new() -> Self {
+        Kept(Box::new(Compress::new(Compression::new(LEVEL), false)))
+    }
+
     /// `data` deflated as the next message of this connection's stream, or `None` for a
     /// message under [`MIN_SIZE`] (sent uncompressed, it stays out of the window). Once fed to
     /// the compressor a message is always sent compressed, even if no shorter: the client's
@@ -75,9 +77,7 @@ impl Kept {
         if data.len() < MIN_SIZE {
             return None;
         }
-        let c = self
-            .0
-            .get_or_insert_with(|| Box::new(Compress::new(Compression::new(LEVEL), false)));
+        let c = &mut self.0;
         let start = c.total_in();
         let mut out = Vec::with_capacity(data.len() / 2 + 64);
         loop {
@@ -207,7 +207,7 @@ mod tests {
 
     #[test]
     fn a_kept_context_refers_back_and_inflates_with_the_same_window() {
-        let mut kept = Kept::default();
+        let mut kept = Kept::new();
         assert_eq!(kept.compress(&json(110)[..100]), None);
         let data = json(600);
         let first = kept.compress(&data).unwrap();

@@ -231,7 +231,7 @@ impl<S: Socket> Conn<S> {
             id_sub,
             registered,
             shared: args.shared,
-            kept: kept.then(Default::default),
+            kept: kept.then(crate::deflate::Kept::new),
         }
     }
 
