@@ -286,22 +286,23 @@ impl Task {
         self.reconnect_at = None;
         let (url, protocols) = (self.cfg.url.clone(), self.cfg.protocols.clone());
         tracing::debug!(%url, "connecting");
-        let compress = self.cfg.compress && url.starts_with("ws://");
+        let offer = self.cfg.compress;
         self.conn = Conn::Connecting(tokio::spawn(async move {
             let mut request = url.into_client_request()?;
+            // Not over wss://, where the inflating layer would sit beneath TLS.
+            let scheme = request.uri().scheme_str();
+            let compress = offer && scheme.is_some_and(|s| s.eq_ignore_ascii_case("ws"));
             let headers = request.headers_mut();
             if let Some(p) = protocols {
                 headers.insert("sec-websocket-protocol", p);
-            }
-            if compress {
-                let offer = HeaderValue::from_static(inflate::OFFER);
-                headers.insert("sec-websocket-extensions", offer);
             }
             if !compress {
                 let (ws, _) = tokio_tungstenite::connect_async(request).await?;
                 return Ok(halves(ws));
             }
             // ws:// with the offer: the same connection, read through the inflating layer.
+            let offer = HeaderValue::from_static(inflate::OFFER);
+            headers.insert("sec-websocket-extensions", offer);
             let uri = request.uri();
             let host = uri.host().unwrap_or_default();
             let host = host
