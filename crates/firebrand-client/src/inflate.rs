@@ -77,8 +77,6 @@ struct Frames {
     passing: u64,
     /// The compressed message being gathered: its opcode and its payload so far.
     message: Option<(u8, Vec<u8>)>,
-    /// The largest message inflated.
-    max: usize,
 }
 
 impl<S> Inflating<S> {
@@ -120,7 +118,6 @@ impl<S> Inflating<S> {
                     reset,
                     passing: 0,
                     message: None,
-                    max: self.max,
                 })),
                 None => Mode::Through,
             };
@@ -132,7 +129,7 @@ impl<S> Inflating<S> {
                 self.ready.extend_from_slice(&self.raw.split());
                 Ok(())
             }
-            Mode::Frames(frames) => match frames.read(&mut self.raw, &mut self.ready)? {
+            Mode::Frames(frames) => match frames.read(&mut self.raw, &mut self.ready, self.max)? {
                 Flow::Wait => Ok(()),
                 Flow::GiveUp => {
                     self.mode = Mode::Through;
@@ -208,7 +205,9 @@ impl Header {
 }
 
 impl Frames {
-    fn read(&mut self, raw: &mut BytesMut, ready: &mut BytesMut) -> io::Result<Flow> {
+    /// Moves the complete frames of `raw` to `ready`, each compressed message inflated to at
+    /// most `max` bytes.
+    fn read(&mut self, raw: &mut BytesMut, ready: &mut BytesMut, max: usize) -> io::Result<Flow> {
         loop {
             if self.passing > 0 {
                 let n = raw
@@ -253,8 +252,8 @@ impl Frames {
                 continue;
             }
             let gathered = self.message.as_ref().map_or(0, |(_, m)| m.len());
-            if head.payload > (self.max - gathered) as u64 {
-                return Err(too_big(self.max));
+            if head.payload > (max - gathered) as u64 {
+                return Err(too_big(max));
             }
             // The payload fits in memory: it is within the limit.
             let end = head.len + head.payload as usize;
@@ -273,7 +272,7 @@ impl Frames {
                 if self.reset {
                     self.inflater.reset(false);
                 }
-                let message = inflate(&mut self.inflater, &data, self.max)?;
+                let message = inflate(&mut self.inflater, &data, max)?;
                 write_frame(ready, opcode, &message);
             }
         }
