@@ -111,6 +111,67 @@ async fn broadcast_from_outside_any_channel() {
     );
 }
 
+/// Broadcasts that come together (requests pipelined on one HTTP connection) reach each
+/// subscriber in one write, not one write per few broadcasts: the subscribers' writers are woken
+/// once the HTTP connection has handled every request it has read.
+#[tokio::test]
+async fn pipelined_broadcasts_reach_each_subscriber_in_one_write() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SUBSCRIBERS: u64 = 4;
+    const BROADCASTS: u64 = 50;
+    let s = start().await;
+    let mut subs = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let mut c = s.client("").await;
+        c.join("1", "room:burst", json!({"joined": "burst"})).await;
+        subs.push(c);
+    }
+    let before = s.endpoint.stats();
+    let mut requests = String::new();
+    for i in 0..BROADCASTS {
+        let body = json!({"topic": "room:burst", "event": "n", "payload": {"i": i}}).to_string();
+        let close = if i + 1 == BROADCASTS {
+            "connection: close\r\n"
+        } else {
+            ""
+        };
+        requests.push_str(&format!(
+            "POST /api/broadcast HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n{close}\r\n{body}",
+            body.len()
+        ));
+    }
+    // All in one write: the server reads them together, as a burst from a publisher.
+    let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    tcp.write_all(requests.as_bytes()).await.unwrap();
+    let mut answers = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut answers))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        answers.matches("HTTP/1.1 200 OK").count() as u64,
+        BROADCASTS
+    );
+    for c in &mut subs {
+        for i in 0..BROADCASTS {
+            c.expect(json!([null, null, "room:burst", "n", {"i": i}]))
+                .await;
+        }
+    }
+    let after = s.endpoint.stats();
+    assert_eq!(
+        after.frames_out - before.frames_out,
+        SUBSCRIBERS * BROADCASTS
+    );
+    // One write each; two if a subscriber's writer ran while the requests were still arriving.
+    let writes = after.writes_out - before.writes_out;
+    assert!(
+        writes <= 2 * SUBSCRIBERS,
+        "{writes} writes for {BROADCASTS} broadcasts to {SUBSCRIBERS} subscribers"
+    );
+}
+
 #[tokio::test]
 async fn crash_gives_phx_error_and_the_channel_can_be_rejoined() {
     let s = start().await;

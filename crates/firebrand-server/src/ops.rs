@@ -21,7 +21,7 @@
 //! | `firebrand_connections_opened_total`, `firebrand_connections_refused_total{reason}` (`origin`, `vsn`, `connect`, `draining`) | counter |
 //! | `firebrand_joins_total`, `firebrand_joins_refused_total`, `firebrand_channels_closed_total` | counter |
 //! | `firebrand_messages_in_total`, `firebrand_messages_refused_total{reason}` (`rate_limited`, `payload_too_large`, `topic_too_long`, `replies_refused`) | counter |
-//! | `firebrand_frames_out_total`, `firebrand_bytes_out_total` | counter |
+//! | `firebrand_frames_out_total`, `firebrand_bytes_out_total`, `firebrand_writes_out_total` | counter |
 //! | `firebrand_broadcasts_total`, `firebrand_deliveries_total`, `firebrand_slow_consumers_total`, `firebrand_protocol_errors_total` | counter |
 //! | `firebrand_cluster_received_total`, `firebrand_cluster_lost_total`, `firebrand_cluster_rejected_total` | counter |
 //! | `firebrand_join_seconds`, `firebrand_broadcast_queue_seconds` | histogram |

@@ -97,6 +97,8 @@ async fn health_ready_and_metrics_that_follow_the_traffic() {
     assert_eq!(value(&text, "firebrand_deliveries_total"), 1.0);
     // The join reply and the broadcast.
     assert_eq!(value(&text, "firebrand_frames_out_total"), 2.0);
+    // Each in a write of its own: the broadcast was published after the join's reply came.
+    assert_eq!(value(&text, "firebrand_writes_out_total"), 2.0);
     assert!(value(&text, "firebrand_bytes_out_total") > 0.0);
     assert_eq!(value(&text, "firebrand_draining"), 0.0);
     assert_eq!(value(&text, "firebrand_join_seconds_count"), 1.0);

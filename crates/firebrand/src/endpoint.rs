@@ -71,6 +71,11 @@ pub struct Stats {
     pub frames_out: u64,
     /// Bytes written to WebSocket clients (frames with their headers).
     pub bytes_out: u64,
+    /// Writes to WebSocket clients: each writes every frame queued to its connection at the
+    /// time, in one `write` call unless the client's socket buffer is full. `frames_out /
+    /// writes_out` is how many frames a write carries: broadcasts that come together (a burst
+    /// of pipelined `POST`s) reach each subscriber in one write.
+    pub writes_out: u64,
     /// Messages compressed for WebSocket clients that negotiated permessage-deflate
     /// ([`SocketBuilder::compress`](crate::SocketBuilder::compress)): a broadcast once for all
     /// its compressing subscribers (per serializer), a push or reply once. Messages sent
@@ -725,6 +730,7 @@ impl Endpoint {
             messages_in: c.messages_in.load(Ordering::Relaxed),
             frames_out: c.frames_out.load(Ordering::Relaxed),
             bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            writes_out: c.writes_out.load(Ordering::Relaxed),
             compressed: hub.compressed(),
             presences: hub.presence_count(),
             topics: hub.pubsub().topic_count(),

@@ -29,6 +29,7 @@
 //! | `firebrand_messages_refused_total{reason}` | counter | messages refused: `rate_limited`, `payload_too_large`, `topic_too_long`, `replies_refused` (too many pending async replies) |
 //! | `firebrand_frames_out_total` | counter | frames written to WebSocket clients |
 //! | `firebrand_bytes_out_total` | counter | bytes written to WebSocket clients |
+//! | `firebrand_writes_out_total` | counter | writes to WebSocket clients (each of every frame queued to its connection; frames per write = frames_out / writes_out) |
 //! | `firebrand_topics` | gauge | topics with a subscriber on this node |
 //! | `firebrand_broadcasts_total` | counter | broadcasts dispatched on this node (presence diffs included) |
 //! | `firebrand_deliveries_total` | counter | frames queued to connections by broadcasts |
@@ -80,6 +81,10 @@ pub fn describe() {
         (
             "firebrand_frames_out_total",
             "Frames written to WebSocket clients.",
+        ),
+        (
+            "firebrand_writes_out_total",
+            "Writes to WebSocket clients (each of every frame queued to its connection).",
         ),
         (
             "firebrand_broadcasts_total",
@@ -167,6 +172,7 @@ pub fn record(endpoint: &Endpoint) {
         ("firebrand_messages_in_total", s.messages_in),
         ("firebrand_frames_out_total", s.frames_out),
         ("firebrand_bytes_out_total", s.bytes_out),
+        ("firebrand_writes_out_total", s.writes_out),
         ("firebrand_broadcasts_total", s.broadcasts),
         ("firebrand_deliveries_total", s.deliveries),
         ("firebrand_slow_consumers_total", s.slow_consumers),

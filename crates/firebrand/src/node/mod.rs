@@ -9,6 +9,7 @@ pub mod presence;
 pub(crate) mod pubsub;
 pub(crate) mod queue;
 pub(crate) mod subscription;
+pub(crate) mod wakes;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +69,8 @@ pub(crate) struct Counters {
     /// Frames written to WebSocket connections, counted once per batch written.
     pub(crate) frames_out: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
+    /// Batches written to WebSocket connections (one `write` of everything queued each).
+    pub(crate) writes_out: AtomicU64,
 }
 
 /// Why a connection request was refused (the index of its counter).
@@ -289,6 +292,7 @@ impl Hub {
         let c = &self.counters;
         c.frames_out.fetch_add(frames as u64, Ordering::Relaxed);
         c.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+        c.writes_out.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `n` pushes or replies were compressed for a connection (broadcasts count theirs in

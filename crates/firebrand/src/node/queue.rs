@@ -275,9 +275,11 @@ impl Outbox {
         self.idle_deadline.store(ms, Ordering::Relaxed);
     }
 
+    /// Wakes the connection task, or holds its wake-up while the task queueing has more to
+    /// queue ([`super::wakes`]).
     fn signal(&self) {
         self.signaled.store(true, Ordering::Release);
-        self.ready.wake();
+        super::wakes::wake(&self.ready);
     }
 
     /// Waits until something was queued since the last [`Outbox::take`]. Cancel-safe. One
