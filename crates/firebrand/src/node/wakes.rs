@@ -29,6 +29,9 @@ use futures_util::task::AtomicWaker;
 /// per poll of a connection, fewer when their bodies come apart from their heads).
 pub(crate) const MAX_HELD_POLLS: u32 = 32;
 
+/// Room for held wake-ups kept between bursts.
+const KEEP_HELD: usize = 64;
+
 thread_local! {
     /// The wake-ups held by the [`Holding`] being polled on this thread, if any.
     static HELD: RefCell<Option<Vec<Waker>>> = const { RefCell::new(None) };
@@ -72,6 +75,9 @@ impl<F> Holding<F> {
         for waker in self.held.drain(..) {
             waker.wake();
         }
+        // A burst to 10k subscribers holds 160 KB of wakers: not kept by an idle keep-alive
+        // connection.
+        self.held.shrink_to(KEEP_HELD);
     }
 }
 
