@@ -74,7 +74,7 @@ pub struct Stats {
     /// Writes to WebSocket clients: each writes every frame queued to its connection at the
     /// time, in one `write` call unless the client's socket buffer is full. `frames_out /
     /// writes_out` is how many frames a write carries: broadcasts that come together (a burst
-    /// of pipelined `POST`s) reach each subscriber in one write.
+    /// of pipelined `POST`s to a [`Server`](crate::Server)) reach each subscriber in one write.
     pub writes_out: u64,
     /// Messages compressed for WebSocket clients that negotiated permessage-deflate
     /// ([`SocketBuilder::compress`](crate::SocketBuilder::compress)): a broadcast once for all

@@ -10,10 +10,11 @@
 //! handles every request it has read before waking any writer does.
 //!
 //! "More to do at once" is the task being woken while it is polled: hyper yields after 16
-//! requests of a connection's pipeline, and tokio's budget makes a busy task yield, both by
-//! waking it. A poll that ends without such a wake (the connection waits for its client, or
-//! for a cluster's answer) wakes the held writers, so paced traffic waits for nothing: its
-//! writers are woken as its request ends, before the next one is read. At most
+//! turns of a connection's loop (a few pipelined requests), a request body handed to its
+//! handler wakes the task, and tokio's budget makes a busy task yield, all by waking it. A
+//! poll that ends without such a wake (the connection waits for its client, or for a
+//! cluster's answer) wakes the held writers, so a lone request holds its writers only until
+//! its response is written. At most
 //! [`MAX_HELD_POLLS`] polls in a row hold, so a client that never stops pipelining does not
 //! starve the writers.
 
